@@ -1,0 +1,1 @@
+"""dicom-adapter: a bridge between DIMSE and DICOMweb."""

@@ -1,0 +1,62 @@
+"""Settings shared by both services; field name = flag name, upper-case field name = env var."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LATER = {"status": "not supported yet"}
+DEPRECATED = {"status": "deprecated"}
+NEW = {"status": "new"}
+
+
+def later_flag(default: Any, description: str) -> Any:
+    """A Java flag whose feature arrives in a later release: parsed, refused when set."""
+    return Field(default, description=description, json_schema_extra=LATER)
+
+
+def new_flag(default: Any, description: str) -> Any:
+    """A flag the Java adapter does not have."""
+    return Field(default, description=description, json_schema_extra=NEW)
+
+
+class CommonSettings(BaseSettings):
+    """Flags both `dicom-import` and `dicom-export` take."""
+
+    model_config = SettingsConfigDict(frozen=True, case_sensitive=False, extra="ignore")
+
+    verbose: bool = Field(False, description="Log debug messages.")
+    oauth_scopes: str = Field(
+        "",
+        description="Comma-separated OAuth scopes for Google credentials "
+        "(default https://www.googleapis.com/auth/cloud-platform).",
+    )
+    monitoring_project_id: str = later_flag(
+        "", "Cloud Monitoring project id to export metrics to."
+    )
+    dicomweb_bearer_token: str = new_flag(
+        "", "Static bearer token for a non-Google DICOMweb server (prefer the env var)."
+    )
+    dicomweb_basic_auth: str = new_flag(
+        "", "user:password for HTTP basic auth to a non-Google DICOMweb server (prefer the env var)."
+    )
+    http_timeout: float = new_flag(
+        60.0, "Seconds any single HTTP connect/read/write step may take before it fails."
+    )
+    upstream_retry_deadline: float = new_flag(
+        30.0,
+        "Seconds transient upstream failures (429, 5xx, connection errors, timeouts) are retried "
+        "before giving up.",
+    )
+    log_format: Literal["json", "text"] = new_flag(
+        "json", "Log line format: json (one object per line, Cloud Logging fields) or text."
+    )
+    shutdown_grace_period: float = new_flag(
+        30.0, "Seconds to let running work finish after SIGTERM before aborting it."
+    )
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        """Problems between flags, as (flag, problem) pairs; empty when consistent."""
+        return []

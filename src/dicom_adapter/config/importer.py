@@ -1,0 +1,175 @@
+"""Settings of `dicom-import` (SPEC §1.1): the Java adapter's flags, plus ours."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from dicom_adapter.config.common import DEPRECATED, CommonSettings, later_flag, new_flag
+
+GOOGLE_HOST = "healthcare.googleapis.com"
+GOOGLE_DICOMWEB = re.compile(
+    r"^https://healthcare\.googleapis\.com/[^/]+/projects/[^/]+/locations/[^/]+"
+    r"/datasets/[^/]+/dicomStores/[^/]+/dicomWeb/?$"
+)
+
+
+class ImporterSettings(CommonSettings):
+    """Every flag of dicom-import."""
+
+    dimse_aet: str = Field("", description="AE title of this DIMSE SCP (required).")
+    dimse_port: int = Field(
+        0, ge=0, le=65535, description="Port to listen on for DIMSE (0 = any free port)."
+    )
+    dimse_cmove_aet: str = later_flag(
+        "", "Calling AE title for C-STORE sub-operations of C-MOVE (default --dimse_aet)."
+    )
+    dicomweb_address: str = Field(
+        "",
+        description="DICOMweb root; STOW-RS goes to <root>/studies. For the Cloud Healthcare "
+        "API: https://healthcare.googleapis.com/v1/projects/P/locations/L/datasets/D/"
+        "dicomStores/S/dicomWeb.",
+    )
+    dicomweb_addr: str = Field(
+        "",
+        description="Deprecated: DICOMweb server address, used with --dicomweb_stow_path "
+        "(C-STORE only).",
+        json_schema_extra=DEPRECATED,
+    )
+    dicomweb_stow_path: str = Field(
+        "",
+        description="Deprecated: STOW-RS path appended to --dicomweb_addr.",
+        json_schema_extra=DEPRECATED,
+    )
+    aet_dictionary: str = Field(
+        "", description="Path to a JSON array of {name, host, port} peers (AET dictionary)."
+    )
+    aet_dictionary_inline: str = Field(
+        "", description="The AET dictionary as inline JSON (takes precedence over the file)."
+    )
+    redact_remove_list: str = later_flag("", "Tags to remove during C-STORE, comma-separated.")
+    redact_keep_list: str = later_flag("", "Tags to keep during C-STORE, comma-separated.")
+    redact_filter_profile: str = later_flag("", "Redaction profile (CHC_BASIC).")
+    destination_config_path: str = later_flag(
+        "", "Path to a JSON array of routing rules {filter, dicomweb_destination | name/host/port}."
+    )
+    destination_config_inline: str = later_flag("", "Routing rules as inline JSON.")
+    store_compress_to_transfer_syntax: str = later_flag(
+        "", "Transfer syntax UID to transcode instances to during C-STORE."
+    )
+    fuzzy_matching: bool = later_flag(False, "Negotiate fuzzy person-name matching for C-FIND.")
+    persistent_file_storage_location: str = later_flag(
+        "", "Spool directory (or gs://bucket/folder) for durable store-and-forward."
+    )
+    gcs_backup_project_id: str = later_flag("", "Google Cloud project of the gs:// spool.")
+    persistent_file_upload_retry_amount: int = later_flag(
+        0, "Upload retries for spooled instances."
+    )
+    auto_ack_cstore: bool = later_flag(
+        False, "Answer C-STORE success once the instance is safely spooled."
+    )
+    min_upload_delay: int = later_flag(100, "Minimum delay before a spooled upload retry (ms).")
+    max_waiting_time_between_uploads: int = later_flag(
+        5000, "Maximum delay between spooled upload retries (ms)."
+    )
+    http_error_codes_to_retry: Annotated[frozenset[int], NoDecode] = Field(
+        frozenset(),
+        description="Extra HTTP status codes (below 500) to retry, comma-separated.",
+    )
+    send_to_all_matching_destinations: bool = later_flag(
+        False, "Send to every matching destination, not only the first."
+    )
+    stow_http2: bool = Field(False, description="Use HTTP/2 for STOW-RS (false by default).")
+    stow_overwrite: bool = Field(
+        False,
+        description="On 409 Conflict, delete the stored instance and store it again.",
+    )
+    max_associations: int = new_flag(32, "Maximum concurrent DIMSE associations.")
+    max_pdu_size: int = new_flag(
+        262144, "Maximum PDU size we receive (bytes; 0 = unlimited)."
+    )
+    acse_timeout: float = new_flag(30.0, "Seconds to wait for association messages.")
+    dimse_timeout: float = new_flag(
+        120.0, "Seconds to wait for DIMSE messages from the peer."
+    )
+    network_timeout: float = new_flag(
+        300.0, "Seconds an idle association stays open before it is closed."
+    )
+
+    @field_validator("http_error_codes_to_retry", mode="before")
+    @classmethod
+    def _split_codes(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.replace(";", ",").split(",")]
+            try:
+                codes = frozenset(int(p) for p in parts if p)
+            except ValueError:
+                raise ValueError("expected comma-separated HTTP status codes, e.g. 409,429") from None
+            bad = sorted(c for c in codes if not 100 <= c <= 599)
+            if bad:
+                raise ValueError(f"not an HTTP status code: {bad[0]}")
+            return codes
+        return value
+
+    @field_validator("dimse_aet")
+    @classmethod
+    def _check_aet(cls, value: str) -> str:
+        if len(value) > 16:
+            raise ValueError("an AE title has at most 16 characters")
+        if "\\" in value or any(ord(c) < 32 for c in value):
+            raise ValueError("an AE title may not contain backslashes or control characters")
+        return value.strip()
+
+    @property
+    def stow_url(self) -> str:
+        """Where STOW-RS goes; --dicomweb_address wins over the deprecated pair."""
+        if self.dicomweb_address:
+            return self.dicomweb_address.rstrip("/") + "/studies"
+        return self.dicomweb_addr.rstrip("/") + "/" + self.dicomweb_stow_path.lstrip("/")
+
+    @property
+    def dicomweb_root(self) -> str:
+        """DICOMweb root for QIDO/WADO (empty when only the deprecated STOW pair is set)."""
+        return self.dicomweb_address.rstrip("/")
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        """Problems between flags, as (flag, problem) pairs; empty when consistent."""
+        problems: list[tuple[str, str]] = []
+        if not self.dimse_aet:
+            problems.append(("dimse_aet", "is required"))
+        if self.dicomweb_address:
+            problems.extend(_check_address("dicomweb_address", self.dicomweb_address))
+        elif self.dicomweb_addr or self.dicomweb_stow_path:
+            if not (self.dicomweb_addr and self.dicomweb_stow_path):
+                missing = "dicomweb_stow_path" if self.dicomweb_addr else "dicomweb_addr"
+                problems.append((missing, "the deprecated pair needs both flags set"))
+            else:
+                problems.extend(_check_address("dicomweb_addr", self.dicomweb_addr))
+        else:
+            problems.append(("dicomweb_address", "is required"))
+        if self.dicomweb_bearer_token and self.dicomweb_basic_auth:
+            problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
+        if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
+            problems.append(("dicomweb_basic_auth", "expected user:password"))
+        return problems
+
+
+def _check_address(flag: str, url: str) -> list[tuple[str, str]]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [(flag, f"not an http(s) URL: {url!r}")]
+    if parts.hostname == GOOGLE_HOST and flag == "dicomweb_address" and not GOOGLE_DICOMWEB.match(
+        url
+    ):
+        return [
+            (
+                flag,
+                "a Cloud Healthcare API address must look like https://healthcare.googleapis.com/"
+                "<version>/projects/<p>/locations/<l>/datasets/<d>/dicomStores/<s>/dicomWeb",
+            )
+        ]
+    return []

@@ -1,0 +1,285 @@
+"""Async DICOMweb client on one pooled httpx.AsyncClient: STOW-RS, QIDO-RS, WADO-RS, DELETE.
+
+Foreign exceptions (httpx) are translated here into our error tree. Transient failures are
+retried with capped exponential backoff within a deadline, honouring Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from dicom_adapter.dicomweb import multipart
+from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
+from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
+from dicom_adapter.status import Status
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+QIDO_SAFE = "^*?,-.:_~"
+TRANSIENT_HTTP = frozenset({408, 429})
+DICOM_JSON = "application/dicom+json"
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often transient failures are retried."""
+
+    deadline: float = 30.0
+    first_delay: float = 0.25
+    max_delay: float = 8.0
+    extra_codes: frozenset[int] = frozenset()
+
+    def is_transient(self, http_status: int) -> bool:
+        """True for statuses worth retrying: 408, 429, 5xx and configured extras."""
+        return http_status in TRANSIENT_HTTP or http_status >= 500 or http_status in self.extra_codes
+
+
+def make_http_client(
+    *, timeout: float, http2: bool = False, auth: httpx.Auth | None = None, max_connections: int = 64
+) -> httpx.AsyncClient:
+    """The one pooled client per upstream, with TCP_NODELAY and explicit timeouts."""
+    transport = httpx.AsyncHTTPTransport(
+        http2=http2,
+        retries=0,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    )
+    return httpx.AsyncClient(
+        transport=transport,
+        auth=auth,
+        timeout=httpx.Timeout(timeout, pool=timeout),
+        follow_redirects=False,
+        headers={"User-Agent": "dicom-adapter"},
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def query_string(params: Sequence[tuple[str, str]]) -> str:
+    """Build a QIDO query string keeping ^ * ? , - unescaped (some servers never decode them)."""
+    return "&".join(f"{quote(k, safe=QIDO_SAFE)}={quote(v, safe=QIDO_SAFE)}" for k, v in params)
+
+
+class DicomwebClient:
+    """DICOMweb operations over a shared httpx.AsyncClient."""
+
+    def __init__(self, http: httpx.AsyncClient, retry: RetryPolicy) -> None:
+        self._http = http
+        self._retry = retry
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The pooled HTTP client."""
+        return self._http
+
+    async def _with_retries(
+        self, what: str, attempt: Callable[[], Awaitable[httpx.Response]]
+    ) -> httpx.Response:
+        """Run `attempt` until it gives a non-transient answer or the deadline passes."""
+        started = time.monotonic()
+        delay = self._retry.first_delay
+        tries = 0
+        while True:
+            tries += 1
+            wait: float | None
+            try:
+                response = await attempt()
+            except httpx.TimeoutException as exc:
+                failure: Exception = exc
+                response = None
+            except httpx.TransportError as exc:
+                failure = exc
+                response = None
+            except httpx.InvalidURL as exc:
+                raise UpstreamError(f"{what}: invalid URL: {exc}") from exc
+            if response is not None:
+                if not self._retry.is_transient(response.status_code):
+                    return response
+                wait = _retry_after(response)
+                reason = f"HTTP {response.status_code}"
+            else:
+                wait = None
+                reason = f"{type(failure).__name__}: {failure}" if str(failure) else type(
+                    failure
+                ).__name__
+            if wait is None:
+                wait = delay * (0.5 + random.random() / 2)
+                delay = min(delay * 2, self._retry.max_delay)
+            elapsed = time.monotonic() - started
+            if elapsed + wait > self._retry.deadline:
+                logger.warning("%s failed after %d tries in %.1f s: %s", what, tries, elapsed, reason)
+                if response is not None:
+                    return response
+                raise UpstreamUnavailableError(f"{what}: {reason} (after {tries} tries)") from failure
+            logger.info("%s: %s; retrying in %.2f s", what, reason, wait)
+            await asyncio.sleep(wait)
+
+    async def stow(self, url: str, files: Sequence[Path]) -> StowResponse:
+        """STOW-RS the Part-10 files in one multipart/related request, streamed from disk."""
+        boundary = multipart.new_boundary()
+        heads = [
+            multipart.part_head(boundary, first=(i == 0)) for i in range(len(files))
+        ]
+        tail = multipart.body_tail(boundary)
+        sizes = [f.stat().st_size for f in files]
+        length = sum(len(h) for h in heads) + sum(sizes) + len(tail)
+        headers = {
+            "Content-Type": multipart.related_content_type(boundary),
+            "Content-Length": str(length),
+            "Accept": DICOM_JSON,
+        }
+
+        async def body() -> AsyncIterator[bytes]:
+            for head, path in zip(heads, files, strict=True):
+                yield head
+                with path.open("rb") as stream:
+                    while chunk := stream.read(CHUNK_SIZE):
+                        yield chunk
+            yield tail
+
+        async def attempt() -> httpx.Response:
+            request = self._http.build_request("POST", url, headers=headers, content=body())
+            response = await self._http.send(request)
+            await response.aread()
+            return response
+
+        response = await self._with_retries("STOW-RS", attempt)
+        result = parse_stow_response(
+            response.status_code, response.headers.get("Content-Type", ""), response.content
+        )
+        if response.status_code >= 300:
+            logger.warning(
+                "STOW-RS answered HTTP %d: %s", response.status_code, result.body_excerpt[:200]
+            )
+        return result
+
+    async def delete(self, url: str) -> None:
+        """DELETE a resource (used to overwrite an instance on 409 Conflict)."""
+
+        async def attempt() -> httpx.Response:
+            return await self._http.delete(url)
+
+        response = await self._with_retries("DELETE", attempt)
+        _raise_for_status("DELETE", response)
+
+    async def qido(
+        self, url: str, params: Sequence[tuple[str, str]], *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """QIDO-RS, paging with limit/offset until the server returns a short or empty page."""
+        offset = 0
+        while True:
+            page_params = [*params, ("limit", str(page_size)), ("offset", str(offset))]
+            full_url = f"{url}?{query_string(page_params)}"
+
+            async def attempt(full_url: str = full_url) -> httpx.Response:
+                return await self._http.get(full_url, headers={"Accept": DICOM_JSON})
+
+            response = await self._with_retries("QIDO-RS", attempt)
+            if response.status_code == 204:
+                return
+            _raise_for_status("QIDO-RS", response)
+            try:
+                page = json.loads(response.content) if response.content.strip() else []
+            except ValueError as exc:
+                raise UpstreamError("QIDO-RS: response is not JSON") from exc
+            if not isinstance(page, list):
+                raise UpstreamError("QIDO-RS: response is not a JSON array")
+            for item in page:
+                if isinstance(item, dict):
+                    yield item
+            if len(page) < page_size:
+                return
+            offset += len(page)
+
+    async def wado_events(
+        self, url: str, *, accept: str = WADO_ACCEPT
+    ) -> AsyncIterator[multipart.Event]:
+        """WADO-RS as a stream of multipart events; parts are never held in memory whole."""
+
+        async def attempt() -> httpx.Response:
+            request = self._http.build_request("GET", url, headers={"Accept": accept})
+            response = await self._http.send(request, stream=True)
+            if self._retry.is_transient(response.status_code):
+                await response.aclose()
+            return response
+
+        response = await self._with_retries("WADO-RS", attempt)
+        try:
+            if response.status_code >= 300:
+                await response.aread()
+            _raise_for_status("WADO-RS", response)
+            try:
+                boundary = multipart.boundary_from_content_type(
+                    response.headers.get("Content-Type", "")
+                )
+            except multipart.MultipartError as exc:
+                raise UpstreamError(f"WADO-RS: {exc}") from exc
+            parser = multipart.MultipartParser(boundary)
+            try:
+                async for chunk in response.aiter_raw(CHUNK_SIZE):
+                    for event in parser.feed(chunk):
+                        yield event
+                    if parser.done:
+                        break
+                parser.close()
+            except multipart.MultipartError as exc:
+                raise UpstreamError(f"WADO-RS: malformed multipart body: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise UpstreamUnavailableError(f"WADO-RS: transfer failed: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    async def retrieve_instance_to(self, url: str, dest: Path) -> dict[str, str]:
+        """WADO-RS one instance into `dest` (first part), returning that part's headers."""
+        headers: dict[str, str] | None = None
+        with dest.open("wb") as out:
+            async for event in self.wado_events(url):
+                if isinstance(event, multipart.PartStart):
+                    if headers is not None:
+                        break
+                    headers = event.headers
+                elif isinstance(event, multipart.PartData) and headers is not None:
+                    out.write(event.data)
+        if headers is None:
+            raise UpstreamError("WADO-RS: response had no parts")
+        return headers
+
+
+def _raise_for_status(what: str, response: httpx.Response) -> None:
+    code = response.status_code
+    if code < 300:
+        return
+    detail = response.text[:200] if not response.is_stream_consumed or response.content else ""
+    if code in (401, 403):
+        raise UpstreamAuthError(f"{what}: HTTP {code} {detail}".strip())
+    if code >= 500 or code in TRANSIENT_HTTP:
+        raise UpstreamUnavailableError(f"{what}: HTTP {code} {detail}".strip())
+    raise UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)

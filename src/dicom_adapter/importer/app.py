@@ -1,0 +1,117 @@
+"""Composition root and lifecycle of dicom-import: builds every client, serves, shuts down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from pynetdicom import evt
+
+from dicom_adapter.aets import load_aet_dictionary
+from dicom_adapter.bridge import Bridge
+from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.dicomweb.auth import choose_auth, is_google_url, load_google_credentials
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dimse.server import build_ae, configure_pynetdicom, start_server
+from dicom_adapter.errors import ConfigError
+from dicom_adapter.importer.handlers import CStoreHandler
+from dicom_adapter.importer.store import StoreService
+
+logger = logging.getLogger(__name__)
+
+
+async def run(settings: ImporterSettings, environ: Mapping[str, str]) -> int:
+    """Serve until SIGTERM/SIGINT, then drain within the grace period; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    aets = load_aet_dictionary(settings.aet_dictionary_inline, settings.aet_dictionary, environ)
+    if len(aets):
+        logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
+
+    google_credentials: Any = None
+    static_auth = settings.dicomweb_bearer_token or settings.dicomweb_basic_auth
+    if is_google_url(settings.stow_url) and not static_auth:
+        google_credentials = await asyncio.to_thread(
+            load_google_credentials, settings.oauth_scopes
+        )
+    auth = choose_auth(
+        settings.stow_url,
+        bearer_token=settings.dicomweb_bearer_token,
+        basic_auth=settings.dicomweb_basic_auth,
+        google_credentials=google_credentials,
+    )
+    http = make_http_client(
+        timeout=settings.http_timeout,
+        http2=settings.stow_http2,
+        auth=auth,
+        max_connections=max(8, settings.max_associations * 2),
+    )
+    client = DicomwebClient(
+        http,
+        RetryPolicy(
+            deadline=settings.upstream_retry_deadline,
+            extra_codes=settings.http_error_codes_to_retry,
+        ),
+    )
+    bridge = Bridge(loop)
+    store = StoreService(
+        client,
+        stow_url=settings.stow_url,
+        dicomweb_root=settings.dicomweb_root,
+        overwrite=settings.stow_overwrite,
+    )
+    # The C-STORE handler gives up a little after the last possible upstream attempt ends.
+    store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
+    configure_pynetdicom()
+    ae = build_ae(
+        aet=settings.dimse_aet,
+        max_associations=settings.max_associations,
+        max_pdu_size=settings.max_pdu_size,
+        acse_timeout=settings.acse_timeout,
+        dimse_timeout=settings.dimse_timeout,
+        network_timeout=settings.network_timeout,
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        server = start_server(
+            ae,
+            "0.0.0.0",
+            settings.dimse_port,
+            [(evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout))],
+        )
+    except OSError as exc:
+        await http.aclose()
+        raise ConfigError("dimse_port", f"cannot listen on {settings.dimse_port}: {exc.strerror}")
+    port = server.server_address[1]
+    logger.info(
+        "dicom-import listening on port %d as %s; STOW-RS to %s",
+        port,
+        settings.dimse_aet,
+        settings.stow_url,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await _drain(server, bridge, settings.shutdown_grace_period)
+        await http.aclose()
+    logger.info("dicom-import stopped")
+    return 0
+
+
+async def _drain(server: Any, bridge: Bridge, grace: float) -> None:
+    """Stop accepting, let running associations finish within `grace`, then abort the rest."""
+    logger.info("stopping: no new associations; waiting up to %.0f s for running ones", grace)
+    await asyncio.to_thread(server.shutdown)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while server.active_associations and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    remaining = server.active_associations
+    for assoc in remaining:
+        logger.warning("aborting association still running after the grace period")
+        assoc.abort()
+    await bridge.close(grace=max(0.0, deadline - loop.time()))

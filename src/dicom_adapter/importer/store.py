@@ -1,0 +1,119 @@
+"""C-STORE → STOW-RS: read the instance's identity, upload it, map the answer to a DIMSE status."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_adapter.dicomweb.client import DicomwebClient
+from dicom_adapter.dicomweb.stow import StowResponse
+from dicom_adapter.errors import InvalidDatasetError
+from dicom_adapter.status import Status, is_failure_code, is_warning_code
+
+logger = logging.getLogger(__name__)
+
+_IDENTITY_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+@dataclass(frozen=True)
+class InstanceIdentity:
+    """The UIDs that name an instance on the DICOMweb side."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+def read_identity(path: Path) -> InstanceIdentity:
+    """Read the UIDs from the spooled Part-10 file (stops before pixel data)."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+        raise InvalidDatasetError(f"dataset cannot be parsed: {exc}") from exc
+    values = {tag: str(ds.get(tag, "") or "").strip() for tag in _IDENTITY_TAGS}
+    for tag in ("SOPClassUID", "SOPInstanceUID"):
+        if not values[tag]:
+            raise InvalidDatasetError(f"dataset has no {tag}")
+    return InstanceIdentity(
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_uid=values["StudyInstanceUID"],
+        series_uid=values["SeriesInstanceUID"],
+    )
+
+
+def _warning_status(reason: int | None) -> int:
+    if reason is not None and is_warning_code(reason):
+        return reason
+    return Status.SUCCESS
+
+
+def status_for(response: StowResponse, sop_instance_uid: str) -> int:
+    """The C-STORE status for one instance, decided from the STOW body first, then HTTP code.
+
+    Orthanc answers 400 yet stores the good part of a mixed body, and 200 with nothing
+    stored for a malformed one, so the body's sequences outrank the HTTP status.
+    """
+    if sop_instance_uid in response.referenced:
+        reason = response.referenced[sop_instance_uid]
+        return _warning_status(reason if reason is not None else response.top_warning)
+    if sop_instance_uid in response.failed:
+        reason = response.failed[sop_instance_uid]
+        if reason is not None and is_failure_code(reason):
+            return reason
+    code = response.http_status
+    if code < 300:
+        return Status.PROCESSING_FAILURE  # "success" that stored nothing
+    if code == 400:
+        return Status.CANNOT_UNDERSTAND
+    if code in (401, 403):
+        return Status.NOT_AUTHORIZED
+    if code == 409:
+        return Status.PROCESSING_FAILURE
+    if code in (408, 413, 429) or code >= 500:
+        return Status.OUT_OF_RESOURCES
+    return Status.PROCESSING_FAILURE
+
+
+class StoreService:
+    """Uploads received instances to the DICOMweb server."""
+
+    def __init__(
+        self, client: DicomwebClient, *, stow_url: str, dicomweb_root: str, overwrite: bool
+    ) -> None:
+        self._client = client
+        self._stow_url = stow_url
+        self._root = dicomweb_root or stow_url.rstrip("/").removesuffix("/studies")
+        self._overwrite = overwrite
+
+    async def store(self, path: Path, identity: InstanceIdentity) -> int:
+        """STOW one instance and return the DIMSE status for the C-STORE-RSP."""
+        response = await self._client.stow(self._stow_url, [path])
+        status = status_for(response, identity.sop_instance_uid)
+        if response.http_status == 409 and status == Status.PROCESSING_FAILURE and self._overwrite:
+            logger.info(
+                "instance exists upstream; overwriting",
+                extra={"sop_instance_uid": identity.sop_instance_uid},
+            )
+            await self._client.delete(
+                f"{self._root}/studies/{identity.study_uid}/series/{identity.series_uid}"
+                f"/instances/{identity.sop_instance_uid}"
+            )
+            response = await self._client.stow(self._stow_url, [path])
+            status = status_for(response, identity.sop_instance_uid)
+        if status != Status.SUCCESS:
+            level = logging.WARNING if is_warning_code(status) else logging.ERROR
+            logger.log(
+                level,
+                "STOW-RS of instance gave HTTP %d -> C-STORE status 0x%04X%s",
+                response.http_status,
+                status,
+                f" ({response.body_excerpt[:160]!r})" if response.body_excerpt else "",
+                extra={"sop_instance_uid": identity.sop_instance_uid},
+            )
+        return status

@@ -1,0 +1,649 @@
+"""Reusable test and benchmark rig: Orthanc, the importer subprocess, DCMTK tools, test data.
+
+Plain helpers without pytest, so `bench/` scripts can import them as `from tests.rig import ...`.
+Every server gets a free port and is polled for readiness; nothing sleeps to wait for a server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal as _signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DCMTK_TOOLS = ("dcmsend", "echoscu", "storescu")
+
+STARTUP_TIMEOUT = 30.0
+POLL_INTERVAL = 0.1
+LOG_TAIL_CHARS = 4000
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on all interfaces right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    """Return the last `chars` characters of a log file (empty if it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return text[-chars:]
+
+
+def _local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for child processes: TCP_NODELAY on, loopback never proxied."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    for key in ("NO_PROXY", "no_proxy"):
+        parts = [p for p in env.get(key, "").split(",") if p]
+        for host in ("127.0.0.1", "localhost"):
+            if host not in parts:
+                parts.append(host)
+        env[key] = ",".join(parts)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM a process, wait up to `timeout`, SIGKILL if needed; return its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(_signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+# --------------------------------------------------------------------------------------------
+# Orthanc
+
+
+class Orthanc:
+    """Orthanc with the DICOMweb plugin on free ports, in its own temporary directory."""
+
+    def __init__(
+        self,
+        aet: str = "ORTHANC",
+        modalities: Mapping[str, tuple[str, str, int] | list[str | int]] | None = None,
+        extra_config: Mapping[str, Any] | None = None,
+        workdir: Path | None = None,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        self.aet = aet
+        self.modalities = {name: list(v) for name, v in (modalities or {}).items()}
+        self.extra_config = dict(extra_config or {})
+        self._given_workdir = workdir
+        self.startup_timeout = startup_timeout
+        self.http_port = 0
+        self.dicom_port = 0
+        self.http_url = ""
+        self.dicomweb_url = ""
+        self.workdir = Path()
+        self.log_path = Path()
+        self.config_path = Path()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._client: httpx.Client | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The Orthanc configuration written to disk."""
+        cfg: dict[str, Any] = {
+            "Name": f"rig-{self.aet}",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomModalities": self.modalities,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomCheckCalledAet": False,
+            "StableAge": 1,
+            "HttpTimeout": 60,
+            "StorageCompression": False,
+            "SaveJobs": False,
+            "LogExportedResources": False,
+        }
+        cfg.update(self.extra_config)
+        return cfg
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Write the config, start Orthanc and wait until `GET /system` answers 200."""
+        for path in (ORTHANC_BINARY, DICOMWEB_PLUGIN):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path} is missing: install the Debian packages orthanc and orthanc-dicomweb"
+                )
+        if self._given_workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="orthanc-rig-"))
+        else:
+            self.workdir = self._given_workdir
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        while self.dicom_port == self.http_port:
+            self.dicom_port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = self.http_url + "/dicom-web"
+        self.config_path = self.workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        self.log_path = self.workdir / "orthanc.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC_BINARY), str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_local_env(),
+                cwd=self.workdir,
+            )
+        self._client = httpx.Client(base_url=self.http_url, timeout=60.0, trust_env=False)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                if self.client.get("/system", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Orthanc did not answer GET /system within {self.startup_timeout} s; "
+                    f"log tail:\n{_tail(self.log_path)}"
+                )
+            try:  # doubles as the poll interval and as death detection
+                code = self.proc.wait(timeout=POLL_INTERVAL)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(
+                f"Orthanc exited with code {code} during startup; log tail:\n{_tail(self.log_path)}"
+            )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate Orthanc and remove its temporary directory (unless one was given)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc is not None:
+            _stop_process(self.proc, timeout)
+            self.proc = None
+        if self._given_workdir is None and self.workdir != Path() and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def client(self) -> httpx.Client:
+        """An httpx client with base URL `http_url` (no proxies)."""
+        if self._client is None:
+            raise RuntimeError("Orthanc is not running")
+        return self._client
+
+    def _get_json(self, path: str) -> Any:
+        response = self.client.get(path)
+        response.raise_for_status()
+        return response.json()
+
+    def instances(self) -> list[str]:
+        """Orthanc ids of all stored instances."""
+        ids: list[str] = self._get_json("/instances")
+        return ids
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        """The stored Part-10 file, byte for byte."""
+        response = self.client.get(f"/instances/{orthanc_id}/file")
+        response.raise_for_status()
+        return response.content
+
+    def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
+        """Main tags of an instance as `{keyword: value}` (Orthanc's simplified tags)."""
+        tags: dict[str, Any] = self._get_json(f"/instances/{orthanc_id}/simplified-tags")
+        return tags
+
+    def transfer_syntax(self, orthanc_id: str) -> str:
+        """Transfer syntax UID the instance is stored with."""
+        response = self.client.get(f"/instances/{orthanc_id}/metadata/TransferSyntax")
+        response.raise_for_status()
+        return response.text.strip()
+
+    def find_instance(self, sop_instance_uid: str) -> str | None:
+        """Orthanc id of the instance with this SOP Instance UID, or None."""
+        response = self.client.post("/tools/lookup", content=sop_instance_uid)
+        response.raise_for_status()
+        for item in response.json():
+            if item.get("Type") == "Instance":
+                found: str = item["ID"]
+                return found
+        return None
+
+    def count_instances(self) -> int:
+        """Number of stored instances."""
+        count: int = self._get_json("/statistics")["CountInstances"]
+        return count
+
+
+# --------------------------------------------------------------------------------------------
+# The importer under test
+
+
+def importer_binary() -> Path:
+    """The `dicom-import` console script installed next to the running interpreter."""
+    return Path(sys.executable).with_name("dicom-import")
+
+
+class Importer:
+    """`dicom-import` as a subprocess on a free port, ready once it answers C-ECHO."""
+
+    def __init__(
+        self,
+        dicomweb_address: str,
+        *extra_args: str,
+        aet: str = "IMPORTER",
+        port: int | None = None,
+        log_dir: Path | None = None,
+        startup_timeout: float = STARTUP_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.dicomweb_address = dicomweb_address
+        self.extra_args = list(extra_args)
+        self.aet = aet
+        self.port = port if port is not None else free_port()
+        self._given_log_dir = log_dir
+        self._own_dir: Path | None = None
+        self.startup_timeout = startup_timeout
+        self.extra_env = dict(env or {})
+        self.log_path = Path()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def args(self) -> list[str]:
+        """The full command line."""
+        return [
+            str(importer_binary()),
+            f"--dimse_aet={self.aet}",
+            f"--dimse_port={self.port}",
+            f"--dicomweb_address={self.dicomweb_address}",
+            *self.extra_args,
+        ]
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _stop_process(self.proc, 30.0)
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
+
+    def start(self) -> None:
+        """Start the process and wait until it answers C-ECHO."""
+        binary = importer_binary()
+        if not binary.exists():
+            raise FileNotFoundError(f"{binary} is missing: install the package (pip install -e .)")
+        if self._given_log_dir is None:
+            self._own_dir = Path(tempfile.mkdtemp(prefix="importer-rig-"))
+            log_dir = self._own_dir
+        else:
+            log_dir = self._given_log_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"importer-{self.port}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_local_env(self.extra_env),
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            _stop_process(self.proc, 5.0)
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is None and echo("127.0.0.1", self.port, self.aet, timeout=2.0):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"importer did not answer C-ECHO on port {self.port} within "
+                    f"{self.startup_timeout} s; log tail:\n{self.log_text()[-LOG_TAIL_CHARS:]}"
+                )
+            try:  # doubles as the poll interval and as death detection
+                code = self.proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(
+                f"importer exited with code {code} during startup; command: {self.args}; "
+                f"log:\n{self.log_text()[-LOG_TAIL_CHARS:]}"
+            )
+
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, signal: int = _signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `signal` and return the exit code; kill and raise TimeoutError if it hangs."""
+        if self.proc is None:
+            raise RuntimeError("importer was never started")
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise TimeoutError(
+                    f"importer did not exit within {timeout} s of signal {signal}; "
+                    f"log tail:\n{self.log_text()[-LOG_TAIL_CHARS:]}"
+                ) from None
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        """Everything the process wrote to stdout/stderr so far."""
+        return _tail(self.log_path, chars=sys.maxsize)
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines (lines that are not JSON objects are skipped)."""
+        records: list[dict[str, Any]] = []
+        for line in self.log_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+# --------------------------------------------------------------------------------------------
+# DCMTK and pynetdicom clients
+
+
+def dcmtk_tool(name: str) -> str:
+    """Absolute path of a DCMTK tool, skipping the venv (pynetdicom installs namesakes there)."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    for entry in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        if not entry or Path(entry).resolve() == venv_bin:
+            continue
+        candidate = Path(entry) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    fallback = Path("/usr/bin") / name
+    if fallback.is_file():
+        return str(fallback)
+    raise FileNotFoundError(f"DCMTK tool {name!r} not found on PATH: install the Debian package dcmtk")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK tools: the current one plus TCP_NODELAY=1."""
+    return _local_env()
+
+
+def run_dcmtk(args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool (args[0] is its name or path), capturing text output."""
+    tool = args[0] if os.sep in args[0] else dcmtk_tool(args[0])
+    return subprocess.run(
+        [tool, *args[1:]],
+        env=dcmtk_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def dcmsend(
+    host: str,
+    port: int,
+    aet: str,
+    files_or_dirs: Iterable[Path | str],
+    calling_aet: str = "DCMSEND",
+    extra: Sequence[str] = (),
+    timeout: float = 300.0,
+) -> subprocess.CompletedProcess[str]:
+    """Send files (directories are scanned recursively) with DCMTK's dcmsend."""
+    paths = [Path(p) for p in files_or_dirs]
+    options = ["-aet", calling_aet, "-aec", aet]
+    if any(p.is_dir() for p in paths):
+        options += ["+sd", "+r"]
+    return run_dcmtk(
+        ["dcmsend", *options, *extra, host, str(port), *(str(p) for p in paths)], timeout
+    )
+
+
+def echo(
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = "ECHOSCU",
+    timeout: float = 10.0,
+) -> bool:
+    """True if a C-ECHO with pynetdicom succeeds (association accepted, status 0x0000)."""
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and int(status.Status) == 0x0000
+    finally:
+        assoc.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Test data
+
+
+def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
+def generate_ct_series(
+    dest_dir: Path,
+    count: int,
+    rows: int = 512,
+    cols: int = 512,
+    seed: int = 0,
+    patient_id: str = "PAT1",
+    study_uid: str | None = None,
+) -> list[Path]:
+    """Write `count` CT instances (one new series) with random 12-bit pixels; return the paths."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    frame_of_reference_uid = generate_uid()
+    paths: list[Path] = []
+    for index in range(count):
+        sop_instance_uid = generate_uid()
+        ds = Dataset()
+        ds.file_meta = _file_meta(CTImageStorage, sop_instance_uid)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_instance_uid
+        ds.StudyDate = "20240101"
+        ds.StudyTime = "120000"
+        ds.AccessionNumber = ""
+        ds.Modality = "CT"
+        ds.Manufacturer = "dicom-adapter tests"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "rig CT study"
+        ds.SeriesDescription = f"rig CT series seed {seed}"
+        ds.PatientName = f"Rig^{patient_id}"
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.SliceThickness = "1.0"
+        ds.KVP = "120"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = float(index)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = cols
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        pixels = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16)
+        ds.PixelData = pixels.astype("<u2").tobytes()
+        path = dest_dir / f"ct_{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+LARGE_FRAME_ROWS = 1024
+LARGE_FRAME_COLS = 1024
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def write_large_instance(path: Path, size_bytes: int, seed: int = 0) -> str:
+    """Write an 8-bit multi-frame Secondary Capture with ~`size_bytes` of pixel data, streamed.
+
+    The pixel data is never held in memory: the header is written by pydicom, then the
+    (7FE0,0010) element header and the pixel bytes are appended in 8 MB chunks.
+    Returns the SOP Instance UID.
+    """
+    frame_bytes = LARGE_FRAME_ROWS * LARGE_FRAME_COLS
+    frames = max(1, round(size_bytes / frame_bytes))
+    pixel_length = frames * frame_bytes  # even, fits the 32-bit length below
+    if pixel_length >= 0xFFFFFFFF:
+        raise ValueError(f"{size_bytes} bytes do not fit a single explicit-length element")
+    sop_class_uid = MultiFrameGrayscaleByteSecondaryCaptureImageStorage
+    sop_instance_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class_uid, sop_instance_uid)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.AccessionNumber = ""
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = "Rig^Large"
+    ds.PatientID = "LARGE"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.FrameTime = "40"
+    ds.Rows = LARGE_FRAME_ROWS
+    ds.Columns = LARGE_FRAME_COLS
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.save_as(path, enforce_file_format=True)
+
+    chunk = np.random.default_rng(seed).integers(0, 256, size=CHUNK_BYTES, dtype=np.uint8)
+    chunk_bytes = chunk.tobytes()
+    with path.open("ab") as fh:
+        # Explicit VR little endian: tag group, element, VR "OB", 2 reserved bytes, 32-bit length
+        fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, pixel_length))
+        remaining = pixel_length
+        while remaining > 0:
+            n = min(remaining, CHUNK_BYTES)
+            fh.write(chunk_bytes[:n] if n < CHUNK_BYTES else chunk_bytes)
+            remaining -= n
+    return sop_instance_uid
