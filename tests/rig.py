@@ -6,6 +6,7 @@ Every server gets a free port and is polled for readiness; nothing sleeps to wai
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from typing import Any, Self
 
 import httpx
 import numpy as np
+from pydicom.filereader import read_file_meta_info
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -30,7 +33,7 @@ from pydicom.uid import (
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -249,6 +252,10 @@ class Orthanc:
         response = self.client.get(f"/instances/{orthanc_id}/file")
         response.raise_for_status()
         return response.content
+
+    def instance_dataset(self, orthanc_id: str) -> Dataset:
+        """The stored Part-10 file, parsed by pydicom."""
+        return dcmread(io.BytesIO(self.instance_file(orthanc_id)))
 
     def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
         """Main tags of an instance as `{keyword: value}` (Orthanc's simplified tags)."""
@@ -500,6 +507,77 @@ def echo(
         return bool(status) and int(status.Status) == 0x0000
     finally:
         assoc.release()
+
+
+def parse_dcmsend_debug(output: str) -> dict[str, int]:
+    """Map SOP Instance UID -> DIMSE status of every C-STORE response in `dcmsend -d` output.
+
+    Responses are matched to requests by message ID, so a response that omits the
+    Affected SOP Instance UID still counts. Instances without a response are absent.
+    """
+    requests: dict[int, str] = {}
+    statuses: dict[str, int] = {}
+    block: str | None = None  # "RQ" or "RSP" while inside a dumped DIMSE message
+    message_id: int | None = None
+    uid: str | None = None
+    for raw in output.splitlines():
+        line = raw[3:] if raw[1:3] == ": " else raw
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "Message Type":
+            block = "RQ" if value == "C-STORE RQ" else "RSP" if value == "C-STORE RSP" else None
+            message_id, uid = None, None
+        elif block is None:
+            continue
+        elif key in ("Message ID", "Message ID Being Responded To"):
+            message_id = int(value)
+        elif key == "Affected SOP Instance UID":
+            uid = value
+            if block == "RQ" and message_id is not None:
+                requests[message_id] = value
+        elif key == "DIMSE Status" and block == "RSP":
+            status = int(value.split(":")[0], 16)
+            target = requests.get(message_id, uid) if message_id is not None else uid
+            if target is not None:
+                statuses[target] = status
+            block = None
+    return statuses
+
+
+def send_file(
+    host: str,
+    port: int,
+    called_aet: str,
+    path: Path,
+    calling_aet: str = "STORESCU",
+    timeout: float = 60.0,
+) -> int | None:
+    """C-STORE one Part-10 file with pynetdicom, its bytes sent as they are in the file.
+
+    The SOP Class, SOP Instance and transfer syntax UIDs come from the file meta, so the
+    dataset itself may lack them. One presentation context is proposed, with only the file's
+    transfer syntax. Returns the response status, or None when no
+    response arrived (the association was aborted or timed out). Raises ConnectionError if
+    the association is not accepted.
+    """
+    meta = read_file_meta_info(path)
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {called_aet}@{host}:{port} not accepted")
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, no decode/re-encode
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if status and "Status" in status else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,9 +74,7 @@ def parse_aet_dictionary(text: str, flag: str) -> AetDictionary:
     return AetDictionary(peers)
 
 
-def load_aet_dictionary(
-    inline: str, path: str, environ: Mapping[str, str]
-) -> AetDictionary:
+def load_aet_dictionary(inline: str, path: str, environ: Mapping[str, str]) -> AetDictionary:
     """Load from --aet_dictionary_inline, else --aet_dictionary, else ENV_AETS_JSON; else empty."""
     if inline:
         return parse_aet_dictionary(inline, "aet_dictionary_inline")

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from dicom_adapter.errors import BridgeClosedError, BridgeError
 
@@ -99,7 +98,7 @@ class Bridge:
                 if done:
                     finished = True
                     return
-                yield item
+                yield cast(T, item)
         finally:
             if not finished and not self._loop.is_closed():
                 closer = asyncio.run_coroutine_threadsafe(_aclose(agen), self._loop)

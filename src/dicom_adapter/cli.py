@@ -37,9 +37,7 @@ def run_import(argv: Sequence[str]) -> int:
 
     prog = "dicom-import"
     try:
-        settings = parse_settings(
-            ImporterSettings, argv, prog=prog, description=IMPORT_DESCRIPTION
-        )
+        settings = parse_settings(ImporterSettings, argv, prog=prog, description=IMPORT_DESCRIPTION)
     except ConfigError as exc:
         return _fail(prog, exc)
     configure_logging(verbose=settings.verbose, log_format=settings.log_format)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
+from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-LATER = {"status": "not supported yet"}
-DEPRECATED = {"status": "deprecated"}
-NEW = {"status": "new"}
+LATER: JsonDict = {"status": "not supported yet"}
+DEPRECATED: JsonDict = {"status": "deprecated"}
+NEW: JsonDict = {"status": "new"}
 
 
 def later_flag(default: Any, description: str) -> Any:
@@ -33,14 +34,13 @@ class CommonSettings(BaseSettings):
         description="Comma-separated OAuth scopes for Google credentials "
         "(default https://www.googleapis.com/auth/cloud-platform).",
     )
-    monitoring_project_id: str = later_flag(
-        "", "Cloud Monitoring project id to export metrics to."
-    )
+    monitoring_project_id: str = later_flag("", "Cloud Monitoring project id to export metrics to.")
     dicomweb_bearer_token: str = new_flag(
         "", "Static bearer token for a non-Google DICOMweb server (prefer the env var)."
     )
     dicomweb_basic_auth: str = new_flag(
-        "", "user:password for HTTP basic auth to a non-Google DICOMweb server (prefer the env var)."
+        "",
+        "user:password for HTTP basic auth to a non-Google DICOMweb server (prefer the env var).",
     )
     http_timeout: float = new_flag(
         60.0, "Seconds any single HTTP connect/read/write step may take before it fails."

@@ -89,13 +89,9 @@ class ImporterSettings(CommonSettings):
         description="On 409 Conflict, delete the stored instance and store it again.",
     )
     max_associations: int = new_flag(32, "Maximum concurrent DIMSE associations.")
-    max_pdu_size: int = new_flag(
-        262144, "Maximum PDU size we receive (bytes; 0 = unlimited)."
-    )
+    max_pdu_size: int = new_flag(262144, "Maximum PDU size we receive (bytes; 0 = unlimited).")
     acse_timeout: float = new_flag(30.0, "Seconds to wait for association messages.")
-    dimse_timeout: float = new_flag(
-        120.0, "Seconds to wait for DIMSE messages from the peer."
-    )
+    dimse_timeout: float = new_flag(120.0, "Seconds to wait for DIMSE messages from the peer.")
     network_timeout: float = new_flag(
         300.0, "Seconds an idle association stays open before it is closed."
     )
@@ -108,7 +104,9 @@ class ImporterSettings(CommonSettings):
             try:
                 codes = frozenset(int(p) for p in parts if p)
             except ValueError:
-                raise ValueError("expected comma-separated HTTP status codes, e.g. 409,429") from None
+                raise ValueError(
+                    "expected comma-separated HTTP status codes, e.g. 409,429"
+                ) from None
             bad = sorted(c for c in codes if not 100 <= c <= 599)
             if bad:
                 raise ValueError(f"not an HTTP status code: {bad[0]}")
@@ -162,8 +160,10 @@ def _check_address(flag: str, url: str) -> list[tuple[str, str]]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return [(flag, f"not an http(s) URL: {url!r}")]
-    if parts.hostname == GOOGLE_HOST and flag == "dicomweb_address" and not GOOGLE_DICOMWEB.match(
-        url
+    if (
+        parts.hostname == GOOGLE_HOST
+        and flag == "dicomweb_address"
+        and not GOOGLE_DICOMWEB.match(url)
     ):
         return [
             (

@@ -55,7 +55,9 @@ def _default_text(info: FieldInfo) -> str:
     return str(default)
 
 
-def build_parser(model: type[CommonSettings], prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(
+    model: type[CommonSettings], prog: str, description: str
+) -> argparse.ArgumentParser:
     """An argparse parser with one option per settings field."""
     parser = _Parser(
         prog=prog,
@@ -68,8 +70,7 @@ def build_parser(model: type[CommonSettings], prog: str, description: str) -> ar
         status = flag_status(info)
         note = f" [{status}]" if status else ""
         help_text = (
-            f"{info.description or ''}{note} (default: {_default_text(info)}; "
-            f"env: {name.upper()})"
+            f"{info.description or ''}{note} (default: {_default_text(info)}; env: {name.upper()})"
         ).replace("%", "%%")
         if _is_bool(info):
             parser.add_argument(

@@ -46,14 +46,21 @@ class RetryPolicy:
 
     def is_transient(self, http_status: int) -> bool:
         """True for statuses worth retrying: 408, 429, 5xx and configured extras."""
-        return http_status in TRANSIENT_HTTP or http_status >= 500 or http_status in self.extra_codes
+        return (
+            http_status in TRANSIENT_HTTP or http_status >= 500 or http_status in self.extra_codes
+        )
 
 
 def make_http_client(
-    *, timeout: float, http2: bool = False, auth: httpx.Auth | None = None, max_connections: int = 64
+    *,
+    timeout: float,
+    http2: bool = False,
+    auth: httpx.Auth | None = None,
+    max_connections: int = 64,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The one pooled client per upstream, with TCP_NODELAY and explicit timeouts."""
-    transport = httpx.AsyncHTTPTransport(
+    transport = transport or httpx.AsyncHTTPTransport(
         http2=http2,
         retries=0,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
@@ -127,27 +134,31 @@ class DicomwebClient:
                 reason = f"HTTP {response.status_code}"
             else:
                 wait = None
-                reason = f"{type(failure).__name__}: {failure}" if str(failure) else type(
-                    failure
-                ).__name__
+                reason = (
+                    f"{type(failure).__name__}: {failure}"
+                    if str(failure)
+                    else type(failure).__name__
+                )
             if wait is None:
                 wait = delay * (0.5 + random.random() / 2)
                 delay = min(delay * 2, self._retry.max_delay)
             elapsed = time.monotonic() - started
             if elapsed + wait > self._retry.deadline:
-                logger.warning("%s failed after %d tries in %.1f s: %s", what, tries, elapsed, reason)
+                logger.warning(
+                    "%s failed after %d tries in %.1f s: %s", what, tries, elapsed, reason
+                )
                 if response is not None:
                     return response
-                raise UpstreamUnavailableError(f"{what}: {reason} (after {tries} tries)") from failure
+                raise UpstreamUnavailableError(
+                    f"{what}: {reason} (after {tries} tries)"
+                ) from failure
             logger.info("%s: %s; retrying in %.2f s", what, reason, wait)
             await asyncio.sleep(wait)
 
     async def stow(self, url: str, files: Sequence[Path]) -> StowResponse:
         """STOW-RS the Part-10 files in one multipart/related request, streamed from disk."""
         boundary = multipart.new_boundary()
-        heads = [
-            multipart.part_head(boundary, first=(i == 0)) for i in range(len(files))
-        ]
+        heads = [multipart.part_head(boundary, first=(i == 0)) for i in range(len(files))]
         tail = multipart.body_tail(boundary)
         sizes = [f.stat().st_size for f in files]
         length = sum(len(h) for h in heads) + sum(sizes) + len(tail)

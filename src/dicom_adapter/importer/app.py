@@ -8,6 +8,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 from pynetdicom import evt
 
 from dicom_adapter.aets import load_aet_dictionary
@@ -23,81 +24,119 @@ from dicom_adapter.importer.store import StoreService
 logger = logging.getLogger(__name__)
 
 
+class ImportService:
+    """Everything dicom-import runs, wired together; start() and stop() on the event loop."""
+
+    def __init__(
+        self,
+        settings: ImporterSettings,
+        environ: Mapping[str, str],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._settings = settings
+        self._environ = environ
+        self._transport = transport
+        self._server: Any = None
+        self._http: httpx.AsyncClient | None = None
+        self._bridge: Bridge | None = None
+
+    async def start(self) -> int:
+        """Build the clients, start listening; returns the bound DIMSE port."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        aets = load_aet_dictionary(
+            settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
+        )
+        if len(aets):
+            logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
+        google_credentials: Any = None
+        static_auth = settings.dicomweb_bearer_token or settings.dicomweb_basic_auth
+        if is_google_url(settings.stow_url) and not static_auth:
+            google_credentials = await asyncio.to_thread(
+                load_google_credentials, settings.oauth_scopes
+            )
+        auth = choose_auth(
+            settings.stow_url,
+            bearer_token=settings.dicomweb_bearer_token,
+            basic_auth=settings.dicomweb_basic_auth,
+            google_credentials=google_credentials,
+        )
+        self._http = http = make_http_client(
+            timeout=settings.http_timeout,
+            http2=settings.stow_http2,
+            auth=auth,
+            max_connections=max(8, settings.max_associations * 2),
+            transport=self._transport,
+        )
+        client = DicomwebClient(
+            http,
+            RetryPolicy(
+                deadline=settings.upstream_retry_deadline,
+                extra_codes=settings.http_error_codes_to_retry,
+            ),
+        )
+        self._bridge = bridge = Bridge(loop)
+        store = StoreService(
+            client,
+            stow_url=settings.stow_url,
+            dicomweb_root=settings.dicomweb_root,
+            overwrite=settings.stow_overwrite,
+        )
+        # The handler gives up a little after the last possible upstream attempt ends.
+        store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
+        configure_pynetdicom()
+        ae = build_ae(
+            aet=settings.dimse_aet,
+            max_associations=settings.max_associations,
+            max_pdu_size=settings.max_pdu_size,
+            acse_timeout=settings.acse_timeout,
+            dimse_timeout=settings.dimse_timeout,
+            network_timeout=settings.network_timeout,
+        )
+        try:
+            self._server = start_server(
+                ae,
+                "0.0.0.0",
+                settings.dimse_port,
+                [(evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout))],
+            )
+        except OSError as exc:
+            await http.aclose()
+            raise ConfigError(
+                "dimse_port", f"cannot listen on {settings.dimse_port}: {exc.strerror}"
+            ) from None
+        port = int(self._server.server_address[1])
+        logger.info(
+            "dicom-import listening on port %d as %s; STOW-RS to %s",
+            port,
+            settings.dimse_aet,
+            settings.stow_url,
+        )
+        return port
+
+    async def stop(self) -> None:
+        """Stop accepting, drain running associations within the grace period, close clients."""
+        if self._server is not None and self._bridge is not None:
+            await _drain(self._server, self._bridge, self._settings.shutdown_grace_period)
+            self._server = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
 async def run(settings: ImporterSettings, environ: Mapping[str, str]) -> int:
     """Serve until SIGTERM/SIGINT, then drain within the grace period; returns the exit code."""
     loop = asyncio.get_running_loop()
-    aets = load_aet_dictionary(settings.aet_dictionary_inline, settings.aet_dictionary, environ)
-    if len(aets):
-        logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
-
-    google_credentials: Any = None
-    static_auth = settings.dicomweb_bearer_token or settings.dicomweb_basic_auth
-    if is_google_url(settings.stow_url) and not static_auth:
-        google_credentials = await asyncio.to_thread(
-            load_google_credentials, settings.oauth_scopes
-        )
-    auth = choose_auth(
-        settings.stow_url,
-        bearer_token=settings.dicomweb_bearer_token,
-        basic_auth=settings.dicomweb_basic_auth,
-        google_credentials=google_credentials,
-    )
-    http = make_http_client(
-        timeout=settings.http_timeout,
-        http2=settings.stow_http2,
-        auth=auth,
-        max_connections=max(8, settings.max_associations * 2),
-    )
-    client = DicomwebClient(
-        http,
-        RetryPolicy(
-            deadline=settings.upstream_retry_deadline,
-            extra_codes=settings.http_error_codes_to_retry,
-        ),
-    )
-    bridge = Bridge(loop)
-    store = StoreService(
-        client,
-        stow_url=settings.stow_url,
-        dicomweb_root=settings.dicomweb_root,
-        overwrite=settings.stow_overwrite,
-    )
-    # The C-STORE handler gives up a little after the last possible upstream attempt ends.
-    store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
-    configure_pynetdicom()
-    ae = build_ae(
-        aet=settings.dimse_aet,
-        max_associations=settings.max_associations,
-        max_pdu_size=settings.max_pdu_size,
-        acse_timeout=settings.acse_timeout,
-        dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout,
-    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    service = ImportService(settings, environ)
     try:
-        server = start_server(
-            ae,
-            "0.0.0.0",
-            settings.dimse_port,
-            [(evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout))],
-        )
-    except OSError as exc:
-        await http.aclose()
-        raise ConfigError("dimse_port", f"cannot listen on {settings.dimse_port}: {exc.strerror}")
-    port = server.server_address[1]
-    logger.info(
-        "dicom-import listening on port %d as %s; STOW-RS to %s",
-        port,
-        settings.dimse_aet,
-        settings.stow_url,
-    )
-    try:
+        await service.start()
         await stop.wait()
     finally:
-        await _drain(server, bridge, settings.shutdown_grace_period)
-        await http.aclose()
+        await service.stop()
     logger.info("dicom-import stopped")
     return 0
 

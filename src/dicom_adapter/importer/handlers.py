@@ -40,9 +40,7 @@ class CStoreHandler:
             path = event.dataset_path
             identity = read_identity(path)
             fields["sop_instance_uid"] = identity.sop_instance_uid
-            status = self._bridge.run_with_timeout(
-                self._timeout, self._store.store, path, identity
-            )
+            status = self._bridge.run_with_timeout(self._timeout, self._store.store, path, identity)
             if status == Status.SUCCESS:
                 logger.debug("stored instance", extra=fields)
             return status

@@ -1,0 +1,126 @@
+"""Benchmark: C-STORE through dicom-import into Orthanc vs straight into Orthanc's DIMSE port.
+
+One run, alternating repetitions, fresh Orthanc storage for every measurement:
+  1. dcmsend of N generated CT instances (512x512, 16-bit) direct vs through the adapter;
+     reports the throughput ratio adapter/direct (target >= 0.5).
+  2. one large instance (default 1 GiB) through the adapter; reports the adapter's peak RSS
+     (VmHWM, target <= 200 MB) and throughput.
+
+Usage: python bench/bench_store.py [--instances 200] [--reps 3] [--large-mb 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, write_large_instance
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a running process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def timed_send(port: int, aet: str, folder: Path, expected: int, orthanc: Orthanc) -> float:
+    """Seconds for one dcmsend of `folder`; fails loudly if anything is missing."""
+    started = time.perf_counter()
+    result = dcmsend("127.0.0.1", port, aet, [folder], timeout=1800)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"dcmsend failed ({result.returncode}): {result.stderr[-2000:]}")
+    stored = orthanc.count_instances()
+    if stored != expected:
+        raise RuntimeError(f"expected {expected} instances in Orthanc, found {stored}")
+    return elapsed
+
+
+def run_direct(folder: Path, count: int) -> float:
+    with Orthanc() as orthanc:
+        return timed_send(orthanc.dicom_port, orthanc.aet, folder, count, orthanc)
+
+
+def run_adapter(folder: Path, count: int) -> tuple[float, float]:
+    with Orthanc() as orthanc, Importer(orthanc.dicomweb_url) as importer:
+        assert importer.proc is not None
+        elapsed = timed_send(importer.port, importer.aet, folder, count, orthanc)
+        return elapsed, peak_rss_mb(importer.proc.pid)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--large-mb", type=int, default=1024, help="0 skips the large instance")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        work = Path(tmp)
+        series = work / "ct"
+        generate_ct_series(series, args.instances, rows=512, cols=512)
+        mb = sum(p.stat().st_size for p in series.iterdir()) / 1e6
+        print(f"{args.instances} CT instances, {mb:.0f} MB", flush=True)
+
+        direct: list[float] = []
+        adapter: list[float] = []
+        rss: list[float] = []
+        for rep in range(args.reps):
+            order = ("direct", "adapter") if rep % 2 == 0 else ("adapter", "direct")
+            for which in order:
+                if which == "direct":
+                    direct.append(run_direct(series, args.instances))
+                    print(f"rep {rep}: direct  {direct[-1]:.2f} s", flush=True)
+                else:
+                    seconds, peak = run_adapter(series, args.instances)
+                    adapter.append(seconds)
+                    rss.append(peak)
+                    print(
+                        f"rep {rep}: adapter {seconds:.2f} s (peak RSS {peak:.0f} MB)", flush=True
+                    )
+
+        direct_s = statistics.median(direct)
+        adapter_s = statistics.median(adapter)
+        results: dict[str, object] = {
+            "instances": args.instances,
+            "direct_seconds_median": round(direct_s, 3),
+            "adapter_seconds_median": round(adapter_s, 3),
+            "direct_inst_per_s": round(args.instances / direct_s, 1),
+            "adapter_inst_per_s": round(args.instances / adapter_s, 1),
+            "throughput_ratio": round(direct_s / adapter_s, 3),
+            "adapter_peak_rss_mb_many": round(max(rss), 1),
+        }
+
+        if args.large_mb:
+            big = work / "large" / "large.dcm"
+            big.parent.mkdir()
+            write_large_instance(big, args.large_mb * 1024 * 1024)
+            size_mb = big.stat().st_size / 1e6
+            seconds, peak = run_adapter(big.parent, 1)
+            results.update(
+                large_instance_mb=round(size_mb),
+                large_seconds=round(seconds, 2),
+                large_mb_per_s=round(size_mb / seconds, 1),
+                large_adapter_peak_rss_mb=round(peak, 1),
+            )
+            print(f"large {size_mb:.0f} MB: {seconds:.1f} s, adapter peak RSS {peak:.0f} MB")
+
+    print(json.dumps(results, indent=2))
+    ok = results["throughput_ratio"] >= 0.5 and (  # type: ignore[operator]
+        not args.large_mb or results["large_adapter_peak_rss_mb"] <= 200  # type: ignore[operator]
+    )
+    print("targets met" if ok else "TARGETS MISSED: ratio >= 0.5, large peak RSS <= 200 MB")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.config.parse import parse_settings
+from dicom_adapter.importer.app import ImportService
+
+Responder = Callable[[httpx.Request], httpx.Response]
+
+
+@dataclass
+class Upstream:
+    """A scripted DICOMweb server: records requests, answers with `responder`."""
+
+    responder: Responder | None = None
+    requests: list[httpx.Request] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        self.requests.append(request)
+        self.bodies.append(body)
+        assert self.responder is not None, "test did not script the upstream"
+        return self.responder(request)
+
+
+@dataclass
+class RunningImporter:
+    """An ImportService running on its own loop thread."""
+
+    port: int
+    aet: str
+    upstream: Upstream
+
+
+@pytest.fixture
+def start_importer() -> Iterator[Callable[..., RunningImporter]]:
+    """Factory: start an in-process importer with extra flags; stopped at teardown."""
+    stops: list[Callable[[], None]] = []
+
+    def start(*flags: str) -> RunningImporter:
+        upstream = Upstream()
+        argv = [
+            "--dimse_aet=ADAPTER",
+            "--dimse_port=0",
+            "--dicomweb_address=http://dicomweb.test/dicom-web",
+            "--log_format=text",
+            *flags,
+        ]
+        settings = parse_settings(ImporterSettings, argv, prog="t", description="", environ={})
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        service = ImportService(settings, {}, transport=httpx.MockTransport(upstream.handle))
+        port = asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
+
+        def stop() -> None:
+            asyncio.run_coroutine_threadsafe(service.stop(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+
+        stops.append(stop)
+        return RunningImporter(port=port, aet="ADAPTER", upstream=upstream)
+
+    yield start
+    for stop in stops:
+        stop()

@@ -1,0 +1,313 @@
+"""C-STORE over a real association, upstream scripted: every row of the SPEC §1.3 table."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+
+from dicom_adapter.dicomweb.multipart import (
+    MultipartParser,
+    PartData,
+    PartStart,
+    boundary_from_content_type,
+)
+from dicom_adapter.status import Status
+from tests.component.conftest import RunningImporter
+
+JSON = {"Content-Type": "application/dicom+json"}
+
+
+def make_ct(transfer_syntax: UID = ExplicitVRLittleEndian) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "P1"
+    ds.Modality = "CT"
+    ds.Rows = 4
+    ds.Columns = 4
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(32))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds
+
+
+def stow_json(
+    referenced: Sequence[tuple[str, int | None]] = (),
+    failed: Sequence[tuple[str, int | None]] = (),
+) -> bytes:
+    def item(uid: str, tag: str, reason: int | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "00081150": {"vr": "UI", "Value": [CTImageStorage]},
+            "00081155": {"vr": "UI", "Value": [uid]},
+        }
+        if reason is not None:
+            entry[tag] = {"vr": "US", "Value": [reason]}
+        return entry
+
+    body: dict[str, Any] = {}
+    if referenced:
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [item(uid, "00081196", reason) for uid, reason in referenced],
+        }
+    if failed:
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [item(uid, "00081197", reason) for uid, reason in failed],
+        }
+    return json.dumps(body).encode()
+
+
+def c_store(importer: RunningImporter, ds: Dataset, ts: UID = ExplicitVRLittleEndian) -> int:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ts)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(ds)
+        assert rsp, "no C-STORE response"
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+Script = Callable[[str], Callable[[httpx.Request], httpx.Response]]
+
+
+def answer(code: int, *, stored: bool = False, warning: int | None = None) -> Script:
+    """Upstream answers `code`; the body references our instance when stored/warning."""
+
+    def script(uid: str) -> Callable[[httpx.Request], httpx.Response]:
+        if stored or warning is not None:
+            body = stow_json([(uid, warning)])
+            return lambda r: httpx.Response(code, headers=JSON, content=body)
+        return lambda r: httpx.Response(code, text="upstream says no")
+
+    return script
+
+
+def failed_with(reason: int) -> Script:
+    """Upstream answers 409 with our instance in FailedSOPSequence."""
+
+    def script(uid: str) -> Callable[[httpx.Request], httpx.Response]:
+        body = stow_json(failed=[(uid, reason)])
+        return lambda r: httpx.Response(409, headers=JSON, content=body)
+
+    return script
+
+
+def raises(exc: Callable[[httpx.Request], Exception]) -> Script:
+    """Upstream transport raises."""
+
+    def script(uid: str) -> Callable[[httpx.Request], httpx.Response]:
+        def respond(request: httpx.Request) -> httpx.Response:
+            raise exc(request)
+
+        return respond
+
+    return script
+
+
+def nothing_stored(uid: str) -> Callable[[httpx.Request], httpx.Response]:
+    """Orthanc's answer to a malformed body: 200 with no ReferencedSOPSequence."""
+    return lambda r: httpx.Response(200, headers=JSON, content=b"{}")
+
+
+ROWS: list[tuple[str, Script, int]] = [
+    ("stored", answer(200, stored=True), Status.SUCCESS),
+    ("warning-B000", answer(202, warning=0xB000), Status.COERCION_OF_DATA_ELEMENTS),
+    ("warning-B006", answer(202, warning=0xB006), Status.ELEMENTS_DISCARDED),
+    ("warning-B007", answer(202, warning=0xB007), Status.DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING),
+    ("failure-A900", failed_with(0xA900), Status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+    ("failure-C000", failed_with(0xC000), Status.CANNOT_UNDERSTAND),
+    ("failure-0122", failed_with(0x0122), Status.SOP_CLASS_NOT_SUPPORTED),
+    ("400", answer(400), Status.CANNOT_UNDERSTAND),
+    ("401", answer(401), Status.NOT_AUTHORIZED),
+    ("403", answer(403), Status.NOT_AUTHORIZED),
+    ("409", answer(409), Status.PROCESSING_FAILURE),
+    ("413", answer(413), Status.OUT_OF_RESOURCES),
+    ("408", answer(408), Status.OUT_OF_RESOURCES),
+    ("429", answer(429), Status.OUT_OF_RESOURCES),
+    ("500", answer(500), Status.OUT_OF_RESOURCES),
+    ("503", answer(503), Status.OUT_OF_RESOURCES),
+    ("404", answer(404), Status.PROCESSING_FAILURE),
+    ("orthanc-200-nothing-stored", nothing_stored, Status.PROCESSING_FAILURE),
+    ("orthanc-400-but-stored", answer(400, stored=True), Status.SUCCESS),
+    (
+        "connection-refused",
+        raises(lambda r: httpx.ConnectError("refused", request=r)),
+        Status.OUT_OF_RESOURCES,
+    ),
+    (
+        "read-timeout",
+        raises(lambda r: httpx.ReadTimeout("slow", request=r)),
+        Status.OUT_OF_RESOURCES,
+    ),
+    ("unexpected-exception", raises(lambda r: RuntimeError("boom")), Status.PROCESSING_FAILURE),
+]
+
+
+@pytest.mark.parametrize(("name", "script", "expected"), ROWS, ids=[r[0] for r in ROWS])
+def test_status_table_row(
+    start_importer: Callable[..., RunningImporter], name: str, script: Script, expected: int
+) -> None:
+    importer = start_importer("--upstream_retry_deadline=0.3")
+    ds = make_ct()
+    importer.upstream.responder = script(str(ds.SOPInstanceUID))
+    assert c_store(importer, ds) == expected
+    assert importer.upstream.requests, "the upstream was never asked"
+    assert importer.upstream.requests[0].url.path == "/dicom-web/studies"
+
+
+def test_transient_failure_is_retried_then_stored(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer("--upstream_retry_deadline=10")
+    ds = make_ct()
+    answers = [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"})]
+
+    def responder(request: httpx.Request) -> httpx.Response:
+        if answers:
+            return answers.pop(0)
+        return httpx.Response(200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)]))
+
+    importer.upstream.responder = responder
+    assert c_store(importer, ds) == Status.SUCCESS
+    assert len(importer.upstream.requests) == 3
+    # every attempt carried the whole instance
+    assert len({len(b) for b in importer.upstream.bodies}) == 1
+
+
+def test_extra_retry_code_is_retried(start_importer: Callable[..., RunningImporter]) -> None:
+    importer = start_importer("--upstream_retry_deadline=10", "--http_error_codes_to_retry=409")
+    ds = make_ct()
+    answers = [httpx.Response(409)]
+
+    def responder(request: httpx.Request) -> httpx.Response:
+        if answers:
+            return answers.pop(0)
+        return httpx.Response(200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)]))
+
+    importer.upstream.responder = responder
+    assert c_store(importer, ds) == Status.SUCCESS
+    assert len(importer.upstream.requests) == 2
+
+
+def test_conflict_with_stow_overwrite_deletes_and_stores_again(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer("--stow_overwrite")
+    ds = make_ct()
+    stored = {"deleted": False}
+
+    def responder(request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE":
+            stored["deleted"] = True
+            return httpx.Response(200)
+        if not stored["deleted"]:
+            return httpx.Response(409)
+        return httpx.Response(200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)]))
+
+    importer.upstream.responder = responder
+    assert c_store(importer, ds) == Status.SUCCESS
+    methods = [(r.method, r.url.path) for r in importer.upstream.requests]
+    assert methods == [
+        ("POST", "/dicom-web/studies"),
+        (
+            "DELETE",
+            f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}",
+        ),
+        ("POST", "/dicom-web/studies"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+def test_stow_body_is_the_peer_dataset_in_its_own_syntax(
+    start_importer: Callable[..., RunningImporter], ts: UID
+) -> None:
+    importer = start_importer()
+    ds = make_ct(ts)
+    importer.upstream.responder = lambda r: httpx.Response(
+        200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)])
+    )
+    assert c_store(importer, ds, ts) == Status.SUCCESS
+    request = importer.upstream.requests[0]
+    content_type = request.headers["Content-Type"]
+    assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
+    parser = MultipartParser(boundary_from_content_type(content_type))
+    events = parser.feed(importer.upstream.bodies[0])
+    parser.close()
+    starts = [e for e in events if isinstance(e, PartStart)]
+    assert len(starts) == 1
+    assert starts[0].headers["content-type"] == "application/dicom"
+    part = b"".join(e.data for e in events if isinstance(e, PartData))
+    assert int(request.headers["Content-Length"]) == len(importer.upstream.bodies[0])
+    received = dcmread(io.BytesIO(part))
+    assert received.file_meta.TransferSyntaxUID == ts
+    assert received.SOPInstanceUID == ds.SOPInstanceUID
+    assert received.PatientName == "Doe^Jane"
+    assert received.PixelData == ds.PixelData
+
+
+def _write_without(tmp_path: Path, keyword: str) -> tuple[Path, str]:
+    ds = make_ct()
+    sop_class, sop_instance = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance
+    delattr(ds, keyword)
+    path = tmp_path / f"no-{keyword}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, sop_class
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
+def test_dataset_without_sop_uid_gets_cannot_understand(
+    start_importer: Callable[..., RunningImporter],
+    tmp_path: Path,
+    keyword: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pynetdicom refuses to send such a dataset unless it streams the file as-is
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    importer = start_importer()
+    importer.upstream.responder = lambda r: httpx.Response(500)
+    path, sop_class = _write_without(tmp_path, keyword)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(path)
+        assert int(rsp.Status) == Status.CANNOT_UNDERSTAND
+    finally:
+        assoc.release()
+    assert importer.upstream.requests == [], "an invalid dataset must not be uploaded"

@@ -1,0 +1,511 @@
+"""Unit tests for flag/env parsing of dicom-import (SPEC §0, §1.1) and the console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.config.parse import deprecation_notes, flag_status, parse_settings
+from dicom_adapter.errors import ConfigError
+
+ADDRESS = "http://dicomweb.example:8042/dicom-web"
+BASE = ["--dimse_aet=ADAPTER", f"--dicomweb_address={ADDRESS}"]
+GOOGLE_OK = (
+    "https://healthcare.googleapis.com/v1/projects/p1/locations/us-central1"
+    "/datasets/ds/dicomStores/store/dicomWeb"
+)
+
+# Every flag of the Java adapter's import side (SPEC §1.1).
+JAVA_FLAGS = [
+    "dimse_aet",
+    "dimse_port",
+    "dimse_cmove_aet",
+    "dicomweb_address",
+    "dicomweb_addr",
+    "dicomweb_stow_path",
+    "oauth_scopes",
+    "verbose",
+    "aet_dictionary",
+    "aet_dictionary_inline",
+    "monitoring_project_id",
+    "redact_remove_list",
+    "redact_keep_list",
+    "redact_filter_profile",
+    "destination_config_path",
+    "destination_config_inline",
+    "store_compress_to_transfer_syntax",
+    "fuzzy_matching",
+    "persistent_file_storage_location",
+    "gcs_backup_project_id",
+    "persistent_file_upload_retry_amount",
+    "auto_ack_cstore",
+    "min_upload_delay",
+    "max_waiting_time_between_uploads",
+    "http_error_codes_to_retry",
+    "send_to_all_matching_destinations",
+    "stow_http2",
+    "stow_overwrite",
+]
+
+NOT_SUPPORTED_YET = sorted(
+    name
+    for name, info in ImporterSettings.model_fields.items()
+    if flag_status(info) == "not supported yet"
+)
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ImporterSettings:
+    return parse_settings(
+        ImporterSettings,
+        argv,
+        prog="dicom-import",
+        description="test",
+        environ={} if environ is None else environ,
+    )
+
+
+def config_error(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(argv, environ)
+    return info.value
+
+
+def sample_value(name: str) -> str:
+    """A syntactically valid, non-default value for the flag `name`."""
+    annotation = ImporterSettings.model_fields[name].annotation
+    if annotation is bool:
+        return "true"
+    if annotation is int:
+        return "7"
+    assert annotation is str or typing.get_origin(annotation) is not None, annotation
+    return "something"
+
+
+# --------------------------------------------------------------------------------------------
+# flag syntax
+# --------------------------------------------------------------------------------------------
+
+
+def test_equals_syntax() -> None:
+    settings = parse(["--dimse_aet=ADAPTER", f"--dicomweb_address={ADDRESS}", "--dimse_port=11112"])
+    assert settings.dimse_aet == "ADAPTER"
+    assert settings.dimse_port == 11112
+    assert settings.stow_url == f"{ADDRESS}/studies"
+    assert settings.dicomweb_root == ADDRESS
+
+
+def test_space_separated_syntax() -> None:
+    settings = parse(["--dimse_aet", "ADAPTER", "--dicomweb_address", ADDRESS, "--dimse_port", "104"])
+    assert settings.dimse_aet == "ADAPTER"
+    assert settings.dimse_port == 104
+    assert settings.dicomweb_address == ADDRESS
+
+
+def test_bare_bool_means_true() -> None:
+    settings = parse([*BASE, "--stow_http2", "--verbose"])
+    assert settings.stow_http2 is True
+    assert settings.verbose is True
+
+
+def test_bool_defaults_false() -> None:
+    settings = parse(BASE)
+    assert settings.stow_http2 is False
+    assert settings.stow_overwrite is False
+    assert settings.verbose is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--stow_overwrite=false"], False),
+        (["--stow_overwrite=true"], True),
+        (["--stow_overwrite", "false"], False),
+        (["--stow_overwrite", "true"], True),
+        (["--stow_overwrite"], True),
+    ],
+)
+def test_bool_value_forms(argv: list[str], expected: bool) -> None:
+    assert parse([*BASE, *argv]).stow_overwrite is expected
+
+
+def test_bare_bool_followed_by_another_flag() -> None:
+    settings = parse(["--stow_overwrite", "--dimse_aet", "ADAPTER", f"--dicomweb_address={ADDRESS}"])
+    assert settings.stow_overwrite is True
+    assert settings.dimse_aet == "ADAPTER"
+
+
+def test_bad_bool_value_names_the_flag() -> None:
+    error = config_error([*BASE, "--stow_http2=maybe"])
+    assert error.flag == "stow_http2"
+    assert "--stow_http2" in str(error)
+
+
+def test_bad_int_value_names_the_flag() -> None:
+    error = config_error([*BASE, "--dimse_port=abc"])
+    assert error.flag == "dimse_port"
+    assert "--dimse_port" in str(error)
+
+
+def test_port_out_of_range() -> None:
+    error = config_error([*BASE, "--dimse_port=70000"])
+    assert error.flag == "dimse_port"
+
+
+def test_unknown_flag_is_config_error() -> None:
+    error = config_error([*BASE, "--no_such_flag=1"])
+    assert "--no_such_flag" in str(error)
+
+
+def test_abbreviated_flag_is_not_accepted() -> None:
+    error = config_error([*BASE, "--stow_over"])
+    assert "--stow_over" in str(error)
+
+
+def test_missing_value_is_config_error() -> None:
+    error = config_error(["--dicomweb_address", ADDRESS, "--dimse_aet"])
+    assert "--dimse_aet" in str(error)
+
+
+def test_java_defaults() -> None:
+    settings = parse(BASE)
+    assert settings.min_upload_delay == 100
+    assert settings.max_waiting_time_between_uploads == 5000
+    assert settings.http_error_codes_to_retry == frozenset()
+    assert settings.aet_dictionary == ""
+    assert settings.aet_dictionary_inline == ""
+
+
+# --------------------------------------------------------------------------------------------
+# environment variables
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_setting_from_env() -> None:
+    settings = parse(
+        [],
+        {
+            "DIMSE_AET": "FROMENV",
+            "DICOMWEB_ADDRESS": ADDRESS,
+            "DIMSE_PORT": "4242",
+            "STOW_HTTP2": "true",
+            "HTTP_ERROR_CODES_TO_RETRY": "409,429",
+            "AET_DICTIONARY_INLINE": "[]",
+        },
+    )
+    assert settings.dimse_aet == "FROMENV"
+    assert settings.dicomweb_address == ADDRESS
+    assert settings.dimse_port == 4242
+    assert settings.stow_http2 is True
+    assert settings.http_error_codes_to_retry == frozenset({409, 429})
+    assert settings.aet_dictionary_inline == "[]"
+
+
+def test_flag_wins_over_env() -> None:
+    settings = parse(
+        ["--dimse_aet=FROMFLAG", "--dimse_port=11112", "--stow_http2=false"],
+        {
+            "DIMSE_AET": "FROMENV",
+            "DIMSE_PORT": "4242",
+            "STOW_HTTP2": "true",
+            "DICOMWEB_ADDRESS": ADDRESS,
+        },
+    )
+    assert settings.dimse_aet == "FROMFLAG"
+    assert settings.dimse_port == 11112
+    assert settings.stow_http2 is False
+    assert settings.dicomweb_address == ADDRESS  # only in env: env is used
+
+
+def test_bad_env_value_names_the_env_var() -> None:
+    error = config_error(BASE, {"DIMSE_PORT": "abc"})
+    assert error.flag == "dimse_port"
+    assert "DIMSE_PORT" in str(error)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: parse_settings(environ=...) still reads os.environ: model_validate on a "
+    "BaseSettings runs pydantic-settings' own env source (case-insensitively)",
+)
+def test_explicit_environ_ignores_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIMSE_PORT", "4242")
+    settings = parse(BASE, {})
+    assert settings.dimse_port == 0
+
+
+def test_process_environment_used_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIMSE_PORT", "4242")
+    settings = parse_settings(ImporterSettings, BASE, prog="dicom-import", description="test")
+    assert settings.dimse_port == 4242
+
+
+# --------------------------------------------------------------------------------------------
+# --http_error_codes_to_retry
+# --------------------------------------------------------------------------------------------
+
+
+def test_http_error_codes_comma_list() -> None:
+    settings = parse([*BASE, "--http_error_codes_to_retry=409,429"])
+    assert settings.http_error_codes_to_retry == frozenset({409, 429})
+
+
+def test_http_error_codes_repeated_flag() -> None:
+    settings = parse(
+        [*BASE, "--http_error_codes_to_retry=409", "--http_error_codes_to_retry", "429"]
+    )
+    assert settings.http_error_codes_to_retry == frozenset({409, 429})
+
+
+@pytest.mark.parametrize("value", ["abc", "409,x", "99", "600"])
+def test_http_error_codes_invalid(value: str) -> None:
+    error = config_error([*BASE, f"--http_error_codes_to_retry={value}"])
+    assert error.flag == "http_error_codes_to_retry"
+    assert "--http_error_codes_to_retry" in str(error)
+
+
+# --------------------------------------------------------------------------------------------
+# flags whose feature is not supported yet
+# --------------------------------------------------------------------------------------------
+
+
+def test_not_supported_flags_are_accepted_when_unset() -> None:
+    settings = parse(BASE)
+    assert not set(NOT_SUPPORTED_YET) & settings.model_fields_set
+
+
+@pytest.mark.parametrize("name", NOT_SUPPORTED_YET)
+def test_not_supported_flag_refused_when_set_by_flag(name: str) -> None:
+    error = config_error([*BASE, f"--{name}={sample_value(name)}"])
+    assert error.flag == name
+    assert f"--{name}" in str(error)
+    assert "not supported" in str(error)
+
+
+@pytest.mark.parametrize("name", NOT_SUPPORTED_YET)
+def test_not_supported_flag_refused_when_set_by_env(name: str) -> None:
+    error = config_error(BASE, {name.upper(): sample_value(name)})
+    assert error.flag == name
+    assert "not supported" in str(error)
+
+
+# --------------------------------------------------------------------------------------------
+# deprecated --dicomweb_addr + --dicomweb_stow_path
+# --------------------------------------------------------------------------------------------
+
+
+def test_deprecated_pair_sets_stow_url_and_notes() -> None:
+    settings = parse(
+        [
+            "--dimse_aet=ADAPTER",
+            "--dicomweb_addr=https://healthcare.googleapis.com/v1",
+            "--dicomweb_stow_path=/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb/studies",
+        ]
+    )
+    assert settings.stow_url == (
+        "https://healthcare.googleapis.com/v1"
+        "/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb/studies"
+    )
+    notes = deprecation_notes(settings)
+    assert notes
+    joined = "\n".join(notes)
+    assert "--dicomweb_addr" in joined
+    assert "--dicomweb_stow_path" in joined
+    assert "deprecated" in joined
+    assert "--dicomweb_address" in joined
+
+
+def test_deprecated_pair_joins_with_one_slash() -> None:
+    settings = parse(
+        ["--dimse_aet=ADAPTER", "--dicomweb_addr=http://h:8042/", "--dicomweb_stow_path=studies"]
+    )
+    assert settings.stow_url == "http://h:8042/studies"
+
+
+def test_deprecated_pair_from_env_also_noted() -> None:
+    settings = parse(
+        ["--dimse_aet=ADAPTER"],
+        {"DICOMWEB_ADDR": "http://h:8042", "DICOMWEB_STOW_PATH": "/dicom-web/studies"},
+    )
+    assert settings.stow_url == "http://h:8042/dicom-web/studies"
+    assert any("--dicomweb_addr" in note for note in deprecation_notes(settings))
+
+
+def test_no_deprecation_notes_for_current_flags() -> None:
+    assert deprecation_notes(parse(BASE)) == []
+
+
+def test_deprecated_addr_without_stow_path() -> None:
+    error = config_error(["--dimse_aet=ADAPTER", "--dicomweb_addr=http://h:8042"])
+    assert error.flag == "dicomweb_stow_path"
+    assert "--dicomweb_stow_path" in str(error)
+
+
+def test_deprecated_stow_path_without_addr() -> None:
+    error = config_error(["--dimse_aet=ADAPTER", "--dicomweb_stow_path=/studies"])
+    assert error.flag == "dicomweb_addr"
+    assert "--dicomweb_addr" in str(error)
+
+
+def test_new_address_wins_over_deprecated_pair() -> None:
+    settings = parse(
+        [*BASE, "--dicomweb_addr=http://old:1", "--dicomweb_stow_path=/old/studies"],
+    )
+    assert settings.stow_url == f"{ADDRESS}/studies"
+
+
+def test_no_address_at_all() -> None:
+    error = config_error(["--dimse_aet=ADAPTER"])
+    assert error.flag == "dicomweb_address"
+
+
+@pytest.mark.parametrize("url", ["ftp://h/dicomweb", "dicomweb.example/dicom-web", "http://"])
+def test_address_must_be_http_url(url: str) -> None:
+    error = config_error(["--dimse_aet=ADAPTER", f"--dicomweb_address={url}"])
+    assert error.flag == "dicomweb_address"
+
+
+# --------------------------------------------------------------------------------------------
+# Cloud Healthcare address pattern
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [GOOGLE_OK, GOOGLE_OK + "/", GOOGLE_OK.replace("/v1/", "/v1beta1/")])
+def test_google_address_accepted(url: str) -> None:
+    settings = parse(["--dimse_aet=ADAPTER", f"--dicomweb_address={url}"])
+    assert settings.stow_url == url.rstrip("/") + "/studies"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://healthcare.googleapis.com/v1/projects/p1/locations/l/datasets/ds/dicomStores/s",
+        "https://healthcare.googleapis.com/v1/projects/p1/datasets/ds/dicomStores/s/dicomWeb",
+        "https://healthcare.googleapis.com/projects/p1/locations/l/datasets/ds/dicomStores/s/dicomWeb",
+        GOOGLE_OK + "/studies",
+        GOOGLE_OK.replace("https://", "http://"),
+    ],
+)
+def test_google_address_rejected(url: str) -> None:
+    error = config_error(["--dimse_aet=ADAPTER", f"--dicomweb_address={url}"])
+    assert error.flag == "dicomweb_address"
+    assert "--dicomweb_address" in str(error)
+    assert "dicomStores" in str(error)
+
+
+def test_non_google_host_not_held_to_google_pattern() -> None:
+    settings = parse(["--dimse_aet=ADAPTER", "--dicomweb_address=https://pacs.example/dcm4chee"])
+    assert settings.stow_url == "https://pacs.example/dcm4chee/studies"
+
+
+# --------------------------------------------------------------------------------------------
+# --dimse_aet
+# --------------------------------------------------------------------------------------------
+
+
+def test_dimse_aet_required() -> None:
+    error = config_error([f"--dicomweb_address={ADDRESS}"])
+    assert error.flag == "dimse_aet"
+    assert str(error).startswith("--dimse_aet")
+
+
+def test_dimse_aet_blank_is_missing() -> None:
+    error = config_error(["--dimse_aet=   ", f"--dicomweb_address={ADDRESS}"])
+    assert error.flag == "dimse_aet"
+
+
+def test_dimse_aet_sixteen_chars_accepted() -> None:
+    assert parse(["--dimse_aet=ABCDEFGHIJKLMNOP", f"--dicomweb_address={ADDRESS}"]).dimse_aet == (
+        "ABCDEFGHIJKLMNOP"
+    )
+
+
+def test_dimse_aet_seventeen_chars_rejected() -> None:
+    error = config_error(["--dimse_aet=ABCDEFGHIJKLMNOPQ", f"--dicomweb_address={ADDRESS}"])
+    assert error.flag == "dimse_aet"
+    assert "16" in str(error)
+
+
+def test_dimse_aet_backslash_rejected() -> None:
+    error = config_error(["--dimse_aet=AB\\CD", f"--dicomweb_address={ADDRESS}"])
+    assert error.flag == "dimse_aet"
+
+
+# --------------------------------------------------------------------------------------------
+# misc
+# --------------------------------------------------------------------------------------------
+
+
+def test_settings_are_frozen() -> None:
+    settings = parse(BASE)
+    with pytest.raises(ValidationError):
+        settings.dimse_aet = "OTHER"  # type: ignore[misc]
+    assert settings.dimse_aet == "ADAPTER"
+
+
+def test_basic_auth_and_bearer_exclusive() -> None:
+    error = config_error([*BASE, "--dicomweb_bearer_token=t", "--dicomweb_basic_auth=u:p"])
+    assert error.flag == "dicomweb_basic_auth"
+
+
+def test_basic_auth_needs_colon() -> None:
+    error = config_error([*BASE, "--dicomweb_basic_auth=userpass"])
+    assert error.flag == "dicomweb_basic_auth"
+
+
+def test_every_java_flag_is_a_setting() -> None:
+    assert set(JAVA_FLAGS) <= set(ImporterSettings.model_fields)
+
+
+# --------------------------------------------------------------------------------------------
+# the real console script
+# --------------------------------------------------------------------------------------------
+
+SCRIPT = Path(sys.executable).with_name("dicom-import")
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "100"},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--no_such_flag=1"], "--no_such_flag"),
+        (["--dimse_aet=ADAPTER", f"--dicomweb_address={ADDRESS}", "--dimse_port=abc"], "dimse_port"),
+        (["--dimse_aet=ABCDEFGHIJKLMNOPQ", f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
+        ([f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
+    ],
+)
+def test_script_bad_config_one_line_exit_2(args: list[str], flag: str) -> None:
+    result = run_script(*args)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert flag in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_script_help_lists_every_java_flag_and_env_var() -> None:
+    result = run_script("--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for name in JAVA_FLAGS:
+        assert f"--{name}" in text, name
+        assert name.upper() in text, name.upper()
+    assert "DIMSE_AET" in text
+    assert "Traceback" not in result.stderr
