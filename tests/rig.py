@@ -24,9 +24,9 @@ from typing import Any, Self
 
 import httpx
 import numpy as np
-from pydicom.filereader import read_file_meta_info
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -34,6 +34,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -444,7 +445,9 @@ def dcmtk_tool(name: str) -> str:
     fallback = Path("/usr/bin") / name
     if fallback.is_file():
         return str(fallback)
-    raise FileNotFoundError(f"DCMTK tool {name!r} not found on PATH: install the Debian package dcmtk")
+    raise FileNotFoundError(
+        f"DCMTK tool {name!r} not found on PATH: install the Debian package dcmtk"
+    )
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -578,6 +581,119 @@ def send_file(
         if assoc.is_established:
             assoc.release()
     return int(status.Status) if status and "Status" in status else None
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(body)) + body
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        data += chunk
+    return data
+
+
+def _c_store_command(sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """A C-STORE-RQ command set, implicit VR little endian, with its group length."""
+    elements = b""
+    for element, value in (
+        (0x0002, _uid_bytes(sop_class_uid)),  # Affected SOP Class UID
+        (0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
+        (0x0110, struct.pack("<H", 1)),  # Message ID
+        (0x0700, struct.pack("<H", 0)),  # Priority: medium
+        (0x0800, struct.pack("<H", 0x0000)),  # Command Data Set Type: a data set follows
+        (0x1000, _uid_bytes(sop_instance_uid)),  # Affected SOP Instance UID
+    ):
+        elements += struct.pack("<HHI", 0x0000, element, len(value)) + value
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(elements)) + elements
+
+
+def _uid_bytes(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def interrupt_c_store(
+    host: str,
+    port: int,
+    called_aet: str,
+    path: Path,
+    send_bytes: int,
+    abort: bool = True,
+    calling_aet: str = "INTERRUPT",
+    timeout: float = 30.0,
+) -> None:
+    """Start a C-STORE of a Part-10 file over a raw socket, then stop after `send_bytes`.
+
+    Speaks just enough of the DICOM upper layer to get an association (one presentation
+    context: the file's SOP class and transfer syntax), sends the command and the first
+    `send_bytes` of the data set, then sends an A-ABORT (`abort=True`) or simply closes the
+    connection, as a crashed sender would. Deterministic, unlike aborting a pynetdicom
+    association from another thread mid-send.
+    """
+    meta = read_file_meta_info(path)
+    context_id = 1
+    presentation_context = _item(
+        0x20,
+        struct.pack(">BBBB", context_id, 0, 0, 0)
+        + _item(0x30, str(meta.MediaStorageSOPClassUID).encode("ascii"))
+        + _item(0x40, str(meta.TransferSyntaxUID).encode("ascii")),
+    )
+    user_information = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
+    associate_rq = _pdu(
+        0x01,
+        struct.pack(">HH", 1, 0)
+        + called_aet.encode("ascii").ljust(16)
+        + calling_aet.encode("ascii").ljust(16)
+        + bytes(32)
+        + _item(0x10, b"1.2.840.10008.3.1.1.1")
+        + presentation_context
+        + user_information,
+    )
+    max_pdv = 16000  # fits pynetdicom's default maximum PDU (16382) and most others
+
+    def p_data(payload: bytes, control: int) -> bytes:
+        pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
+        return _pdu(0x04, pdv)
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(associate_rq)
+        pdu_type, _, length = struct.unpack(">BBI", _recv_exactly(sock, 6))
+        body = _recv_exactly(sock, length)
+        if pdu_type != 0x02:
+            raise ConnectionError(f"association not accepted (PDU type {pdu_type:#04x})")
+        # The single presentation context item in the A-ASSOCIATE-AC: result byte at offset 2
+        offset = 68
+        while offset < len(body):
+            item_type, _, item_length = struct.unpack(">BBH", body[offset : offset + 4])
+            if item_type == 0x21 and body[offset + 6] != 0:
+                raise ConnectionError("presentation context rejected")
+            offset += 4 + item_length
+        sock.sendall(
+            p_data(
+                _c_store_command(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID),
+                0x03,
+            )
+        )
+        with path.open("rb") as fh:
+            fh.seek(split_dataset(path)[1])  # skip preamble and file meta
+            remaining = send_bytes
+            while remaining > 0:
+                chunk = fh.read(min(max_pdv, remaining))
+                if not chunk:
+                    break
+                sock.sendall(p_data(chunk, 0x00))  # data set fragment, not the last one
+                remaining -= len(chunk)
+        if abort:
+            sock.sendall(_pdu(0x07, bytes(4)))  # A-ABORT, source: service user
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,7 +102,9 @@ def test_equals_syntax() -> None:
 
 
 def test_space_separated_syntax() -> None:
-    settings = parse(["--dimse_aet", "ADAPTER", "--dicomweb_address", ADDRESS, "--dimse_port", "104"])
+    settings = parse(
+        ["--dimse_aet", "ADAPTER", "--dicomweb_address", ADDRESS, "--dimse_port", "104"]
+    )
     assert settings.dimse_aet == "ADAPTER"
     assert settings.dimse_port == 104
     assert settings.dicomweb_address == ADDRESS
@@ -136,7 +138,9 @@ def test_bool_value_forms(argv: list[str], expected: bool) -> None:
 
 
 def test_bare_bool_followed_by_another_flag() -> None:
-    settings = parse(["--stow_overwrite", "--dimse_aet", "ADAPTER", f"--dicomweb_address={ADDRESS}"])
+    settings = parse(
+        ["--stow_overwrite", "--dimse_aet", "ADAPTER", f"--dicomweb_address={ADDRESS}"]
+    )
     assert settings.stow_overwrite is True
     assert settings.dimse_aet == "ADAPTER"
 
@@ -376,7 +380,9 @@ def test_address_must_be_http_url(url: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", [GOOGLE_OK, GOOGLE_OK + "/", GOOGLE_OK.replace("/v1/", "/v1beta1/")])
+@pytest.mark.parametrize(
+    "url", [GOOGLE_OK, GOOGLE_OK + "/", GOOGLE_OK.replace("/v1/", "/v1beta1/")]
+)
 def test_google_address_accepted(url: str) -> None:
     settings = parse(["--dimse_aet=ADAPTER", f"--dicomweb_address={url}"])
     assert settings.stow_url == url.rstrip("/") + "/studies"
@@ -485,7 +491,10 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "flag"),
     [
         (["--no_such_flag=1"], "--no_such_flag"),
-        (["--dimse_aet=ADAPTER", f"--dicomweb_address={ADDRESS}", "--dimse_port=abc"], "dimse_port"),
+        (
+            ["--dimse_aet=ADAPTER", f"--dicomweb_address={ADDRESS}", "--dimse_port=abc"],
+            "dimse_port",
+        ),
         (["--dimse_aet=ABCDEFGHIJKLMNOPQ", f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
         ([f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
     ],

@@ -44,7 +44,7 @@ def _is_collection(info: FieldInfo) -> bool:
     )
 
 
-def _default_text(info: FieldInfo) -> str:
+def default_text(info: FieldInfo) -> str:
     default = info.default
     if isinstance(default, bool):
         return "true" if default else "false"
@@ -70,7 +70,7 @@ def build_parser(
         status = flag_status(info)
         note = f" [{status}]" if status else ""
         help_text = (
-            f"{info.description or ''}{note} (default: {_default_text(info)}; env: {name.upper()})"
+            f"{info.description or ''}{note} (default: {default_text(info)}; env: {name.upper()})"
         ).replace("%", "%%")
         if _is_bool(info):
             parser.add_argument(
