@@ -19,9 +19,7 @@ def flag_table(model: type[CommonSettings]) -> str:
         "| flag | default | env var | status | what it does |",
         "|---|---|---|---|---|",
     ]
-    java_first = sorted(
-        model.model_fields.items(), key=lambda item: flag_status(item[1]) == "new"
-    )
+    java_first = sorted(model.model_fields.items(), key=lambda item: flag_status(item[1]) == "new")
     for name, info in java_first:
         description = (info.description or "").replace("|", "\\|")
         lines.append(

@@ -255,7 +255,7 @@ class DicomwebClient:
                 raise UpstreamError(f"WADO-RS: {exc}") from exc
             parser = multipart.MultipartParser(boundary)
             try:
-                async for chunk in response.aiter_raw(CHUNK_SIZE):
+                async for chunk in response.aiter_bytes(CHUNK_SIZE):
                     for event in parser.feed(chunk):
                         yield event
                     if parser.done:

@@ -57,7 +57,7 @@ def _items(dataset: dict[str, Any], tag: str) -> list[dict[str, Any]]:
 
 def parse_stow_response(http_status: int, content_type: str, body: bytes) -> StowResponse:
     """Parse a DICOM JSON STOW response; anything unparsable yields empty sequences."""
-    excerpt = body[:300].decode("utf-8", "replace")
+    excerpt = " ".join(body[:600].decode("utf-8", "replace").split())[:300]
     dataset: Any = None
     if body.strip() and ("json" in content_type.lower() or body.lstrip()[:1] in (b"{", b"[")):
         try:
