@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
@@ -35,11 +36,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import Verification
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DCMTK_TOOLS = ("dcmsend", "echoscu", "storescu")
+
+VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
 
 STARTUP_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
@@ -497,7 +499,7 @@ def echo(
 ) -> bool:
     """True if a C-ECHO with pynetdicom succeeds (association accepted, status 0x0000)."""
     ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
@@ -702,8 +704,8 @@ def interrupt_c_store(
 
 def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
 

@@ -126,6 +126,9 @@ class Bridge:
                 logger.exception("background task failed")
 
         def start() -> None:
+            if self._closed:
+                logger.warning("background task dropped: the adapter is shutting down")
+                return
             task = self._loop.create_task(call())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -138,6 +141,8 @@ class Bridge:
         def call() -> T:
             return fn(*args, **kwargs)
 
+        if self._closed:
+            raise BridgeClosedError("the adapter is shutting down")
         return await self._loop.run_in_executor(self._pool, call)
 
     @property
@@ -148,7 +153,7 @@ class Bridge:
     async def close(self, grace: float) -> None:
         """Refuse new work, wait up to `grace` seconds for tracked tasks, cancel the rest."""
         self._closed = True
-        await asyncio.sleep(0)  # let pending `start` callbacks register their tasks
+        await asyncio.sleep(0)  # let `start` callbacks queued before closing register their tasks
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:

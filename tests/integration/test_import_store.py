@@ -16,10 +16,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from tests.integration.conftest import StartImporter
 from tests.rig import (
+    VERIFICATION,
     Importer,
     Orthanc,
     dcmsend,
@@ -196,10 +196,12 @@ def test_wrong_called_aet_is_rejected(importer: Importer) -> None:
     assert "Association Rejected" in result.stdout + result.stderr
 
     ae = AE(ae_title="ECHOSCU")
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(HOST, importer.port, ae_title="WRONG")
     assert assoc.is_rejected
-    assert assoc.acceptor.primitive.diagnostic == CALLED_AET_NOT_RECOGNISED
+    rejection = assoc.acceptor.primitive
+    assert rejection is not None
+    assert rejection.diagnostic == CALLED_AET_NOT_RECOGNISED
 
     assert echo(HOST, importer.port, importer.aet)
     result = run_dcmtk(["echoscu", "-aec", importer.aet, HOST, str(importer.port)], 30)
@@ -240,7 +242,7 @@ def test_garbage_and_aborts_leave_the_daemon_serving(
         sock.sendall(os.urandom(64 * 1024))
 
     ae = AE(ae_title="ABORTER")
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(HOST, importer.port, ae_title=importer.aet)
     assert assoc.is_established
     assoc.abort()

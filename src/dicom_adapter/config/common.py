@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 from pydantic.config import JsonDict
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 LATER: JsonDict = {"status": "not supported yet"}
 DEPRECATED: JsonDict = {"status": "deprecated"}
@@ -56,6 +56,18 @@ class CommonSettings(BaseSettings):
     shutdown_grace_period: float = new_flag(
         30.0, "Seconds to let running work finish after SIGTERM before aborting it."
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only explicit values: config.parse is the one place that reads the environment."""
+        return (init_settings,)
 
     def cross_check(self) -> list[tuple[str, str]]:
         """Problems between flags, as (flag, problem) pairs; empty when consistent."""

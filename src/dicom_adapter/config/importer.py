@@ -116,11 +116,12 @@ class ImporterSettings(CommonSettings):
     @field_validator("dimse_aet")
     @classmethod
     def _check_aet(cls, value: str) -> str:
+        value = value.strip()
         if len(value) > 16:
             raise ValueError("an AE title has at most 16 characters")
         if "\\" in value or any(ord(c) < 32 for c in value):
             raise ValueError("an AE title may not contain backslashes or control characters")
-        return value.strip()
+        return value
 
     @property
     def stow_url(self) -> str:

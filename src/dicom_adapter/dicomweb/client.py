@@ -239,7 +239,7 @@ class DicomwebClient:
             request = self._http.build_request("GET", url, headers={"Accept": accept})
             response = await self._http.send(request, stream=True)
             if self._retry.is_transient(response.status_code):
-                await response.aclose()
+                await response.aread()  # error bodies are small; keeps the answer readable
             return response
 
         response = await self._with_retries("WADO-RS", attempt)
