@@ -80,6 +80,15 @@ def _local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _accepts_tcp(host: str, port: int) -> bool:
+    """True if something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """SIGTERM a process, wait up to `timeout`, SIGKILL if needed; return its exit code."""
     if proc.poll() is None:
@@ -377,7 +386,12 @@ class Importer:
         assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout
         while True:
-            if self.proc.poll() is None and echo("127.0.0.1", self.port, self.aet, timeout=2.0):
+            # TCP first: pynetdicom logs an error for every refused association attempt
+            if (
+                self.proc.poll() is None
+                and _accepts_tcp("127.0.0.1", self.port)
+                and echo("127.0.0.1", self.port, self.aet, timeout=2.0)
+            ):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(

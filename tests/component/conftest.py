@@ -40,6 +40,7 @@ class RunningImporter:
     port: int
     aet: str
     upstream: Upstream
+    service: ImportService
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
             loop.close()
 
         stops.append(stop)
-        return RunningImporter(port=port, aet="ADAPTER", upstream=upstream)
+        return RunningImporter(port=port, aet="ADAPTER", upstream=upstream, service=service)
 
     yield start
     for stop in stops:

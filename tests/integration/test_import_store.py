@@ -231,15 +231,22 @@ def test_data_set_without_sop_uid_is_refused_with_cannot_understand(
 # --- (e) garbage and aborts ----------------------------------------------------------------
 
 
-def test_garbage_and_aborts_leave_the_daemon_serving(
-    importer: Importer, orthanc: Orthanc, tmp_path: Path
-) -> None:
-    # the importer may hang up before reading all the garbage; that is fine
+def _send_garbage(importer: Importer) -> None:
+    """64 KiB of random bytes on a raw connection, as a port scanner or a confused client."""
+    # the importer may hang up before reading it all; that is fine
     with (
         socket.create_connection((HOST, importer.port), timeout=10) as sock,
         contextlib.suppress(OSError),
     ):
         sock.sendall(os.urandom(64 * 1024))
+
+
+def test_garbage_and_aborts_leave_the_daemon_serving(
+    start_importer: StartImporter, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    # short grace: how fast shutdown is after garbage is the next test's business
+    importer = start_importer("--shutdown_grace_period=5")
+    _send_garbage(importer)
 
     ae = AE(ae_title="ABORTER")
     ae.add_requested_context(VERIFICATION)
@@ -259,6 +266,25 @@ def test_garbage_and_aborts_leave_the_daemon_serving(
     assert send_file(HOST, importer.port, importer.aet, path) == SUCCESS
     _stored_id(orthanc, str(pydicom.dcmread(path).SOPInstanceUID))
     assert orthanc.find_instance(large_uid) is None, "a truncated, aborted instance was stored"
+
+
+def test_garbage_connection_does_not_hold_up_shutdown(start_importer: StartImporter) -> None:
+    importer = start_importer("--shutdown_grace_period=60")
+    _send_garbage(importer)
+    assert echo(HOST, importer.port, importer.aet)
+
+    started = time.monotonic()
+    exit_code: int | None = None
+    with contextlib.suppress(TimeoutError):  # stop() kills the process on timeout
+        exit_code = importer.stop(signal.SIGTERM, timeout=10)
+    elapsed = time.monotonic() - started
+
+    assert exit_code is not None, (
+        "SIGTERM took over 10 s after a garbage connection (grace period 60 s): the dead "
+        "connection is waited for as if it were a running association"
+    )
+    assert exit_code == 0
+    assert elapsed < 10
 
 
 def test_large_instance_arrives_intact(

@@ -115,6 +115,11 @@ class ImportService:
         )
         return port
 
+    @property
+    def active_associations(self) -> list[Any]:
+        """The associations being served right now (pynetdicom Association threads)."""
+        return list(self._server.active_associations) if self._server is not None else []
+
     async def stop(self) -> None:
         """Stop accepting, drain running associations within the grace period, close clients."""
         if self._server is not None and self._bridge is not None:
@@ -142,15 +147,25 @@ async def run(settings: ImporterSettings, environ: Mapping[str, str]) -> int:
 
 
 async def _drain(server: Any, bridge: Bridge, grace: float) -> None:
-    """Stop accepting, let running associations finish within `grace`, then abort the rest."""
+    """Stop accepting, let established associations finish within `grace`, abort the rest.
+
+    Connections that never completed association negotiation hold no data; pynetdicom keeps
+    their threads until the ACSE timeout, so they are aborted and not waited for.
+    """
     logger.info("stopping: no new associations; waiting up to %.0f s for running ones", grace)
     await asyncio.to_thread(server.shutdown)
+
+    def established() -> list[Any]:
+        return [a for a in server.active_associations if a.is_established]
+
+    for assoc in server.active_associations:
+        if not assoc.is_established:
+            assoc.abort()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while server.active_associations and loop.time() < deadline:
+    while established() and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    remaining = server.active_associations
-    for assoc in remaining:
+    for assoc in established():
         logger.warning("aborting association still running after the grace period")
         assoc.abort()
     await bridge.close(grace=max(0.0, deadline - loop.time()))
