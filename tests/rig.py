@@ -574,7 +574,8 @@ def send_file(
 
     The SOP Class, SOP Instance and transfer syntax UIDs come from the file meta, so the
     dataset itself may lack them. One presentation context is proposed, with only the file's
-    transfer syntax. Returns the response status, or None when no
+    transfer syntax. Flips pynetdicom's global STORE_SEND_CHUNKED_DATASET for the call, so
+    do not run it from several threads at once. Returns the response status, or None when no
     response arrived (the association was aborted or timed out). Raises ConnectionError if
     the association is not accepted.
     """

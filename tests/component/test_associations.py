@@ -6,6 +6,14 @@ import socket
 from collections.abc import Callable
 
 import httpx
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -68,3 +76,48 @@ def test_stalled_peer_does_not_block_others(
     finally:
         silent.close()
         partial.close()
+
+
+def accepted_syntax(importer: RunningImporter, sop_class: str, proposed: list[str]) -> str | None:
+    ae = AE(ae_title="PEER")
+    ae.add_requested_context(sop_class, proposed)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    try:
+        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
+        return str(accepted[0]) if accepted else None
+    finally:
+        assoc.release()
+
+
+def test_peer_first_proposed_syntax_is_kept(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer()
+    # compressed original first: keep it, do not make the peer decompress
+    assert accepted_syntax(importer, CTImageStorage, [JPEG2000, ExplicitVRLittleEndian]) == (
+        JPEG2000
+    )
+    # uncompressed first: never push the peer into lossy compression
+    assert accepted_syntax(
+        importer, CTImageStorage, [ExplicitVRLittleEndian, JPEGBaseline8Bit]
+    ) == (ExplicitVRLittleEndian)
+    # dcmsend's proposal for uncompressed files: explicit VR, not pynetdicom's implicit default
+    assert accepted_syntax(
+        importer,
+        CTImageStorage,
+        [ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian],
+    ) == (ExplicitVRLittleEndian)
+
+
+def test_private_sop_class_is_accepted_and_forwarded(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer()
+    ds = make_ct()
+    ds.SOPClassUID = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage (private)
+    importer.upstream.responder = lambda r: httpx.Response(
+        200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)])
+    )
+    assert c_store(importer, ds) == Status.SUCCESS
+    assert len(importer.upstream.requests) == 1

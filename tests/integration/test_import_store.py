@@ -228,6 +228,21 @@ def test_data_set_without_sop_uid_is_refused_with_cannot_understand(
     assert importer.running()
 
 
+def test_instance_the_archive_refuses_gets_a_failure_status(
+    importer: Importer, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    (path,) = generate_ct_series(tmp_path / "ct", 1, rows=16, cols=16, seed=9)
+    ds = pydicom.dcmread(path)
+    del ds.StudyInstanceUID  # Orthanc answers STOW-RS with 400 for this
+    ds.save_as(path, enforce_file_format=True)
+
+    status = send_file(HOST, importer.port, importer.aet, path)
+
+    assert status is not None
+    assert status >> 12 in (0xA, 0xC), f"status {status:#06x} is not a failure"
+    assert orthanc.find_instance(str(ds.SOPInstanceUID)) is None
+
+
 # --- (e) garbage and aborts ----------------------------------------------------------------
 
 
@@ -312,7 +327,10 @@ def test_unreachable_dicomweb_is_a_failure_never_success(
     importer = start_importer("--upstream_retry_deadline=2", dicomweb_address=nothing_listens)
     first, second = generate_ct_series(tmp_path / "ct", 2, rows=16, cols=16, seed=6)
 
+    started = time.monotonic()
     assert send_file(HOST, importer.port, importer.aet, first) == OUT_OF_RESOURCES
+    # the retry deadline (2 s) bounds the wait, not the sender's DIMSE timeout
+    assert time.monotonic() - started < 15
 
     # dcmsend exits 0 even when every store is refused; the refusal shows in its output
     result = dcmsend(HOST, importer.port, importer.aet, [second], extra=["-d"])

@@ -10,7 +10,6 @@ from typing import Any
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
-    AllStoragePresentationContexts,
     _config,
     evt,
 )
@@ -23,8 +22,17 @@ Handler = tuple[Any, Callable[..., Any]]
 
 
 def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings: spool C-STORE data to disk, never log identifiers."""
+    """Process-wide pynetdicom settings.
+
+    - C-STORE data is spooled to a file as it arrives, never held in memory.
+    - Unrestricted storage: every storage SOP class, private ones included, is accepted with
+      the FIRST transfer syntax the peer proposes (its preference), so a peer that offers
+      [JPEG 2000, Explicit LE] keeps its JPEG 2000 and one offering [Explicit LE, JPEG lossy]
+      is never pushed into lossy compression. pynetdicom's default would pick by our order.
+    - Identifiers are never logged (PHI).
+    """
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
@@ -49,7 +57,7 @@ def build_ae(
     dimse_timeout: float,
     network_timeout: float,
 ) -> Any:
-    """An AE that accepts Verification and every storage SOP class in any proposed syntax."""
+    """An AE for Verification; storage contexts come from the unrestricted storage service."""
     ae = AE(ae_title=aet)
     ae.require_called_aet = True
     ae.maximum_associations = max_associations
@@ -58,9 +66,6 @@ def build_ae(
     ae.dimse_timeout = dimse_timeout
     ae.network_timeout = network_timeout
     ae.add_supported_context(VERIFICATION_SOP_CLASS, ALL_TRANSFER_SYNTAXES)
-    for context in AllStoragePresentationContexts:
-        if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
