@@ -13,6 +13,7 @@ import logging
 import random
 import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import httpx
 
 from dicom_adapter.dicomweb import multipart
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
+from dicom_adapter.dicomweb.transport import AsyncioTransport
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
 from dicom_adapter.status import Status
 
@@ -60,6 +62,8 @@ def make_http_client(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The one pooled client per upstream, with TCP_NODELAY and explicit timeouts."""
+    if transport is None and not http2 and not _proxies_configured():
+        transport = AsyncioTransport(max_idle=max_connections)
     transport = transport or httpx.AsyncHTTPTransport(
         http2=http2,
         retries=0,
@@ -73,6 +77,11 @@ def make_http_client(
         follow_redirects=False,
         headers={"User-Agent": "dicom-adapter"},
     )
+
+
+def _proxies_configured() -> bool:
+    """True when HTTP(S)_PROXY/ALL_PROXY is set: then httpx's own transport handles proxies."""
+    return any(key in ("http", "https", "all") for key in urllib.request.getproxies())
 
 
 def _retry_after(response: httpx.Response) -> float | None:

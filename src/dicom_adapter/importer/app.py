@@ -94,13 +94,9 @@ class ImportService:
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
         )
+        handlers = [(evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout))]
         try:
-            self._server = start_server(
-                ae,
-                "0.0.0.0",
-                settings.dimse_port,
-                [(evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout))],
-            )
+            self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
         except OSError as exc:
             await http.aclose()
             raise ConfigError(
