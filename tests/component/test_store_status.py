@@ -185,19 +185,27 @@ def test_status_table_row(
     assert importer.upstream.requests[0].url.path == "/dicom-web/studies"
 
 
-def test_transient_failure_is_retried_then_stored(
-    start_importer: Callable[..., RunningImporter],
-) -> None:
-    importer = start_importer("--upstream_retry_deadline=10")
-    ds = make_ct()
-    answers = [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"})]
+def answers_then_stored(
+    ds: Dataset, answers: list[httpx.Response]
+) -> Callable[[httpx.Request], httpx.Response]:
+    """Upstream gives `answers` in turn, then stores the instance."""
 
     def responder(request: httpx.Request) -> httpx.Response:
         if answers:
             return answers.pop(0)
         return httpx.Response(200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)]))
 
-    importer.upstream.responder = responder
+    return responder
+
+
+def test_transient_failure_is_retried_then_stored(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer("--upstream_retry_deadline=10")
+    ds = make_ct()
+    importer.upstream.responder = answers_then_stored(
+        ds, [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"})]
+    )
     assert c_store(importer, ds) == Status.SUCCESS
     assert len(importer.upstream.requests) == 3
     # every attempt carried the whole instance
@@ -207,14 +215,7 @@ def test_transient_failure_is_retried_then_stored(
 def test_extra_retry_code_is_retried(start_importer: Callable[..., RunningImporter]) -> None:
     importer = start_importer("--upstream_retry_deadline=10", "--http_error_codes_to_retry=409")
     ds = make_ct()
-    answers = [httpx.Response(409)]
-
-    def responder(request: httpx.Request) -> httpx.Response:
-        if answers:
-            return answers.pop(0)
-        return httpx.Response(200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)]))
-
-    importer.upstream.responder = responder
+    importer.upstream.responder = answers_then_stored(ds, [httpx.Response(409)])
     assert c_store(importer, ds) == Status.SUCCESS
     assert len(importer.upstream.requests) == 2
 

@@ -98,12 +98,7 @@ class _ResponseStream(httpx.AsyncByteStream):
     async def _chunks(self) -> AsyncIterator[bytes]:
         reader = self._conn.reader
         if self._framing == "length":
-            remaining = self._length
-            while remaining:
-                chunk = await reader.read(min(remaining, READ_CHUNK))
-                if not chunk:
-                    raise asyncio.IncompleteReadError(b"", remaining)
-                remaining -= len(chunk)
+            async for chunk in _read_exactly(reader, self._length):
                 yield chunk
         elif self._framing == "chunked":
             while True:
@@ -113,12 +108,7 @@ class _ResponseStream(httpx.AsyncByteStream):
                     while (await reader.readuntil(b"\r\n")) != b"\r\n":
                         pass  # trailers
                     return
-                remaining = size
-                while remaining:
-                    chunk = await reader.read(min(remaining, READ_CHUNK))
-                    if not chunk:
-                        raise asyncio.IncompleteReadError(b"", remaining)
-                    remaining -= len(chunk)
+                async for chunk in _read_exactly(reader, size):
                     yield chunk
                 if await reader.readexactly(2) != b"\r\n":
                     raise ValueError("bad chunk terminator")
@@ -275,6 +265,17 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             for conn in pool:
                 conn.close()
         self._idle.clear()
+
+
+async def _read_exactly(reader: asyncio.StreamReader, length: int) -> AsyncIterator[bytes]:
+    """Yield exactly `length` bytes in pieces; a short stream is an IncompleteReadError."""
+    remaining = length
+    while remaining:
+        chunk = await reader.read(min(remaining, READ_CHUNK))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", remaining)
+        remaining -= len(chunk)
+        yield chunk
 
 
 def _framing(
