@@ -63,7 +63,7 @@ def make_http_client(
 ) -> httpx.AsyncClient:
     """The one pooled client per upstream, with TCP_NODELAY and explicit timeouts."""
     if transport is None and not http2 and not _proxies_configured():
-        transport = AsyncioTransport(max_idle=max_connections)
+        transport = AsyncioTransport(max_idle=max_connections, max_connections=max_connections)
     transport = transport or httpx.AsyncHTTPTransport(
         http2=http2,
         retries=0,

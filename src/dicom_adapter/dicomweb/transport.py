@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import ssl
 import time
@@ -43,11 +44,21 @@ class _Connection:
         self.idle_since = 0.0
 
     def usable(self) -> bool:
-        return (
-            not self.writer.is_closing()
-            and not self.reader.at_eof()
-            and time.monotonic() - self.idle_since < IDLE_SECONDS
-        )
+        """Idle, fresh, and nothing readable (an idle socket that is readable was closed)."""
+        if (
+            self.writer.is_closing()
+            or self.reader.at_eof()
+            or time.monotonic() - self.idle_since >= IDLE_SECONDS
+        ):
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -80,59 +91,85 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._length = length
         self._keep_alive = keep_alive
         self._done = False
+        self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        read_timeout = _timeouts(self._request).get("read")
         try:
-            async with asyncio.timeout(read_timeout):
-                async for chunk in self._chunks():
-                    yield chunk
+            async for chunk in self._chunks():
+                yield chunk
         except TimeoutError as exc:
             raise httpx.ReadTimeout(
                 "timed out reading the response body", request=self._request
             ) from exc
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             raise httpx.ReadError(f"response body: {exc!r}", request=self._request) from exc
+        except ValueError as exc:
+            raise httpx.RemoteProtocolError(
+                f"malformed chunked body: {exc}", request=self._request
+            ) from exc
         self._done = True
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        """The body's pieces; the read timeout applies to each read, never across a yield."""
         reader = self._conn.reader
+        timeout = _timeouts(self._request).get("read")
         if self._framing == "length":
-            async for chunk in _read_exactly(reader, self._length):
+            async for chunk in _read_exactly(reader, self._length, timeout):
                 yield chunk
         elif self._framing == "chunked":
             while True:
-                size_line = await reader.readuntil(b"\r\n")
+                async with asyncio.timeout(timeout):
+                    size_line = await reader.readuntil(b"\r\n")
                 size = int(size_line.split(b";", 1)[0].strip(), 16)
                 if size == 0:
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass  # trailers
-                    return
-                async for chunk in _read_exactly(reader, size):
+                    while True:  # trailers, up to the empty line
+                        async with asyncio.timeout(timeout):
+                            if await reader.readuntil(b"\r\n") == b"\r\n":
+                                return
+                async for chunk in _read_exactly(reader, size, timeout):
                     yield chunk
-                if await reader.readexactly(2) != b"\r\n":
-                    raise ValueError("bad chunk terminator")
+                async with asyncio.timeout(timeout):
+                    if await reader.readexactly(2) != b"\r\n":
+                        raise ValueError("bad chunk terminator")
         elif self._framing == "close":
-            while chunk := await reader.read(READ_CHUNK):
+            while True:
+                async with asyncio.timeout(timeout):
+                    chunk = await reader.read(READ_CHUNK)
+                if not chunk:
+                    break
                 yield chunk
             self._keep_alive = False
 
     async def aclose(self) -> None:
-        if self._done and self._keep_alive:
-            self._transport._release(self._key, self._conn)
-        else:
+        if self._closed:
+            return
+        self._closed = True
+        reusable = self._done and self._keep_alive
+        if not reusable:
             self._conn.close()
+        self._transport._release(self._key, self._conn if reusable else None)
 
 
 class AsyncioTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 with keep-alive over asyncio streams (see the module docstring)."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_idle: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_idle: int = 32,
+        max_connections: int = 64,
+    ) -> None:
         self._ssl_context = ssl_context
         self._max_idle = max_idle
+        self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
 
-    def _release(self, key: tuple[str, str, int], conn: _Connection) -> None:
+    def _release(self, key: tuple[str, str, int], conn: _Connection | None) -> None:
+        """Give back the connection slot, and the connection itself when it can be reused."""
+        self._slots.release()
+        if conn is None:
+            return
         pool = self._idle.setdefault(key, [])
         if len(pool) >= self._max_idle or conn.writer.is_closing():
             conn.close()
@@ -173,6 +210,19 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r}", request=request)
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, url.host, port)
+        try:
+            async with asyncio.timeout(_timeouts(request).get("pool")):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise httpx.PoolTimeout("no free connection slot", request=request) from exc
+        try:
+            return await self._exchange(request, key)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _exchange(self, request: httpx.Request, key: tuple[str, str, int]) -> httpx.Response:
+        """Send on a pooled or new connection; the slot is released when the body is closed."""
         conn = None
         pool = self._idle.get(key)
         while pool:
@@ -186,10 +236,10 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         try:
             await self._write_request(conn, request)
             status, reason, headers, http_version = await self._read_head(conn, request)
+            framing, length, keep_alive = _framing(request, status, headers, http_version)
         except BaseException:
             conn.close()
             raise
-        framing, length, keep_alive = _framing(request.method, status, headers, http_version)
         stream = _ResponseStream(self, key, conn, request, framing, length, keep_alive)
         if framing == "none":
             stream._done = True
@@ -242,8 +292,8 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
                     version, _, rest = status_line.partition(b" ")
                     code_text, _, reason = rest.partition(b" ")
                     status = int(code_text)
-                    if status != 100:
-                        break
+                    if not 100 <= status < 200 or status == 101:
+                        break  # informational answers (100 Continue, 103 Early Hints) precede it
         except TimeoutError as exc:
             raise httpx.ReadTimeout("timed out waiting for the response", request=request) from exc
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
@@ -267,11 +317,14 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
-async def _read_exactly(reader: asyncio.StreamReader, length: int) -> AsyncIterator[bytes]:
+async def _read_exactly(
+    reader: asyncio.StreamReader, length: int, timeout: float | None
+) -> AsyncIterator[bytes]:
     """Yield exactly `length` bytes in pieces; a short stream is an IncompleteReadError."""
     remaining = length
     while remaining:
-        chunk = await reader.read(min(remaining, READ_CHUNK))
+        async with asyncio.timeout(timeout):
+            chunk = await reader.read(min(remaining, READ_CHUNK))
         if not chunk:
             raise asyncio.IncompleteReadError(b"", remaining)
         remaining -= len(chunk)
@@ -279,7 +332,7 @@ async def _read_exactly(reader: asyncio.StreamReader, length: int) -> AsyncItera
 
 
 def _framing(
-    method: str, status: int, headers: list[tuple[bytes, bytes]], version: bytes
+    request: httpx.Request, status: int, headers: list[tuple[bytes, bytes]], version: bytes
 ) -> tuple[str, int, bool]:
     """How the response body is delimited: ('none'|'length'|'chunked'|'close', length, keep)."""
     values: dict[bytes, bytes] = {}
@@ -289,11 +342,14 @@ def _framing(
     keep_alive = b"close" not in connection and (
         version == b"HTTP/1.1" or b"keep-alive" in connection
     )
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+    if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return "none", 0, keep_alive
     if b"chunked" in values.get(b"transfer-encoding", b""):
         return "chunked", 0, keep_alive
     if b"content-length" in values:
-        length = int(values[b"content-length"])
+        text = values[b"content-length"].strip()
+        if not text.isdigit():
+            raise httpx.RemoteProtocolError(f"bad Content-Length {text!r}", request=request)
+        length = int(text)
         return ("length" if length else "none"), length, keep_alive
     return "close", 0, False
