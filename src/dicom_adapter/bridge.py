@@ -65,11 +65,26 @@ class Bridge:
     ) -> T:
         """Run a coroutine from a thread; on timeout cancel it and raise TimeoutError."""
         self._check_caller()
+        return self.result(self.start(coro_fn, *args, **kwargs), timeout)
+
+    def start(
+        self,
+        coro_fn: Callable[P, Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> concurrent.futures.Future[T]:
+        """Start a coroutine from any thread (even one that must not block); see `result`."""
+        if self._closed:
+            raise BridgeClosedError("the adapter is shutting down")
 
         async def call() -> T:
             return await coro_fn(*args, **kwargs)
 
-        future = asyncio.run_coroutine_threadsafe(call(), self._loop)
+        return asyncio.run_coroutine_threadsafe(call(), self._loop)
+
+    def result(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
+        """Wait from a thread for a started coroutine; on timeout cancel it, raise TimeoutError."""
+        self._check_caller()
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:

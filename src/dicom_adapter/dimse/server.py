@@ -10,6 +10,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom.association as association_module
@@ -167,6 +168,37 @@ def release_connection(event: Any) -> None:
         wake = getattr(assoc_socket, name, None)
         if isinstance(wake, socket.socket):
             wake.close()
+
+
+class DatasetCompletionHook:
+    """EVT_CONN_OPEN handler: report each C-STORE dataset the moment its last byte is written.
+
+    Wraps `put` of the association's DIMSE message queue (pynetdicom internals, pinned
+    >=3,<4): a complete C-STORE request carries the path of its spool file, and
+    `on_complete(path)` runs in pynetdicom's DUL thread just before the request is queued for
+    the association's reactor, so the handler always finds what it started.
+    """
+
+    def __init__(self, on_complete: Callable[[Path], None]) -> None:
+        self._on_complete = on_complete
+
+    def __call__(self, event: Any) -> None:
+        queue: Any = getattr(getattr(event.assoc, "dimse", None), "msg_queue", None)
+        original = getattr(queue, "put", None)
+        if queue is None or original is None:
+            return
+        on_complete = self._on_complete
+
+        def put(item: Any, *args: Any, **kwargs: Any) -> None:
+            path = getattr(item[1], "_dataset_path", None) if isinstance(item, tuple) else None
+            if isinstance(path, Path):
+                try:
+                    on_complete(path)
+                except Exception:  # never break the DUL thread; the handler still stores
+                    logger.exception("early store could not start")
+            original(item, *args, **kwargs)
+
+        queue.put = put
 
 
 def build_ae(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -16,9 +16,14 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, is_google_url, load_google_credentials
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
-from dicom_adapter.dimse.server import build_ae, configure_pynetdicom, start_server
+from dicom_adapter.dimse.server import (
+    DatasetCompletionHook,
+    build_ae,
+    configure_pynetdicom,
+    start_server,
+)
 from dicom_adapter.errors import ConfigError
-from dicom_adapter.importer.handlers import CStoreHandler
+from dicom_adapter.importer.handlers import CStoreHandler, EarlyStores
 from dicom_adapter.importer.store import StoreService
 
 logger = logging.getLogger(__name__)
@@ -94,7 +99,11 @@ class ImportService:
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
         )
-        handlers = [(evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout))]
+        early = EarlyStores(bridge, store)
+        handlers: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
+            (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early)),
+        ]
         try:
             self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
         except OSError as exc:

@@ -5,12 +5,15 @@ They never let an exception escape (pynetdicom would answer a generic 0xC211).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
+from pathlib import Path
 from typing import Any
 
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.errors import AdapterError
-from dicom_adapter.importer.store import StoreService, read_identity
+from dicom_adapter.importer.store import StoreService
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
@@ -26,21 +29,57 @@ def association_fields(event: Any) -> dict[str, str]:
     return {"association": str(getattr(assoc, "name", "")), "calling_aet": calling}
 
 
+class EarlyStores:
+    """Uploads started the moment a C-STORE dataset is complete, before pynetdicom dispatches it.
+
+    Called from pynetdicom's DUL thread (DatasetCompletionHook); the C-STORE handler then only
+    collects the result. This takes pynetdicom's request dispatch off the critical path of a
+    peer that waits for each response. The upload is the ordinary one: it validates the
+    dataset first and retries as usual.
+    """
+
+    def __init__(self, bridge: Bridge, store: StoreService) -> None:
+        self._bridge = bridge
+        self._store = store
+        self._lock = threading.Lock()
+        self._started: dict[Path, concurrent.futures.Future[int]] = {}
+
+    def completed(self, path: Path) -> None:
+        """DUL thread: the dataset in `path` is complete; start storing it."""
+        future = self._bridge.start(self._store.store_file, path)
+        with self._lock:
+            self._started[path] = future
+
+    def take(self, path: Path) -> concurrent.futures.Future[int] | None:
+        """Handler thread: the store already under way for `path`, if any."""
+        with self._lock:
+            return self._started.pop(path, None)
+
+
 class CStoreHandler:
     """EVT_C_STORE: spooled file → STOW-RS → C-STORE-RSP status."""
 
-    def __init__(self, bridge: Bridge, store: StoreService, timeout: float) -> None:
+    def __init__(
+        self,
+        bridge: Bridge,
+        store: StoreService,
+        timeout: float,
+        early: EarlyStores | None = None,
+    ) -> None:
         self._bridge = bridge
         self._store = store
         self._timeout = timeout
+        self._early = early
 
     def __call__(self, event: Any) -> int:
         fields = association_fields(event)
         try:
+            fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
-            identity = read_identity(path)
-            fields["sop_instance_uid"] = identity.sop_instance_uid
-            status = self._bridge.run_with_timeout(self._timeout, self._store.store, path, identity)
+            started = self._early.take(path) if self._early is not None else None
+            if started is None:
+                started = self._bridge.start(self._store.store_file, path)
+            status = self._bridge.result(started, self._timeout)
             if status == Status.SUCCESS:
                 logger.debug("stored instance", extra=fields)
             return status

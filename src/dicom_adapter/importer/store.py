@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.stow import StowResponse
@@ -16,7 +17,8 @@ from dicom_adapter.status import Status, is_failure_code, is_warning_code
 
 logger = logging.getLogger(__name__)
 
-_IDENTITY_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+_IDENTITY_KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+_IDENTITY_TAGS: list[BaseTag | int] = [0x00080016, 0x00080018, 0x0020000D, 0x0020000E]
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,21 @@ class InstanceIdentity:
     series_uid: str
 
 
+_LAST_IDENTITY_TAG = 0x0020000E  # SeriesInstanceUID: nothing after it is needed
+
+
+def _past_identity(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) > _LAST_IDENTITY_TAG
+
+
 def read_identity(path: Path) -> InstanceIdentity:
-    """Read the UIDs from the spooled Part-10 file (stops before pixel data)."""
+    """Read the UIDs from the spooled Part-10 file, stopping right after them (hot path)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
+        with path.open("rb") as stream:
+            ds = read_partial(stream, stop_when=_past_identity, specific_tags=_IDENTITY_TAGS)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
         raise InvalidDatasetError(f"dataset cannot be parsed: {exc}") from exc
-    values = {tag: str(ds.get(tag, "") or "").strip() for tag in _IDENTITY_TAGS}
+    values = {key: str(ds.get(key, "") or "").strip() for key in _IDENTITY_KEYWORDS}
     for tag in ("SOPClassUID", "SOPInstanceUID"):
         if not values[tag]:
             raise InvalidDatasetError(f"dataset has no {tag}")
@@ -90,6 +100,10 @@ class StoreService:
         self._stow_url = stow_url
         self._root = dicomweb_root or stow_url.rstrip("/").removesuffix("/studies")
         self._overwrite = overwrite
+
+    async def store_file(self, path: Path) -> int:
+        """Validate the received dataset, then store it (raises InvalidDatasetError first)."""
+        return await self.store(path, read_identity(path))
 
     async def store(self, path: Path, identity: InstanceIdentity) -> int:
         """STOW one instance and return the DIMSE status for the C-STORE-RSP."""
