@@ -121,3 +121,19 @@ def test_private_sop_class_is_accepted_and_forwarded(
     )
     assert c_store(importer, ds) == Status.SUCCESS
     assert len(importer.upstream.requests) == 1
+
+
+def test_upload_starts_as_soon_as_the_dataset_is_complete(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer()
+    sent = [make_ct() for _ in range(3)]
+    stored = {str(ds.SOPInstanceUID) for ds in sent}
+    importer.upstream.responder = lambda r: httpx.Response(
+        200, headers=JSON, content=stow_json([(uid, None) for uid in sorted(stored)])
+    )
+    for ds in sent:
+        assert c_store(importer, ds) == Status.SUCCESS
+    # every upload was started from pynetdicom's receive thread, once, not again by the handler
+    assert importer.service.early_stores == 3
+    assert len(importer.upstream.requests) == 3

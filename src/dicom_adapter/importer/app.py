@@ -45,6 +45,7 @@ class ImportService:
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
+        self._early: EarlyStores | None = None
 
     async def start(self) -> int:
         """Build the clients, start listening; returns the bound DIMSE port."""
@@ -99,7 +100,7 @@ class ImportService:
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
         )
-        early = EarlyStores(bridge, store)
+        self._early = early = EarlyStores(bridge, store)
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
             (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early)),
@@ -119,6 +120,11 @@ class ImportService:
             settings.stow_url,
         )
         return port
+
+    @property
+    def early_stores(self) -> int:
+        """How many uploads started the moment their dataset was complete."""
+        return self._early.count if self._early is not None else 0
 
     @property
     def active_associations(self) -> list[Any]:

@@ -43,12 +43,14 @@ class EarlyStores:
         self._store = store
         self._lock = threading.Lock()
         self._started: dict[Path, concurrent.futures.Future[int]] = {}
+        self.count = 0  # early starts so far (observability and tests)
 
     def completed(self, path: Path) -> None:
         """DUL thread: the dataset in `path` is complete; start storing it."""
         future = self._bridge.start(self._store.store_file, path)
         with self._lock:
             self._started[path] = future
+            self.count += 1
 
     def take(self, path: Path) -> concurrent.futures.Future[int] | None:
         """Handler thread: the store already under way for `path`, if any."""

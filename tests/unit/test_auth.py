@@ -1,0 +1,188 @@
+"""DICOMweb credentials: static bearer/basic, Google ADC refresh off the loop, no token leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import google.auth
+import google.auth.exceptions
+import httpx
+import pytest
+
+from dicom_adapter.dicomweb.auth import (
+    BearerAuth,
+    GoogleAuth,
+    choose_auth,
+    is_google_url,
+    load_google_credentials,
+)
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.errors import ConfigError, UpstreamAuthError
+
+GOOGLE = (
+    "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
+)
+
+
+class FakeCredentials:
+    """Stands in for google.auth credentials: counts refreshes and the thread they ran on."""
+
+    def __init__(self, *, valid: bool, expires_in: float | None, fail: bool = False) -> None:
+        self.token: str | None = "old-token" if valid else None
+        self.valid = valid
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        self.expiry = None if expires_in is None else now + datetime.timedelta(seconds=expires_in)
+        self.fail = fail
+        self.refreshes = 0
+        self.refresh_threads: list[int] = []
+
+    def refresh(self, request: Any) -> None:
+        self.refresh_threads.append(threading.get_ident())
+        if self.fail:
+            raise google.auth.exceptions.RefreshError("metadata server said no")  # type: ignore[no-untyped-call]
+        self.refreshes += 1
+        self.token = f"fresh-token-{self.refreshes}"
+        self.valid = True
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        self.expiry = now + datetime.timedelta(hours=1)
+
+
+def authorization_sent(auth: httpx.Auth, url: str = GOOGLE) -> str:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return httpx.Response(200, json=[])
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), auth=auth) as c:
+            await c.get(url)
+
+    asyncio.run(main())
+    return seen[0]
+
+
+def test_is_google_url() -> None:
+    assert is_google_url(GOOGLE)
+    assert is_google_url("https://googleapis.com/x")
+    assert not is_google_url("http://127.0.0.1:8042/dicom-web")
+    assert not is_google_url("https://googleapis.com.evil.example/x")
+
+
+def test_static_bearer_and_basic_win_over_google() -> None:
+    creds = FakeCredentials(valid=True, expires_in=3600)
+    bearer = choose_auth(GOOGLE, bearer_token="s3cret", basic_auth="", google_credentials=creds)
+    assert isinstance(bearer, BearerAuth)
+    assert authorization_sent(bearer) == "Bearer s3cret"
+    basic = choose_auth(GOOGLE, bearer_token="", basic_auth="orthanc:pw:x", google_credentials=None)
+    assert basic is not None
+    assert authorization_sent(basic) == "Basic " + base64.b64encode(b"orthanc:pw:x").decode()
+
+
+def test_google_credentials_only_for_google_hosts() -> None:
+    creds = FakeCredentials(valid=True, expires_in=3600)
+    assert (
+        choose_auth(
+            "http://orthanc:8042/dicom-web",
+            bearer_token="",
+            basic_auth="",
+            google_credentials=creds,
+        )
+        is None
+    )
+    google_auth = choose_auth(GOOGLE, bearer_token="", basic_auth="", google_credentials=creds)
+    assert isinstance(google_auth, GoogleAuth)
+
+
+def test_valid_token_is_used_without_refresh() -> None:
+    creds = FakeCredentials(valid=True, expires_in=3600)
+    assert authorization_sent(GoogleAuth(creds)) == "Bearer old-token"
+    assert creds.refreshes == 0
+
+
+@pytest.mark.parametrize(("valid", "expires_in"), [(False, None), (True, 60), (True, -5)])
+def test_missing_or_expiring_token_is_refreshed_in_a_worker_thread(
+    valid: bool, expires_in: float | None
+) -> None:
+    creds = FakeCredentials(valid=valid, expires_in=expires_in)
+    assert authorization_sent(GoogleAuth(creds)) == "Bearer fresh-token-1"
+    assert creds.refreshes == 1
+    assert creds.refresh_threads[0] != threading.get_ident()  # never on the loop's thread
+
+
+def test_concurrent_requests_refresh_once() -> None:
+    creds = FakeCredentials(valid=False, expires_in=None)
+    auth = GoogleAuth(creds)
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(auth.token() for _ in range(10))))
+
+    assert set(asyncio.run(main())) == {"fresh-token-1"}
+    assert creds.refreshes == 1
+
+
+def test_refresh_failure_is_not_authorized() -> None:
+    auth = GoogleAuth(FakeCredentials(valid=False, expires_in=None, fail=True))
+    with pytest.raises(UpstreamAuthError) as caught:
+        asyncio.run(auth.token())
+    assert caught.value.status == 0x0124
+
+
+def test_no_application_default_credentials_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_adc(scopes: list[str] | None = None) -> Any:
+        raise google.auth.exceptions.DefaultCredentialsError(  # type: ignore[no-untyped-call]
+            "Could not find default credentials."
+        )
+
+    monkeypatch.setattr(google.auth, "default", no_adc)
+    with pytest.raises(ConfigError) as caught:
+        load_google_credentials("")
+    assert "--dicomweb_address" in str(caught.value)
+    assert "Application Default Credentials" in str(caught.value)
+
+
+def test_scopes_default_and_custom(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[list[str] | None] = []
+
+    def fake_default(scopes: list[str] | None = None) -> Any:
+        asked.append(scopes)
+        return FakeCredentials(valid=True, expires_in=3600), "project"
+
+    monkeypatch.setattr(google.auth, "default", fake_default)
+    load_google_credentials("")
+    load_google_credentials("https://a/scope, https://b/scope")
+    assert asked == [
+        ["https://www.googleapis.com/auth/cloud-platform"],
+        ["https://a/scope", "https://b/scope"],
+    ]
+
+
+def test_token_never_appears_in_logs(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    instance = tmp_path / "x.dcm"
+    instance.write_bytes(b"\0" * 128 + b"DICM")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, text=f"rejected {request.url}")
+
+    async def main() -> int:
+        http = make_http_client(
+            timeout=5, auth=BearerAuth("TOPSECRET"), transport=httpx.MockTransport(handler)
+        )
+        try:
+            client = DicomwebClient(http, RetryPolicy(deadline=0.1))
+            return (await client.stow(f"{GOOGLE}/studies", [instance])).http_status
+        finally:
+            await http.aclose()
+
+    with caplog.at_level(logging.DEBUG):
+        assert asyncio.run(main()) == 401
+    assert caplog.records, "the 401 should have been logged"
+    assert "TOPSECRET" not in caplog.text
