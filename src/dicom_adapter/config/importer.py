@@ -61,7 +61,9 @@ class ImporterSettings(CommonSettings):
     store_compress_to_transfer_syntax: str = later_flag(
         "", "Transfer syntax UID to transcode instances to during C-STORE."
     )
-    fuzzy_matching: bool = later_flag(False, "Negotiate fuzzy person-name matching for C-FIND.")
+    fuzzy_matching: bool = Field(
+        False, description="Ask the DICOMweb server for fuzzy person-name matching in C-FIND."
+    )
     persistent_file_storage_location: str = later_flag(
         "", "Spool directory (or gs://bucket/folder) for durable store-and-forward."
     )

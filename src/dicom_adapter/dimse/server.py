@@ -26,6 +26,14 @@ from pynetdicom.transport import AssociationSocket
 logger = logging.getLogger(__name__)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+QUERY_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+]
 
 Handler = tuple[Any, Callable[..., Any]]
 
@@ -209,6 +217,7 @@ def build_ae(
     acse_timeout: float,
     dimse_timeout: float,
     network_timeout: float,
+    find: bool = False,
 ) -> Any:
     """An AE for Verification; storage contexts come from the unrestricted storage service."""
     ae = AE(ae_title=aet)
@@ -219,6 +228,9 @@ def build_ae(
     ae.dimse_timeout = dimse_timeout
     ae.network_timeout = network_timeout
     ae.add_supported_context(VERIFICATION_SOP_CLASS, ALL_TRANSFER_SYNTAXES)
+    if find:
+        for sop_class in (STUDY_ROOT_FIND, PATIENT_ROOT_FIND):
+            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
     return ae
 
 

@@ -23,7 +23,8 @@ from dicom_adapter.dimse.server import (
     start_server,
 )
 from dicom_adapter.errors import ConfigError
-from dicom_adapter.importer.handlers import CStoreHandler, EarlyStores
+from dicom_adapter.importer.find import FindService
+from dicom_adapter.importer.handlers import CFindHandler, CStoreHandler, EarlyStores
 from dicom_adapter.importer.store import StoreService
 
 logger = logging.getLogger(__name__)
@@ -99,12 +100,21 @@ class ImportService:
             acse_timeout=settings.acse_timeout,
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
+            find=bool(settings.dicomweb_root),
         )
         self._early = early = EarlyStores(bridge, store)
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
             (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early)),
         ]
+        if settings.dicomweb_root:
+            find = FindService(
+                client,
+                settings.dicomweb_root,
+                retrieve_aet=settings.dimse_aet,
+                fuzzy=settings.fuzzy_matching,
+            )
+            handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find)))
         try:
             self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
         except OSError as exc:

@@ -8,11 +8,17 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
+
 from dicom_adapter.bridge import Bridge
+from dicom_adapter.dicomweb.qido import QueryRoot
+from dicom_adapter.dimse.server import PATIENT_ROOT_FIND
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.status import Status
 
@@ -94,3 +100,40 @@ class CStoreHandler:
         except Exception:
             logger.exception("C-STORE failed unexpectedly", extra=fields)
             return int(Status.PROCESSING_FAILURE)
+
+
+class CFindHandler:
+    """EVT_C_FIND: identifier → QIDO-RS pages → pending answers; C-CANCEL stops the paging."""
+
+    def __init__(self, bridge: Bridge, find: FindService) -> None:
+        self._bridge = bridge
+        self._find = find
+
+    def __call__(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        fields = association_fields(event)
+        try:
+            sop_class = str(event.request.AffectedSOPClassUID)
+            root = QueryRoot.PATIENT if sop_class == PATIENT_ROOT_FIND else QueryRoot.STUDY
+            identifier = event.identifier
+            matches = 0
+            answers = self._bridge.iterate(self._find.find, identifier, root)
+            try:
+                for answer in answers:
+                    if event.is_cancelled:
+                        logger.info("C-FIND cancelled after %d matches", matches, extra=fields)
+                        yield int(Status.CANCEL), None
+                        return
+                    matches += 1
+                    yield int(Status.PENDING), answer
+            finally:
+                close = getattr(answers, "close", None)
+                if close is not None:
+                    close()
+            logger.info("C-FIND answered %d matches", matches, extra=fields)
+            yield int(Status.SUCCESS), None
+        except AdapterError as exc:
+            logger.error("C-FIND failed: %s -> 0x%04X", exc, exc.status, extra=fields)
+            yield int(exc.status), None
+        except Exception:
+            logger.exception("C-FIND failed unexpectedly", extra=fields)
+            yield int(Status.PROCESSING_FAILURE), None

@@ -1,0 +1,311 @@
+"""C-FIND through the adapter (QIDO-RS to Orthanc) against Orthanc's own C-FIND: the oracle.
+
+Both answer from the same data, so for every query the adapter's answers must carry the same
+values for the requested keys as Orthanc's DIMSE answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from dicom_adapter.status import Status
+from tests.rig import Importer, Orthanc, dcmsend, run_dcmtk
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+CT, MR, US = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.6.1"
+
+# (patient id, name, birth date, [(study date, description, [(modality, sop class, n)])])
+PATIENTS = [
+    (
+        "FP001",
+        "Doe^John",
+        "19700101",
+        [
+            ("20190105", "CT HEAD", [("CT", CT, 3), ("CT", CT, 2)]),
+            ("20210611", "MR KNEE", [("MR", MR, 2)]),
+        ],
+    ),
+    (
+        "FP002",
+        "Doe^Jane",
+        "19851231",
+        [
+            ("20200611", "US ABDOMEN", [("US", US, 2), ("CT", CT, 1)]),
+        ],
+    ),
+    (
+        "FP003",
+        "Smith^Anna^Marie",
+        "19551120",
+        [
+            ("20211230", "MR BRAIN", [("MR", MR, 3)]),
+            ("20220301", "CT CHEST", [("CT", CT, 2)]),
+        ],
+    ),
+]
+
+
+def write_dataset(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for patient_id, name, birth, studies in PATIENTS:
+        for study_date, description, series_list in studies:
+            study_uid = generate_uid()
+            for series_number, (modality, sop_class, n) in enumerate(series_list, start=1):
+                series_uid = generate_uid()
+                for instance in range(1, n + 1):
+                    ds = Dataset()
+                    ds.file_meta = FileMetaDataset()
+                    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+                    ds.SOPClassUID = sop_class
+                    ds.SOPInstanceUID = generate_uid()
+                    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                    ds.SpecificCharacterSet = "ISO_IR 100"
+                    ds.PatientID = patient_id
+                    ds.PatientName = name
+                    ds.PatientBirthDate = birth
+                    ds.PatientSex = "O"
+                    ds.StudyInstanceUID = study_uid
+                    ds.StudyDate = study_date
+                    ds.StudyTime = "101500"
+                    ds.StudyDescription = description
+                    ds.AccessionNumber = f"A{study_date}"
+                    ds.StudyID = "1"
+                    ds.SeriesInstanceUID = series_uid
+                    ds.SeriesNumber = series_number
+                    ds.Modality = modality
+                    ds.InstanceNumber = instance
+                    ds.Rows = ds.Columns = 4
+                    ds.BitsAllocated = ds.BitsStored = 8
+                    ds.HighBit = 7
+                    ds.PixelRepresentation = 0
+                    ds.SamplesPerPixel = 1
+                    ds.PhotometricInterpretation = "MONOCHROME2"
+                    ds.PixelData = bytes(16)
+                    count += 1
+                    ds.save_as(folder / f"i{count:03d}.dcm", enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, Importer]]:
+    """A fresh Orthanc holding only the query data set, and an importer in front of it."""
+    work = tmp_path_factory.mktemp("find")
+    write_dataset(work / "data")
+    with Orthanc(workdir=work / "orthanc") as orthanc:
+        sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [work / "data"])
+        assert sent.returncode == 0, sent.stderr
+        with Importer(orthanc.dicomweb_url, aet="ADAPTER", log_dir=work) as importer:
+            yield orthanc, importer
+
+
+def c_find(port: int, aet: str, sop_class: str, identifier: Dataset) -> list[Dataset]:
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    assert assoc.is_established
+    answers: list[Dataset] = []
+    try:
+        for status, answer in assoc.send_c_find(identifier, sop_class):
+            assert status, "no C-FIND response"
+            if status.Status == Status.PENDING:
+                assert answer is not None
+                answers.append(answer)
+            else:
+                assert status.Status == Status.SUCCESS, f"final status 0x{status.Status:04X}"
+    finally:
+        assoc.release()
+    return answers
+
+
+def values(answers: list[Dataset], keys: list[str]) -> list[tuple[str, ...]]:
+    return sorted(tuple(str(a.get(k, "") or "").strip() for k in keys) for a in answers)
+
+
+def identifier(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+CASES = [
+    (
+        "study-all",
+        STUDY_ROOT_FIND,
+        identifier(
+            "STUDY",
+            PatientID="FP*",
+            PatientName="",
+            StudyInstanceUID="",
+            StudyDate="",
+            StudyDescription="",
+            AccessionNumber="",
+        ),
+    ),
+    (
+        "study-name-wildcard",
+        STUDY_ROOT_FIND,
+        identifier("STUDY", PatientName="Doe^*", PatientID="", StudyDate="", StudyDescription=""),
+    ),
+    (
+        "study-date-range",
+        STUDY_ROOT_FIND,
+        identifier("STUDY", PatientID="FP*", StudyDate="20200101-20211231", StudyDescription=""),
+    ),
+    (
+        "study-open-date-range",
+        STUDY_ROOT_FIND,
+        identifier("STUDY", PatientID="FP*", StudyDate="20210101-", StudyDescription=""),
+    ),
+    (
+        "series-all",
+        STUDY_ROOT_FIND,
+        identifier("SERIES", PatientID="FP*", Modality="", SeriesNumber="", StudyDate=""),
+    ),
+    (
+        "series-mr",
+        STUDY_ROOT_FIND,
+        identifier("SERIES", PatientID="FP*", Modality="MR", SeriesNumber="", StudyDescription=""),
+    ),
+    (
+        "patient-all",
+        PATIENT_ROOT_FIND,
+        identifier("PATIENT", PatientID="FP*", PatientName="", PatientBirthDate=""),
+    ),
+    (
+        "patient-name",
+        PATIENT_ROOT_FIND,
+        identifier("PATIENT", PatientName="Smith^Anna*", PatientID="", PatientBirthDate=""),
+    ),
+    (
+        "patient-root-study",
+        PATIENT_ROOT_FIND,
+        identifier("STUDY", PatientID="FP001", StudyDate="", StudyDescription=""),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "sop_class", "query"), CASES, ids=[c[0] for c in CASES])
+def test_answers_match_orthanc_dimse(
+    pacs: tuple[Orthanc, Importer], name: str, sop_class: str, query: Dataset
+) -> None:
+    orthanc, importer = pacs
+    keys = [element.keyword for element in query if element.keyword != "QueryRetrieveLevel"]
+    expected = c_find(orthanc.dicom_port, orthanc.aet, sop_class, query)
+    got = c_find(importer.port, importer.aet, sop_class, query)
+    assert expected, "the oracle found nothing: the test data is wrong"
+    assert values(got, keys) == values(expected, keys)
+    for answer in got:
+        present = {e.keyword for e in answer}
+        assert present - {"SpecificCharacterSet", "RetrieveAETitle"} == set(keys) | {
+            "QueryRetrieveLevel"
+        }, "answers carry exactly the requested keys"
+        assert answer.QueryRetrieveLevel == query.QueryRetrieveLevel
+
+
+def test_series_and_image_levels_follow_the_hierarchy(pacs: tuple[Orthanc, Importer]) -> None:
+    orthanc, importer = pacs
+    studies = c_find(
+        orthanc.dicom_port,
+        orthanc.aet,
+        STUDY_ROOT_FIND,
+        identifier("STUDY", PatientID="FP001", StudyInstanceUID="", StudyDescription=""),
+    )
+    study_uid = next(s.StudyInstanceUID for s in studies if s.StudyDescription == "CT HEAD")
+    series_query = identifier(
+        "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="", SeriesNumber=""
+    )
+    series = c_find(importer.port, importer.aet, STUDY_ROOT_FIND, series_query)
+    keys = ["SeriesInstanceUID", "Modality", "SeriesNumber"]
+    assert values(series, keys) == values(
+        c_find(orthanc.dicom_port, orthanc.aet, STUDY_ROOT_FIND, series_query), keys
+    )
+    assert len(series) == 2
+    image_query = identifier(
+        "IMAGE",
+        StudyInstanceUID=study_uid,
+        SeriesInstanceUID=series[0].SeriesInstanceUID,
+        SOPInstanceUID="",
+        InstanceNumber="",
+    )
+    images = c_find(importer.port, importer.aet, STUDY_ROOT_FIND, image_query)
+    keys = ["SOPInstanceUID", "InstanceNumber"]
+    assert values(images, keys) == values(
+        c_find(orthanc.dicom_port, orthanc.aet, STUDY_ROOT_FIND, image_query), keys
+    )
+    assert len(images) in (2, 3)
+
+
+def test_multi_valued_modalities_in_study_merges_without_repeats(
+    pacs: tuple[Orthanc, Importer],
+) -> None:
+    _, importer = pacs
+    query = identifier(
+        "STUDY",
+        PatientID="FP*",
+        ModalitiesInStudy=["CT", "US"],
+        StudyInstanceUID="",
+        StudyDescription="",
+    )
+    got = c_find(importer.port, importer.aet, STUDY_ROOT_FIND, query)
+    descriptions = [a.StudyDescription for a in got]
+    assert sorted(descriptions) == ["CT CHEST", "CT HEAD", "US ABDOMEN"]
+    assert len({a.StudyInstanceUID for a in got}) == len(got)
+
+
+def test_findscu_study_and_patient_root(pacs: tuple[Orthanc, Importer], tmp_path: Path) -> None:
+    _, importer = pacs
+    for root, level in (("-S", "STUDY"), ("-P", "PATIENT")):
+        out = tmp_path / level
+        out.mkdir()
+        result = run_dcmtk(
+            [
+                "findscu",
+                root,
+                "-aec",
+                importer.aet,
+                "-X",
+                "-od",
+                str(out),
+                "-k",
+                f"QueryRetrieveLevel={level}",
+                "-k",
+                "PatientID=FP00*",
+                "-k",
+                "PatientName",
+                "127.0.0.1",
+                str(importer.port),
+            ],
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        answers = [dcmread(p) for p in sorted(out.iterdir())]
+        names = sorted(str(a.PatientName) for a in answers)
+        expected = ["Doe^Jane", "Doe^John", "Doe^John", "Smith^Anna^Marie", "Smith^Anna^Marie"]
+        assert names == (expected if level == "STUDY" else sorted(set(expected)))
+
+
+def test_unknown_level_is_cannot_understand(pacs: tuple[Orthanc, Importer]) -> None:
+    _, importer = pacs
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    try:
+        statuses = [
+            s.Status
+            for s, _ in assoc.send_c_find(identifier("WARD", PatientID=""), STUDY_ROOT_FIND)
+        ]
+    finally:
+        assoc.release()
+    assert statuses == [Status.CANNOT_UNDERSTAND]
