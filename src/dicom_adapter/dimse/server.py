@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+PATIENT_ROOT_RETRIEVE = (PATIENT_ROOT_MOVE, PATIENT_ROOT_GET)
 QUERY_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -218,6 +223,7 @@ def build_ae(
     dimse_timeout: float,
     network_timeout: float,
     find: bool = False,
+    retrieve: bool = False,
 ) -> Any:
     """An AE for Verification; storage contexts come from the unrestricted storage service."""
     ae = AE(ae_title=aet)
@@ -231,14 +237,19 @@ def build_ae(
     if find:
         for sop_class in (STUDY_ROOT_FIND, PATIENT_ROOT_FIND):
             ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
+    if retrieve:
+        for sop_class in (STUDY_ROOT_MOVE, STUDY_ROOT_GET, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET):
+            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
     return ae
+
+
+CONNECTION_HANDLERS: list[tuple[Any, Any]] = [
+    (evt.EVT_CONN_OPEN, tune_connection),
+    (evt.EVT_CONN_CLOSE, release_connection),
+]
 
 
 def start_server(ae: Any, host: str, port: int, handlers: Sequence[Handler]) -> Any:
     """Start listening in pynetdicom's own thread; returns the ThreadedAssociationServer."""
-    all_handlers = [
-        (evt.EVT_CONN_OPEN, tune_connection),
-        (evt.EVT_CONN_CLOSE, release_connection),
-        *handlers,
-    ]
+    all_handlers = [*CONNECTION_HANDLERS, *handlers]
     return ae.start_server((host, port), block=False, evt_handlers=all_handlers)

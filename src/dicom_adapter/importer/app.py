@@ -17,6 +17,7 @@ from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, is_google_url, load_google_credentials
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.server import (
+    CONNECTION_HANDLERS,
     DatasetCompletionHook,
     build_ae,
     configure_pynetdicom,
@@ -24,7 +25,13 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.importer.find import FindService
-from dicom_adapter.importer.handlers import CFindHandler, CStoreHandler, EarlyStores
+from dicom_adapter.importer.handlers import (
+    CFindHandler,
+    CStoreHandler,
+    EarlyStores,
+    RetrieveHandlers,
+)
+from dicom_adapter.importer.move import RetrieveService
 from dicom_adapter.importer.store import StoreService
 
 logger = logging.getLogger(__name__)
@@ -101,6 +108,7 @@ class ImportService:
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
             find=bool(settings.dicomweb_root),
+            retrieve=bool(settings.dicomweb_root),
         )
         self._early = early = EarlyStores(bridge, store)
         handlers: list[tuple[Any, Callable[..., Any]]] = [
@@ -115,6 +123,14 @@ class ImportService:
                 fuzzy=settings.fuzzy_matching,
             )
             handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find)))
+            retrieve = RetrieveHandlers(
+                bridge,
+                RetrieveService(client, settings.dicomweb_root),
+                aets,
+                timeout=store_timeout + settings.dimse_timeout,
+                connection_handlers=CONNECTION_HANDLERS,
+            )
+            handlers += [(evt.EVT_C_MOVE, retrieve.on_move), (evt.EVT_C_GET, retrieve.on_get)]
         try:
             self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
         except OSError as exc:

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pynetdicom import build_context
 
+from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicomweb.qido import QueryRoot
-from dicom_adapter.dimse.server import PATIENT_ROOT_FIND
+from dicom_adapter.dimse.server import PATIENT_ROOT_FIND, PATIENT_ROOT_RETRIEVE
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.importer.find import FindService
+from dicom_adapter.importer.move import Fetched, RetrieveService
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.status import Status
 
@@ -137,3 +141,116 @@ class CFindHandler:
         except Exception:
             logger.exception("C-FIND failed unexpectedly", extra=fields)
             yield int(Status.PROCESSING_FAILURE), None
+
+
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_MAX_CONTEXTS = 128
+_VERIFICATION = "1.2.840.10008.1.1"
+_FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
+
+
+def store_contexts(fetched: list[Fetched]) -> list[Any]:
+    """Contexts for sub-operations: each (SOP class, syntax) seen, plus uncompressed fallbacks."""
+    exact = sorted({(f.ref.sop_class_uid, f.transfer_syntax) for f in fetched if f.path})
+    classes = sorted({sop_class for sop_class, _ in exact})
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in exact]
+    fallbacks = [build_context(c, [_EXPLICIT_LE, _IMPLICIT_LE]) for c in classes]
+    return (contexts + fallbacks)[:_MAX_CONTEXTS]
+
+
+class RetrieveHandlers:
+    """EVT_C_MOVE and EVT_C_GET: instances come from RetrieveService; pynetdicom sends them."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        retrieve: RetrieveService,
+        aets: AetDictionary,
+        timeout: float,
+        connection_handlers: list[tuple[Any, Any]],
+    ) -> None:
+        self._bridge = bridge
+        self._retrieve = retrieve
+        self._aets = aets
+        self._timeout = timeout
+        self._connection_handlers = connection_handlers
+
+    def _prepare(self, event: Any, spool: Path) -> list[Fetched]:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        root = QueryRoot.PATIENT if sop_class in PATIENT_ROOT_RETRIEVE else QueryRoot.STUDY
+
+        async def list_and_fetch() -> list[Fetched]:
+            refs = await self._retrieve.list_instances(event.identifier, root)
+            return await self._retrieve.fetch_all(refs, spool)
+
+        return self._bridge.run_with_timeout(self._timeout, list_and_fetch)
+
+    def _sub_operations(
+        self, event: Any, fetched: list[Fetched], fields: dict[str, str]
+    ) -> Iterator[tuple[int, Any]]:
+        for item in fetched:
+            if event.is_cancelled:
+                logger.info("retrieve cancelled", extra=fields)
+                yield int(Status.CANCEL), None
+                return
+            if item.path is None:
+                yield int(Status.PENDING), _FETCH_FAILED
+                continue
+            yield int(Status.PENDING), dcmread(item.path)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        """C-MOVE: destination from the AET dictionary, one association for all instances."""
+        fields = association_fields(event)
+        destination = str(event.move_destination or "").strip()
+        peer = self._aets.get(destination)
+        if peer is None:
+            logger.error("C-MOVE to unknown destination %r", destination, extra=fields)
+            yield None, None  # pynetdicom answers 0xA801, nothing is sent
+            return
+        spool = RetrieveService.new_spool()
+        try:
+            try:
+                fetched = self._prepare(event, spool)
+                failure: int | None = None
+            except AdapterError as exc:
+                logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
+                fetched, failure = [], int(exc.status)
+            except TimeoutError:
+                fetched, failure = [], int(Status.OUT_OF_RESOURCES)
+            options = {
+                "contexts": store_contexts(fetched) or [build_context(_VERIFICATION)],
+                "evt_handlers": self._connection_handlers,
+            }
+            yield peer.host, peer.port, options
+            if failure is not None:
+                yield 1
+                yield failure, None
+                return
+            logger.info("C-MOVE of %d instances to %s", len(fetched), destination, extra=fields)
+            yield len(fetched)
+            yield from self._sub_operations(event, fetched, fields)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        """C-GET: the same instances, sent back on the requesting association."""
+        fields = association_fields(event)
+        spool = RetrieveService.new_spool()
+        try:
+            try:
+                fetched = self._prepare(event, spool)
+            except AdapterError as exc:
+                logger.error("C-GET failed: %s -> 0x%04X", exc, exc.status, extra=fields)
+                yield 1
+                yield int(exc.status), None
+                return
+            except TimeoutError:
+                yield 1
+                yield int(Status.OUT_OF_RESOURCES), None
+                return
+            logger.info("C-GET of %d instances", len(fetched), extra=fields)
+            yield len(fetched)
+            yield from self._sub_operations(event, fetched, fields)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)

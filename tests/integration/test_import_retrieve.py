@@ -1,0 +1,223 @@
+"""C-MOVE and C-GET through the adapter: QIDO + WADO-RS from Orthanc, C-STORE to DCMTK peers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pynetdicom import AE
+
+from dicom_adapter.status import Status
+from tests.integration.test_import_find import identifier, write_dataset
+from tests.rig import Importer, Orthanc, dcmsend, dcmtk_env, dcmtk_tool, echo, free_port, run_dcmtk
+
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+
+
+class StoreSCP:
+    """DCMTK storescp writing every received instance into its own folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.aet = "STORESCP"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                dcmtk_tool("storescp"),
+                "-aet",
+                self.aet,
+                "+xa",
+                "-od",
+                str(self.folder),
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while not echo("127.0.0.1", self.port, self.aet):
+            assert self.proc.poll() is None, "storescp exited"
+            assert time.monotonic() < deadline, "storescp did not answer C-ECHO"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def received(self) -> list[Dataset]:
+        return [dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+    def clear(self) -> None:
+        for p in self.folder.iterdir():
+            p.unlink()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, Importer, StoreSCP]]:
+    work = tmp_path_factory.mktemp("retrieve")
+    write_dataset(work / "data")
+    with StoreSCP(work / "received") as scp, Orthanc(workdir=work / "orthanc") as orthanc:
+        assert (
+            dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [work / "data"]).returncode == 0
+        )
+        aets = json.dumps([{"name": scp.aet, "host": "127.0.0.1", "port": scp.port}])
+        with Importer(
+            orthanc.dicomweb_url, f"--aet_dictionary_inline={aets}", aet="ADAPTER", log_dir=work
+        ) as importer:
+            yield orthanc, importer, scp
+
+
+def study_uids(orthanc: Orthanc) -> dict[str, str]:
+    """StudyDescription -> StudyInstanceUID, from Orthanc's REST API."""
+    out = {}
+    for orthanc_id in orthanc.client.get("/studies").json():
+        tags = orthanc.client.get(f"/studies/{orthanc_id}").json()["MainDicomTags"]
+        out[tags["StudyDescription"]] = tags["StudyInstanceUID"]
+    return out
+
+
+def move(importer: Importer, sop_class: str, query: Dataset, destination: str) -> list[Dataset]:
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    try:
+        return [status for status, _ in assoc.send_c_move(query, destination, sop_class)]
+    finally:
+        assoc.release()
+
+
+def test_move_study_with_movescu(setup: tuple[Orthanc, Importer, StoreSCP]) -> None:
+    orthanc, importer, scp = setup
+    scp.clear()
+    study = study_uids(orthanc)["CT HEAD"]
+    result = run_dcmtk(
+        [
+            "movescu",
+            "-S",
+            "-aet",
+            "MOVESCU",
+            "-aec",
+            importer.aet,
+            "-aem",
+            scp.aet,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "127.0.0.1",
+            str(importer.port),
+        ],
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    received = scp.received()
+    assert len(received) == 5
+    assert {str(d.StudyInstanceUID) for d in received} == {study}
+
+
+@pytest.mark.parametrize("level", ["SERIES", "IMAGE"])
+def test_move_series_and_image(setup: tuple[Orthanc, Importer, StoreSCP], level: str) -> None:
+    orthanc, importer, scp = setup
+    scp.clear()
+    study = study_uids(orthanc)["MR BRAIN"]
+    series_query = identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID="")
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")
+    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
+    series_uid = next(
+        str(a.SeriesInstanceUID)
+        for s, a in assoc.send_c_find(series_query, "1.2.840.10008.5.1.4.1.2.2.1")
+        if s.Status == Status.PENDING and a is not None
+    )
+    assoc.release()
+    query = identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=series_uid)
+    expected = 3
+    if level == "IMAGE":
+        instances = [dcmread(p) for p in sorted((Path(scp.folder).parent / "data").iterdir())]
+        sop = next(
+            str(d.SOPInstanceUID) for d in instances if str(d.SeriesInstanceUID) == series_uid
+        )
+        query = identifier(
+            "IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series_uid, SOPInstanceUID=sop
+        )
+        expected = 1
+    statuses = move(importer, STUDY_ROOT_MOVE, query, scp.aet)
+    assert statuses[-1].Status == Status.SUCCESS
+    assert statuses[-1].NumberOfCompletedSuboperations == expected
+    assert len(scp.received()) == expected
+
+
+def test_move_patient_root_patient_level(setup: tuple[Orthanc, Importer, StoreSCP]) -> None:
+    _, importer, scp = setup
+    scp.clear()
+    statuses = move(importer, PATIENT_ROOT_MOVE, identifier("PATIENT", PatientID="FP003"), scp.aet)
+    assert statuses[-1].Status == Status.SUCCESS
+    assert statuses[-1].NumberOfCompletedSuboperations == 5
+    pending = [s for s in statuses[:-1] if s.Status == Status.PENDING]
+    assert [s.NumberOfRemainingSuboperations for s in pending] == [4, 3, 2, 1, 0]
+    assert {str(d.PatientID) for d in scp.received()} == {"FP003"}
+
+
+def test_move_to_unknown_destination_sends_nothing(
+    setup: tuple[Orthanc, Importer, StoreSCP],
+) -> None:
+    orthanc, importer, scp = setup
+    scp.clear()
+    study = study_uids(orthanc)["CT HEAD"]
+    statuses = move(
+        importer, STUDY_ROOT_MOVE, identifier("STUDY", StudyInstanceUID=study), "NOWHERE"
+    )
+    assert [s.Status for s in statuses] == [Status.MOVE_DESTINATION_UNKNOWN]
+    assert scp.received() == []
+
+
+def test_get_series_with_getscu(setup: tuple[Orthanc, Importer, StoreSCP], tmp_path: Path) -> None:
+    orthanc, importer, _ = setup
+    study = study_uids(orthanc)["US ABDOMEN"]
+    result = run_dcmtk(
+        [
+            "getscu",
+            "-S",
+            "-aet",
+            "GETSCU",
+            "-aec",
+            importer.aet,
+            "-od",
+            str(tmp_path),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "127.0.0.1",
+            str(importer.port),
+        ],
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    received = [dcmread(p) for p in tmp_path.iterdir()]
+    assert len(received) == 3
+    assert {str(d.Modality) for d in received} == {"US", "CT"}
+
+
+def test_move_without_unique_key_is_cannot_understand(
+    setup: tuple[Orthanc, Importer, StoreSCP],
+) -> None:
+    _, importer, scp = setup
+    scp.clear()
+    statuses = move(importer, STUDY_ROOT_MOVE, identifier("STUDY", PatientName="Doe*"), scp.aet)
+    assert statuses[-1].Status == Status.CANNOT_UNDERSTAND
+    assert scp.received() == []
