@@ -33,6 +33,7 @@ STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 PATIENT_ROOT_RETRIEVE = (PATIENT_ROOT_MOVE, PATIENT_ROOT_GET)
+STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
 QUERY_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -224,6 +225,7 @@ def build_ae(
     network_timeout: float,
     find: bool = False,
     retrieve: bool = False,
+    commitment: bool = False,
 ) -> Any:
     """An AE for Verification; storage contexts come from the unrestricted storage service."""
     ae = AE(ae_title=aet)
@@ -237,6 +239,8 @@ def build_ae(
     if find:
         for sop_class in (STUDY_ROOT_FIND, PATIENT_ROOT_FIND):
             ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
+    if commitment:
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, QUERY_TRANSFER_SYNTAXES)
     if retrieve:
         for sop_class in (STUDY_ROOT_MOVE, STUDY_ROOT_GET, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET):
             ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)

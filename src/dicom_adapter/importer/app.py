@@ -16,6 +16,7 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, is_google_url, load_google_credentials
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import (
     CONNECTION_HANDLERS,
     DatasetCompletionHook,
@@ -24,6 +25,7 @@ from dicom_adapter.dimse.server import (
     start_server,
 )
 from dicom_adapter.errors import ConfigError
+from dicom_adapter.importer.commitment import CommitmentService
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
     CFindHandler,
@@ -109,6 +111,7 @@ class ImportService:
             network_timeout=settings.network_timeout,
             find=bool(settings.dicomweb_root),
             retrieve=bool(settings.dicomweb_root),
+            commitment=bool(settings.dicomweb_root),
         )
         self._early = early = EarlyStores(bridge, store)
         handlers: list[tuple[Any, Callable[..., Any]]] = [
@@ -131,6 +134,19 @@ class ImportService:
                 connection_handlers=CONNECTION_HANDLERS,
             )
             handlers += [(evt.EVT_C_MOVE, retrieve.on_move), (evt.EVT_C_GET, retrieve.on_get)]
+            commitment = CommitmentService(
+                client,
+                settings.dicomweb_root,
+                aets,
+                aet=settings.dimse_aet,
+                bridge=bridge,
+                scu_timeouts=ScuTimeouts(
+                    acse=settings.acse_timeout,
+                    dimse=settings.dimse_timeout,
+                    network=settings.network_timeout,
+                ),
+            )
+            handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
         try:
             self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
         except OSError as exc:

@@ -1,0 +1,148 @@
+"""Outgoing DIMSE associations (commitment reports, C-MOVE sub-operations): blocking, for workers.
+
+Call these from a worker thread (`Bridge.run_blocking`), never from the event loop: pynetdicom
+blocks while it connects, negotiates and waits for responses. pynetdicom's failures (refused
+connection, rejection, abort, no accepted context) become `AssociationError`s here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import AE, build_context, build_role, evt
+
+from dicom_adapter.dimse.server import release_connection, tune_connection
+from dicom_adapter.errors import AdapterError
+from dicom_adapter.status import Status
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+DEFAULT_MAX_PDU = 16382  # pynetdicom's default maximum PDU length
+
+
+class AssociationError(AdapterError):
+    """An outgoing association could not be opened or used; trying again later may help."""
+
+    status = Status.OUT_OF_RESOURCES
+    retryable = True
+
+
+class PeerUnreachableError(AssociationError):
+    """The peer could not be reached (connection refused, timed out, unknown host)."""
+
+
+class AssociationRejectedError(AssociationError):
+    """The peer rejected (A-ASSOCIATE-RJ) or aborted the association request."""
+
+
+@dataclass(frozen=True)
+class ScuTimeouts:
+    """Timeouts (seconds) of one outgoing association."""
+
+    connection: float = 10.0
+    acse: float = 30.0
+    dimse: float = 30.0
+    network: float = 60.0
+
+
+@dataclass(frozen=True)
+class RequestedContext:
+    """A presentation context to propose; set both roles to propose SCP/SCU role selection."""
+
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+@dataclass(frozen=True)
+class AssociationTarget:
+    """Where and as whom to associate."""
+
+    calling_aet: str
+    called_aet: str
+    host: str
+    port: int
+
+
+def open_association(
+    target: AssociationTarget,
+    contexts: Sequence[RequestedContext],
+    *,
+    timeouts: ScuTimeouts = ScuTimeouts(),
+    max_pdu_size: int = DEFAULT_MAX_PDU,
+) -> Any:
+    """Open an established association (TCP_NODELAY set) or raise an AssociationError.
+
+    Blocking. The caller must release or abort the returned pynetdicom Association; prefer
+    `associate`, which does that.
+    """
+    if not contexts or len(contexts) > MAX_CONTEXTS:
+        raise ValueError(f"between 1 and {MAX_CONTEXTS} presentation contexts are required")
+    ae = AE(ae_title=target.calling_aet)
+    ae.connection_timeout = timeouts.connection
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    requested = [build_context(c.abstract_syntax, list(c.transfer_syntaxes)) for c in contexts]
+    roles: list[Any] = [
+        build_role(c.abstract_syntax, scu_role=bool(c.scu_role), scp_role=bool(c.scp_role))
+        for c in contexts
+        if c.scu_role is not None or c.scp_role is not None
+    ]
+    connected: list[bool] = []
+
+    def on_open(event: Any) -> None:
+        connected.append(True)
+        tune_connection(event)
+
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_CONN_CLOSE, release_connection)]
+    where = f"{target.called_aet}@{target.host}:{target.port}"
+    try:
+        assoc = ae.associate(
+            target.host,
+            target.port,
+            contexts=requested,
+            ae_title=target.called_aet,
+            max_pdu=max_pdu_size,
+            ext_neg=roles or None,
+            evt_handlers=handlers,
+        )
+    except OSError as exc:
+        raise PeerUnreachableError(f"cannot connect to {where}: {exc}") from exc
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        raise AssociationRejectedError(f"{where} rejected the association")
+    if not connected:
+        raise PeerUnreachableError(f"cannot connect to {where}")
+    raise AssociationRejectedError(
+        f"{where} aborted the association or accepted none of the proposed contexts"
+    )
+
+
+@contextmanager
+def associate(
+    target: AssociationTarget,
+    contexts: Sequence[RequestedContext],
+    *,
+    timeouts: ScuTimeouts = ScuTimeouts(),
+    max_pdu_size: int = DEFAULT_MAX_PDU,
+) -> Iterator[Any]:
+    """An established association, released on exit (aborted when the body raised)."""
+    assoc = open_association(target, contexts, timeouts=timeouts, max_pdu_size=max_pdu_size)
+    try:
+        yield assoc
+    except BaseException:
+        assoc.abort()
+        raise
+    if assoc.is_established:
+        try:
+            assoc.release()
+        except Exception:  # the work is done; a failed release only costs the peer a timeout
+            logger.warning("association release failed", exc_info=True)
