@@ -22,7 +22,7 @@ from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.server import PATIENT_ROOT_FIND, PATIENT_ROOT_RETRIEVE
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.importer.find import FindService
-from dicom_adapter.importer.move import Fetched, RetrieveService
+from dicom_adapter.importer.move import Fetched, InstanceRef, RetrieveService
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.status import Status
 
@@ -150,10 +150,10 @@ _VERIFICATION = "1.2.840.10008.1.1"
 _FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
 
 
-def store_contexts(fetched: list[Fetched]) -> list[Any]:
-    """Contexts for sub-operations: each (SOP class, syntax) seen, plus uncompressed fallbacks."""
-    exact = sorted({(f.ref.sop_class_uid, f.transfer_syntax) for f in fetched if f.path})
-    classes = sorted({sop_class for sop_class, _ in exact})
+def store_contexts(samples: list[Fetched], refs: list[InstanceRef]) -> list[Any]:
+    """Contexts for sub-operations: each sampled (SOP class, syntax), uncompressed fallbacks."""
+    exact = sorted({(f.ref.sop_class_uid, f.transfer_syntax) for f in samples if f.path})
+    classes = sorted({r.sop_class_uid for r in refs if r.sop_class_uid})
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in exact]
     fallbacks = [build_context(c, [_EXPLICIT_LE, _IMPLICIT_LE]) for c in classes]
     return (contexts + fallbacks)[:_MAX_CONTEXTS]
@@ -176,28 +176,41 @@ class RetrieveHandlers:
         self._timeout = timeout
         self._connection_handlers = connection_handlers
 
-    def _prepare(self, event: Any, spool: Path) -> list[Fetched]:
+    def _plan(self, event: Any, spool: Path) -> tuple[list[InstanceRef], dict[int, Fetched]]:
+        """List the instances and fetch the first of each SOP class (for the contexts)."""
         sop_class = str(event.request.AffectedSOPClassUID)
         root = QueryRoot.PATIENT if sop_class in PATIENT_ROOT_RETRIEVE else QueryRoot.STUDY
 
-        async def list_and_fetch() -> list[Fetched]:
+        async def plan() -> tuple[list[InstanceRef], dict[int, Fetched]]:
             refs = await self._retrieve.list_instances(event.identifier, root)
-            return await self._retrieve.fetch_all(refs, spool)
+            return refs, await self._retrieve.fetch_samples(refs, spool)
 
-        return self._bridge.run_with_timeout(self._timeout, list_and_fetch)
+        return self._bridge.run_with_timeout(self._timeout, plan)
 
     def _sub_operations(
-        self, event: Any, fetched: list[Fetched], fields: dict[str, str]
+        self,
+        event: Any,
+        refs: list[InstanceRef],
+        samples: dict[int, Fetched],
+        spool: Path,
+        fields: dict[str, str],
     ) -> Iterator[tuple[int, Any]]:
-        for item in fetched:
-            if event.is_cancelled:
-                logger.info("retrieve cancelled", extra=fields)
-                yield int(Status.CANCEL), None
-                return
-            if item.path is None:
-                yield int(Status.PENDING), _FETCH_FAILED
-                continue
-            yield int(Status.PENDING), dcmread(item.path)
+        fetched = self._bridge.iterate(self._retrieve.fetch_in_order, refs, spool, samples)
+        try:
+            for item in fetched:
+                if event.is_cancelled:
+                    logger.info("retrieve cancelled", extra=fields)
+                    yield int(Status.CANCEL), None
+                    return
+                if item.path is None:
+                    yield int(Status.PENDING), _FETCH_FAILED
+                    continue
+                yield int(Status.PENDING), dcmread(item.path)
+                item.path.unlink(missing_ok=True)  # sent: free the spool as we go
+        finally:
+            close = getattr(fetched, "close", None)
+            if close is not None:
+                close()
 
     def on_move(self, event: Any) -> Iterator[Any]:
         """C-MOVE: destination from the AET dictionary, one association for all instances."""
@@ -210,16 +223,19 @@ class RetrieveHandlers:
             return
         spool = RetrieveService.new_spool()
         try:
+            refs: list[InstanceRef] = []
+            samples: dict[int, Fetched] = {}
+            failure: int | None = None
             try:
-                fetched = self._prepare(event, spool)
-                failure: int | None = None
+                refs, samples = self._plan(event, spool)
             except AdapterError as exc:
                 logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
-                fetched, failure = [], int(exc.status)
+                failure = int(exc.status)
             except TimeoutError:
-                fetched, failure = [], int(Status.OUT_OF_RESOURCES)
+                failure = int(Status.OUT_OF_RESOURCES)
             options = {
-                "contexts": store_contexts(fetched) or [build_context(_VERIFICATION)],
+                "contexts": store_contexts(list(samples.values()), refs)
+                or [build_context(_VERIFICATION)],
                 "evt_handlers": self._connection_handlers,
             }
             yield peer.host, peer.port, options
@@ -227,9 +243,9 @@ class RetrieveHandlers:
                 yield 1
                 yield failure, None
                 return
-            logger.info("C-MOVE of %d instances to %s", len(fetched), destination, extra=fields)
-            yield len(fetched)
-            yield from self._sub_operations(event, fetched, fields)
+            logger.info("C-MOVE of %d instances to %s", len(refs), destination, extra=fields)
+            yield len(refs)
+            yield from self._sub_operations(event, refs, samples, spool, fields)
         finally:
             shutil.rmtree(spool, ignore_errors=True)
 
@@ -239,7 +255,7 @@ class RetrieveHandlers:
         spool = RetrieveService.new_spool()
         try:
             try:
-                fetched = self._prepare(event, spool)
+                refs, samples = self._plan(event, spool)
             except AdapterError as exc:
                 logger.error("C-GET failed: %s -> 0x%04X", exc, exc.status, extra=fields)
                 yield 1
@@ -249,8 +265,8 @@ class RetrieveHandlers:
                 yield 1
                 yield int(Status.OUT_OF_RESOURCES), None
                 return
-            logger.info("C-GET of %d instances", len(fetched), extra=fields)
-            yield len(fetched)
-            yield from self._sub_operations(event, fetched, fields)
+            logger.info("C-GET of %d instances", len(refs), extra=fields)
+            yield len(refs)
+            yield from self._sub_operations(event, refs, samples, spool, fields)
         finally:
             shutil.rmtree(spool, ignore_errors=True)

@@ -2,9 +2,9 @@
 
 pynetdicom's Q/R SCP does the C-STORE sub-operations (one association per C-MOVE, or the
 requesting association for C-GET), the pending counts and FailedSOPInstanceUIDList; this
-module supplies the instances. They are fetched with several WADO-RS requests in flight into
-a spool directory before the sub-operations start, so the destination association can offer
-exactly the SOP classes and transfer syntaxes the instances have.
+module supplies the instances. The first instance of each SOP class is fetched before the
+destination association opens, so it can offer the transfer syntaxes the instances have;
+the rest are fetched with several WADO-RS requests in flight while earlier ones are sent.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def _first(item: dict[str, object], tag: str) -> str:
 class RetrieveService:
     """Finds and fetches the instances of a C-MOVE or C-GET request."""
 
-    def __init__(self, client: DicomwebClient, dicomweb_root: str, *, concurrency: int = 4) -> None:
+    def __init__(self, client: DicomwebClient, dicomweb_root: str, *, concurrency: int = 6) -> None:
         self._client = client
         self._root = dicomweb_root.rstrip("/")
         self._concurrency = concurrency
@@ -119,26 +120,59 @@ class RetrieveService:
                 refs.setdefault(ref.sop_instance_uid, ref)
         return list(refs.values())
 
-    async def fetch_all(self, refs: list[InstanceRef], spool: Path) -> list[Fetched]:
-        """WADO-RS every instance into `spool`, several at a time; failures are reported."""
-        gate = asyncio.Semaphore(self._concurrency)
+    async def fetch_one(self, index: int, ref: InstanceRef, spool: Path) -> Fetched:
+        """WADO-RS one instance into `spool`; a failure is reported, not raised."""
+        url = (
+            f"{self._root}/studies/{ref.study_uid}/series/{ref.series_uid}"
+            f"/instances/{ref.sop_instance_uid}"
+        )
+        dest = spool / f"{index:06d}.dcm"
+        try:
+            await self._client.retrieve_instance_to(url, dest)
+            meta = read_file_meta_info(dest)
+        except (AdapterError, OSError, ValueError) as exc:
+            logger.warning("WADO-RS of instance failed: %s", exc)
+            return Fetched(ref, None, error=str(exc))
+        return Fetched(ref, dest, transfer_syntax=str(meta.get("TransferSyntaxUID", "")))
 
-        async def fetch(index: int, ref: InstanceRef) -> Fetched:
-            url = (
-                f"{self._root}/studies/{ref.study_uid}/series/{ref.series_uid}"
-                f"/instances/{ref.sop_instance_uid}"
-            )
-            dest = spool / f"{index:06d}.dcm"
-            async with gate:
-                try:
-                    await self._client.retrieve_instance_to(url, dest)
-                    meta = read_file_meta_info(dest)
-                except (AdapterError, OSError, ValueError) as exc:
-                    logger.warning("WADO-RS of instance failed: %s", exc)
-                    return Fetched(ref, None, error=str(exc))
-            return Fetched(ref, dest, transfer_syntax=str(meta.get("TransferSyntaxUID", "")))
+    async def fetch_samples(self, refs: list[InstanceRef], spool: Path) -> dict[int, Fetched]:
+        """The first instance of each SOP class, by position in `refs`."""
+        firsts: dict[str, int] = {}
+        for index, ref in enumerate(refs):
+            firsts.setdefault(ref.sop_class_uid, index)
+        fetched = await asyncio.gather(
+            *(self.fetch_one(index, refs[index], spool) for index in firsts.values())
+        )
+        return dict(zip(firsts.values(), fetched, strict=True))
 
-        return list(await asyncio.gather(*(fetch(i, r) for i, r in enumerate(refs))))
+    async def fetch_in_order(
+        self, refs: list[InstanceRef], spool: Path, ready: dict[int, Fetched]
+    ) -> AsyncIterator[Fetched]:
+        """Every instance in order, keeping up to `concurrency` WADO-RS requests ahead."""
+        pending: dict[int, asyncio.Task[Fetched]] = {}
+        next_index = 0
+
+        def top_up(position: int) -> None:
+            nonlocal next_index
+            while next_index < len(refs) and next_index < position + self._concurrency:
+                if next_index not in ready:
+                    pending[next_index] = asyncio.ensure_future(
+                        self.fetch_one(next_index, refs[next_index], spool)
+                    )
+                next_index += 1
+
+        try:
+            for position in range(len(refs)):
+                top_up(position)
+                if position in ready:
+                    yield ready[position]
+                else:
+                    yield await pending.pop(position)
+        finally:
+            for task in pending.values():
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending.values(), return_exceptions=True)
 
     @staticmethod
     def new_spool() -> Path:

@@ -1,0 +1,283 @@
+"""Benchmark: C-MOVE and C-FIND through dicom-import vs Orthanc's own DIMSE and QIDO-RS.
+
+One Orthanc (fresh storage, loaded once with dcmsend: the data is only read afterwards),
+one DCMTK storescp as the move destination (known to Orthanc as a DicomModalities entry and
+to the adapter through its AET dictionary), and one dicom-import in front of Orthanc:
+  1. C-MOVE of a study of N generated CT instances (512x512, 16-bit) to storescp, with
+     DCMTK movescu against Orthanc's DIMSE port (direct) and against the adapter, alternating
+     the order per repetition; the destination folder is emptied before each move and must
+     hold all N files afterwards. Reports median seconds, instances/s and the throughput
+     ratio adapter/direct (= direct_time / adapter_time, target >= 0.6).
+  2. C-FIND latency, alternating per repetition: a direct QIDO-RS
+     `GET /studies?StudyInstanceUID=...` (httpx, keep-alive) vs a STUDY-level C-FIND through
+     the adapter (pynetdicom, one association for all finds). Reports the p50 of each and the
+     p50 of the per-pair added latency (adapter - direct) in ms; no target.
+
+Usage: python bench/bench_retrieve.py [--instances 200] [--reps 3] [--finds 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.rig import (
+    Importer,
+    Orthanc,
+    dcmsend,
+    dcmtk_env,
+    dcmtk_tool,
+    echo,
+    free_port,
+    generate_ct_series,
+    run_dcmtk,
+)
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PENDING = (0xFF00, 0xFF01)
+TARGET_RATIO = 0.6
+DEST_AET = "BENCHDEST"
+TIMEOUT = 600.0
+
+
+class StoreSCP:
+    """DCMTK storescp on a free port, writing every received instance into `folder`."""
+
+    def __init__(self, folder: Path, aet: str = DEST_AET) -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        port = self.port
+        self.proc = subprocess.Popen(
+            [dcmtk_tool("storescp"), "-aet", self.aet, "+xa", "-od", str(self.folder), str(port)],
+            env=dcmtk_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not echo("127.0.0.1", self.port, self.aet, timeout=2.0):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("storescp did not answer C-ECHO within 20 s")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def count(self) -> int:
+        return sum(1 for p in self.folder.iterdir() if p.is_file())
+
+    def clear(self) -> None:
+        for p in self.folder.iterdir():
+            if p.is_file():
+                p.unlink()
+
+
+def timed_move(port: int, called_aet: str, study_uid: str, scp: StoreSCP, expected: int) -> float:
+    """Seconds for one movescu of the study to `scp`; fails loudly if anything is missing."""
+    scp.clear()
+    args = ["movescu", "-S", "-aet", "MOVESCU", "-aec", called_aet, "-aem", scp.aet]
+    args += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
+    started = time.perf_counter()
+    result = run_dcmtk([*args, "127.0.0.1", str(port)], timeout=TIMEOUT)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"movescu failed ({result.returncode}): {result.stderr[-2000:]}")
+    received = scp.count()
+    if received != expected:
+        raise RuntimeError(f"expected {expected} instances at storescp, found {received}")
+    return elapsed
+
+
+def qido_once(client: httpx.Client, study_uid: str) -> float:
+    """Seconds for one QIDO-RS study search by UID; checks exactly one match came back."""
+    params = httpx.QueryParams(
+        [
+            ("StudyInstanceUID", study_uid),
+            ("includefield", "PatientName"),
+            ("includefield", "StudyDate"),
+        ]
+    )
+    started = time.perf_counter()
+    response = client.get("/studies", params=params, headers={"Accept": "application/dicom+json"})
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    matches = response.json()
+    if len(matches) != 1:
+        raise RuntimeError(f"QIDO-RS returned {len(matches)} studies, expected 1")
+    return elapsed
+
+
+def cfind_once(assoc: Association, study_uid: str) -> float:
+    """Seconds for one STUDY-level C-FIND by UID; checks one match and a final Success."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    query.PatientName = ""
+    query.StudyDate = ""
+    matches = 0
+    final: int | None = None
+    started = time.perf_counter()
+    for status, ident in assoc.send_c_find(query, STUDY_ROOT_FIND):
+        if not status or "Status" not in status:
+            raise RuntimeError("C-FIND got no response (association aborted or timed out)")
+        code = int(status.Status)
+        if code in PENDING:
+            matches += ident is not None
+        else:
+            final = code
+    elapsed = time.perf_counter() - started
+    if final != 0x0000 or matches != 1:
+        raise RuntimeError(f"C-FIND ended with status {final} and {matches} matches, expected 1")
+    return elapsed
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank style percentile via statistics.quantiles (inclusive method)."""
+    if len(values) == 1:
+        return values[0]
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[round(fraction * 100) - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--finds", type=int, default=50)
+    args = parser.parse_args()
+    count: int = args.instances
+
+    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        series = work / "ct"
+        generate_ct_series(series, count, rows=512, cols=512)
+        study_uid = str(dcmread(next(series.iterdir()), stop_before_pixels=True).StudyInstanceUID)
+        mb = sum(p.stat().st_size for p in series.iterdir()) / 1e6
+        print(f"{count} CT instances, {mb:.0f} MB, study {study_uid}", flush=True)
+
+        scp = stack.enter_context(StoreSCP(work / "received"))
+        orthanc = stack.enter_context(
+            Orthanc(modalities={"dest": [scp.aet, "127.0.0.1", scp.port]})
+        )
+        loaded = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [series], timeout=TIMEOUT)
+        if loaded.returncode != 0:
+            raise RuntimeError(f"dcmsend into Orthanc failed: {loaded.stderr[-2000:]}")
+        if orthanc.count_instances() != count:
+            raise RuntimeError(f"Orthanc holds {orthanc.count_instances()} instances, not {count}")
+        aets = json.dumps([{"name": scp.aet, "host": "127.0.0.1", "port": scp.port}])
+        importer = stack.enter_context(
+            Importer(orthanc.dicomweb_url, f"--aet_dictionary_inline={aets}", aet="ADAPTER")
+        )
+
+        # 1. C-MOVE throughput
+        direct: list[float] = []
+        adapter: list[float] = []
+        for rep in range(args.reps):
+            order = ("direct", "adapter") if rep % 2 == 0 else ("adapter", "direct")
+            for which in order:
+                if which == "direct":
+                    direct.append(
+                        timed_move(orthanc.dicom_port, orthanc.aet, study_uid, scp, count)
+                    )
+                    print(f"rep {rep}: move direct  {direct[-1]:.2f} s", flush=True)
+                else:
+                    adapter.append(timed_move(importer.port, importer.aet, study_uid, scp, count))
+                    print(f"rep {rep}: move adapter {adapter[-1]:.2f} s", flush=True)
+
+        # 2. C-FIND latency
+        qido: list[float] = []
+        cfind: list[float] = []
+        client = stack.enter_context(
+            httpx.Client(base_url=orthanc.dicomweb_url, timeout=60.0, trust_env=False)
+        )
+        ae = AE(ae_title="FINDSCU")
+        ae.add_requested_context(STUDY_ROOT_FIND)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60.0
+        assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+        if not assoc.is_established:
+            raise ConnectionError("the adapter did not accept the C-FIND association")
+        stack.callback(lambda: assoc.release() if assoc.is_established else None)
+        qido_once(client, study_uid)  # warm-up: connection set-up, Orthanc caches
+        cfind_once(assoc, study_uid)
+        for rep in range(args.finds):
+            if rep % 2 == 0:
+                qido.append(qido_once(client, study_uid))
+                cfind.append(cfind_once(assoc, study_uid))
+            else:
+                cfind.append(cfind_once(assoc, study_uid))
+                qido.append(qido_once(client, study_uid))
+        added = [c - q for c, q in zip(cfind, qido, strict=True)]
+        print(
+            f"find: QIDO-RS p50 {statistics.median(qido) * 1e3:.2f} ms, "
+            f"C-FIND via adapter p50 {statistics.median(cfind) * 1e3:.2f} ms",
+            flush=True,
+        )
+
+    direct_s = statistics.median(direct)
+    adapter_s = statistics.median(adapter)
+    ratio = direct_s / adapter_s
+    results: dict[str, object] = {
+        "instances": count,
+        "study_mb": round(mb),
+        "move_direct_seconds_median": round(direct_s, 3),
+        "move_adapter_seconds_median": round(adapter_s, 3),
+        "move_direct_inst_per_s": round(count / direct_s, 1),
+        "move_adapter_inst_per_s": round(count / adapter_s, 1),
+        "move_throughput_ratio": round(ratio, 3),
+        "finds": args.finds,
+        "qido_p50_ms": round(statistics.median(qido) * 1e3, 2),
+        "cfind_adapter_p50_ms": round(statistics.median(cfind) * 1e3, 2),
+        "cfind_adapter_p90_ms": round(percentile(cfind, 0.9) * 1e3, 2),
+        "cfind_added_p50_ms": round(statistics.median(added) * 1e3, 2),
+    }
+    print(json.dumps(results, indent=2))
+    ok = ratio >= TARGET_RATIO
+    print("targets met" if ok else f"TARGETS MISSED: move throughput ratio >= {TARGET_RATIO}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
