@@ -14,7 +14,17 @@ from pynetdicom import AE
 
 from dicom_adapter.status import Status
 from tests.integration.test_import_find import identifier, write_dataset
-from tests.rig import Importer, Orthanc, dcmsend, dcmtk_env, dcmtk_tool, echo, free_port, run_dcmtk
+from tests.rig import (
+    Importer,
+    Orthanc,
+    dcmsend,
+    dcmtk_env,
+    dcmtk_tool,
+    echo,
+    free_port,
+    generate_ct_series,
+    run_dcmtk,
+)
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
@@ -221,3 +231,30 @@ def test_move_without_unique_key_is_cannot_understand(
     statuses = move(importer, STUDY_ROOT_MOVE, identifier("STUDY", PatientName="Doe*"), scp.aet)
     assert statuses[-1].Status == Status.CANNOT_UNDERSTAND
     assert scp.received() == []
+
+
+def test_cancel_during_a_large_move(
+    setup: tuple[Orthanc, Importer, StoreSCP], tmp_path: Path
+) -> None:
+    orthanc, importer, scp = setup
+    series = generate_ct_series(tmp_path / "big", 80, rows=64, cols=64)
+    study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    assert dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "big"]).returncode == 0
+    scp.clear()
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    statuses = []
+    try:
+        query = identifier("STUDY", StudyInstanceUID=study)
+        for status, _ in assoc.send_c_move(query, scp.aet, STUDY_ROOT_MOVE, msg_id=9):
+            statuses.append(status)
+            if status.Status == Status.PENDING and len(statuses) == 2:
+                assoc.send_c_cancel(9, assoc.accepted_contexts[0].context_id)
+    finally:
+        assoc.release()
+    final = statuses[-1]
+    assert final.Status == Status.CANCEL
+    assert final.NumberOfRemainingSuboperations > 0
+    assert len(scp.received()) < 80
