@@ -187,7 +187,7 @@ def cfind_once(assoc: Association, study_uid: str) -> float:
 
 
 def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank style percentile via statistics.quantiles (inclusive method)."""
+    """Interpolated percentile (statistics.quantiles, inclusive method)."""
     if len(values) == 1:
         return values[0]
     cuts = statistics.quantiles(values, n=100, method="inclusive")

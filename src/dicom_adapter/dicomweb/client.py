@@ -277,11 +277,17 @@ class DicomwebClient:
         finally:
             await response.aclose()
 
-    async def retrieve_instance_to(self, url: str, dest: Path) -> dict[str, str]:
-        """WADO-RS one instance into `dest` (first part), returning that part's headers."""
+    async def retrieve_instance_to(
+        self, url: str, dest: Path, *, transfer_syntax: str = "*"
+    ) -> dict[str, str]:
+        """WADO-RS one instance into `dest` (first part), returning that part's headers.
+
+        `transfer_syntax` "*" asks for the stored syntax; a UID asks the server to transcode.
+        """
+        accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
         headers: dict[str, str] | None = None
         with dest.open("wb") as out:
-            async for event in self.wado_events(url):
+            async for event in self.wado_events(url, accept=accept):
                 if isinstance(event, multipart.PartStart):
                     if headers is not None:
                         break

@@ -9,12 +9,12 @@ import concurrent.futures
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from pynetdicom import build_context
+from pynetdicom import build_context, evt
 
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
@@ -145,6 +145,7 @@ class CFindHandler:
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
+_UNCOMPRESSED = {_EXPLICIT_LE, _IMPLICIT_LE, "1.2.840.10008.1.2.2"}
 _MAX_CONTEXTS = 128
 _VERIFICATION = "1.2.840.10008.1.1"
 _FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
@@ -194,14 +195,17 @@ class RetrieveHandlers:
         samples: dict[int, Fetched],
         spool: Path,
         fields: dict[str, str],
+        store_assoc: Callable[[], Any],
     ) -> Iterator[tuple[int, Any]]:
         fetched = self._bridge.iterate(self._retrieve.fetch_in_order, refs, spool, samples)
         try:
-            for item in fetched:
+            for index, item in enumerate(fetched):
                 if event.is_cancelled:
                     logger.info("retrieve cancelled", extra=fields)
                     yield int(Status.CANCEL), None
                     return
+                if item.path is not None:
+                    item = self._in_accepted_syntax(item, index, spool, store_assoc())
                 if item.path is None:
                     yield int(Status.PENDING), _FETCH_FAILED
                     continue
@@ -211,6 +215,31 @@ class RetrieveHandlers:
             close = getattr(fetched, "close", None)
             if close is not None:
                 close()
+
+    def _in_accepted_syntax(self, item: Fetched, index: int, spool: Path, assoc: Any) -> Fetched:
+        """The instance in a syntax the receiver accepted: refetch it uncompressed if needed.
+
+        The receiver may refuse the original syntax (e.g. a viewer without JPEG 2000); then
+        WADO-RS is asked for Explicit VR Little Endian (the server transcodes). Uncompressed
+        syntaxes convert into each other when pynetdicom encodes, so they need no refetch.
+        """
+        accepted = {
+            str(cx.transfer_syntax[0])
+            for cx in getattr(assoc, "accepted_contexts", [])
+            if str(cx.abstract_syntax) == item.ref.sop_class_uid
+        }
+        if not accepted or item.transfer_syntax in accepted:
+            return item
+        if item.transfer_syntax in _UNCOMPRESSED and accepted & _UNCOMPRESSED:
+            return item
+        if not accepted & _UNCOMPRESSED:
+            return item  # nothing better to offer: the sub-operation reports the failure
+        assert item.path is not None
+        item.path.unlink(missing_ok=True)
+        logger.info("receiver refused %s; fetching uncompressed", item.transfer_syntax)
+        return self._bridge.run_with_timeout(
+            self._timeout, self._retrieve.fetch_one, index, item.ref, spool, _EXPLICIT_LE
+        )
 
     def on_move(self, event: Any) -> Iterator[Any]:
         """C-MOVE: destination from the AET dictionary, one association for all instances."""
@@ -233,10 +262,14 @@ class RetrieveHandlers:
                 failure = int(exc.status)
             except TimeoutError:
                 failure = int(Status.OUT_OF_RESOURCES)
+            opened: list[Any] = []
             options = {
                 "contexts": store_contexts(list(samples.values()), refs)
                 or [build_context(_VERIFICATION)],
-                "evt_handlers": self._connection_handlers,
+                "evt_handlers": [
+                    *self._connection_handlers,
+                    (evt.EVT_ACCEPTED, lambda e: opened.append(e.assoc)),
+                ],
             }
             yield peer.host, peer.port, options
             if failure is not None:
@@ -245,7 +278,9 @@ class RetrieveHandlers:
                 return
             logger.info("C-MOVE of %d instances to %s", len(refs), destination, extra=fields)
             yield len(refs)
-            yield from self._sub_operations(event, refs, samples, spool, fields)
+            yield from self._sub_operations(
+                event, refs, samples, spool, fields, lambda: opened[0] if opened else None
+            )
         finally:
             shutil.rmtree(spool, ignore_errors=True)
 
@@ -267,6 +302,8 @@ class RetrieveHandlers:
                 return
             logger.info("C-GET of %d instances", len(refs), extra=fields)
             yield len(refs)
-            yield from self._sub_operations(event, refs, samples, spool, fields)
+            yield from self._sub_operations(
+                event, refs, samples, spool, fields, lambda: event.assoc
+            )
         finally:
             shutil.rmtree(spool, ignore_errors=True)

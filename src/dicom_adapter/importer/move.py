@@ -120,15 +120,17 @@ class RetrieveService:
                 refs.setdefault(ref.sop_instance_uid, ref)
         return list(refs.values())
 
-    async def fetch_one(self, index: int, ref: InstanceRef, spool: Path) -> Fetched:
-        """WADO-RS one instance into `spool`; a failure is reported, not raised."""
+    async def fetch_one(
+        self, index: int, ref: InstanceRef, spool: Path, transfer_syntax: str = "*"
+    ) -> Fetched:
+        """WADO-RS one instance into `spool` (original syntax by default); failures reported."""
         url = (
             f"{self._root}/studies/{ref.study_uid}/series/{ref.series_uid}"
             f"/instances/{ref.sop_instance_uid}"
         )
         dest = spool / f"{index:06d}.dcm"
         try:
-            await self._client.retrieve_instance_to(url, dest)
+            await self._client.retrieve_instance_to(url, dest, transfer_syntax=transfer_syntax)
             meta = read_file_meta_info(dest)
         except (AdapterError, OSError, ValueError) as exc:
             logger.warning("WADO-RS of instance failed: %s", exc)
