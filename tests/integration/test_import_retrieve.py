@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
@@ -33,8 +35,9 @@ PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 class StoreSCP:
     """DCMTK storescp writing every received instance into its own folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, accept_all: bool = True) -> None:
         self.folder = folder
+        self.accept_all = accept_all
         self.port = free_port()
         self.aet = "STORESCP"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,7 +49,7 @@ class StoreSCP:
                 dcmtk_tool("storescp"),
                 "-aet",
                 self.aet,
-                "+xa",
+                "+xa" if self.accept_all else "+xi",
                 "-od",
                 str(self.folder),
                 str(self.port),
@@ -258,3 +261,41 @@ def test_cancel_during_a_large_move(
     assert final.Status == Status.CANCEL
     assert final.NumberOfRemainingSuboperations > 0
     assert len(scp.received()) < 80
+
+
+def test_receiver_without_the_original_syntax_gets_it_uncompressed(
+    setup: tuple[Orthanc, Importer, StoreSCP], tmp_path: Path
+) -> None:
+    orthanc, _, _ = setup
+    source = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    assert source is not None, "pydicom's bundled JPEG baseline file is missing"
+    ds = dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = "JPEGPATIENT"
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "jpeg.dcm")
+    sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "in"], extra=["-dn"])
+    assert sent.returncode == 0
+    # a second storescp that only accepts Implicit VR Little Endian (+xi)
+    plain = StoreSCP(tmp_path / "plain", accept_all=False)
+    aets = json.dumps([{"name": plain.aet, "host": "127.0.0.1", "port": plain.port}])
+    with (
+        plain,
+        Importer(
+            orthanc.dicomweb_url,
+            f"--aet_dictionary_inline={aets}",
+            aet="ADAPTER2",
+            log_dir=tmp_path,
+        ) as second,
+    ):
+        statuses = move(
+            second,
+            STUDY_ROOT_MOVE,
+            identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID),
+            plain.aet,
+        )
+        assert statuses[-1].Status == Status.SUCCESS
+        (received,) = plain.received()
+    assert received.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    assert received.SOPInstanceUID == ds.SOPInstanceUID
