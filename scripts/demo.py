@@ -6,6 +6,7 @@ Usage: scripts/demo [--keep]   (--keep leaves Orthanc and the adapter running un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import tempfile
@@ -68,10 +69,8 @@ def main() -> int:
                         f"\nRunning: DIMSE {adapter.aet}@127.0.0.1:{adapter.port}, DICOMweb "
                         f"{orthanc.dicomweb_url}. Ctrl-C to stop."
                     )
-                    try:
+                    with contextlib.suppress(KeyboardInterrupt):
                         threading.Event().wait()
-                    except KeyboardInterrupt:
-                        pass
                 code = adapter.stop()
                 print(f"6. dicom-import stopped on SIGTERM, exit {code}")
     return 0
