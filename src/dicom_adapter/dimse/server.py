@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom.association as association_module
+from pydicom import Dataset
 from pydicom import config as pydicom_config
 from pynetdicom import (
     AE,
@@ -84,6 +85,7 @@ def configure_pynetdicom() -> None:
     - pydicom's value validation is off: datasets are forwarded, never built or changed.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as they are (see spooled())
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     association_module.time = _ReactorClock()  # type: ignore[attr-defined,assignment]
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
@@ -213,6 +215,33 @@ class DatasetCompletionHook:
             original(item, *args, **kwargs)
 
         queue.put = put
+
+
+_SPOOL_PATH = "_spool_path"
+
+
+def spooled(path: Path, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """A stand-in Dataset for a Part-10 file that `send_spooled_files` sends byte for byte.
+
+    pynetdicom's Q/R SCPs insist on yielding Datasets and would decode and re-encode every
+    instance (all of it in memory, ~4 ms per 512 KB); this keeps sub-operations streaming.
+    """
+    marker = Dataset()
+    marker.SOPClassUID = sop_class_uid
+    marker.SOPInstanceUID = sop_instance_uid
+    object.__setattr__(marker, _SPOOL_PATH, path)
+    return marker
+
+
+def send_spooled_files(assoc: Any) -> None:
+    """Make this association's C-STORE send a `spooled()` stand-in's file without decoding."""
+    original = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        path = getattr(dataset, _SPOOL_PATH, None) if isinstance(dataset, Dataset) else None
+        return original(path if path is not None else dataset, *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
 
 
 def build_ae(

@@ -19,7 +19,12 @@ from pynetdicom import build_context, evt
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicomweb.qido import QueryRoot
-from dicom_adapter.dimse.server import PATIENT_ROOT_FIND, PATIENT_ROOT_RETRIEVE
+from dicom_adapter.dimse.server import (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_RETRIEVE,
+    send_spooled_files,
+    spooled,
+)
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import Fetched, InstanceRef, RetrieveService
@@ -151,6 +156,15 @@ _VERIFICATION = "1.2.840.10008.1.1"
 _FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
 
 
+def _accepted_syntaxes(assoc: Any, item: Fetched) -> set[str]:
+    """Transfer syntaxes the receiver accepted for this instance's SOP class."""
+    return {
+        str(cx.transfer_syntax[0])
+        for cx in getattr(assoc, "accepted_contexts", [])
+        if str(cx.abstract_syntax) == item.ref.sop_class_uid
+    }
+
+
 def store_contexts(samples: list[Fetched], refs: list[InstanceRef]) -> list[Any]:
     """Contexts for sub-operations: each sampled (SOP class, syntax), uncompressed fallbacks."""
     exact = sorted({(f.ref.sop_class_uid, f.transfer_syntax) for f in samples if f.path})
@@ -209,7 +223,11 @@ class RetrieveHandlers:
                 if item.path is None:
                     yield int(Status.PENDING), _FETCH_FAILED
                     continue
-                yield int(Status.PENDING), dcmread(item.path)
+                if item.transfer_syntax in _accepted_syntaxes(store_assoc(), item):
+                    dataset = spooled(item.path, item.ref.sop_class_uid, item.ref.sop_instance_uid)
+                else:  # uncompressed, other byte order/VR: pynetdicom converts a decoded copy
+                    dataset = dcmread(item.path)
+                yield int(Status.PENDING), dataset
                 item.path.unlink(missing_ok=True)  # sent: free the spool as we go
         finally:
             close = getattr(fetched, "close", None)
@@ -223,11 +241,7 @@ class RetrieveHandlers:
         WADO-RS is asked for Explicit VR Little Endian (the server transcodes). Uncompressed
         syntaxes convert into each other when pynetdicom encodes, so they need no refetch.
         """
-        accepted = {
-            str(cx.transfer_syntax[0])
-            for cx in getattr(assoc, "accepted_contexts", [])
-            if str(cx.abstract_syntax) == item.ref.sop_class_uid
-        }
+        accepted = _accepted_syntaxes(assoc, item)
         if not accepted or item.transfer_syntax in accepted:
             return item
         if item.transfer_syntax in _UNCOMPRESSED and accepted & _UNCOMPRESSED:
@@ -263,12 +277,17 @@ class RetrieveHandlers:
             except TimeoutError:
                 failure = int(Status.OUT_OF_RESOURCES)
             opened: list[Any] = []
+
+            def on_accepted(accepted: Any) -> None:
+                opened.append(accepted.assoc)
+                send_spooled_files(accepted.assoc)
+
             options = {
                 "contexts": store_contexts(list(samples.values()), refs)
                 or [build_context(_VERIFICATION)],
                 "evt_handlers": [
                     *self._connection_handlers,
-                    (evt.EVT_ACCEPTED, lambda e: opened.append(e.assoc)),
+                    (evt.EVT_ACCEPTED, on_accepted),
                 ],
             }
             yield peer.host, peer.port, options
@@ -301,6 +320,7 @@ class RetrieveHandlers:
                 yield int(Status.OUT_OF_RESOURCES), None
                 return
             logger.info("C-GET of %d instances", len(refs), extra=fields)
+            send_spooled_files(event.assoc)
             yield len(refs)
             yield from self._sub_operations(
                 event, refs, samples, spool, fields, lambda: event.assoc
