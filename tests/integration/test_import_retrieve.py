@@ -140,6 +140,11 @@ def test_move_study_with_movescu(setup: tuple[Orthanc, Importer, StoreSCP]) -> N
     received = scp.received()
     assert len(received) == 5
     assert {str(d.StudyInstanceUID) for d in received} == {study}
+    # the instances arrive exactly as Orthanc stored them (sent byte for byte, no re-encoding)
+    for dataset in received:
+        stored = orthanc.instance_dataset(orthanc.find_instance(str(dataset.SOPInstanceUID)) or "")
+        assert dataset.PixelData == stored.PixelData
+        assert dataset.PatientName == stored.PatientName
 
 
 @pytest.mark.parametrize("level", ["SERIES", "IMAGE"])
