@@ -1,0 +1,160 @@
+"""Settings of `dicom-export` (SPEC §2): the Java adapter's flags, plus ours."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from dicom_adapter.config.common import DEPRECATED, CommonSettings, new_flag
+
+
+class ExporterSettings(CommonSettings):
+    """Every flag of dicom-export."""
+
+    peer_dimse_aet: str = Field("", description="AE title of the C-STORE sink (C-STORE mode).")
+    peer_dimse_ip: str = Field("", description="Host or IP of the C-STORE sink.")
+    peer_dimse_port: int = Field(0, ge=0, le=65535, description="Port of the C-STORE sink.")
+    client_aet: str = Field("EXPORTADAPTER", description="Our calling AE title for C-STORE.")
+    peer_dicomweb_address: str = Field(
+        "", description="DICOMweb root of the STOW-RS sink; STOW-RS goes to <root>/studies."
+    )
+    peer_dicomweb_addr: str = Field(
+        "",
+        description="Deprecated: DICOMweb address of the STOW-RS sink, used with "
+        "--peer_dicomweb_stow_path.",
+        json_schema_extra=DEPRECATED,
+    )
+    peer_dicomweb_stow_path: str = Field(
+        "",
+        description="Deprecated: STOW-RS path appended to --peer_dicomweb_addr.",
+        json_schema_extra=DEPRECATED,
+    )
+    use_gcp_application_default_credentials: bool = Field(
+        False,
+        description="Authenticate to DICOMweb with Google Application Default Credentials "
+        "(always used for googleapis.com hosts; the Java adapter inverts this flag).",
+    )
+    dicomweb_addr: str = Field(
+        "", description="DICOMweb root instances are read from with WADO-RS (required)."
+    )
+    project_id: str = Field("", description="Google Cloud project of the subscription (required).")
+    subscription_id: str = Field("", description="Pub/Sub subscription id to pull (required).")
+    max_messages: int = new_flag(
+        16, "Pub/Sub flow control: messages handled at the same time (at most)."
+    )
+    max_bytes: int = new_flag(
+        256 * 1024 * 1024, "Pub/Sub flow control: bytes of message data outstanding (at most)."
+    )
+    nack_permanent_failures: bool = new_flag(
+        False,
+        "Nack messages that can never succeed (malformed, source 404) instead of acking them; "
+        "pair with a dead-letter topic.",
+    )
+
+    @field_validator("peer_dimse_aet", "client_aet")
+    @classmethod
+    def _check_aet(cls, value: str) -> str:
+        value = value.strip()
+        if len(value) > 16:
+            raise ValueError("an AE title has at most 16 characters")
+        if "\\" in value or any(ord(c) < 32 for c in value):
+            raise ValueError("an AE title may not contain backslashes or control characters")
+        return value
+
+    @field_validator("max_messages", "max_bytes")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @property
+    def cstore_sink(self) -> bool:
+        """True when the sink is a DIMSE peer (C-STORE)."""
+        return bool(self.peer_dimse_aet or self.peer_dimse_ip or self.peer_dimse_port)
+
+    @property
+    def stow_sink(self) -> bool:
+        """True when the sink is a DICOMweb server (STOW-RS)."""
+        return bool(
+            self.peer_dicomweb_address or self.peer_dicomweb_addr or self.peer_dicomweb_stow_path
+        )
+
+    @property
+    def stow_url(self) -> str:
+        """Where STOW-RS goes; --peer_dicomweb_address wins over the deprecated pair."""
+        if self.peer_dicomweb_address:
+            return self.peer_dicomweb_address.rstrip("/") + "/studies"
+        return self.peer_dicomweb_addr.rstrip("/") + "/" + self.peer_dicomweb_stow_path.lstrip("/")
+
+    @property
+    def source_root(self) -> str:
+        """The source DICOMweb root, without a trailing slash."""
+        return self.dicomweb_addr.rstrip("/")
+
+    @property
+    def subscription_path(self) -> str:
+        """projects/P/subscriptions/S."""
+        return f"projects/{self.project_id}/subscriptions/{self.subscription_id}"
+
+    def cross_check(self) -> list[tuple[str, str]]:
+        """Problems between flags, as (flag, problem) pairs; empty when consistent."""
+        problems: list[tuple[str, str]] = []
+        if self.cstore_sink and self.stow_sink:
+            problems.append(
+                (
+                    "peer_dimse_aet",
+                    "choose one sink: C-STORE (--peer_dimse_aet/ip/port) or STOW-RS "
+                    "(--peer_dicomweb_address), not both",
+                )
+            )
+        elif not self.cstore_sink and not self.stow_sink:
+            problems.append(
+                (
+                    "peer_dicomweb_address",
+                    "no sink: set --peer_dicomweb_address (STOW-RS) or --peer_dimse_aet, "
+                    "--peer_dimse_ip and --peer_dimse_port (C-STORE)",
+                )
+            )
+        elif self.cstore_sink:
+            for flag, value in (
+                ("peer_dimse_aet", self.peer_dimse_aet),
+                ("peer_dimse_ip", self.peer_dimse_ip),
+                ("peer_dimse_port", self.peer_dimse_port),
+            ):
+                if not value:
+                    problems.append(
+                        (
+                            flag,
+                            "the C-STORE sink needs --peer_dimse_aet, "
+                            "--peer_dimse_ip and --peer_dimse_port",
+                        )
+                    )
+        elif self.peer_dicomweb_address:
+            problems.extend(_check_address("peer_dicomweb_address", self.peer_dicomweb_address))
+        elif not (self.peer_dicomweb_addr and self.peer_dicomweb_stow_path):
+            missing = "peer_dicomweb_stow_path" if self.peer_dicomweb_addr else "peer_dicomweb_addr"
+            problems.append((missing, "the deprecated pair needs both flags set"))
+        else:
+            problems.extend(_check_address("peer_dicomweb_addr", self.peer_dicomweb_addr))
+        if not self.dicomweb_addr:
+            problems.append(("dicomweb_addr", "is required"))
+        else:
+            problems.extend(_check_address("dicomweb_addr", self.dicomweb_addr))
+        if not self.project_id:
+            problems.append(("project_id", "is required"))
+        if not self.subscription_id:
+            problems.append(("subscription_id", "is required"))
+        if self.dicomweb_bearer_token and self.dicomweb_basic_auth:
+            problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
+        if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
+            problems.append(("dicomweb_basic_auth", "expected user:password"))
+        return problems
+
+
+def _check_address(flag: str, url: str) -> list[tuple[str, str]]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [(flag, f"not an http(s) URL: {url!r}")]
+    return []

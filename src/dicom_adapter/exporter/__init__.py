@@ -1,0 +1,1 @@
+"""dicom-export: Pub/Sub → WADO-RS → C-STORE or STOW-RS."""

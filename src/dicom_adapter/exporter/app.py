@@ -1,0 +1,184 @@
+"""Composition root and lifecycle of dicom-export: builds every client, pulls, shuts down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dicom_adapter.bridge import Bridge
+from dicom_adapter.config.exporter import ExporterSettings
+from dicom_adapter.dicomweb.auth import (
+    GoogleAuth,
+    choose_auth,
+    is_google_url,
+    load_google_credentials,
+)
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dimse.scu import AssociationTarget
+from dicom_adapter.dimse.server import configure_pynetdicom
+from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
+from dicom_adapter.exporter.source import PubSubSource
+from dicom_adapter.exporter.worker import ExportWorker
+
+logger = logging.getLogger(__name__)
+
+
+class ExportService:
+    """Everything dicom-export runs, wired together; start() and stop() on the event loop."""
+
+    def __init__(
+        self,
+        settings: ExporterSettings,
+        environ: Mapping[str, str],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._settings = settings
+        self._environ = environ
+        self._transport = transport
+        self._clients: list[httpx.AsyncClient] = []
+        self._bridge: Bridge | None = None
+        self._sink: Sink | None = None
+        self._source: PubSubSource | None = None
+        self._spool: Path | None = None
+        self.worker: ExportWorker | None = None
+
+    def _auth(self, url: str, google_credentials: Any) -> httpx.Auth | None:
+        settings = self._settings
+        if settings.dicomweb_bearer_token or settings.dicomweb_basic_auth:
+            return choose_auth(
+                url,
+                bearer_token=settings.dicomweb_bearer_token,
+                basic_auth=settings.dicomweb_basic_auth,
+                google_credentials=None,
+            )
+        if google_credentials is not None and (
+            settings.use_gcp_application_default_credentials or is_google_url(url)
+        ):
+            return GoogleAuth(google_credentials)
+        return None
+
+    def _client(self, url: str, google_credentials: Any) -> DicomwebClient:
+        settings = self._settings
+        http = make_http_client(
+            timeout=settings.http_timeout,
+            auth=self._auth(url, google_credentials),
+            max_connections=max(8, settings.max_messages * 2),
+            transport=self._transport,
+        )
+        self._clients.append(http)
+        return DicomwebClient(http, RetryPolicy(deadline=settings.upstream_retry_deadline))
+
+    async def start(self) -> None:
+        """Build the clients and start pulling."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        static_auth = settings.dicomweb_bearer_token or settings.dicomweb_basic_auth
+        urls = [settings.source_root] + ([settings.stow_url] if settings.stow_sink else [])
+        google_credentials: Any = None
+        if not static_auth and (
+            settings.use_gcp_application_default_credentials or any(map(is_google_url, urls))
+        ):
+            google_credentials = await asyncio.to_thread(
+                load_google_credentials, settings.oauth_scopes
+            )
+        self._bridge = bridge = Bridge(loop, blocking_workers=4)
+        source_client = self._client(settings.source_root, google_credentials)
+        if settings.stow_sink:
+            self._sink = StowSink(
+                self._client(settings.stow_url, google_credentials), settings.stow_url
+            )
+            where = f"STOW-RS to {settings.stow_url}"
+        else:
+            configure_pynetdicom()
+            target = AssociationTarget(
+                calling_aet=settings.client_aet,
+                called_aet=settings.peer_dimse_aet,
+                host=settings.peer_dimse_ip,
+                port=settings.peer_dimse_port,
+            )
+            self._sink = CStoreSink(bridge, target)
+            where = (
+                f"C-STORE to {settings.peer_dimse_aet}@{settings.peer_dimse_ip}:"
+                f"{settings.peer_dimse_port}"
+            )
+        self._spool = Path(tempfile.mkdtemp(prefix="dicom-export-"))
+        self.worker = ExportWorker(
+            source_client,
+            settings.source_root,
+            self._sink,
+            self._spool,
+            nack_permanent_failures=settings.nack_permanent_failures,
+        )
+        self._source = PubSubSource(
+            bridge,
+            self.worker,
+            settings.subscription_path,
+            max_messages=settings.max_messages,
+            max_bytes=settings.max_bytes,
+        )
+        await asyncio.to_thread(self._source.start)
+        logger.info(
+            "dicom-export pulling %s; WADO-RS from %s; %s",
+            settings.subscription_path,
+            settings.source_root,
+            where,
+        )
+
+    @property
+    def failed(self) -> bool:
+        """True when the streaming pull ended by itself (e.g. the subscription is gone)."""
+        return self._source is not None and self._source.failed
+
+    async def stop(self) -> None:
+        """Stop pulling, let in-flight messages finish (grace period), flush acks, close."""
+        grace = self._settings.shutdown_grace_period
+        if self._source is not None:
+            logger.info("stopping: no new messages; waiting up to %.0f s for running ones", grace)
+            # Blocking, and the running callbacks need this loop: wait in a thread.
+            await asyncio.to_thread(self._source.stop, grace)
+            self._source = None
+        if self._sink is not None:
+            await self._sink.close()
+            self._sink = None
+        if self._bridge is not None:
+            await self._bridge.close(grace=1.0)
+            self._bridge = None
+        for http in self._clients:
+            await http.aclose()
+        self._clients = []
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
+
+async def run(settings: ExporterSettings, environ: Mapping[str, str]) -> int:
+    """Pull until SIGTERM/SIGINT, then drain within the grace period; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = ExportService(settings, environ)
+    code = 0
+    try:
+        await service.start()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                if service.failed:
+                    logger.error("the streaming pull stopped; exiting")
+                    code = 1
+                    break
+    finally:
+        await service.stop()
+    logger.info("dicom-export stopped")
+    return code

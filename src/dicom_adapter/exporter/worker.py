@@ -1,0 +1,105 @@
+"""One Pub/Sub message: parse → WADO-RS fetch into a temp file → sink → ack or nack."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from dicom_adapter.dicomweb.client import DicomwebClient
+from dicom_adapter.errors import (
+    AdapterError,
+    UpstreamAuthError,
+    UpstreamError,
+)
+from dicom_adapter.exporter.messages import MalformedMessage, instance_path
+from dicom_adapter.exporter.sinks import (
+    PermanentFailure,
+    Sink,
+    TransientFailure,
+    read_instance,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    """What the Pub/Sub callback does with the message."""
+
+    ACK = "ack"
+    NACK = "nack"
+
+
+class ExportWorker:
+    """Exports one instance per message; `handle` never raises."""
+
+    def __init__(
+        self,
+        client: DicomwebClient,
+        source_root: str,
+        sink: Sink,
+        spool_dir: Path,
+        *,
+        nack_permanent_failures: bool = False,
+    ) -> None:
+        self._client = client
+        self._root = source_root.rstrip("/")
+        self._sink = sink
+        self._spool = spool_dir
+        self._nack_permanent = nack_permanent_failures
+        self.exported = 0
+        self.permanent_failures = 0
+        self.transient_failures = 0
+
+    async def handle(self, message_id: str, data: bytes) -> Outcome:
+        """ACK when exported (or permanently failed, unless configured to nack), else NACK."""
+        extra = {"message_id": message_id}
+        try:
+            await self._export(data)
+        except (MalformedMessage, PermanentFailure) as exc:
+            return self._permanent(message_id, exc)
+        except UpstreamAuthError as exc:
+            self.transient_failures += 1
+            logger.warning("export failed, will retry: %s", exc, extra=extra)
+            return Outcome.NACK
+        except UpstreamError as exc:
+            if exc.retryable:
+                self.transient_failures += 1
+                logger.warning("export failed, will retry: %s", exc, extra=extra)
+                return Outcome.NACK
+            return self._permanent(message_id, exc)
+        except (TransientFailure, AdapterError) as exc:
+            self.transient_failures += 1
+            logger.warning("export failed, will retry: %s", exc, extra=extra)
+            return Outcome.NACK
+        except Exception:
+            self.transient_failures += 1
+            logger.exception("export failed unexpectedly, will retry", extra=extra)
+            return Outcome.NACK
+        self.exported += 1
+        logger.debug("exported", extra=extra)
+        return Outcome.ACK
+
+    def _permanent(self, message_id: str, exc: Exception) -> Outcome:
+        self.permanent_failures += 1
+        action = "nacking" if self._nack_permanent else "acking"
+        logger.error(
+            "export failed permanently (%s the message): %s",
+            action,
+            exc,
+            extra={"message_id": message_id},
+        )
+        return Outcome.NACK if self._nack_permanent else Outcome.ACK
+
+    async def _export(self, data: bytes) -> None:
+        path = instance_path(data)
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self._spool)
+        tmp = Path(name)
+        os.close(fd)
+        try:
+            await self._client.retrieve_instance_to(f"{self._root}/{path}", tmp)
+            await self._sink.send(read_instance(tmp))
+        finally:
+            tmp.unlink(missing_ok=True)

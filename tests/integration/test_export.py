@@ -1,0 +1,329 @@
+"""dicom-export end to end: Pub/Sub test server → WADO-RS from Orthanc → storescp or Orthanc.
+
+The exporter runs as a subprocess (`dicom-export`) pointed at the in-process Pub/Sub server
+with PUBSUB_EMULATOR_HOST; sinks are DCMTK's storescp (C-STORE) and a second Orthanc (STOW-RS).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.pubsub_server import PubSubServer
+from tests.rig import (
+    Orthanc,
+    _local_env,
+    _stop_process,
+    dcmsend,
+    dcmtk_env,
+    dcmtk_tool,
+    echo,
+    free_port,
+    generate_ct_series,
+)
+
+PROJECT = "test-project"
+TOPIC = f"projects/{PROJECT}/topics/instances"
+SCP_AET = "STORESCP"
+DELIVERY_TIMEOUT = 30.0
+
+
+def export_binary() -> Path:
+    return Path(sys.executable).with_name("dicom-export")
+
+
+class Exporter:
+    """`dicom-export` as a subprocess; ready once it logs that it is pulling."""
+
+    def __init__(self, log_path: Path, args: list[str], pubsub_host: str) -> None:
+        self.log_path = log_path
+        self.args = [str(export_binary()), *args]
+        self.env = _local_env({"PUBSUB_EMULATOR_HOST": pubsub_host})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Exporter:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        deadline = time.monotonic() + 30
+        while "dicom-export pulling" not in self.log_text():
+            assert self.proc.poll() is None, f"dicom-export exited:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"dicom-export not ready:\n{self.log_text()}"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _stop_process(self.proc, 30.0)
+        print(f"--- dicom-export log ---\n{self.log_text()[-6000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.log_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+class StoreSCP:
+    """DCMTK storescp writing every received instance into its own folder."""
+
+    def __init__(self, folder: Path, port: int | None = None, *, probe: bool = True) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.probe = probe  # storescp serves one association at a time: no probe while busy
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                dcmtk_tool("storescp"),
+                "-aet",
+                SCP_AET,
+                "+xa",
+                "-od",
+                str(self.folder),
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while self.probe and not echo("127.0.0.1", self.port, SCP_AET):
+            assert self.proc.poll() is None, "storescp exited"
+            assert time.monotonic() < deadline, "storescp did not answer C-ECHO"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def received_uids(self) -> set[str]:
+        """SOP Instance UIDs of the complete files (storescp names them <modality>.<uid>)."""
+        return {p.name.split(".", 1)[1] for p in self.folder.iterdir() if p.is_file()}
+
+    def pixel_data(self) -> dict[str, bytes]:
+        out = {}
+        for p in self.folder.iterdir():
+            ds = dcmread(p)
+            out[str(ds.SOPInstanceUID)] = bytes(ds.PixelData)
+        return out
+
+
+class Source:
+    """Instances loaded into the session Orthanc: WADO-RS path and PixelData by SOP UID."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.paths: dict[str, str] = {}
+        self.pixels: dict[str, bytes] = {}
+        for f in files:
+            ds = dcmread(f)
+            uid = str(ds.SOPInstanceUID)
+            self.paths[uid] = (
+                f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{uid}"
+            )
+            self.pixels[uid] = bytes(ds.PixelData)
+
+    @property
+    def uids(self) -> list[str]:
+        return sorted(self.paths)
+
+
+@pytest.fixture(scope="module")
+def source(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Source:
+    folder = tmp_path_factory.mktemp("export-source")
+    files = generate_ct_series(folder, 100, rows=64, cols=64, seed=7, patient_id="EXPORT")
+    result = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [folder])
+    assert result.returncode == 0, result.stderr
+    return Source(files)
+
+
+@pytest.fixture
+def pubsub(monkeypatch: pytest.MonkeyPatch) -> Iterator[PubSubServer]:
+    with PubSubServer() as server:
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", server.host)
+        server.create_topic(TOPIC)
+        yield server
+
+
+def subscription(server: PubSubServer, name: str) -> str:
+    path = f"projects/{PROJECT}/subscriptions/{name}"
+    server.create_subscription(path, TOPIC)
+    return path
+
+
+def exporter_args(orthanc: Orthanc, sub: str, *sink: str) -> list[str]:
+    return [
+        f"--dicomweb_addr={orthanc.dicomweb_url}",
+        f"--project_id={PROJECT}",
+        f"--subscription_id={sub.rsplit('/', 1)[1]}",
+        "--log_format=json",
+        "--shutdown_grace_period=20",
+        *sink,
+    ]
+
+
+def cstore_sink(port: int) -> list[str]:
+    return [f"--peer_dimse_aet={SCP_AET}", "--peer_dimse_ip=127.0.0.1", f"--peer_dimse_port={port}"]
+
+
+def publish(server: PubSubServer, source: Source, uids: list[str]) -> dict[str, str]:
+    """Publish one message per instance; returns message id -> SOP Instance UID."""
+    return {server.publish(TOPIC, source.paths[uid].encode()): uid for uid in uids}
+
+
+def test_all_messages_delivered(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    sub = subscription(pubsub, "all")
+    with (
+        StoreSCP(tmp_path / "scp") as scp,
+        Exporter(
+            tmp_path / "export.log",
+            exporter_args(orthanc, sub, *cstore_sink(scp.port)),
+            pubsub.host,
+        ) as exporter,
+    ):
+        sent = publish(pubsub, source, source.uids)
+        pubsub.wait_until(
+            lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
+        )
+        assert pubsub.outstanding(sub) == 0
+        assert exporter.stop() == 0
+        opened = [r for r in exporter.log_records() if "association opened" in r["message"]]
+        assert len(opened) == 1, "one association should carry every C-STORE"
+    pixels = scp.pixel_data()
+    assert set(pixels) == set(source.uids)
+    for uid, data in pixels.items():
+        assert data == source.pixels[uid]
+
+
+def test_permanent_failures_are_acked_and_logged(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    sub = subscription(pubsub, "permanent")
+    with (
+        StoreSCP(tmp_path / "scp") as scp,
+        Exporter(
+            tmp_path / "export.log",
+            exporter_args(orthanc, sub, *cstore_sink(scp.port)),
+            pubsub.host,
+        ) as exporter,
+    ):
+        malformed = pubsub.publish(TOPIC, b"this is not an instance path")
+        missing = pubsub.publish(
+            TOPIC, b"studies/1.2.3.999/series/1.2.3.999.1/instances/1.2.3.999.1.1"
+        )
+        good = publish(pubsub, source, source.uids[:5])
+        everything = {malformed, missing, *good}
+        pubsub.wait_until(
+            lambda: pubsub.acked(sub) == everything, DELIVERY_TIMEOUT, "all messages acked"
+        )
+        assert exporter.stop() == 0
+        errors = {
+            r.get("message_id") for r in exporter.log_records() if r.get("severity") == "ERROR"
+        }
+    assert {malformed, missing} <= errors
+    assert pubsub.deliveries(malformed) == 1
+    assert pubsub.deliveries(missing) == 1
+    assert scp.received_uids() == set(good.values())
+
+
+def test_sink_down_at_first_loses_nothing(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    sub = subscription(pubsub, "outage")
+    port = free_port()
+    with Exporter(
+        tmp_path / "export.log", exporter_args(orthanc, sub, *cstore_sink(port)), pubsub.host
+    ) as exporter:
+        sent = publish(pubsub, source, source.uids[:20])
+        # The sink is down: messages are delivered, nacked and delivered again, never acked.
+        pubsub.wait_until(
+            lambda: any(pubsub.deliveries(m) >= 3 for m in sent),
+            DELIVERY_TIMEOUT,
+            "redeliveries during the outage",
+        )
+        assert pubsub.acked(sub) == set()
+        with StoreSCP(tmp_path / "scp", port=port, probe=False) as scp:
+            pubsub.wait_until(
+                lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
+            )
+            assert exporter.stop() == 0
+    assert scp.received_uids() == set(sent.values())
+    assert pubsub.outstanding(sub) == 0
+
+
+def test_stow_sink(orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path) -> None:
+    sub = subscription(pubsub, "stow")
+    with (
+        Orthanc(aet="PEER", workdir=tmp_path / "peer") as peer,
+        Exporter(
+            tmp_path / "export.log",
+            exporter_args(orthanc, sub, f"--peer_dicomweb_address={peer.dicomweb_url}"),
+            pubsub.host,
+        ) as exporter,
+    ):
+        sent = publish(pubsub, source, source.uids[:10])
+        pubsub.wait_until(
+            lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
+        )
+        assert exporter.stop() == 0
+        for uid in sent.values():
+            orthanc_id = peer.find_instance(uid)
+            assert orthanc_id is not None
+            assert bytes(peer.instance_dataset(orthanc_id).PixelData) == source.pixels[uid]
+
+
+def test_sigterm_mid_stream(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    sub = subscription(pubsub, "sigterm")
+    with (
+        StoreSCP(tmp_path / "scp") as scp,
+        Exporter(
+            tmp_path / "export.log",
+            [*exporter_args(orthanc, sub, *cstore_sink(scp.port)), "--max_messages=4"],
+            pubsub.host,
+        ) as exporter,
+    ):
+        sent = publish(pubsub, source, source.uids)
+        pubsub.wait_until(lambda: len(pubsub.acked(sub)) >= 10, DELIVERY_TIMEOUT, "some acks")
+        assert exporter.stop() == 0
+        acked = pubsub.acked(sub)
+        assert acked, "nothing acked"
+        received = scp.received_uids()
+        assert {sent[m] for m in acked} <= received
