@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic.config import JsonDict
@@ -27,6 +27,7 @@ class CommonSettings(BaseSettings):
     """Flags both `dicom-import` and `dicom-export` take."""
 
     model_config = SettingsConfigDict(frozen=True, case_sensitive=False, extra="ignore")
+    deprecation_replacement: ClassVar[str] = ""  # the flag that replaces the deprecated ones
 
     verbose: bool = Field(False, description="Log debug messages.")
     oauth_scopes: str = Field(

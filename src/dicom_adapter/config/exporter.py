@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -11,6 +12,8 @@ from dicom_adapter.config.common import DEPRECATED, CommonSettings, new_flag
 
 class ExporterSettings(CommonSettings):
     """Every flag of dicom-export."""
+
+    deprecation_replacement: ClassVar[str] = "peer_dicomweb_address"
 
     peer_dimse_aet: str = Field("", description="AE title of the C-STORE sink (C-STORE mode).")
     peer_dimse_ip: str = Field("", description="Host or IP of the C-STORE sink.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -20,6 +20,8 @@ GOOGLE_DICOMWEB = re.compile(
 
 class ImporterSettings(CommonSettings):
     """Every flag of dicom-import."""
+
+    deprecation_replacement: ClassVar[str] = "dicomweb_address"
 
     dimse_aet: str = Field("", description="AE title of this DIMSE SCP (required).")
     dimse_port: int = Field(

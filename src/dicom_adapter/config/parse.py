@@ -126,7 +126,7 @@ def parse_settings(
 def deprecation_notes(settings: CommonSettings) -> list[str]:
     """One line per deprecated flag that was set, for the log once logging is configured."""
     return [
-        f"--{name} is deprecated; use --dicomweb_address"
+        f"--{name} is deprecated; use --{settings.deprecation_replacement}"
         for name in sorted(settings.model_fields_set)
         if flag_status(type(settings).model_fields[name]) == "deprecated"
     ]
