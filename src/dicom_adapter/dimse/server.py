@@ -233,12 +233,32 @@ def spooled(path: Path, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     return marker
 
 
+def wait_for_reactor_resume(assoc: Any, timeout: float = 1.0) -> None:
+    """Before a DIMSE request on an association whose previous request just finished.
+
+    pynetdicom pauses the association's reactor around each request, but its "paused" flag
+    stays True from the previous request until the reactor thread runs again; a request sent
+    in that moment is not protected, and the reactor can take its response off the queue
+    ("Received unexpected C-STORE service message"), leaving the sender to wait out the
+    DIMSE timeout. Back-to-back sends on a busy process hit this; wait for the resume first.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not checkpoint.is_set():
+        return
+    deadline = time.monotonic() + timeout
+    while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
+        if not assoc.is_alive():
+            return
+        time.sleep(0.00005)
+
+
 def send_spooled_files(assoc: Any) -> None:
     """Make this association's C-STORE send a `spooled()` stand-in's file without decoding."""
     original = assoc.send_c_store
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         path = getattr(dataset, _SPOOL_PATH, None) if isinstance(dataset, Dataset) else None
+        wait_for_reactor_resume(assoc)
         return original(path if path is not None else dataset, *args, **kwargs)
 
     assoc.send_c_store = send_c_store

@@ -24,6 +24,7 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
     open_association,
 )
+from dicom_adapter.dimse.server import wait_for_reactor_resume
 from dicom_adapter.errors import AdapterError, UpstreamError
 from dicom_adapter.importer.store import status_for
 from dicom_adapter.status import Status, is_stored
@@ -160,6 +161,7 @@ class CStoreSink:
                 f"in transfer syntax {instance.transfer_syntax}"
             )
         try:
+            wait_for_reactor_resume(assoc)
             status = assoc.send_c_store(instance.path)
         except (RuntimeError, ValueError, AttributeError, OSError) as exc:
             self._abort()

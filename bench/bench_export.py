@@ -1,0 +1,520 @@
+"""Benchmark: dicom-export throughput, association reuse vs one association per message.
+
+One Orthanc (fresh storage, loaded once with dcmsend with N+1 generated CT instances,
+512x512, 16-bit; the extra one is a warm-up message), the in-process Pub/Sub test server
+(`tests.pubsub_server.PubSubServer`) and, per measurement, a fresh topic + subscription and a
+fresh DCMTK storescp sink (`+xa --fork`: a child process per association, so the per-message
+mode is not serialized on one association at a time; the same sink serves both modes).
+Alternating the order per repetition, two consumers deliver the same N messages:
+
+  (a) reuse       -- `dicom-export` as it is (C-STORE sink keeping one association open);
+  (b) per-message -- BASELINE emulating the Java adapter, because `dicom-export` has no flag
+      for one association per message: this script run as a subprocess
+      (`--baseline-consumer`), with the real google-cloud-pubsub SubscriberClient (flow
+      control max_messages=16, callbacks on a 16-thread pool, like dicom-export), a shared
+      httpx.Client for the WADO-RS fetch (multipart, first part written to a temp file) and,
+      per message, pynetdicom `AE.associate` / `send_c_store(path)` / `release`. It uses the
+      adapter's own pynetdicom tuning (`configure_pynetdicom`, and `tune_connection` on
+      EVT_CONN_OPEN: TCP_NODELAY on the socket plus the waking DUL poll) and the same maximum
+      PDU, so the association policy is the only difference between (a) and (b).
+
+Each measurement: start the consumer, deliver one warm-up message (not timed), then publish
+the N instance paths and time from the first publish until all N are acked (polling
+`server.acked(sub)`); storescp must then hold all N+1 files. Reports median seconds,
+messages/s and the ratio (a)/(b) in messages/s. Targets: ratio >= 3.0 and (a) >= 100 msg/s.
+
+Usage: python bench/bench_export.py [--messages 200] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Self
+
+import httpx
+from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.pubsub_server import PubSubServer
+from tests.rig import (
+    Orthanc,
+    _local_env,
+    _stop_process,
+    dcmsend,
+    dcmtk_env,
+    dcmtk_tool,
+    echo,
+    free_port,
+    generate_ct_series,
+)
+
+from dicom_adapter.dimse.scu import DEFAULT_MAX_PDU
+from dicom_adapter.dimse.server import configure_pynetdicom, release_connection, tune_connection
+
+PROJECT = "bench-project"
+SCP_AET = "BENCHSCP"
+CLIENT_AET = "EXPORTADAPTER"
+MAX_MESSAGES = 16  # dicom-export's default flow control, used by the baseline too
+TARGET_RATIO = 3.0
+TARGET_RATE = 100.0
+DELIVERY_TIMEOUT = 600.0
+READY_TIMEOUT = 60.0
+ACK_POLL = 0.01
+BASELINE = (
+    "per-message baseline: in-bench emulation of the Java adapter (google-cloud-pubsub "
+    "SubscriberClient, max_messages=16, httpx WADO-RS, pynetdicom associate/send_c_store/release "
+    "per message, TCP_NODELAY, adapter pynetdicom tuning); dicom-export has no such flag"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+class StoreSCP:
+    """DCMTK storescp (`+xa --fork`) in its own process group, writing into `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [dcmtk_tool("storescp"), "--fork", "-aet", SCP_AET, "+xa"]
+        self.proc = subprocess.Popen(
+            [*args, "-od", str(self.folder), str(self.port)],
+            env=dcmtk_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # the forked children share the group: stop() ends all
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not echo("127.0.0.1", self.port, SCP_AET, timeout=2.0):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("storescp did not answer C-ECHO within 20 s")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def count(self) -> int:
+        return sum(1 for p in self.folder.iterdir() if p.is_file())
+
+
+class Consumer:
+    """A consumer subprocess (dicom-export or the baseline); ready once `ready` is logged."""
+
+    def __init__(self, args: list[str], ready: str, log_path: Path, pubsub_host: str) -> None:
+        self.args = args
+        self.ready = ready
+        self.log_path = log_path
+        self.env = _local_env({"PUBSUB_EMULATOR_HOST": pubsub_host})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while self.ready not in self.log_text():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"consumer exited:\n{self.log_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"consumer not ready:\n{self.log_text()[-4000:]}")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> int | None:
+        proc, self.proc = self.proc, None
+        return None if proc is None else _stop_process(proc, 30.0)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def exporter_command(dicomweb_url: str, sub: str, scp_port: int) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("dicom-export")),
+        f"--dicomweb_addr={dicomweb_url}",
+        f"--project_id={PROJECT}",
+        f"--subscription_id={sub.rsplit('/', 1)[1]}",
+        "--log_format=json",
+        f"--max_messages={MAX_MESSAGES}",
+        f"--peer_dimse_aet={SCP_AET}",
+        "--peer_dimse_ip=127.0.0.1",
+        f"--peer_dimse_port={scp_port}",
+        f"--client_aet={CLIENT_AET}",
+    ]
+
+
+def baseline_command(dicomweb_url: str, sub: str, scp_port: int, spool: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--baseline-consumer",
+        f"--dicomweb-url={dicomweb_url}",
+        f"--subscription={sub}",
+        f"--scp-port={scp_port}",
+        f"--spool={spool}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The baseline consumer (runs in its own process)
+
+
+def first_part(content_type: str, body: bytes) -> bytes:
+    """The payload of the first part of a multipart/related body."""
+    boundary = ""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        raise ValueError(f"no multipart boundary in {content_type!r}")
+    delimiter = b"--" + boundary.encode()
+    start = body.index(delimiter) + len(delimiter)
+    start = body.index(b"\r\n\r\n", start) + 4
+    end = body.index(b"\r\n" + delimiter, start)
+    return body[start:end]
+
+
+class BaselineExporter:
+    """Java adapter behaviour: fetch with WADO-RS, then one association per C-STORE."""
+
+    def __init__(self, dicomweb_url: str, scp_port: int, spool: Path) -> None:
+        self.root = dicomweb_url.rstrip("/")
+        self.scp_port = scp_port
+        self.spool = spool
+        limits = httpx.Limits(max_connections=2 * MAX_MESSAGES)
+        self.http = httpx.Client(timeout=60.0, limits=limits)
+        self.lock = threading.Lock()
+        self.associations = 0
+        self.failures = 0
+
+    def export(self, data: bytes) -> None:
+        url = f"{self.root}/{data.decode().strip().lstrip('/')}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        response = self.http.get(url, headers={"Accept": accept})
+        response.raise_for_status()
+        payload = first_part(response.headers["content-type"], response.content)
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.spool)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(payload)
+            meta = read_file_meta_info(path)
+            sop_class = str(meta.MediaStorageSOPClassUID)
+            syntax = str(meta.TransferSyntaxUID)
+            ae = AE(ae_title=CLIENT_AET)
+            handlers: list[Any] = [
+                (evt.EVT_CONN_OPEN, tune_connection),
+                (evt.EVT_CONN_CLOSE, release_connection),
+            ]
+            assoc = ae.associate(
+                "127.0.0.1",
+                self.scp_port,
+                contexts=[build_context(sop_class, [syntax])],
+                ae_title=SCP_AET,
+                max_pdu=DEFAULT_MAX_PDU,
+                evt_handlers=handlers,
+            )
+            if not assoc.is_established:
+                raise RuntimeError("association not established")
+            with self.lock:
+                self.associations += 1
+            try:
+                status = assoc.send_c_store(path)
+            finally:
+                assoc.release()
+            code = getattr(status, "Status", None)
+            if code is None or int(code) not in (0x0000, 0xB000, 0xB007, 0xB006):
+                raise RuntimeError(f"C-STORE status {code}")
+        finally:
+            path.unlink(missing_ok=True)
+
+    def callback(self, message: Any) -> None:
+        try:
+            self.export(bytes(message.data))
+        except Exception as exc:
+            with self.lock:
+                self.failures += 1
+            print(f"baseline export failed, nacking: {exc!r}", flush=True)
+            message.nack()
+            return
+        message.ack()
+
+
+def run_baseline_consumer(args: argparse.Namespace) -> int:
+    from google.cloud import pubsub_v1  # type: ignore[import-untyped]
+    from google.cloud.pubsub_v1.subscriber.scheduler import (  # type: ignore[import-untyped]
+        ThreadScheduler,
+    )
+
+    configure_pynetdicom()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    exporter = BaselineExporter(args.dicomweb_url, args.scp_port, Path(args.spool))
+    subscriber = pubsub_v1.SubscriberClient()
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=MAX_MESSAGES, thread_name_prefix="baseline-callback"
+    )
+    future = subscriber.subscribe(
+        args.subscription,
+        exporter.callback,
+        flow_control=pubsub_v1.types.FlowControl(max_messages=MAX_MESSAGES),
+        scheduler=ThreadScheduler(executor=executor),
+        await_callbacks_on_shutdown=True,
+    )
+    print(f"baseline pulling {args.subscription}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if future.done():
+                print(f"streaming pull ended: {future.exception()!r}", flush=True)
+                return 1
+    finally:
+        future.cancel()
+        with suppress(BaseException):
+            future.result(timeout=20)
+        subscriber.close()
+        exporter.http.close()
+        print(
+            f"baseline stopped: associations={exporter.associations} failures={exporter.failures}",
+            flush=True,
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+class Bench:
+    """The shared Orthanc, Pub/Sub server and instance paths; `run` measures one consumer."""
+
+    def __init__(self, orthanc: Orthanc, server: PubSubServer, work: Path, paths: list[str]):
+        self.orthanc = orthanc
+        self.server = server
+        self.work = work
+        self.warmup, self.paths = paths[0], paths[1:]
+        self.runs = 0
+
+    def run(self, mode: str) -> tuple[float, int]:
+        """Seconds to deliver all messages with `mode`, and associations opened (if known)."""
+        self.runs += 1
+        name = f"{mode}-{self.runs}"
+        topic = f"projects/{PROJECT}/topics/{name}"
+        sub = f"projects/{PROJECT}/subscriptions/{name}"
+        self.server.create_topic(topic)
+        self.server.create_subscription(sub, topic, ack_deadline=60)
+        run_dir = self.work / name
+        spool = run_dir / "spool"
+        spool.mkdir(parents=True)
+        url = self.orthanc.dicomweb_url
+        with StoreSCP(run_dir / "scp") as scp:
+            if mode == "reuse":
+                command = exporter_command(url, sub, scp.port)
+                ready = "dicom-export pulling"
+            else:
+                command = baseline_command(url, sub, scp.port, spool)
+                ready = "baseline pulling"
+            consumer = Consumer(command, ready, run_dir / "consumer.log", self.server.host)
+            with consumer:
+                warm = self.server.publish(topic, self.warmup.encode())
+                self.wait_acked(sub, {warm}, consumer)
+                started = time.perf_counter()
+                sent = {self.server.publish(topic, p.encode()) for p in self.paths}
+                self.wait_acked(sub, sent | {warm}, consumer)
+                elapsed = time.perf_counter() - started
+                code = consumer.stop()
+            if code != 0:
+                raise RuntimeError(f"{mode} consumer exit code {code}:\n{consumer.log_text()}")
+            received = scp.count()
+        expected = len(self.paths) + 1
+        if received != expected:
+            raise RuntimeError(f"{mode}: storescp holds {received} files, expected {expected}")
+        redelivered = sum(self.server.deliveries(m) - 1 for m in sent)
+        if redelivered:
+            print(f"  ({mode}: {redelivered} redeliveries)", flush=True)
+        return elapsed, self.associations(mode, consumer.log_text())
+
+    def wait_acked(self, sub: str, wanted: set[str], consumer: Consumer) -> None:
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while not wanted <= self.server.acked(sub):
+            if consumer.proc is None or consumer.proc.poll() is not None:
+                raise RuntimeError(f"consumer exited:\n{consumer.log_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not all messages acked within {DELIVERY_TIMEOUT} s")
+            time.sleep(ACK_POLL)
+
+    @staticmethod
+    def associations(mode: str, log: str) -> int:
+        if mode == "reuse":
+            return log.count("association opened")
+        for line in log.splitlines():
+            if line.startswith("baseline stopped: associations="):
+                return int(line.split("=")[1].split()[0])
+        return -1
+
+
+def instance_paths(files: list[Path]) -> list[str]:
+    paths = []
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        paths.append(
+            f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+    return paths
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--baseline-consumer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dicomweb-url", help=argparse.SUPPRESS)
+    parser.add_argument("--subscription", help=argparse.SUPPRESS)
+    parser.add_argument("--scp-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--spool", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_consumer:
+        return run_baseline_consumer(args)
+
+    # SIGTERM unwinds like Ctrl-C, so every server and consumer below is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    print(BASELINE, flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        series = work / "ct"
+        files = generate_ct_series(series, args.messages + 1, rows=512, cols=512)
+        mb = sum(p.stat().st_size for p in series.iterdir()) / 1e6
+        print(f"{args.messages} CT instances (+1 warm-up), {mb:.0f} MB", flush=True)
+        orthanc = stack.enter_context(Orthanc(workdir=work / "orthanc"))
+        loaded = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [series], timeout=1800)
+        if loaded.returncode != 0:
+            raise RuntimeError(f"dcmsend failed: {loaded.stderr[-2000:]}")
+        if orthanc.count_instances() != args.messages + 1:
+            raise RuntimeError("Orthanc does not hold every generated instance")
+        server = stack.enter_context(PubSubServer())
+        bench = Bench(orthanc, server, work, instance_paths(files))
+
+        seconds: dict[str, list[float]] = {"reuse": [], "per_message": []}
+        assocs: dict[str, list[int]] = {"reuse": [], "per_message": []}
+        for rep in range(args.reps):
+            order = ("reuse", "per_message") if rep % 2 == 0 else ("per_message", "reuse")
+            for mode in order:
+                elapsed, opened = bench.run(mode)
+                seconds[mode].append(elapsed)
+                assocs[mode].append(opened)
+                print(
+                    f"rep {rep}: {mode:<11} {elapsed:.2f} s, "
+                    f"{args.messages / elapsed:.1f} msg/s, {opened} associations",
+                    flush=True,
+                )
+
+    reuse_s = statistics.median(seconds["reuse"])
+    per_message_s = statistics.median(seconds["per_message"])
+    reuse_rate = args.messages / reuse_s
+    per_message_rate = args.messages / per_message_s
+    ratio = reuse_rate / per_message_rate
+    results: dict[str, object] = {
+        "messages": args.messages,
+        "reps": args.reps,
+        "baseline": BASELINE,
+        "sink": "storescp +xa --fork",
+        "max_messages": MAX_MESSAGES,
+        "reuse_seconds": [round(s, 3) for s in seconds["reuse"]],
+        "per_message_seconds": [round(s, 3) for s in seconds["per_message"]],
+        "reuse_associations": assocs["reuse"],
+        "per_message_associations": assocs["per_message"],
+        "reuse_seconds_median": round(reuse_s, 3),
+        "per_message_seconds_median": round(per_message_s, 3),
+        "reuse_msg_per_s": round(reuse_rate, 1),
+        "per_message_msg_per_s": round(per_message_rate, 1),
+        "throughput_ratio": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+        "target_reuse_msg_per_s": TARGET_RATE,
+    }
+    print(json.dumps(results, indent=2))
+    ok = ratio >= TARGET_RATIO and reuse_rate >= TARGET_RATE
+    print(
+        "targets met"
+        if ok
+        else f"TARGETS MISSED: ratio >= {TARGET_RATIO} (got {ratio:.2f}), "
+        f"reuse >= {TARGET_RATE:.0f} msg/s (got {reuse_rate:.1f})"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
