@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import uvloop
 
+from dicom_adapter.config.common import CommonSettings
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import deprecation_notes, parse_settings
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.observability.logging import configure_logging
 
+S = TypeVar("S", bound=CommonSettings)
+
 IMPORT_DESCRIPTION = (
-    "DIMSE SCP that forwards C-STORE to a DICOMweb server (STOW-RS). Flags match Google's "
+    "DIMSE SCP in front of a DICOMweb server: C-STORE → STOW-RS, C-FIND → QIDO-RS, C-MOVE/C-GET "
+    "→ WADO-RS, storage commitment. Flags match Google's "
     "healthcare-dicom-dicomweb-adapter; each can also be set by the environment variable shown."
 )
 
@@ -31,6 +37,27 @@ def _fail(prog: str, exc: ConfigError) -> int:
     return 2
 
 
+def _run(
+    prog: str,
+    model: type[S],
+    description: str,
+    argv: Sequence[str],
+    service: Callable[[S, dict[str, str]], Coroutine[Any, Any, int]],
+) -> int:
+    """Parse flags (one stderr line + exit 2 on error), configure logging once, run on uvloop."""
+    try:
+        settings = parse_settings(model, argv, prog=prog, description=description)
+    except ConfigError as exc:
+        return _fail(prog, exc)
+    configure_logging(verbose=settings.verbose, log_format=settings.log_format)
+    for note in deprecation_notes(settings):
+        logging.getLogger("dicom_adapter").warning(note)
+    try:
+        return uvloop.run(service(settings, dict(os.environ)))
+    except ConfigError as exc:
+        return _fail(prog, exc)
+
+
 def import_main(argv: Sequence[str] | None = None) -> None:
     """Run dicom-import."""
     sys.exit(run_import(sys.argv[1:] if argv is None else argv))
@@ -38,22 +65,9 @@ def import_main(argv: Sequence[str] | None = None) -> None:
 
 def run_import(argv: Sequence[str]) -> int:
     """dicom-import without sys.exit, for tests."""
-    import logging
-
     from dicom_adapter.importer import app
 
-    prog = "dicom-import"
-    try:
-        settings = parse_settings(ImporterSettings, argv, prog=prog, description=IMPORT_DESCRIPTION)
-    except ConfigError as exc:
-        return _fail(prog, exc)
-    configure_logging(verbose=settings.verbose, log_format=settings.log_format)
-    for note in deprecation_notes(settings):
-        logging.getLogger("dicom_adapter").warning(note)
-    try:
-        return uvloop.run(app.run(settings, dict(os.environ)))
-    except ConfigError as exc:
-        return _fail(prog, exc)
+    return _run("dicom-import", ImporterSettings, IMPORT_DESCRIPTION, argv, app.run)
 
 
 def export_main(argv: Sequence[str] | None = None) -> None:
@@ -63,19 +77,6 @@ def export_main(argv: Sequence[str] | None = None) -> None:
 
 def run_export(argv: Sequence[str]) -> int:
     """dicom-export without sys.exit, for tests."""
-    import logging
-
     from dicom_adapter.exporter import app
 
-    prog = "dicom-export"
-    try:
-        settings = parse_settings(ExporterSettings, argv, prog=prog, description=EXPORT_DESCRIPTION)
-    except ConfigError as exc:
-        return _fail(prog, exc)
-    configure_logging(verbose=settings.verbose, log_format=settings.log_format)
-    for note in deprecation_notes(settings):
-        logging.getLogger("dicom_adapter").warning(note)
-    try:
-        return uvloop.run(app.run(settings, dict(os.environ)))
-    except ConfigError as exc:
-        return _fail(prog, exc)
+    return _run("dicom-export", ExporterSettings, EXPORT_DESCRIPTION, argv, app.run)
