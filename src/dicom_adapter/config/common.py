@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic.config import JsonDict
@@ -72,4 +73,27 @@ class CommonSettings(BaseSettings):
 
     def cross_check(self) -> list[tuple[str, str]]:
         """Problems between flags, as (flag, problem) pairs; empty when consistent."""
-        return []
+        problems: list[tuple[str, str]] = []
+        if self.dicomweb_bearer_token and self.dicomweb_basic_auth:
+            problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
+        if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
+            problems.append(("dicomweb_basic_auth", "expected user:password"))
+        return problems
+
+
+def valid_aet(value: str) -> str:
+    """An AE title, trimmed; ValueError when it cannot be one (pydantic field validators)."""
+    value = value.strip()
+    if len(value) > 16:
+        raise ValueError("an AE title has at most 16 characters")
+    if "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("an AE title may not contain backslashes or control characters")
+    return value
+
+
+def check_http_url(flag: str, url: str) -> list[tuple[str, str]]:
+    """A (flag, problem) pair when `url` is not an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [(flag, f"not an http(s) URL: {url!r}")]
+    return []

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from typing import ClassVar
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from dicom_adapter.config.common import DEPRECATED, CommonSettings, new_flag
+from dicom_adapter.config.common import (
+    DEPRECATED,
+    CommonSettings,
+    check_http_url,
+    new_flag,
+    valid_aet,
+)
 
 
 class ExporterSettings(CommonSettings):
@@ -58,12 +63,7 @@ class ExporterSettings(CommonSettings):
     @field_validator("peer_dimse_aet", "client_aet")
     @classmethod
     def _check_aet(cls, value: str) -> str:
-        value = value.strip()
-        if len(value) > 16:
-            raise ValueError("an AE title has at most 16 characters")
-        if "\\" in value or any(ord(c) < 32 for c in value):
-            raise ValueError("an AE title may not contain backslashes or control characters")
-        return value
+        return valid_aet(value)
 
     @field_validator("max_messages", "max_bytes")
     @classmethod
@@ -135,29 +135,18 @@ class ExporterSettings(CommonSettings):
                         )
                     )
         elif self.peer_dicomweb_address:
-            problems.extend(_check_address("peer_dicomweb_address", self.peer_dicomweb_address))
+            problems.extend(check_http_url("peer_dicomweb_address", self.peer_dicomweb_address))
         elif not (self.peer_dicomweb_addr and self.peer_dicomweb_stow_path):
             missing = "peer_dicomweb_stow_path" if self.peer_dicomweb_addr else "peer_dicomweb_addr"
             problems.append((missing, "the deprecated pair needs both flags set"))
         else:
-            problems.extend(_check_address("peer_dicomweb_addr", self.peer_dicomweb_addr))
+            problems.extend(check_http_url("peer_dicomweb_addr", self.peer_dicomweb_addr))
         if not self.dicomweb_addr:
             problems.append(("dicomweb_addr", "is required"))
         else:
-            problems.extend(_check_address("dicomweb_addr", self.dicomweb_addr))
+            problems.extend(check_http_url("dicomweb_addr", self.dicomweb_addr))
         if not self.project_id:
             problems.append(("project_id", "is required"))
         if not self.subscription_id:
             problems.append(("subscription_id", "is required"))
-        if self.dicomweb_bearer_token and self.dicomweb_basic_auth:
-            problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
-        if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
-            problems.append(("dicomweb_basic_auth", "expected user:password"))
-        return problems
-
-
-def _check_address(flag: str, url: str) -> list[tuple[str, str]]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return [(flag, f"not an http(s) URL: {url!r}")]
-    return []
+        return problems + super().cross_check()

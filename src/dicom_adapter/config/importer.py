@@ -9,7 +9,14 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from dicom_adapter.config.common import DEPRECATED, CommonSettings, later_flag, new_flag
+from dicom_adapter.config.common import (
+    DEPRECATED,
+    CommonSettings,
+    check_http_url,
+    later_flag,
+    new_flag,
+    valid_aet,
+)
 
 GOOGLE_HOST = "healthcare.googleapis.com"
 GOOGLE_DICOMWEB = re.compile(
@@ -120,12 +127,7 @@ class ImporterSettings(CommonSettings):
     @field_validator("dimse_aet")
     @classmethod
     def _check_aet(cls, value: str) -> str:
-        value = value.strip()
-        if len(value) > 16:
-            raise ValueError("an AE title has at most 16 characters")
-        if "\\" in value or any(ord(c) < 32 for c in value):
-            raise ValueError("an AE title may not contain backslashes or control characters")
-        return value
+        return valid_aet(value)
 
     @property
     def stow_url(self) -> str:
@@ -154,17 +156,14 @@ class ImporterSettings(CommonSettings):
                 problems.extend(_check_address("dicomweb_addr", self.dicomweb_addr))
         else:
             problems.append(("dicomweb_address", "is required"))
-        if self.dicomweb_bearer_token and self.dicomweb_basic_auth:
-            problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
-        if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
-            problems.append(("dicomweb_basic_auth", "expected user:password"))
-        return problems
+        return problems + super().cross_check()
 
 
 def _check_address(flag: str, url: str) -> list[tuple[str, str]]:
+    problems = check_http_url(flag, url)
+    if problems:
+        return problems
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return [(flag, f"not an http(s) URL: {url!r}")]
     if (
         parts.hostname == GOOGLE_HOST
         and flag == "dicomweb_address"
