@@ -55,13 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.pubsub_server import PubSubServer
 from tests.rig import (
     Orthanc,
+    StoreSCP,
     _local_env,
     _stop_process,
     dcmsend,
-    dcmtk_env,
-    dcmtk_tool,
-    echo,
-    free_port,
     generate_ct_series,
 )
 
@@ -86,63 +83,6 @@ BASELINE = (
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-class StoreSCP:
-    """DCMTK storescp (`+xa --fork`) in its own process group, writing into `folder`."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Self:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        args = [dcmtk_tool("storescp"), "--fork", "-aet", SCP_AET, "+xa"]
-        self.proc = subprocess.Popen(
-            [*args, "-od", str(self.folder), str(self.port)],
-            env=dcmtk_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # the forked children share the group: stop() ends all
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while not echo("127.0.0.1", self.port, SCP_AET, timeout=2.0):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("storescp did not answer C-ECHO within 20 s")
-                time.sleep(0.1)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def count(self) -> int:
-        return sum(1 for p in self.folder.iterdir() if p.is_file())
 
 
 class Consumer:
@@ -380,7 +320,7 @@ class Bench:
         spool = run_dir / "spool"
         spool.mkdir(parents=True)
         url = self.orthanc.dicomweb_url
-        with StoreSCP(run_dir / "scp") as scp:
+        with StoreSCP(run_dir / "scp", aet=SCP_AET, fork=True) as scp:
             if mode == "reuse":
                 command = exporter_command(url, sub, scp.port)
                 ready = "dicom-export pulling"

@@ -22,13 +22,11 @@ import argparse
 import json
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 from pydicom import dcmread
@@ -41,11 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.rig import (
     Importer,
     Orthanc,
+    StoreSCP,
     dcmsend,
-    dcmtk_env,
-    dcmtk_tool,
-    echo,
-    free_port,
     generate_ct_series,
     run_dcmtk,
 )
@@ -55,65 +50,6 @@ PENDING = (0xFF00, 0xFF01)
 TARGET_RATIO = 0.6
 DEST_AET = "BENCHDEST"
 TIMEOUT = 600.0
-
-
-class StoreSCP:
-    """DCMTK storescp on a free port, writing every received instance into `folder`."""
-
-    def __init__(self, folder: Path, aet: str = DEST_AET) -> None:
-        self.folder = folder
-        self.aet = aet
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> StoreSCP:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        port = self.port
-        self.proc = subprocess.Popen(
-            [dcmtk_tool("storescp"), "-aet", self.aet, "+xa", "-od", str(self.folder), str(port)],
-            env=dcmtk_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while not echo("127.0.0.1", self.port, self.aet, timeout=2.0):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("storescp did not answer C-ECHO within 20 s")
-                time.sleep(0.1)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def count(self) -> int:
-        return sum(1 for p in self.folder.iterdir() if p.is_file())
-
-    def clear(self) -> None:
-        for p in self.folder.iterdir():
-            if p.is_file():
-                p.unlink()
 
 
 def timed_move(port: int, called_aet: str, study_uid: str, scp: StoreSCP, expected: int) -> float:
@@ -210,7 +146,7 @@ def main() -> int:
         mb = sum(p.stat().st_size for p in series.iterdir()) / 1e6
         print(f"{count} CT instances, {mb:.0f} MB, study {study_uid}", flush=True)
 
-        scp = stack.enter_context(StoreSCP(work / "received"))
+        scp = stack.enter_context(StoreSCP(work / "received", aet=DEST_AET))
         orthanc = stack.enter_context(
             Orthanc(modalities={"dest": [scp.aet, "127.0.0.1", scp.port]})
         )

@@ -858,3 +858,99 @@ def write_large_instance(path: Path, size_bytes: int, seed: int = 0) -> str:
             fh.write(chunk_bytes[:n] if n < CHUNK_BYTES else chunk_bytes)
             remaining -= n
     return sop_instance_uid
+
+
+class StoreSCP:
+    """DCMTK storescp on a free port writing every received instance into `folder`.
+
+    `accept="all"` takes every transfer syntax (`+xa`), `"implicit"` only Implicit VR Little
+    Endian (`+xi`, a receiver that refuses compressed data). `fork` serves associations in
+    parallel (`--fork`). Readiness is a polled C-ECHO unless `probe` is False (storescp
+    without --fork serves one association at a time).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        aet: str = "STORESCP",
+        port: int | None = None,
+        accept: str = "all",
+        fork: bool = False,
+        probe: bool = True,
+    ) -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = port or free_port()
+        self.accept = accept
+        self.fork = fork
+        self.probe = probe
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [dcmtk_tool("storescp"), *(["--fork"] if self.fork else []), "-aet", self.aet]
+        args += ["+xa" if self.accept == "all" else "+xi", "-od", str(self.folder)]
+        self.proc = subprocess.Popen(
+            [*args, str(self.port)],
+            env=dcmtk_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # forked children share the group: stop() ends them all
+        )
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while self.probe and not echo("127.0.0.1", self.port, self.aet, timeout=2.0):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("storescp did not answer C-ECHO")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL it if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, _signal.SIGTERM)
+            proc.wait(10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, _signal.SIGKILL)
+            proc.wait()
+
+    def files(self) -> list[Path]:
+        """Received files, sorted by name."""
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def count(self) -> int:
+        """How many instances arrived."""
+        return len(self.files())
+
+    def received(self) -> list[Dataset]:
+        """Every received instance, parsed."""
+        return [dcmread(p) for p in self.files()]
+
+    def received_uids(self) -> set[str]:
+        """SOP Instance UIDs of the complete files (storescp names them <modality>.<uid>)."""
+        return {p.name.split(".", 1)[1] for p in self.files()}
+
+    def clear(self) -> None:
+        """Forget what arrived so far."""
+        for p in self.files():
+            p.unlink()

@@ -21,12 +21,10 @@ from pydicom import dcmread
 from tests.pubsub_server import PubSubServer
 from tests.rig import (
     Orthanc,
+    StoreSCP,
     _local_env,
     _stop_process,
     dcmsend,
-    dcmtk_env,
-    dcmtk_tool,
-    echo,
     free_port,
     generate_ct_series,
 )
@@ -92,55 +90,6 @@ class Exporter:
             if isinstance(record, dict):
                 records.append(record)
         return records
-
-
-class StoreSCP:
-    """DCMTK storescp writing every received instance into its own folder."""
-
-    def __init__(self, folder: Path, port: int | None = None, *, probe: bool = True) -> None:
-        self.folder = folder
-        self.port = port or free_port()
-        self.probe = probe  # storescp serves one association at a time: no probe while busy
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> StoreSCP:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                dcmtk_tool("storescp"),
-                "-aet",
-                SCP_AET,
-                "+xa",
-                "-od",
-                str(self.folder),
-                str(self.port),
-            ],
-            env=dcmtk_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while self.probe and not echo("127.0.0.1", self.port, SCP_AET):
-            assert self.proc.poll() is None, "storescp exited"
-            assert time.monotonic() < deadline, "storescp did not answer C-ECHO"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def received_uids(self) -> set[str]:
-        """SOP Instance UIDs of the complete files (storescp names them <modality>.<uid>)."""
-        return {p.name.split(".", 1)[1] for p in self.folder.iterdir() if p.is_file()}
-
-    def pixel_data(self) -> dict[str, bytes]:
-        out = {}
-        for p in self.folder.iterdir():
-            ds = dcmread(p)
-            out[str(ds.SOPInstanceUID)] = bytes(ds.PixelData)
-        return out
 
 
 class Source:
@@ -210,7 +159,7 @@ def test_all_messages_delivered(
 ) -> None:
     sub = subscription(pubsub, "all")
     with (
-        StoreSCP(tmp_path / "scp") as scp,
+        StoreSCP(tmp_path / "scp", aet=SCP_AET) as scp,
         Exporter(
             tmp_path / "export.log",
             exporter_args(orthanc, sub, *cstore_sink(scp.port)),
@@ -225,7 +174,7 @@ def test_all_messages_delivered(
         assert exporter.stop() == 0
         opened = [r for r in exporter.log_records() if "association opened" in r["message"]]
         assert len(opened) == 1, "one association should carry every C-STORE"
-    pixels = scp.pixel_data()
+    pixels = {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in scp.received()}
     assert set(pixels) == set(source.uids)
     for uid, data in pixels.items():
         assert data == source.pixels[uid]
@@ -236,7 +185,7 @@ def test_permanent_failures_are_acked_and_logged(
 ) -> None:
     sub = subscription(pubsub, "permanent")
     with (
-        StoreSCP(tmp_path / "scp") as scp,
+        StoreSCP(tmp_path / "scp", aet=SCP_AET) as scp,
         Exporter(
             tmp_path / "export.log",
             exporter_args(orthanc, sub, *cstore_sink(scp.port)),
@@ -278,7 +227,7 @@ def test_sink_down_at_first_loses_nothing(
             "redeliveries during the outage",
         )
         assert pubsub.acked(sub) == set()
-        with StoreSCP(tmp_path / "scp", port=port, probe=False) as scp:
+        with StoreSCP(tmp_path / "scp", aet=SCP_AET, port=port, probe=False) as scp:
             pubsub.wait_until(
                 lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
             )
@@ -313,7 +262,7 @@ def test_sigterm_mid_stream(
 ) -> None:
     sub = subscription(pubsub, "sigterm")
     with (
-        StoreSCP(tmp_path / "scp") as scp,
+        StoreSCP(tmp_path / "scp", aet=SCP_AET) as scp,
         Exporter(
             tmp_path / "export.log",
             [*exporter_args(orthanc, sub, *cstore_sink(scp.port)), "--max_messages=4"],

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,63 +17,14 @@ from tests.integration.test_import_find import identifier, write_dataset
 from tests.rig import (
     Importer,
     Orthanc,
+    StoreSCP,
     dcmsend,
-    dcmtk_env,
-    dcmtk_tool,
-    echo,
-    free_port,
     generate_ct_series,
     run_dcmtk,
 )
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
-
-
-class StoreSCP:
-    """DCMTK storescp writing every received instance into its own folder."""
-
-    def __init__(self, folder: Path, accept_all: bool = True) -> None:
-        self.folder = folder
-        self.accept_all = accept_all
-        self.port = free_port()
-        self.aet = "STORESCP"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> StoreSCP:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                dcmtk_tool("storescp"),
-                "-aet",
-                self.aet,
-                "+xa" if self.accept_all else "+xi",
-                "-od",
-                str(self.folder),
-                str(self.port),
-            ],
-            env=dcmtk_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while not echo("127.0.0.1", self.port, self.aet):
-            assert self.proc.poll() is None, "storescp exited"
-            assert time.monotonic() < deadline, "storescp did not answer C-ECHO"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def received(self) -> list[Dataset]:
-        return [dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
-
-    def clear(self) -> None:
-        for p in self.folder.iterdir():
-            p.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +232,7 @@ def test_receiver_without_the_original_syntax_gets_it_uncompressed(
     sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "in"], extra=["-dn"])
     assert sent.returncode == 0
     # a second storescp that only accepts Implicit VR Little Endian (+xi)
-    plain = StoreSCP(tmp_path / "plain", accept_all=False)
+    plain = StoreSCP(tmp_path / "plain", accept="implicit")
     aets = json.dumps([{"name": plain.aet, "host": "127.0.0.1", "port": plain.port}])
     with (
         plain,
