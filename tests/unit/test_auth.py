@@ -19,6 +19,7 @@ from dicom_adapter.dicomweb.auth import (
     BearerAuth,
     GoogleAuth,
     choose_auth,
+    credentials_if_needed,
     is_google_url,
     load_google_credentials,
 )
@@ -186,3 +187,45 @@ def test_token_never_appears_in_logs(caplog: pytest.LogCaptureFixture, tmp_path:
         assert asyncio.run(main()) == 401
     assert caplog.records, "the 401 should have been logged"
     assert "TOPSECRET" not in caplog.text
+
+
+def test_forced_google_credentials_apply_to_any_host() -> None:
+    creds = FakeCredentials(valid=True, expires_in=3600)
+    auth = choose_auth(
+        "http://orthanc:8042/dicom-web",
+        bearer_token="",
+        basic_auth="",
+        google_credentials=creds,
+        force_google=True,
+    )
+    assert isinstance(auth, GoogleAuth)
+
+
+@pytest.mark.parametrize(
+    ("urls", "static_auth", "force_google", "loaded"),
+    [
+        (["http://orthanc/dicom-web"], False, False, False),
+        ([GOOGLE], False, False, True),
+        ([GOOGLE], True, False, False),
+        (["http://orthanc/dicom-web"], False, True, True),
+    ],
+)
+def test_credentials_are_loaded_only_when_an_upstream_needs_them(
+    monkeypatch: pytest.MonkeyPatch,
+    urls: list[str],
+    static_auth: bool,
+    force_google: bool,
+    loaded: bool,
+) -> None:
+    calls: list[str] = []
+
+    def fake_load(scopes: str) -> str:
+        calls.append(scopes)
+        return "creds"
+
+    monkeypatch.setattr("dicom_adapter.dicomweb.auth.load_google_credentials", fake_load)
+    got = asyncio.run(
+        credentials_if_needed(urls, static_auth=static_auth, force_google=force_google, scopes="s")
+    )
+    assert (got == "creds") is loaded
+    assert calls == (["s"] if loaded else [])

@@ -97,14 +97,29 @@ def load_google_credentials(scopes: str) -> Any:
 
 
 def choose_auth(
-    url: str, *, bearer_token: str, basic_auth: str, google_credentials: Any | None
+    url: str,
+    *,
+    bearer_token: str,
+    basic_auth: str,
+    google_credentials: Any | None,
+    force_google: bool = False,
 ) -> httpx.Auth | None:
-    """Pick the auth for an upstream: static credentials first, Google ADC for Google hosts."""
+    """Pick the auth for an upstream: static credentials first, then Google ADC for Google
+    hosts (or for every host when `force_google`)."""
     if bearer_token:
         return BearerAuth(bearer_token)
     if basic_auth:
         user, _, password = basic_auth.partition(":")
         return httpx.BasicAuth(user, password)
-    if google_credentials is not None and is_google_url(url):
+    if google_credentials is not None and (force_google or is_google_url(url)):
         return GoogleAuth(google_credentials)
     return None
+
+
+async def credentials_if_needed(
+    urls: list[str], *, static_auth: bool, force_google: bool, scopes: str
+) -> Any | None:
+    """Google ADC (loaded in a worker thread) when an upstream needs them, else None."""
+    if static_auth or not (force_google or any(is_google_url(url) for url in urls)):
+        return None
+    return await asyncio.to_thread(load_google_credentials, scopes)

@@ -15,12 +15,7 @@ import httpx
 
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.exporter import ExporterSettings
-from dicom_adapter.dicomweb.auth import (
-    GoogleAuth,
-    choose_auth,
-    is_google_url,
-    load_google_credentials,
-)
+from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.dimse.server import configure_pynetdicom
@@ -51,26 +46,17 @@ class ExportService:
         self._spool: Path | None = None
         self.worker: ExportWorker | None = None
 
-    def _auth(self, url: str, google_credentials: Any) -> httpx.Auth | None:
-        settings = self._settings
-        if settings.dicomweb_bearer_token or settings.dicomweb_basic_auth:
-            return choose_auth(
-                url,
-                bearer_token=settings.dicomweb_bearer_token,
-                basic_auth=settings.dicomweb_basic_auth,
-                google_credentials=None,
-            )
-        if google_credentials is not None and (
-            settings.use_gcp_application_default_credentials or is_google_url(url)
-        ):
-            return GoogleAuth(google_credentials)
-        return None
-
     def _client(self, url: str, google_credentials: Any) -> DicomwebClient:
         settings = self._settings
         http = make_http_client(
             timeout=settings.http_timeout,
-            auth=self._auth(url, google_credentials),
+            auth=choose_auth(
+                url,
+                bearer_token=settings.dicomweb_bearer_token,
+                basic_auth=settings.dicomweb_basic_auth,
+                google_credentials=google_credentials,
+                force_google=settings.use_gcp_application_default_credentials,
+            ),
             max_connections=max(8, settings.max_messages * 2),
             transport=self._transport,
         )
@@ -81,15 +67,13 @@ class ExportService:
         """Build the clients and start pulling."""
         settings = self._settings
         loop = asyncio.get_running_loop()
-        static_auth = settings.dicomweb_bearer_token or settings.dicomweb_basic_auth
         urls = [settings.source_root] + ([settings.stow_url] if settings.stow_sink else [])
-        google_credentials: Any = None
-        if not static_auth and (
-            settings.use_gcp_application_default_credentials or any(map(is_google_url, urls))
-        ):
-            google_credentials = await asyncio.to_thread(
-                load_google_credentials, settings.oauth_scopes
-            )
+        google_credentials = await credentials_if_needed(
+            urls,
+            static_auth=bool(settings.dicomweb_bearer_token or settings.dicomweb_basic_auth),
+            force_google=settings.use_gcp_application_default_credentials,
+            scopes=settings.oauth_scopes,
+        )
         self._bridge = bridge = Bridge(loop, blocking_workers=4)
         source_client = self._client(settings.source_root, google_credentials)
         if settings.stow_sink:

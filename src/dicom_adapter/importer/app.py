@@ -14,7 +14,7 @@ from pynetdicom import evt
 from dicom_adapter.aets import load_aet_dictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
-from dicom_adapter.dicomweb.auth import choose_auth, is_google_url, load_google_credentials
+from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import (
@@ -66,12 +66,12 @@ class ImportService:
         )
         if len(aets):
             logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
-        google_credentials: Any = None
-        static_auth = settings.dicomweb_bearer_token or settings.dicomweb_basic_auth
-        if is_google_url(settings.stow_url) and not static_auth:
-            google_credentials = await asyncio.to_thread(
-                load_google_credentials, settings.oauth_scopes
-            )
+        google_credentials = await credentials_if_needed(
+            [settings.stow_url],
+            static_auth=bool(settings.dicomweb_bearer_token or settings.dicomweb_basic_auth),
+            force_google=False,
+            scopes=settings.oauth_scopes,
+        )
         auth = choose_auth(
             settings.stow_url,
             bearer_token=settings.dicomweb_bearer_token,
