@@ -99,6 +99,15 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def wado_headers(accept: str) -> dict[str, str]:
+    """WADO-RS request headers: no content coding for DICOM bodies.
+
+    httpx offers gzip by default; Orthanc then deflates every instance on the fly (~20 ms of
+    server CPU per 512 KB CT slice, 8x the rest of the request) for data that barely shrinks.
+    """
+    return {"Accept": accept, "Accept-Encoding": "identity"}
+
+
 def query_string(params: Sequence[tuple[str, str]]) -> str:
     """Build a QIDO query string keeping ^ * ? , - unescaped (some servers never decode them)."""
     return "&".join(f"{quote(k, safe=QIDO_SAFE)}={quote(v, safe=QIDO_SAFE)}" for k, v in params)
@@ -245,7 +254,7 @@ class DicomwebClient:
         """WADO-RS as a stream of multipart events; parts are never held in memory whole."""
 
         async def attempt() -> httpx.Response:
-            request = self._http.build_request("GET", url, headers={"Accept": accept})
+            request = self._http.build_request("GET", url, headers=wado_headers(accept))
             response = await self._http.send(request, stream=True)
             if self._retry.is_transient(response.status_code):
                 await response.aread()  # error bodies are small; keeps the answer readable
