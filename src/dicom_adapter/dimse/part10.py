@@ -1,0 +1,92 @@
+"""Pure reader of a Part-10 file's meta group: the UIDs that route it and where its data set starts.
+
+PS3.10 §7.1: 128-byte preamble, "DICM", then group 0002 in Explicit VR Little Endian. The
+data set after it is sent over DIMSE byte for byte, so nothing else of the file is parsed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PREAMBLE = 128
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+)
+_TAGS = {
+    0x0002: "media_storage_sop_class_uid",
+    0x0003: "media_storage_sop_instance_uid",
+    0x0010: "transfer_syntax_uid",
+}
+
+
+class NotPart10Error(ValueError):
+    """The bytes are not a Part-10 file with a readable meta group."""
+
+
+class NeedMoreData(Exception):
+    """The meta group is not complete in the bytes given yet."""
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a sender needs from the meta group."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+
+
+def read_file_meta(head: bytes | bytearray | memoryview, *, complete: bool = False) -> FileMeta:
+    """Parse the meta group at the start of `head` (`complete`: head is the whole file).
+
+    Raises NeedMoreData when `head` ends inside the meta group (give it more bytes), and
+    NotPart10Error when it is not a Part-10 file or lacks one of the three UIDs.
+    """
+    data = memoryview(head)
+
+    def short() -> Exception:
+        return NotPart10Error("the file ends inside its meta group") if complete else NeedMoreData()
+
+    if len(data) < PREAMBLE + 4:
+        raise short()
+    if bytes(data[PREAMBLE : PREAMBLE + 4]) != b"DICM":
+        raise NotPart10Error("no DICM prefix after the 128-byte preamble")
+    pos = PREAMBLE + 4
+    found: dict[str, str] = {}
+    while True:
+        if pos + 8 > len(data):
+            if complete and pos == len(data):
+                break  # an empty data set
+            raise short()
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(data[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(data):
+                raise short()
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        if length == 0xFFFFFFFF:
+            raise NotPart10Error(f"undefined length in file meta element (0002,{elem:04X})")
+        end = start + length
+        if end > len(data):
+            raise short()
+        name = _TAGS.get(elem)
+        if name is not None:
+            found[name] = bytes(data[start:end]).rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = end
+    missing = [name for name in _TAGS.values() if not found.get(name)]
+    if missing:
+        raise NotPart10Error("file meta lacks " + ", ".join(missing))
+    return FileMeta(
+        found["media_storage_sop_class_uid"],
+        found["media_storage_sop_instance_uid"],
+        found["transfer_syntax_uid"],
+        pos,
+    )
