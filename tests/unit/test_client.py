@@ -10,12 +10,15 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_adapter.dicomweb import client as client_module
 from dicom_adapter.dicomweb.client import (
@@ -35,6 +38,7 @@ from dicom_adapter.dicomweb.multipart import (
     parse_content_type,
     related_content_type,
 )
+from dicom_adapter.dimse.part10 import DatasetFile
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
 from dicom_adapter.importer.store import status_for
 from dicom_adapter.status import Status
@@ -691,6 +695,8 @@ def test_wado_streams_parts() -> None:
     events = run_with_client(handler, lambda c: collect_wado(c, INSTANCE_URL))
     assert requests[0].method == "GET"
     assert requests[0].headers["Accept"] == WADO_ACCEPT
+    # DICOM is not worth deflating: Orthanc would spend ~20 ms of CPU per CT slice on it.
+    assert requests[0].headers["Accept-Encoding"] == "identity"
     assert collect_parts(events) == [
         (
             {
@@ -911,3 +917,54 @@ def test_wado_gzip_content_encoding_decoded(tmp_path: Path) -> None:
     dest = tmp_path / "out.dcm"
     run_with_client(handler, lambda c: c.retrieve_instance_to(INSTANCE_URL, dest))
     assert dest.read_bytes() == payload
+
+
+def real_part10(uid_suffix: int, pixels: int) -> bytes:
+    """A small Part-10 file written by pydicom (Explicit VR Little Endian)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = f"{UID}.{uid_suffix}"
+    ds.BitsAllocated = 8
+    ds.PixelData = bytes(range(256)) * (pixels // 256)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_wado_instances_in_memory_spooled_and_unusable(tmp_path: Path) -> None:
+    small = real_part10(1, 1024)
+    large = real_part10(2, 64 * 1024)
+    raw = multipart_body(
+        [(PART_HEADERS_2, small), (PART_HEADERS_2, large), (PART_HEADERS_2, b"not dicom" * 30)]
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"Content-Type": wado_content_type()}, content=chunked(raw, 1000)
+        )
+
+    async def use(c: DicomwebClient) -> list[tuple[str, bool, bytes, str]]:
+        out = []
+        async for item in c.wado_instances(INSTANCE_URL, spool_dir=tmp_path, memory_limit=16384):
+            uid = item.meta.sop_instance_uid if item.meta else ""
+            out.append((uid, item.path is not None, item.part10_bytes(), item.error))
+            if item.meta is not None:
+                dataset = item.dataset()
+                data = dataset if not isinstance(dataset, DatasetFile) else None
+                if data is not None:
+                    assert bytes(data) == small[item.meta.dataset_offset :]
+            item.discard()
+        return out
+
+    got = run_with_client(handler, use)
+    assert [(uid, spooled, body) for uid, spooled, body, _ in got[:2]] == [
+        (f"{UID}.1", False, small),
+        (f"{UID}.2", True, large),
+    ]
+    assert got[2][0] == ""
+    assert "DICM" in got[2][3]  # the unusable part says why
+    assert list(tmp_path.iterdir()) == []  # spool files are gone after discard()

@@ -34,8 +34,9 @@ class ImporterSettings(CommonSettings):
     dimse_port: int = Field(
         0, ge=0, le=65535, description="Port to listen on for DIMSE (0 = any free port)."
     )
-    dimse_cmove_aet: str = later_flag(
-        "", "Calling AE title for C-STORE sub-operations of C-MOVE (default --dimse_aet)."
+    dimse_cmove_aet: str = Field(
+        "",
+        description="Calling AE title for C-STORE sub-operations of C-MOVE (default --dimse_aet).",
     )
     dicomweb_address: str = Field(
         "",
@@ -124,7 +125,7 @@ class ImporterSettings(CommonSettings):
             return codes
         return value
 
-    @field_validator("dimse_aet")
+    @field_validator("dimse_aet", "dimse_cmove_aet")
     @classmethod
     def _check_aet(cls, value: str) -> str:
         return valid_aet(value)

@@ -23,6 +23,11 @@ from urllib.parse import quote
 import httpx
 
 from dicom_adapter.dicomweb import multipart
+from dicom_adapter.dicomweb.instances import (
+    DEFAULT_MEMORY_LIMIT,
+    FetchedInstance,
+    collect_instances,
+)
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
 from dicom_adapter.dicomweb.transport import AsyncioTransport
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
@@ -173,12 +178,20 @@ class DicomwebClient:
             logger.info("%s: %s; retrying in %.2f s", what, reason, wait)
             await asyncio.sleep(wait)
 
-    async def stow(self, url: str, files: Sequence[Path]) -> StowResponse:
-        """STOW-RS the Part-10 files in one multipart/related request, streamed from disk."""
+    async def stow(
+        self, url: str, instances: Sequence[Path | bytes | bytearray | memoryview]
+    ) -> StowResponse:
+        """STOW-RS Part-10 instances in one multipart/related request.
+
+        Each instance is a file (streamed from disk, never read whole) or its bytes in memory.
+        """
         boundary = multipart.new_boundary()
-        heads = [multipart.part_head(boundary, first=(i == 0)) for i in range(len(files))]
+        heads = [multipart.part_head(boundary, first=(i == 0)) for i in range(len(instances))]
         tail = multipart.body_tail(boundary)
-        sizes = [f.stat().st_size for f in files]
+        sizes = [
+            item.stat().st_size if isinstance(item, Path) else memoryview(item).nbytes
+            for item in instances
+        ]
         length = sum(len(h) for h in heads) + sum(sizes) + len(tail)
         headers = {
             "Content-Type": multipart.related_content_type(boundary),
@@ -187,11 +200,18 @@ class DicomwebClient:
         }
 
         async def body() -> AsyncIterator[bytes]:
-            for head, path in zip(heads, files, strict=True):
+            for head, item in zip(heads, instances, strict=True):
                 yield head
-                with path.open("rb") as stream:
-                    while chunk := stream.read(CHUNK_SIZE):
-                        yield chunk
+                if isinstance(item, Path):
+                    with item.open("rb") as stream:
+                        while chunk := stream.read(CHUNK_SIZE):
+                            yield chunk
+                elif isinstance(item, bytes):
+                    yield item
+                else:
+                    view = memoryview(item).cast("B")
+                    for start in range(0, len(view), CHUNK_SIZE):
+                        yield bytes(view[start : start + CHUNK_SIZE])
             yield tail
 
         async def attempt() -> httpx.Response:
@@ -273,7 +293,7 @@ class DicomwebClient:
                 raise UpstreamError(f"WADO-RS: {exc}") from exc
             parser = multipart.MultipartParser(boundary)
             try:
-                async for chunk in response.aiter_bytes(CHUNK_SIZE):
+                async for chunk in response.aiter_bytes():  # as read: re-chunking copies
                     for event in parser.feed(chunk):
                         yield event
                     if parser.done:
@@ -285,6 +305,24 @@ class DicomwebClient:
                 raise UpstreamUnavailableError(f"WADO-RS: transfer failed: {exc}") from exc
         finally:
             await response.aclose()
+
+    def wado_instances(
+        self,
+        url: str,
+        *,
+        spool_dir: Path,
+        transfer_syntax: str = "*",
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    ) -> AsyncIterator[FetchedInstance]:
+        """WADO-RS as Part-10 instances, in memory up to `memory_limit` each, else spooled.
+
+        `transfer_syntax` "*" asks for the stored syntax; a UID asks the server to transcode.
+        The caller discards each instance when done with it.
+        """
+        accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
+        return collect_instances(
+            self.wado_events(url, accept=accept), spool_dir=spool_dir, memory_limit=memory_limit
+        )
 
     async def retrieve_instance_to(
         self, url: str, dest: Path, *, transfer_syntax: str = "*"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 PREAMBLE = 128
 _LONG_VRS = frozenset(
@@ -26,6 +27,17 @@ class NotPart10Error(ValueError):
 
 class NeedMoreData(Exception):
     """The meta group is not complete in the bytes given yet."""
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    """An encoded data set inside a file: the bytes from `offset` to the end (a Part-10 body)."""
+
+    path: Path
+    offset: int
+
+
+DatasetSource = bytes | bytearray | memoryview | DatasetFile
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,10 @@ def read_file_meta(head: bytes | bytearray | memoryview, *, complete: bool = Fal
         raise NotPart10Error("no DICM prefix after the 128-byte preamble")
     pos = PREAMBLE + 4
     found: dict[str, str] = {}
+    meta_end = 0  # where (0002,0000) FileMetaInformationGroupLength says the group ends
     while True:
         if pos + 8 > len(data):
-            if complete and pos == len(data):
+            if complete and pos == len(data) and pos >= meta_end:
                 break  # an empty data set
             raise short()
         group, elem = struct.unpack_from("<HH", data, pos)
@@ -77,6 +90,8 @@ def read_file_meta(head: bytes | bytearray | memoryview, *, complete: bool = Fal
         end = start + length
         if end > len(data):
             raise short()
+        if elem == 0x0000 and length == 4:
+            meta_end = end + struct.unpack_from("<I", data, start)[0]
         name = _TAGS.get(elem)
         if name is not None:
             found[name] = bytes(data[start:end]).rstrip(b"\x00 ").decode("ascii", "replace")

@@ -211,12 +211,16 @@ def pdv_header(context_id: int, fragment_length: int, *, command: bool, last: bo
 
 
 def max_fragment(peer_max_pdu: int, cap: int = 1 << 20) -> int:
-    """Largest PDV fragment the peer accepts (its limit counts the 6-byte PDV item header)."""
+    """Largest PDV fragment the peer accepts (its limit counts the 6-byte PDV item header).
+
+    Always even: PS3.8 E.1 wants every fragment of a message to be an even number of bytes
+    (DCMTK aborts on an odd one), and a peer may announce an odd maximum PDU length.
+    """
     if peer_max_pdu == 0:
-        return cap
+        return cap & ~1
     if peer_max_pdu < 8:
         raise PduError(f"peer maximum PDU length {peer_max_pdu} is too small")
-    return min(peer_max_pdu - 6, cap)
+    return min(peer_max_pdu - 6, cap) & ~1
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse.part10 import DatasetFile, DatasetSource
 from dicom_adapter.dimse.scu import (
     DEFAULT_MAX_PDU,
     MAX_CONTEXTS,
@@ -47,17 +47,6 @@ class StoreResponse:
 
     status: int
     error_comment: str = ""
-
-
-@dataclass(frozen=True)
-class DatasetFile:
-    """An encoded data set inside a file: the bytes from `offset` to the end (a Part-10 body)."""
-
-    path: Path
-    offset: int
-
-
-DatasetSource = bytes | bytearray | memoryview | DatasetFile
 
 
 class StoreAssociation:
@@ -216,15 +205,18 @@ class StoreAssociation:
     ) -> None:
         view = memoryview(data)
         total = len(view)
-        write = self._writer.write
+        pieces: list[bytes | memoryview] = []
         if total == 0 and last:
-            write(pdu.pdv_header(context_id, 0, command=False, last=True))
+            pieces.append(pdu.pdv_header(context_id, 0, command=False, last=True))
         pos = 0
         while pos < total:
             end = min(pos + fragment, total)
-            write(pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total))
-            write(view[pos:end])
+            pieces.append(
+                pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total)
+            )
+            pieces.append(view[pos:end])
             pos = end
+        self._writer.writelines(pieces)  # one writev, not two syscalls per PDU
         async with asyncio.timeout(self._timeouts.network):  # per chunk: big files take long
             await self._writer.drain()
 

@@ -18,10 +18,10 @@ from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import (
-    CONNECTION_HANDLERS,
     DatasetCompletionHook,
     build_ae,
     configure_pynetdicom,
+    route_moves,
     start_server,
 )
 from dicom_adapter.errors import ConfigError
@@ -33,7 +33,7 @@ from dicom_adapter.importer.handlers import (
     EarlyStores,
     RetrieveHandlers,
 )
-from dicom_adapter.importer.move import RetrieveService
+from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.store import StoreService
 
 logger = logging.getLogger(__name__)
@@ -126,25 +126,29 @@ class ImportService:
                 fuzzy=settings.fuzzy_matching,
             )
             handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find)))
+            retrieve_service = RetrieveService(client, settings.dicomweb_root)
+            sub_operation_timeouts = ScuTimeouts(
+                acse=settings.acse_timeout,
+                dimse=settings.dimse_timeout,
+                network=settings.network_timeout,
+            )
             retrieve = RetrieveHandlers(
                 bridge,
-                RetrieveService(client, settings.dicomweb_root),
+                retrieve_service,
                 aets,
                 timeout=store_timeout + settings.dimse_timeout,
-                connection_handlers=CONNECTION_HANDLERS,
+                mover=InstanceMover(retrieve_service, timeouts=sub_operation_timeouts),
+                cmove_aet=settings.dimse_cmove_aet or settings.dimse_aet,
             )
-            handlers += [(evt.EVT_C_MOVE, retrieve.on_move), (evt.EVT_C_GET, retrieve.on_get)]
+            route_moves(ae, retrieve.run_move)
+            handlers.append((evt.EVT_C_GET, retrieve.on_get))
             commitment = CommitmentService(
                 client,
                 settings.dicomweb_root,
                 aets,
                 aet=settings.dimse_aet,
                 bridge=bridge,
-                scu_timeouts=ScuTimeouts(
-                    acse=settings.acse_timeout,
-                    dimse=settings.dimse_timeout,
-                    network=settings.network_timeout,
-                ),
+                scu_timeouts=sub_operation_timeouts,
             )
             handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
         try:

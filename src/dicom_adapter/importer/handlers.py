@@ -6,6 +6,7 @@ They never let an exception escape (pynetdicom would answer a generic 0xC211).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import shutil
 import threading
@@ -14,20 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from pynetdicom import build_context, evt
 
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicomweb.qido import QueryRoot
+from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.dimse.server import (
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_RETRIEVE,
+    MoveRequest,
     send_spooled_files,
     spooled,
 )
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.importer.find import FindService
-from dicom_adapter.importer.move import Fetched, InstanceRef, RetrieveService
+from dicom_adapter.importer.move import (
+    Fetched,
+    InstanceMover,
+    InstanceRef,
+    MoveDestination,
+    MoveProgress,
+    RetrieveService,
+)
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.status import Status
 
@@ -151,8 +160,6 @@ class CFindHandler:
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _UNCOMPRESSED = {_EXPLICIT_LE, _IMPLICIT_LE, "1.2.840.10008.1.2.2"}
-_MAX_CONTEXTS = 128
-_VERIFICATION = "1.2.840.10008.1.1"
 _FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
 
 
@@ -165,17 +172,9 @@ def _accepted_syntaxes(assoc: Any, item: Fetched) -> set[str]:
     }
 
 
-def store_contexts(samples: list[Fetched], refs: list[InstanceRef]) -> list[Any]:
-    """Contexts for sub-operations: each sampled (SOP class, syntax), uncompressed fallbacks."""
-    exact = sorted({(f.ref.sop_class_uid, f.transfer_syntax) for f in samples if f.path})
-    classes = sorted({r.sop_class_uid for r in refs if r.sop_class_uid})
-    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in exact]
-    fallbacks = [build_context(c, [_EXPLICIT_LE, _IMPLICIT_LE]) for c in classes]
-    return (contexts + fallbacks)[:_MAX_CONTEXTS]
-
-
 class RetrieveHandlers:
-    """EVT_C_MOVE and EVT_C_GET: instances come from RetrieveService; pynetdicom sends them."""
+    """C-MOVE (`run_move`, our sub-operation loop) and EVT_C_GET (pynetdicom sends on the
+    requesting association; the instances come from RetrieveService)."""
 
     def __init__(
         self,
@@ -183,13 +182,16 @@ class RetrieveHandlers:
         retrieve: RetrieveService,
         aets: AetDictionary,
         timeout: float,
-        connection_handlers: list[tuple[Any, Any]],
+        *,
+        mover: InstanceMover | None = None,
+        cmove_aet: str = "",
     ) -> None:
         self._bridge = bridge
         self._retrieve = retrieve
         self._aets = aets
         self._timeout = timeout
-        self._connection_handlers = connection_handlers
+        self._mover = mover
+        self._cmove_aet = cmove_aet
 
     def _plan(self, event: Any, spool: Path) -> tuple[list[InstanceRef], dict[int, Fetched]]:
         """List the instances and fetch the first of each SOP class (for the contexts)."""
@@ -255,53 +257,104 @@ class RetrieveHandlers:
             self._timeout, self._retrieve.fetch_one, index, item.ref, spool, _EXPLICIT_LE
         )
 
-    def on_move(self, event: Any) -> Iterator[Any]:
-        """C-MOVE: destination from the AET dictionary, one association for all instances."""
-        fields = association_fields(event)
-        destination = str(event.move_destination or "").strip()
+    def run_move(self, request: MoveRequest) -> None:
+        """C-MOVE: destination from the AET dictionary, sub-operations by InstanceMover."""
+        fields = association_fields(request)
+        try:
+            self._run_move(request, fields)
+        except Exception:
+            logger.exception("C-MOVE failed unexpectedly", extra=fields)
+            with contextlib.suppress(Exception):
+                request.respond(Status.PROCESSING_FAILURE)
+
+    def _run_move(self, request: MoveRequest, fields: dict[str, str]) -> None:
+        destination = request.move_destination
         peer = self._aets.get(destination)
         if peer is None:
             logger.error("C-MOVE to unknown destination %r", destination, extra=fields)
-            yield None, None  # pynetdicom answers 0xA801, nothing is sent
+            request.respond(Status.MOVE_DESTINATION_UNKNOWN)
             return
-        spool = RetrieveService.new_spool()
         try:
-            refs: list[InstanceRef] = []
-            samples: dict[int, Fetched] = {}
-            failure: int | None = None
-            try:
-                refs, samples = self._plan(event, spool)
-            except AdapterError as exc:
-                logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
-                failure = int(exc.status)
-            except TimeoutError:
-                failure = int(Status.OUT_OF_RESOURCES)
-            opened: list[Any] = []
-
-            def on_accepted(accepted: Any) -> None:
-                opened.append(accepted.assoc)
-                send_spooled_files(accepted.assoc)
-
-            options = {
-                "contexts": store_contexts(list(samples.values()), refs)
-                or [build_context(_VERIFICATION)],
-                "evt_handlers": [
-                    *self._connection_handlers,
-                    (evt.EVT_ACCEPTED, on_accepted),
-                ],
-            }
-            yield peer.host, peer.port, options
-            if failure is not None:
-                yield 1
-                yield failure, None
-                return
-            logger.info("C-MOVE of %d instances to %s", len(refs), destination, extra=fields)
-            yield len(refs)
-            yield from self._sub_operations(
-                event, refs, samples, spool, fields, lambda: opened[0] if opened else None
-            )
+            identifier = request.identifier()
+        except Exception as exc:
+            logger.error("C-MOVE identifier cannot be decoded: %s", exc, extra=fields)
+            request.respond(Status.CANNOT_UNDERSTAND)
+            return
+        if self._mover is None:
+            raise RuntimeError("RetrieveHandlers was built without an InstanceMover")
+        root = (
+            QueryRoot.PATIENT if request.sop_class_uid in PATIENT_ROOT_RETRIEVE else QueryRoot.STUDY
+        )
+        target = MoveDestination(
+            AssociationTarget(self._cmove_aet, destination, peer.host, peer.port),
+            originator_aet=fields.get("calling_aet", ""),
+            originator_message_id=request.message_id,
+        )
+        progress: MoveProgress | None = None
+        cancelled = False
+        updates = self._bridge.iterate(self._mover.move, identifier, root, target)
+        try:
+            for update in updates:
+                if progress is None:
+                    logger.info(
+                        "C-MOVE of %d instances to %s", update.remaining, destination, extra=fields
+                    )
+                    progress = update
+                    continue
+                progress = update
+                if request.is_cancelled():
+                    cancelled = True
+                    break
+                request.respond(
+                    Status.PENDING,
+                    remaining=progress.remaining,
+                    completed=progress.completed,
+                    failed=progress.failed,
+                    warning=progress.warning,
+                )
+        except AdapterError as exc:  # listing failed (the mover handles later failures)
+            logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
+            request.respond(exc.status)
+            return
+        except TimeoutError:
+            logger.error("C-MOVE timed out", extra=fields)
+            request.respond(Status.OUT_OF_RESOURCES)
+            return
         finally:
-            shutil.rmtree(spool, ignore_errors=True)
+            close = getattr(updates, "close", None)
+            if close is not None:
+                close()  # stops fetching and sending, releases the destination association
+        if cancelled and progress is not None:
+            logger.info("C-MOVE cancelled", extra=fields)
+            request.respond(
+                Status.CANCEL,
+                remaining=progress.remaining,
+                completed=progress.completed,
+                failed=progress.failed,
+                warning=progress.warning,
+                failed_uids=progress.failed_uids,
+            )
+            return
+        if progress is None:  # the mover yields at least once; defensive
+            request.respond(Status.PROCESSING_FAILURE)
+            return
+        status = progress.final_status()
+        logger.info(
+            "C-MOVE to %s done: 0x%04X, %d completed, %d warning, %d failed",
+            destination,
+            status,
+            progress.completed,
+            progress.warning,
+            progress.failed,
+            extra=fields,
+        )
+        request.respond(
+            status,
+            completed=progress.completed,
+            failed=progress.failed,
+            warning=progress.warning,
+            failed_uids=progress.failed_uids if status != Status.SUCCESS else (),
+        )
 
     def on_get(self, event: Any) -> Iterator[Any]:
         """C-GET: the same instances, sent back on the requesting association."""

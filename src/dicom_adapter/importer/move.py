@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
@@ -21,8 +22,19 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 
 from dicom_adapter.dicomweb.client import DicomwebClient
+from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance
 from dicom_adapter.dicomweb.qido import IdentifierError, QueryRoot
+from dicom_adapter.dimse.part10 import FileMeta
+from dicom_adapter.dimse.scu import (
+    MAX_CONTEXTS,
+    AssociationError,
+    AssociationTarget,
+    RequestedContext,
+    ScuTimeouts,
+)
+from dicom_adapter.dimse.store_scu import StoreAssociation
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +117,16 @@ class RetrieveService:
         self._root = dicomweb_root.rstrip("/")
         self._concurrency = concurrency
 
+    @property
+    def client(self) -> DicomwebClient:
+        """The DICOMweb client."""
+        return self._client
+
+    @property
+    def root(self) -> str:
+        """The DICOMweb root URL, without a trailing slash."""
+        return self._root
+
     async def list_instances(self, identifier: Dataset, root: QueryRoot) -> list[InstanceRef]:
         """Every instance the identifier selects (QIDO, paged), in server order, no repeats."""
         path, params = instance_query(identifier, root)
@@ -180,3 +202,374 @@ class RetrieveService:
     def new_spool() -> Path:
         """A private directory for one retrieve's instances (removed by the caller)."""
         return Path(tempfile.mkdtemp(prefix="dicom-adapter-retrieve-"))
+
+
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+# Offered besides each SOP class's first-seen syntax, so instances in these syntaxes go out as
+# stored: JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate, big endian.
+COMMON_SYNTAXES = (
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.1.99",
+)
+MAX_REOPENS = 3
+QUEUE_DEPTH = 8
+
+
+def move_contexts(sop_classes: list[str], first_syntax: dict[str, str]) -> list[RequestedContext]:
+    """One context per (SOP class, syntax): each class's first-seen syntax and the uncompressed
+    ones first, then common compressed syntaxes while the 128 context IDs last."""
+    essential: dict[tuple[str, str], None] = {}
+    for sop_class in sop_classes:
+        if sop_class in first_syntax:
+            essential[(sop_class, first_syntax[sop_class])] = None
+        for syntax in UNCOMPRESSED:
+            essential[(sop_class, syntax)] = None
+    pairs = list(essential)[:MAX_CONTEXTS]
+    for syntax in COMMON_SYNTAXES:
+        for sop_class in sop_classes:
+            if len(pairs) >= MAX_CONTEXTS:
+                break
+            if (sop_class, syntax) not in essential:
+                pairs.append((sop_class, syntax))
+    return [RequestedContext(sop_class, (syntax,)) for sop_class, syntax in pairs]
+
+
+@dataclass
+class MoveProgress:
+    """Sub-operation counts so far (one per pending response) and the failed instances."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> MoveProgress:
+        """A copy of the counts (the failed UID list is shared: it only grows)."""
+        return MoveProgress(
+            self.remaining, self.completed, self.failed, self.warning, self.failed_uids
+        )
+
+    def fail(self, sop_instance_uid: str) -> None:
+        """Count one failed sub-operation."""
+        self.remaining -= 1
+        self.failed += 1
+        self.failed_uids.append(sop_instance_uid)
+
+    def final_status(self) -> Status:
+        """PS3.4 C.4.2.1.5: all ok, some failed or warned (0xB000), all failed (0xA702)."""
+        if self.failed == 0 and self.warning == 0:
+            return Status.SUCCESS
+        if self.completed == 0 and self.warning == 0:
+            return Status.OUT_OF_RESOURCES_SUBOPERATIONS
+        return Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    """Where the sub-operations go and the C-MOVE they belong to."""
+
+    target: AssociationTarget
+    originator_aet: str
+    originator_message_id: int
+
+
+@dataclass(frozen=True)
+class _Missing:
+    ref: InstanceRef
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Arrived:
+    ref: InstanceRef
+    instance: FetchedInstance
+
+
+_Item = _Missing | _Arrived | None
+
+
+class InstanceMover:
+    """C-MOVE sub-operations: bulk WADO-RS per series into a bounded queue, C-STORE over ONE
+    association (our asyncio SCU), refetching uncompressed what the receiver refuses."""
+
+    def __init__(
+        self,
+        retrieve: RetrieveService,
+        *,
+        timeouts: ScuTimeouts | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    ) -> None:
+        self._retrieve = retrieve
+        self._timeouts = timeouts or ScuTimeouts()
+        self._memory_limit = memory_limit
+
+    async def move(
+        self, identifier: Dataset, root: QueryRoot, destination: MoveDestination
+    ) -> AsyncIterator[MoveProgress]:
+        """Yield the progress after listing (remaining = total) and after each sub-operation.
+
+        Stopping early (closing the generator) cancels the fetches and aborts nothing that
+        was sent: the association is released.
+        """
+        refs = await self._retrieve.list_instances(identifier, root)
+        progress = MoveProgress(remaining=len(refs))
+        yield progress.snapshot()
+        if not refs:
+            return
+        level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        spool = RetrieveService.new_spool()
+        queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_DEPTH)
+        updates: asyncio.Queue[MoveProgress | None] = asyncio.Queue()
+        sender = _Sender(self, refs, destination, spool)
+        producer = asyncio.ensure_future(self._produce(refs, level, spool, queue))
+        # Sending runs ahead of the consumer of this generator (a pynetdicom thread answering
+        # pending responses), so a slow consumer never holds up the next C-STORE.
+        sending = asyncio.ensure_future(self._send_all(refs, queue, sender, progress, updates))
+        try:
+            while (update := await updates.get()) is not None:
+                yield update
+            await sending  # re-raise a bug instead of reporting a short move
+            await producer
+        finally:
+            for task in (sending, producer):
+                task.cancel()
+            await asyncio.gather(sending, producer, return_exceptions=True)
+            while not queue.empty():
+                leftover = queue.get_nowait()
+                if isinstance(leftover, _Arrived):
+                    leftover.instance.discard()
+            await sender.close()
+            shutil.rmtree(spool, ignore_errors=True)
+
+    @staticmethod
+    async def _send_all(
+        refs: list[InstanceRef],
+        queue: asyncio.Queue[_Item],
+        sender: _Sender,
+        progress: MoveProgress,
+        updates: asyncio.Queue[MoveProgress | None],
+    ) -> None:
+        handled: set[str] = set()
+        try:
+            while (item := await queue.get()) is not None:
+                handled.add(item.ref.sop_instance_uid)
+                await sender.handle(item, progress)
+                updates.put_nowait(progress.snapshot())
+                if sender.unreachable:  # the rest cannot be delivered either: stop fetching
+                    for ref in refs:
+                        if ref.sop_instance_uid not in handled:
+                            progress.fail(ref.sop_instance_uid)
+                    updates.put_nowait(progress.snapshot())
+                    return
+        finally:
+            updates.put_nowait(None)
+
+    async def _produce(
+        self, refs: list[InstanceRef], level: str, spool: Path, queue: asyncio.Queue[_Item]
+    ) -> None:
+        """Fetch every instance (per series, or per instance at IMAGE level) into the queue."""
+        if level == "IMAGE":
+            units = [[ref] for ref in refs]
+        else:
+            by_series: dict[tuple[str, str], list[InstanceRef]] = {}
+            for ref in refs:
+                by_series.setdefault((ref.study_uid, ref.series_uid), []).append(ref)
+            units = list(by_series.values())
+        for unit in units:
+            await self._fetch_unit(unit, spool, queue)
+        await queue.put(None)
+
+    def _url(self, ref: InstanceRef, whole_series: bool) -> str:
+        url = f"{self._retrieve.root}/studies/{ref.study_uid}/series/{ref.series_uid}"
+        return url if whole_series else f"{url}/instances/{ref.sop_instance_uid}"
+
+    async def _fetch_unit(
+        self, unit: list[InstanceRef], spool: Path, queue: asyncio.Queue[_Item]
+    ) -> None:
+        wanted = {ref.sop_instance_uid: ref for ref in unit}
+        url = self._url(unit[0], whole_series=len(unit) > 1)
+        reason = "not in the WADO-RS response"
+        try:
+            async for instance in self._retrieve.client.wado_instances(
+                url, spool_dir=spool, memory_limit=self._memory_limit
+            ):
+                uid = instance.meta.sop_instance_uid if instance.meta else ""
+                ref = wanted.pop(uid, None)
+                if ref is None:
+                    instance.discard()  # unusable, or stored after the QIDO listing
+                    if instance.error:
+                        logger.warning("WADO-RS part skipped: %s", instance.error)
+                    continue
+                await queue.put(_Arrived(ref, instance))
+        except AdapterError as exc:
+            logger.warning("WADO-RS of %d instance(s) failed: %s", len(wanted), exc)
+            reason = str(exc)
+        for ref in wanted.values():
+            await queue.put(_Missing(ref, reason))
+
+    async def refetch(self, ref: InstanceRef, syntax: str, spool: Path) -> FetchedInstance | None:
+        """The instance again, transcoded by the server to `syntax`; None on failure."""
+        try:
+            async for instance in self._retrieve.client.wado_instances(
+                self._url(ref, whole_series=False),
+                spool_dir=spool,
+                transfer_syntax=syntax,
+                memory_limit=self._memory_limit,
+            ):
+                if instance.meta is not None and instance.meta.transfer_syntax == syntax:
+                    return instance
+                instance.discard()
+        except AdapterError as exc:
+            logger.warning("WADO-RS refetch as %s failed: %s", syntax, exc)
+        return None
+
+
+class _Sender:
+    """The destination side of one C-MOVE: opens the association on the first instance."""
+
+    def __init__(
+        self,
+        mover: InstanceMover,
+        refs: list[InstanceRef],
+        destination: MoveDestination,
+        spool: Path,
+    ) -> None:
+        self._mover = mover
+        self._classes = list(dict.fromkeys(ref.sop_class_uid for ref in refs if ref.sop_class_uid))
+        self._destination = destination
+        self._spool = spool
+        self._assoc: StoreAssociation | None = None
+        self._opens = 0
+        self._unreachable = ""
+
+    async def handle(self, item: _Missing | _Arrived, progress: MoveProgress) -> None:
+        """One sub-operation: send the instance, or count it as failed."""
+        if isinstance(item, _Missing):
+            logger.warning("instance could not be fetched: %s", item.reason)
+            progress.fail(item.ref.sop_instance_uid)
+            return
+        instance = item.instance
+        try:
+            code = await self._send(item.ref, instance)
+        finally:
+            instance.discard()
+        progress.remaining -= 1
+        if code is None or not is_stored(code):
+            progress.failed += 1
+            progress.failed_uids.append(item.ref.sop_instance_uid)
+        elif is_warning_code(code):
+            progress.warning += 1
+        else:
+            progress.completed += 1
+
+    async def _association(self, meta: FileMeta) -> StoreAssociation | None:
+        if self._assoc is not None and self._assoc.is_open:
+            return self._assoc
+        if self._unreachable or self._opens > MAX_REOPENS:
+            return None
+        self._opens += 1
+        classes = (
+            self._classes
+            if meta.sop_class_uid in self._classes
+            else [
+                *self._classes,
+                meta.sop_class_uid,
+            ]
+        )
+        contexts = move_contexts(classes, {meta.sop_class_uid: meta.transfer_syntax})
+        target = self._destination.target
+        try:
+            self._assoc = await StoreAssociation.open(
+                target, contexts, timeouts=self._mover._timeouts
+            )
+        except AssociationError as exc:
+            logger.error("C-MOVE destination: %s", exc)
+            self._unreachable = str(exc)
+            return None
+        logger.info(
+            "association opened to %s@%s:%d (%d contexts accepted)",
+            target.called_aet,
+            target.host,
+            target.port,
+            len(self._assoc.accepted),
+        )
+        return self._assoc
+
+    @property
+    def unreachable(self) -> str:
+        """Why the destination cannot be reached ("" while it can)."""
+        return self._unreachable
+
+    async def _send(self, ref: InstanceRef, instance: FetchedInstance) -> int | None:
+        """The C-STORE status, or None when it could not be sent."""
+        meta = instance.meta
+        if meta is None:
+            return None
+        assoc = await self._association(meta)
+        if assoc is None:
+            return None
+        context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
+        replacement: FetchedInstance | None = None
+        if context_id is None:
+            replacement = await self._in_accepted_syntax(assoc, ref, meta)
+            if replacement is None or replacement.meta is None:
+                return None
+            instance, meta = replacement, replacement.meta
+            context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
+            if context_id is None:
+                replacement.discard()
+                return None
+        try:
+            response = await assoc.c_store(
+                context_id,
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
+                instance.dataset(),
+                move_originator_aet=self._destination.originator_aet,
+                move_originator_message_id=self._destination.originator_message_id,
+            )
+        except AssociationError as exc:
+            logger.warning("C-STORE sub-operation failed: %s", exc)
+            return None
+        finally:
+            if replacement is not None:
+                replacement.discard()
+        if not is_stored(response.status):
+            logger.warning(
+                "C-STORE sub-operation answered 0x%04X %s",
+                response.status,
+                response.error_comment,
+            )
+        return response.status
+
+    async def _in_accepted_syntax(
+        self, assoc: StoreAssociation, ref: InstanceRef, meta: FileMeta
+    ) -> FetchedInstance | None:
+        """The receiver refused the stored syntax: ask the server for an uncompressed one."""
+        accepted = assoc.accepted_syntaxes(meta.sop_class_uid)
+        syntax = next((s for s in UNCOMPRESSED if s in accepted), None)
+        if syntax is None:
+            logger.warning(
+                "the destination accepts SOP class %s in none of the syntaxes offered",
+                meta.sop_class_uid,
+            )
+            return None
+        logger.info("destination refused %s; fetching %s", meta.transfer_syntax, syntax)
+        return await self._mover.refetch(ref, syntax, self._spool)
+
+    async def close(self) -> None:
+        """Release the association (if one was opened)."""
+        if self._assoc is not None:
+            await self._assoc.release()
+            self._assoc = None

@@ -1,0 +1,70 @@
+"""Pure parts of the C-MOVE pipeline: presentation contexts offered and the final status."""
+
+from __future__ import annotations
+
+from dicom_adapter.dimse.scu import MAX_CONTEXTS, RequestedContext
+from dicom_adapter.importer.move import (
+    COMMON_SYNTAXES,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    MoveProgress,
+    move_contexts,
+)
+from dicom_adapter.status import Status
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+JPEG_2000 = "1.2.840.10008.1.2.4.90"
+
+
+def pairs(contexts: list[RequestedContext]) -> list[tuple[str, str]]:
+    out = []
+    for cx in contexts:
+        (syntax,) = cx.transfer_syntaxes
+        out.append((cx.abstract_syntax, syntax))
+    return out
+
+
+def test_first_seen_syntax_and_uncompressed_come_first_one_syntax_per_context() -> None:
+    offered = pairs(move_contexts([CT, MR], {CT: JPEG_2000}))
+    assert offered[:5] == [
+        (CT, JPEG_2000),
+        (CT, EXPLICIT_VR_LE),
+        (CT, IMPLICIT_VR_LE),
+        (MR, EXPLICIT_VR_LE),
+        (MR, IMPLICIT_VR_LE),
+    ]
+    assert len(offered) == len(set(offered))  # JPEG 2000 for CT is not offered twice
+    assert (MR, JPEG_2000) in offered
+    assert {s for _, s in offered} == {EXPLICIT_VR_LE, IMPLICIT_VR_LE, *COMMON_SYNTAXES}
+
+
+def test_many_sop_classes_stay_within_128_contexts_keeping_the_essentials() -> None:
+    classes = [f"1.2.840.10008.5.1.4.1.1.{n}" for n in range(60)]
+    offered = pairs(move_contexts(classes, {classes[0]: JPEG_2000}))
+    assert len(offered) == MAX_CONTEXTS
+    for sop_class in classes:
+        assert (sop_class, EXPLICIT_VR_LE) in offered
+        assert (sop_class, IMPLICIT_VR_LE) in offered
+    assert (classes[0], JPEG_2000) in offered
+
+
+def test_final_status() -> None:
+    assert MoveProgress(0, completed=3).final_status() == Status.SUCCESS
+    assert MoveProgress(0).final_status() == Status.SUCCESS  # nothing to move
+    some = MoveProgress(0, completed=2, failed=1, failed_uids=["1.2.3"])
+    assert some.final_status() == 0xB000
+    warned = MoveProgress(0, completed=2, warning=1)
+    assert warned.final_status() == 0xB000
+    only_warnings = MoveProgress(0, warning=2, failed=1)
+    assert only_warnings.final_status() == 0xB000
+    assert MoveProgress(0, failed=3).final_status() == 0xA702
+
+
+def test_fail_counts_and_snapshot_shares_the_failed_list() -> None:
+    progress = MoveProgress(remaining=2)
+    snapshot = progress.snapshot()
+    progress.fail("1.2.3")
+    assert (progress.remaining, progress.failed, progress.failed_uids) == (1, 1, ["1.2.3"])
+    assert snapshot.remaining == 2
+    assert snapshot.failed_uids == ["1.2.3"]
