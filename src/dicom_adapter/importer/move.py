@@ -340,7 +340,8 @@ class InstanceMover:
             while (update := await updates.get()) is not None:
                 yield update
             await sending  # re-raise a bug instead of reporting a short move
-            await producer
+            if not sender.unreachable:  # else the producer may wait on a full queue: cancelled
+                await producer
         finally:
             for task in (sending, producer):
                 task.cancel()
