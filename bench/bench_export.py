@@ -12,7 +12,8 @@ Alternating the order per repetition, two consumers deliver the same N messages:
       for one association per message: this script run as a subprocess
       (`--baseline-consumer`), with the real google-cloud-pubsub SubscriberClient (flow
       control max_messages=16, callbacks on a 16-thread pool, like dicom-export), a shared
-      httpx.Client for the WADO-RS fetch (multipart, first part written to a temp file) and,
+      httpx.Client for the WADO-RS fetch (the adapter's request headers: original transfer
+      syntax, `Accept-Encoding: identity`; first part written to a temp file) and,
       per message, pynetdicom `AE.associate` / `send_c_store(path)` / `release`. It uses the
       adapter's own pynetdicom tuning (`configure_pynetdicom`, and `tune_connection` on
       EVT_CONN_OPEN: TCP_NODELAY on the socket plus the waking DUL poll) and the same maximum
@@ -62,6 +63,7 @@ from tests.rig import (
     generate_ct_series,
 )
 
+from dicom_adapter.dicomweb.client import WADO_ACCEPT, wado_headers
 from dicom_adapter.dimse.scu import DEFAULT_MAX_PDU
 from dicom_adapter.dimse.server import configure_pynetdicom, release_connection, tune_connection
 
@@ -198,8 +200,8 @@ class BaselineExporter:
 
     def export(self, data: bytes) -> None:
         url = f"{self.root}/{data.decode().strip().lstrip('/')}"
-        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-        response = self.http.get(url, headers={"Accept": accept})
+        # The same request the adapter makes (no gzip: Orthanc would deflate every instance).
+        response = self.http.get(url, headers=wado_headers(WADO_ACCEPT))
         response.raise_for_status()
         payload = first_part(response.headers["content-type"], response.content)
         fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.spool)

@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from tests.pubsub_server import PubSubServer
 from tests.rig import (
@@ -276,3 +279,57 @@ def test_sigterm_mid_stream(
         assert acked, "nothing acked"
         received = scp.received_uids()
         assert {sent[m] for m in acked} <= received
+
+
+def test_peer_without_the_original_syntax_gets_it_uncompressed(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    """A JPEG instance to a peer taking only Implicit VR LE: refetched transcoded, delivered."""
+    original = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    assert original is not None, "pydicom's bundled JPEG baseline file is missing"
+    ds = dcmread(original)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = "EXPORTJPEG"
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "jpeg.dcm")
+    sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "in"], extra=["-dn"])
+    assert sent.returncode == 0, sent.stderr
+    orthanc_id = orthanc.find_instance(str(ds.SOPInstanceUID))
+    assert orthanc_id is not None
+    assert orthanc.transfer_syntax(orthanc_id) == ds.file_meta.TransferSyntaxUID  # still JPEG
+    jpeg_path = (
+        f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    )
+    sub = subscription(pubsub, "transcode")
+    with (
+        StoreSCP(tmp_path / "scp", aet=SCP_AET, accept="implicit") as scp,
+        Exporter(
+            tmp_path / "export.log",
+            exporter_args(orthanc, sub, *cstore_sink(scp.port)),
+            pubsub.host,
+        ) as exporter,
+    ):
+        jpeg_message = pubsub.publish(TOPIC, jpeg_path.encode())
+        plain = publish(pubsub, source, source.uids[:3])  # Explicit VR LE: refetched too
+        everything = {jpeg_message, *plain}
+        pubsub.wait_until(
+            lambda: pubsub.acked(sub) == everything, DELIVERY_TIMEOUT, "all messages acked"
+        )
+        assert exporter.stop() == 0
+        records = exporter.log_records()
+    assert not [r for r in records if r.get("severity") == "ERROR"]
+    assert all(pubsub.deliveries(m) == 1 for m in everything), "nothing should be nacked"
+    assert any("fetching the instance as" in r["message"] for r in records)
+    received = {str(r.SOPInstanceUID): r for r in scp.received()}
+    assert set(received) == {str(ds.SOPInstanceUID), *plain.values()}
+    for uid in plain.values():
+        assert bytes(received[uid].PixelData) == source.pixels[uid]
+    delivered = received[str(ds.SOPInstanceUID)]
+    assert delivered.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    pixels = delivered.pixel_array  # uncompressed now, decodable without a JPEG codec
+    expected = ds.pixel_array
+    assert pixels.shape == expected.shape
+    # Orthanc's and pydicom's JPEG decoders (and colour conversion) may differ by a few levels.
+    difference = np.abs(pixels.astype(np.int16) - expected.astype(np.int16))
+    assert float(difference.mean()) < 2.0

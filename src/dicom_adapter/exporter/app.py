@@ -18,7 +18,6 @@ from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.scu import AssociationTarget
-from dicom_adapter.dimse.server import configure_pynetdicom
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
 from dicom_adapter.exporter.worker import ExportWorker
@@ -74,7 +73,8 @@ class ExportService:
             force_google=settings.use_gcp_application_default_credentials,
             scopes=settings.oauth_scopes,
         )
-        self._bridge = bridge = Bridge(loop, blocking_workers=4)
+        # Only Pub/Sub callbacks cross into the loop; no sink call blocks a worker thread.
+        self._bridge = bridge = Bridge(loop, blocking_workers=1)
         source_client = self._client(settings.source_root, google_credentials)
         if settings.stow_sink:
             self._sink = StowSink(
@@ -82,14 +82,13 @@ class ExportService:
             )
             where = f"STOW-RS to {settings.stow_url}"
         else:
-            configure_pynetdicom()
             target = AssociationTarget(
                 calling_aet=settings.client_aet,
                 called_aet=settings.peer_dimse_aet,
                 host=settings.peer_dimse_ip,
                 port=settings.peer_dimse_port,
             )
-            self._sink = CStoreSink(bridge, target)
+            self._sink = CStoreSink(target)
             where = (
                 f"C-STORE to {settings.peer_dimse_aet}@{settings.peer_dimse_ip}:"
                 f"{settings.peer_dimse_port}"

@@ -1,14 +1,14 @@
-"""One Pub/Sub message: parse → WADO-RS fetch into a temp file → sink → ack or nack."""
+"""One Pub/Sub message: parse → WADO-RS fetch (memory, or spool if large) → sink → ack/nack."""
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from dicom_adapter.dicomweb.client import DicomwebClient
+from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance
 from dicom_adapter.errors import (
     AdapterError,
     UpstreamAuthError,
@@ -19,7 +19,7 @@ from dicom_adapter.exporter.sinks import (
     PermanentFailure,
     Sink,
     TransientFailure,
-    read_instance,
+    usable_meta,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,13 @@ class ExportWorker:
         spool_dir: Path,
         *,
         nack_permanent_failures: bool = False,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         self._client = client
         self._root = source_root.rstrip("/")
         self._sink = sink
         self._spool = spool_dir
+        self._memory_limit = memory_limit
         self._nack_permanent = nack_permanent_failures
         self.exported = 0
         self.permanent_failures = 0
@@ -94,12 +96,35 @@ class ExportWorker:
         return Outcome.NACK if self._nack_permanent else Outcome.ACK
 
     async def _export(self, data: bytes) -> None:
-        path = instance_path(data)
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self._spool)
-        tmp = Path(name)
-        os.close(fd)
+        url = f"{self._root}/{instance_path(data)}"
+        instance = await self.fetch(url)
         try:
-            await self._client.retrieve_instance_to(f"{self._root}/{path}", tmp)
-            await self._sink.send(read_instance(tmp))
+            usable_meta(instance)
+            await self._sink.send(instance, functools.partial(self.fetch, url))
         finally:
-            tmp.unlink(missing_ok=True)
+            instance.discard()
+
+    async def fetch(self, url: str, transfer_syntax: str = "*") -> FetchedInstance:
+        """The first part of a WADO-RS instance response ("*": as stored; else transcoded).
+
+        The whole response is read (further parts discarded) so the connection is reused.
+        """
+        first: FetchedInstance | None = None
+        try:
+            async for part in self._client.wado_instances(
+                url,
+                spool_dir=self._spool,
+                transfer_syntax=transfer_syntax,
+                memory_limit=self._memory_limit,
+            ):
+                if first is None:
+                    first = part
+                else:
+                    part.discard()
+        except BaseException:
+            if first is not None:
+                first.discard()
+            raise
+        if first is None:
+            raise PermanentFailure("WADO-RS: response had no parts")
+        return first
