@@ -172,11 +172,8 @@ class StoreAssociation:
                 move_originator_message_id=move_originator_message_id,
             )
             try:
-                self._writer.write(
-                    pdu.pdv_header(context_id, len(command), command=True, last=True)
-                )
-                self._writer.write(command)
-                await self._send_dataset(context_id, dataset)
+                head = pdu.pdv_header(context_id, len(command), command=True, last=True)
+                await self._send_dataset(context_id, dataset, [head + command])
                 async with asyncio.timeout(self._timeouts.dimse):
                     response = await self._read_response(message_id)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, pdu.PduError) as exc:
@@ -186,7 +183,10 @@ class StoreAssociation:
                 ) from exc
             return response
 
-    async def _send_dataset(self, context_id: int, dataset: DatasetSource) -> None:
+    async def _send_dataset(
+        self, context_id: int, dataset: DatasetSource, command: list[bytes]
+    ) -> None:
+        """The data set's P-DATA-TF PDUs, after the command's (sent with the first chunk)."""
         fragment = self._fragment
         if isinstance(dataset, DatasetFile):
             with dataset.path.open("rb") as stream:
@@ -194,18 +194,27 @@ class StoreAssociation:
                 chunk = stream.read(FILE_READ)
                 while True:
                     following = stream.read(FILE_READ) if chunk else b""
-                    await self._write_fragments(context_id, chunk, fragment, last=not following)
+                    await self._write_fragments(
+                        context_id, chunk, fragment, last=not following, prefix=command
+                    )
+                    command = []
                     if not following:
                         return
                     chunk = following
-        await self._write_fragments(context_id, dataset, fragment, last=True)
+        await self._write_fragments(context_id, dataset, fragment, last=True, prefix=command)
 
     async def _write_fragments(
-        self, context_id: int, data: bytes | bytearray | memoryview, fragment: int, *, last: bool
+        self,
+        context_id: int,
+        data: bytes | bytearray | memoryview,
+        fragment: int,
+        *,
+        last: bool,
+        prefix: list[bytes],
     ) -> None:
         view = memoryview(data)
         total = len(view)
-        pieces: list[bytes | memoryview] = []
+        pieces: list[bytes | memoryview] = list(prefix)
         if total == 0 and last:
             pieces.append(pdu.pdv_header(context_id, 0, command=False, last=True))
         pos = 0
