@@ -70,9 +70,10 @@ class _Collector:
     """Accumulates one part, switching from memory to a file past the limit."""
 
     def __init__(self, headers: dict[str, str], spool_dir: Path, memory_limit: int) -> None:
-        self.instance = FetchedInstance(headers, data=bytearray())
+        self.instance = FetchedInstance(headers)
         self._spool_dir = spool_dir
         self._limit = memory_limit
+        self._chunks: list[bytes] = []  # joined once at the end: growing a buffer copies more
         self._file: BinaryIO | None = None
 
     def add(self, chunk: bytes) -> None:
@@ -83,20 +84,22 @@ class _Collector:
         if self._file is not None:
             self._file.write(chunk)
             return
-        assert item.data is not None
-        item.data += chunk
-        if len(item.data) > self._limit:
+        self._chunks.append(chunk)
+        if item.size > self._limit:
             fd, name = tempfile.mkstemp(prefix="wado-", suffix=".dcm", dir=self._spool_dir)
             self._file = os.fdopen(fd, "wb")
             item.path = Path(name)
-            self._file.write(item.data)
-            item.data = None
+            self._file.writelines(self._chunks)
+            self._chunks = []
 
     def finish(self) -> FetchedInstance:
         item = self.instance
         if self._file is not None:
             self._file.close()
             self._file = None
+        else:
+            item.data = bytearray().join(self._chunks)
+            self._chunks = []
         try:
             item.meta = read_file_meta(item._head, complete=item.size <= len(item._head))
         except NotPart10Error as exc:
@@ -107,6 +110,7 @@ class _Collector:
         return item
 
     def abandon(self) -> None:
+        self._chunks = []
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()

@@ -24,7 +24,9 @@ import httpx
 
 MAX_HEAD_BYTES = 256 * 1024
 IDLE_SECONDS = 4.0  # below common server keep-alive timeouts (5 s), so reuse rarely races a close
-READ_CHUNK = 256 * 1024
+# Body reads take everything buffered (asyncio's StreamReader pauses the socket at 2x its
+# limit): a smaller read copies a piece out and then memmoves the rest of its buffer forward.
+READ_CHUNK = 16 << 20
 
 
 def default_ssl_context() -> ssl.SSLContext:

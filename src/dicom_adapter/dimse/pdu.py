@@ -27,6 +27,7 @@ A_ABORT = 0x07
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_MOVE_RSP = 0x8021
 NO_DATASET = 0x0101
 
 _HEAD = struct.Struct(">BBI")
@@ -288,6 +289,33 @@ def c_store_rq(
     if move_originator_message_id is not None:
         elements.append(_element(0x0000, 0x1031, _us(move_originator_message_id)))
     rest = b"".join(elements)
+    return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
+
+
+def c_move_pending_rsp(
+    message_id_responded_to: int,
+    sop_class_uid: str,
+    status: int,
+    *,
+    remaining: int,
+    completed: int,
+    failed: int,
+    warning: int,
+) -> bytes:
+    """A C-MOVE-RSP command set without identifier (pending responses carry only counts)."""
+    rest = b"".join(
+        [
+            _element(0x0000, 0x0002, _ui(sop_class_uid)),
+            _element(0x0000, 0x0100, _us(C_MOVE_RSP)),
+            _element(0x0000, 0x0120, _us(message_id_responded_to)),
+            _element(0x0000, 0x0800, _us(NO_DATASET)),
+            _element(0x0000, 0x0900, _us(status)),
+            _element(0x0000, 0x1020, _us(remaining)),
+            _element(0x0000, 0x1021, _us(completed)),
+            _element(0x0000, 0x1022, _us(failed)),
+            _element(0x0000, 0x1023, _us(warning)),
+        ]
+    )
     return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
 
 

@@ -25,8 +25,12 @@ from pynetdicom import (
 )
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket
+
+from dicom_adapter.dimse import pdu
+from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +138,27 @@ class MoveRequest:
     def is_cancelled(self) -> bool:
         """True once the requester sent a C-CANCEL for this request."""
         return bool(self._service.is_cancelled(self.message_id))
+
+    def pending(self, *, remaining: int, completed: int, failed: int, warning: int) -> None:
+        """A pending C-MOVE-RSP, encoded by us and queued on the DUL as one P-DATA.
+
+        Same bytes pynetdicom would send, without its pydicom encode in this thread (which
+        holds the GIL the sub-operations' event loop needs, once per instance).
+        """
+        command = pdu.c_move_pending_rsp(
+            self.message_id,
+            self.sop_class_uid,
+            Status.PENDING,
+            remaining=remaining,
+            completed=completed,
+            failed=failed,
+            warning=warning,
+        )
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append(
+            (self._context.context_id, b"\x03" + command)  # command, last fragment
+        )
+        self.assoc.dul.send_pdu(primitive)
 
     def respond(
         self,

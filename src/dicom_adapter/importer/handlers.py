@@ -294,24 +294,29 @@ class RetrieveHandlers:
         cancelled = False
         updates = self._bridge.iterate(self._mover.move, identifier, root, target)
         try:
-            for update in updates:
+            for batch in updates:
                 if progress is None:
+                    progress = batch[-1]
                     logger.info(
-                        "C-MOVE of %d instances to %s", update.remaining, destination, extra=fields
+                        "C-MOVE of %d instances to %s",
+                        progress.remaining,
+                        destination,
+                        extra=fields,
                     )
-                    progress = update
                     continue
-                progress = update
-                if request.is_cancelled():
-                    cancelled = True
+                for update in batch:
+                    progress = update
+                    if request.is_cancelled():
+                        cancelled = True
+                        break
+                    request.pending(
+                        remaining=update.remaining,
+                        completed=update.completed,
+                        failed=update.failed,
+                        warning=update.warning,
+                    )
+                if cancelled:
                     break
-                request.respond(
-                    Status.PENDING,
-                    remaining=progress.remaining,
-                    completed=progress.completed,
-                    failed=progress.failed,
-                    warning=progress.warning,
-                )
         except AdapterError as exc:  # listing failed (the mover handles later failures)
             logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
             request.respond(exc.status)

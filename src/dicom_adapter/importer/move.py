@@ -316,15 +316,16 @@ class InstanceMover:
 
     async def move(
         self, identifier: Dataset, root: QueryRoot, destination: MoveDestination
-    ) -> AsyncIterator[MoveProgress]:
-        """Yield the progress after listing (remaining = total) and after each sub-operation.
+    ) -> AsyncIterator[list[MoveProgress]]:
+        """Yield the progress after listing (remaining = total), then after each sub-operation
+        (batched: every update that is ready, so a slow consumer costs one hop per batch).
 
         Stopping early (closing the generator) cancels the fetches and aborts nothing that
         was sent: the association is released.
         """
         refs = await self._retrieve.list_instances(identifier, root)
         progress = MoveProgress(remaining=len(refs))
-        yield progress.snapshot()
+        yield [progress.snapshot()]
         if not refs:
             return
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
@@ -337,8 +338,18 @@ class InstanceMover:
         # pending responses), so a slow consumer never holds up the next C-STORE.
         sending = asyncio.ensure_future(self._send_all(refs, queue, sender, progress, updates))
         try:
-            while (update := await updates.get()) is not None:
-                yield update
+            finished = False
+            while not finished:
+                batch: list[MoveProgress] = []
+                update = await updates.get()
+                while update is not None:
+                    batch.append(update)
+                    if updates.empty():
+                        break
+                    update = updates.get_nowait()
+                finished = update is None
+                if batch:
+                    yield batch
             await sending  # re-raise a bug instead of reporting a short move
             if not sender.unreachable:  # else the producer may wait on a full queue: cancelled
                 await producer
