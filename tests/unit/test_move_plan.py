@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pydicom import Dataset
+
+from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.scu import MAX_CONTEXTS, RequestedContext
 from dicom_adapter.importer.move import (
     COMMON_SYNTAXES,
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
+    InstanceRef,
     MoveProgress,
+    early_fetch_paths,
+    fetch_paths,
     move_contexts,
 )
 from dicom_adapter.status import Status
@@ -68,3 +74,49 @@ def test_fail_counts_and_snapshot_shares_the_failed_list() -> None:
     assert (progress.remaining, progress.failed, progress.failed_uids) == (1, 1, ["1.2.3"])
     assert snapshot.remaining == 2
     assert snapshot.failed_uids == ["1.2.3"]
+
+
+def identifier(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value.split("\\") if "\\" in value else value)
+    return ds
+
+
+def test_study_and_series_level_fetches_start_without_the_listing() -> None:
+    assert early_fetch_paths(identifier("STUDY", StudyInstanceUID="1.2"), QueryRoot.STUDY) == [
+        "studies/1.2"
+    ]
+    assert early_fetch_paths(identifier("STUDY", StudyInstanceUID="1.2\\1.3"), QueryRoot.STUDY) == [
+        "studies/1.2",
+        "studies/1.3",
+    ]
+    series = identifier("SERIES", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.1\\1.2.2")
+    assert early_fetch_paths(series, QueryRoot.STUDY) == [
+        "studies/1.2/series/1.2.1",
+        "studies/1.2/series/1.2.2",
+    ]
+
+
+def test_levels_that_need_the_listing_first() -> None:
+    assert early_fetch_paths(identifier("PATIENT", PatientID="P1"), QueryRoot.PATIENT) is None
+    image = identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.1")
+    image.SOPInstanceUID = "1.2.1.1"
+    assert early_fetch_paths(image, QueryRoot.STUDY) is None
+    no_study = identifier("SERIES", SeriesInstanceUID="1.2.1")  # study not given: QIDO finds it
+    assert early_fetch_paths(no_study, QueryRoot.STUDY) is None
+
+
+def test_fetch_paths_from_the_listing() -> None:
+    refs = [
+        InstanceRef("1.2", "1.2.1", "1.2.1.1", CT),
+        InstanceRef("1.2", "1.2.1", "1.2.1.2", CT),
+        InstanceRef("1.3", "1.3.1", "1.3.1.1", MR),
+    ]
+    assert fetch_paths(refs, "PATIENT") == ["studies/1.2", "studies/1.3"]
+    assert fetch_paths(refs, "SERIES") == ["studies/1.2/series/1.2.1", "studies/1.3/series/1.3.1"]
+    assert fetch_paths(refs[:2], "IMAGE") == [
+        "studies/1.2/series/1.2.1/instances/1.2.1.1",
+        "studies/1.2/series/1.2.1/instances/1.2.1.2",
+    ]
