@@ -252,6 +252,8 @@ class Destination:
         self.requested = 0
         self.accepted = 0
         self.received: list[Received] = []
+        self.hold_at = 0  # the hold_at-th C-STORE (1-based) waits for `release` first
+        self.release = threading.Event()
         self._lock = threading.Lock()
         ae = AE(ae_title=DEST_AET)
         ae.require_called_aet = True
@@ -306,6 +308,9 @@ class Destination:
         )
         with self._lock:
             self.received.append(item)
+            arrived = len(self.received)
+        if arrived == self.hold_at:
+            assert self.release.wait(10), "the test never released the held C-STORE"
         return self.statuses.get(uid, int(Status.SUCCESS))
 
     def by_uid(self) -> dict[str, Received]:
@@ -611,3 +616,37 @@ def test_unknown_destination_is_a801_and_nothing_else(setup: Setup) -> None:
     assert result.status == Status.MOVE_DESTINATION_UNKNOWN
     assert importer.upstream.requests == []
     assert destination.requested == 0
+
+
+def test_cancel_stops_the_sub_operations_and_reports_what_was_done(setup: Setup) -> None:
+    instances = make_study(40)
+    importer, destination = setup(Archive(instances))
+    destination.hold_at = 3  # the third C-STORE waits until the C-CANCEL has been sent
+
+    ae = AE(ae_title=SCU_AET)
+    ae.dimse_timeout = 15
+    ae.add_requested_context(MOVE_MODEL)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    statuses: list[Dataset] = []
+    try:
+        for status, _ in assoc.send_c_move(
+            study_level(instances[0].study), DEST_AET, MOVE_MODEL, msg_id=MSG_ID
+        ):
+            assert "Status" in status, "no C-MOVE response (DIMSE timeout or abort)"
+            statuses.append(status)
+            if status.Status == Status.PENDING and len(statuses) == 2:
+                assoc.send_c_cancel(MSG_ID, assoc.accepted_contexts[0].context_id)
+                destination.release.set()
+    finally:
+        destination.release.set()
+        assoc.release()
+
+    final = statuses[-1]
+    assert final.Status == Status.CANCEL
+    completed = int(final.NumberOfCompletedSuboperations)
+    assert completed >= 3  # the two reported before the cancel, and the held one
+    assert int(final.NumberOfRemainingSuboperations) == 40 - completed
+    assert int(final.NumberOfFailedSuboperations) == 0
+    assert len(destination.received) < 40
+    assert destination.accepted == 1
