@@ -150,6 +150,7 @@ def exporter_command(dicomweb_url: str, sub: str, scp_port: int) -> list[str]:
         "--peer_dimse_ip=127.0.0.1",
         f"--peer_dimse_port={scp_port}",
         f"--client_aet={CLIENT_AET}",
+        "--metrics_port=0",  # served as in production, on any free port (never the default)
     ]
 
 

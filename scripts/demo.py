@@ -67,7 +67,8 @@ def main() -> int:
                 if args.keep:
                     print(
                         f"\nRunning: DIMSE {adapter.aet}@127.0.0.1:{adapter.port}, DICOMweb "
-                        f"{orthanc.dicomweb_url}. Ctrl-C to stop."
+                        f"{orthanc.dicomweb_url}, metrics {adapter.metrics_url}/metrics. "
+                        "Ctrl-C to stop."
                     )
                     with contextlib.suppress(KeyboardInterrupt):
                         threading.Event().wait()

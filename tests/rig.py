@@ -314,6 +314,7 @@ class Importer:
         *extra_args: str,
         aet: str = "IMPORTER",
         port: int | None = None,
+        metrics_port: int | None = None,
         log_dir: Path | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
         env: Mapping[str, str] | None = None,
@@ -322,6 +323,10 @@ class Importer:
         self.extra_args = list(extra_args)
         self.aet = aet
         self.port = port if port is not None else free_port()
+        # Never the default 9090: tests and benchmarks run several importers at once.
+        self.metrics_port = metrics_port if metrics_port is not None else free_port()
+        while self.metrics_port == self.port:
+            self.metrics_port = free_port()
         self._given_log_dir = log_dir
         self._own_dir: Path | None = None
         self.startup_timeout = startup_timeout
@@ -337,8 +342,14 @@ class Importer:
             f"--dimse_aet={self.aet}",
             f"--dimse_port={self.port}",
             f"--dicomweb_address={self.dicomweb_address}",
+            f"--metrics_port={self.metrics_port}",
             *self.extra_args,
         ]
+
+    @property
+    def metrics_url(self) -> str:
+        """Root of the metrics and health endpoints (`/metrics`, `/healthz`, `/readyz`)."""
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     def __enter__(self) -> Self:
         self.start()
@@ -443,6 +454,29 @@ class Importer:
             if isinstance(record, dict):
                 records.append(record)
         return records
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {sample name with labels: value}."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def http_get(url: str, timeout: float = 10.0) -> httpx.Response:
+    """GET without proxies (the metrics and health endpoints of a service under test)."""
+    with httpx.Client(trust_env=False, timeout=timeout) as client:
+        return client.get(url)
+
+
+def scrape_metrics(metrics_url: str) -> dict[str, float]:
+    """The samples served at `<metrics_url>/metrics`."""
+    response = http_get(metrics_url + "/metrics")
+    response.raise_for_status()
+    return parse_metrics(response.text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,12 @@ class RunningImporter:
     aet: str
     upstream: Upstream
     service: ImportService
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def metrics_url(self) -> str:
+        """Root of the service's metrics and health endpoints (bound to a free port)."""
+        return f"http://127.0.0.1:{self.service.metrics_port}"
 
 
 @pytest.fixture
@@ -55,6 +61,7 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
             "--dimse_port=0",
             "--dicomweb_address=http://dicomweb.test/dicom-web",
             "--log_format=text",
+            "--metrics_port=0",  # any free port: never the default 9090
             *flags,
         ]
         settings = parse_settings(ImporterSettings, argv, prog="t", description="", environ={})
@@ -71,7 +78,9 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
             loop.close()
 
         stops.append(stop)
-        return RunningImporter(port=port, aet="ADAPTER", upstream=upstream, service=service)
+        return RunningImporter(
+            port=port, aet="ADAPTER", upstream=upstream, service=service, loop=loop
+        )
 
     yield start
     for stop in stops:

@@ -30,6 +30,8 @@ from tests.rig import (
     dcmsend,
     free_port,
     generate_ct_series,
+    http_get,
+    scrape_metrics,
 )
 
 PROJECT = "test-project"
@@ -47,7 +49,8 @@ class Exporter:
 
     def __init__(self, log_path: Path, args: list[str], pubsub_host: str) -> None:
         self.log_path = log_path
-        self.args = [str(export_binary()), *args]
+        self.metrics_port = free_port()  # never the default 9091: tests run several exporters
+        self.args = [str(export_binary()), f"--metrics_port={self.metrics_port}", *args]
         self.env = _local_env({"PUBSUB_EMULATOR_HOST": pubsub_host})
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -71,6 +74,10 @@ class Exporter:
         if self.proc is not None and self.proc.poll() is None:
             _stop_process(self.proc, 30.0)
         print(f"--- dicom-export log ---\n{self.log_text()[-6000:]}")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -204,11 +211,21 @@ def test_permanent_failures_are_acked_and_logged(
         pubsub.wait_until(
             lambda: pubsub.acked(sub) == everything, DELIVERY_TIMEOUT, "all messages acked"
         )
+        metrics = scrape_metrics(exporter.metrics_url)
+        assert http_get(exporter.metrics_url + "/readyz").status_code == 200
         assert exporter.stop() == 0
         errors = {
             r.get("message_id") for r in exporter.log_records() if r.get("severity") == "ERROR"
         }
     assert {malformed, missing} <= errors
+    assert metrics["dicomadapter_export_started_total"] == 1
+    assert metrics["dicomadapter_export_permanent_failures_total"] == 2
+    assert metrics["dicomadapter_export_transient_failures_total"] == 0
+    assert metrics["dicomadapter_export_total_requests_total"] == len(everything)
+    assert metrics["dicomadapter_export_total_errors_total"] == 2
+    assert metrics["dicomadapter_export_total_bytes_total"] > 0
+    assert metrics["dicomadapter_export_in_flight"] == 0
+    assert metrics["dicomadapter_export_seconds_count"] == len(everything)
     assert pubsub.deliveries(malformed) == 1
     assert pubsub.deliveries(missing) == 1
     assert scp.received_uids() == set(good.values())

@@ -28,9 +28,11 @@ from tests.rig import (
     echo,
     free_port,
     generate_ct_series,
+    http_get,
     interrupt_c_store,
     parse_dcmsend_debug,
     run_dcmtk,
+    scrape_metrics,
     send_file,
     write_large_instance,
 )
@@ -206,6 +208,40 @@ def test_wrong_called_aet_is_rejected(importer: Importer) -> None:
     assert echo(HOST, importer.port, importer.aet)
     result = run_dcmtk(["echoscu", "-aec", importer.aet, HOST, str(importer.port)], 30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- metrics and health ---------------------------------------------------------------------
+
+
+def test_metrics_count_what_dcmsend_stored_and_readyz_is_ok(
+    importer: Importer, tmp_path: Path
+) -> None:
+    count = 7
+    paths = generate_ct_series(tmp_path / "ct", count, rows=16, cols=16, seed=70)
+    assert http_get(importer.metrics_url + "/readyz").status_code == 200
+    assert http_get(importer.metrics_url + "/healthz").text == "ok\n"
+
+    result = dcmsend(HOST, importer.port, importer.aet, [tmp_path / "ct"])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    response = http_get(importer.metrics_url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert f"\ndicomadapter_import_cstore_requests_total {count}\n" in response.text
+    metrics = scrape_metrics(importer.metrics_url)
+    assert metrics["dicomadapter_import_started_total"] == 1
+    assert metrics["dicomadapter_import_cstore_errors_total"] == 0
+    # Each data set is its file minus preamble and meta group: a little less than the file.
+    file_bytes = sum(p.stat().st_size for p in paths)
+    assert file_bytes - 400 * count < metrics["dicomadapter_import_cstore_bytes_total"] < file_bytes
+    assert metrics["dicomadapter_import_cstore_seconds_count"] == count
+    assert http_get(importer.metrics_url + "/readyz").status_code == 200
+    announced = [
+        r for r in importer.log_records() if r["message"].startswith("metrics and health on port")
+    ]
+    assert [r["message"] for r in announced] == [
+        f"metrics and health on port {importer.metrics_port}"
+    ]
 
 
 # --- (d) unusable data sets ----------------------------------------------------------------

@@ -513,3 +513,14 @@ def test_script_help_lists_every_java_flag_and_env_var() -> None:
         assert name.upper() in text, name.upper()
     assert "DIMSE_AET" in text
     assert "Traceback" not in result.stderr
+
+
+def test_metrics_port_default_range_and_env() -> None:
+    assert parse(BASE).metrics_port == 9090
+    assert flag_status(ImporterSettings.model_fields["metrics_port"]) == "new"
+    assert parse([*BASE, "--metrics_port=0"]).metrics_port == 0
+    assert parse([*BASE, "--metrics_port", "-1"]).metrics_port == -1
+    assert parse(BASE, {"METRICS_PORT": "9100"}).metrics_port == 9100
+    for bad in ("-2", "65536", "abc"):
+        error = config_error([*BASE, f"--metrics_port={bad}"])
+        assert error.flag == "metrics_port", bad

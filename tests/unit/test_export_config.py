@@ -159,3 +159,11 @@ def test_console_script_no_sink_exit_2() -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "--peer_dicomweb_address" in result.stderr
+
+
+def test_metrics_port_defaults_next_to_the_importers() -> None:
+    assert parse([*REQUIRED, *CSTORE]).metrics_port == 9091  # dicom-import has 9090
+    assert flag_status(ExporterSettings.model_fields["metrics_port"]) == "new"
+    assert parse([*REQUIRED, *CSTORE, "--metrics_port=-1"]).metrics_port == -1
+    assert parse([*REQUIRED, *CSTORE], {"METRICS_PORT": "0"}).metrics_port == 0
+    assert problem([*REQUIRED, *CSTORE, "--metrics_port=70000"]).flag == "metrics_port"

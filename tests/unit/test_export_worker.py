@@ -29,6 +29,7 @@ from dicom_adapter.exporter.sinks import (
     TransientFailure,
 )
 from dicom_adapter.exporter.worker import ExportWorker, Outcome
+from dicom_adapter.observability.metrics import ExportMetrics, MetricsRegistry
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -246,3 +247,29 @@ def test_sink_errors(tmp_path: Path, error: Exception, expected: Outcome) -> Non
     assert outcome is expected
     assert sink.instances[0].path is None
     assert list(tmp_path.iterdir()) == [], "discarded even when the sink fails"
+
+
+def test_metrics_count_messages_outcomes_and_bytes(tmp_path: Path) -> None:
+    registry = MetricsRegistry()
+    metrics = ExportMetrics(registry)
+    data = part10(CT, SOP_UID, EXPLICIT_VR_LE, b"slice")
+    busy = RecordingSink(error=TransientFailure("peer busy"))
+    in_flight_seen: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        in_flight_seen.append(metrics.in_flight.value())
+        return wado_response(data)
+
+    assert handle(handler, RecordingSink(), tmp_path, metrics=metrics) is Outcome.ACK
+    assert handle(handler, busy, tmp_path, metrics=metrics) is Outcome.NACK
+    assert handle(handler, RecordingSink(), tmp_path, b"junk", metrics=metrics) is Outcome.ACK
+
+    assert in_flight_seen == [1, 1]
+    assert metrics.in_flight.value() == 0
+    assert metrics.total_requests.value() == 3
+    assert metrics.total_errors.value() == 2
+    assert metrics.permanent_failures.value() == 1
+    assert metrics.transient_failures.value() == 1
+    assert metrics.total_bytes.value() == len(data)  # the delivered instance only
+    assert metrics.seconds.snapshot()[2] == 3
+    assert "dicomadapter_export_permanent_failures_total 1\n" in registry.render()

@@ -937,7 +937,7 @@ def test_read_timeout_applies_per_read_not_to_the_whole_body() -> None:
 
 
 def test_slow_consumer_of_a_streamed_body_is_not_cancelled() -> None:
-    big = b"z" * (4 * transport_module.READ_CHUNK)
+    big = b"z" * (4 << 20)  # several reads (the reader pauses the socket at 2x its limit)
 
     async def handler(request: Request, conn: ServerConn) -> None:
         conn.send(response(body=big))

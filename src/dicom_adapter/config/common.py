@@ -91,6 +91,19 @@ def valid_aet(value: str) -> str:
     return value
 
 
+METRICS_PORT_HELP = (
+    "Port of the Prometheus /metrics and the /healthz, /readyz probes "
+    "(0 = any free port, -1 = disabled)."
+)
+
+
+def valid_metrics_port(value: int) -> int:
+    """A --metrics_port value: -1 (disabled), 0 (any free port) or a TCP port."""
+    if not -1 <= value <= 65535:
+        raise ValueError("must be -1 (disabled), 0 (any free port) or a port up to 65535")
+    return value
+
+
 def check_http_url(flag: str, url: str) -> list[tuple[str, str]]:
     """A (flag, problem) pair when `url` is not an absolute http(s) URL."""
     parts = urlsplit(url)

@@ -8,10 +8,12 @@ from pydantic import Field, field_validator
 
 from dicom_adapter.config.common import (
     DEPRECATED,
+    METRICS_PORT_HELP,
     CommonSettings,
     check_http_url,
     new_flag,
     valid_aet,
+    valid_metrics_port,
 )
 
 
@@ -59,11 +61,17 @@ class ExporterSettings(CommonSettings):
         "Nack messages that can never succeed (malformed, source 404) instead of acking them; "
         "pair with a dead-letter topic.",
     )
+    metrics_port: int = new_flag(9091, METRICS_PORT_HELP)
 
     @field_validator("peer_dimse_aet", "client_aet")
     @classmethod
     def _check_aet(cls, value: str) -> str:
         return valid_aet(value)
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _check_metrics_port(cls, value: int) -> int:
+        return valid_metrics_port(value)
 
     @field_validator("max_messages", "max_bytes")
     @classmethod

@@ -11,11 +11,13 @@ from pydantic_settings import NoDecode
 
 from dicom_adapter.config.common import (
     DEPRECATED,
+    METRICS_PORT_HELP,
     CommonSettings,
     check_http_url,
     later_flag,
     new_flag,
     valid_aet,
+    valid_metrics_port,
 )
 
 GOOGLE_HOST = "healthcare.googleapis.com"
@@ -107,6 +109,7 @@ class ImporterSettings(CommonSettings):
     network_timeout: float = new_flag(
         300.0, "Seconds an idle association stays open before it is closed."
     )
+    metrics_port: int = new_flag(9090, METRICS_PORT_HELP)
 
     @field_validator("http_error_codes_to_retry", mode="before")
     @classmethod
@@ -124,6 +127,11 @@ class ImporterSettings(CommonSettings):
                 raise ValueError(f"not an HTTP status code: {bad[0]}")
             return codes
         return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _check_metrics_port(cls, value: int) -> int:
+        return valid_metrics_port(value)
 
     @field_validator("dimse_aet", "dimse_cmove_aet")
     @classmethod

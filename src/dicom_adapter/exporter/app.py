@@ -21,6 +21,8 @@ from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
 from dicom_adapter.exporter.worker import ExportWorker
+from dicom_adapter.observability.http import HealthServer, serve_health
+from dicom_adapter.observability.metrics import ExportMetrics, MetricsRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,20 @@ class ExportService:
         self._source: PubSubSource | None = None
         self._spool: Path | None = None
         self.worker: ExportWorker | None = None
+        self._registry = MetricsRegistry()
+        self.metrics = ExportMetrics(self._registry)
+        self._health: HealthServer | None = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """True while the streaming pull runs and the service is not draining (/readyz)."""
+        return self._ready and not self.failed
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound port of /metrics, /healthz, /readyz (0 when disabled or not started)."""
+        return self._health.port if self._health is not None else 0
 
     def _client(self, url: str, google_credentials: Any) -> DicomwebClient:
         settings = self._settings
@@ -66,6 +82,10 @@ class ExportService:
         """Build the clients and start pulling."""
         settings = self._settings
         loop = asyncio.get_running_loop()
+        # Health first: liveness answers while credentials load; readiness waits for the pull.
+        self._health = await serve_health(
+            settings.metrics_port, self._registry.render, lambda: self.ready
+        )
         urls = [settings.source_root] + ([settings.stow_url] if settings.stow_sink else [])
         google_credentials = await credentials_if_needed(
             urls,
@@ -100,6 +120,7 @@ class ExportService:
             self._sink,
             self._spool,
             nack_permanent_failures=settings.nack_permanent_failures,
+            metrics=self.metrics,
         )
         self._source = PubSubSource(
             bridge,
@@ -109,6 +130,8 @@ class ExportService:
             max_bytes=settings.max_bytes,
         )
         await asyncio.to_thread(self._source.start)
+        self._ready = True
+        self.metrics.started.inc()
         logger.info(
             "dicom-export pulling %s; WADO-RS from %s; %s",
             settings.subscription_path,
@@ -124,6 +147,7 @@ class ExportService:
     async def stop(self) -> None:
         """Stop pulling, let in-flight messages finish (grace period), flush acks, close."""
         grace = self._settings.shutdown_grace_period
+        self._ready = False  # /readyz answers 503 while draining; /metrics still serves
         if self._source is not None:
             logger.info("stopping: no new messages; waiting up to %.0f s for running ones", grace)
             # Blocking, and the running callbacks need this loop: wait in a thread.
@@ -141,6 +165,9 @@ class ExportService:
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
+        health, self._health = self._health, None
+        if health is not None:
+            await health.stop()
 
 
 async def run(settings: ExporterSettings, environ: Mapping[str, str]) -> int:

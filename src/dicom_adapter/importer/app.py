@@ -35,6 +35,8 @@ from dicom_adapter.importer.handlers import (
 )
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.store import StoreService
+from dicom_adapter.observability.http import HealthServer, serve_health
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,24 @@ class ImportService:
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
         self._early: EarlyStores | None = None
+        self._registry = MetricsRegistry()
+        self.metrics = ImportMetrics(self._registry)
+        self.metrics.associations.set_function(self._established_associations)
+        self._health: HealthServer | None = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """True while the DIMSE port listens and the service is not draining (/readyz)."""
+        return self._ready
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound port of /metrics, /healthz, /readyz (0 when disabled or not started)."""
+        return self._health.port if self._health is not None else 0
+
+    def _established_associations(self) -> int:
+        return sum(1 for assoc in self.active_associations if assoc.is_established)
 
     async def start(self) -> int:
         """Build the clients, start listening; returns the bound DIMSE port."""
@@ -63,6 +83,10 @@ class ImportService:
         loop = asyncio.get_running_loop()
         aets = load_aet_dictionary(
             settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
+        )
+        # Health first: liveness answers while credentials load; readiness waits for DIMSE.
+        self._health = await serve_health(
+            settings.metrics_port, self._registry.render, lambda: self.ready
         )
         if len(aets):
             logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
@@ -114,9 +138,10 @@ class ImportService:
             commitment=bool(settings.dicomweb_root),
         )
         self._early = early = EarlyStores(bridge, store)
+        metrics = self.metrics
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
-            (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early)),
+            (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early, metrics=metrics)),
         ]
         if settings.dicomweb_root:
             find = FindService(
@@ -124,8 +149,9 @@ class ImportService:
                 settings.dicomweb_root,
                 retrieve_aet=settings.dimse_aet,
                 fuzzy=settings.fuzzy_matching,
+                metrics=metrics,
             )
-            handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find)))
+            handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find, metrics=metrics)))
             retrieve_service = RetrieveService(client, settings.dicomweb_root)
             sub_operation_timeouts = ScuTimeouts(
                 acse=settings.acse_timeout,
@@ -137,8 +163,11 @@ class ImportService:
                 retrieve_service,
                 aets,
                 timeout=store_timeout + settings.dimse_timeout,
-                mover=InstanceMover(retrieve_service, timeouts=sub_operation_timeouts),
+                mover=InstanceMover(
+                    retrieve_service, timeouts=sub_operation_timeouts, metrics=metrics
+                ),
                 cmove_aet=settings.dimse_cmove_aet or settings.dimse_aet,
+                metrics=metrics,
             )
             route_moves(ae, retrieve.run_move)
             handlers.append((evt.EVT_C_GET, retrieve.on_get))
@@ -149,16 +178,20 @@ class ImportService:
                 aet=settings.dimse_aet,
                 bridge=bridge,
                 scu_timeouts=sub_operation_timeouts,
+                metrics=metrics,
             )
             handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
         try:
             self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
         except OSError as exc:
             await http.aclose()
+            await self._stop_health()
             raise ConfigError(
                 "dimse_port", f"cannot listen on {settings.dimse_port}: {exc.strerror}"
             ) from None
         port = int(self._server.server_address[1])
+        self._ready = True
+        metrics.started.inc()
         logger.info(
             "dicom-import listening on port %d as %s; STOW-RS to %s",
             port,
@@ -179,12 +212,19 @@ class ImportService:
 
     async def stop(self) -> None:
         """Stop accepting, drain running associations within the grace period, close clients."""
+        self._ready = False  # /readyz answers 503 while draining; /metrics still serves
         if self._server is not None and self._bridge is not None:
             await _drain(self._server, self._bridge, self._settings.shutdown_grace_period)
             self._server = None
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        await self._stop_health()
+
+    async def _stop_health(self) -> None:
+        health, self._health = self._health, None
+        if health is not None:
+            await health.stop()
 
 
 async def run(settings: ImporterSettings, environ: Mapping[str, str]) -> int:

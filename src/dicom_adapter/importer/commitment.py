@@ -29,6 +29,7 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.server import STORAGE_COMMITMENT_PUSH_MODEL
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class CommitmentService:
         batch_size: int = 100,
         match_sop_class: bool = True,
         scu_timeouts: ScuTimeouts | None = None,
+        metrics: ImportMetrics | None = None,
     ) -> None:
         if report_attempts < 1 or batch_size < 1:
             raise ValueError("report_attempts and batch_size must be at least 1")
@@ -202,11 +204,23 @@ class CommitmentService:
         self._batch_size = batch_size
         self._match_sop_class = match_sop_class
         self._scu_timeouts = scu_timeouts or ScuTimeouts()
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     # ------------------------------------------------------------------ pynetdicom thread
 
     def on_n_action(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         """EVT_N_ACTION: validate, schedule verification, answer at once; never raises."""
+        status, reply = self._on_n_action(event)
+        try:
+            self._metrics.commitment_requests.inc()
+            code = status if isinstance(status, int) else int(status.get("Status", 0))
+            if code != Status.SUCCESS:
+                self._metrics.commitment_errors.inc()
+        except Exception:
+            logger.warning("storage commitment metrics not recorded", exc_info=True)
+        return status, reply
+
+    def _on_n_action(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         try:
             calling = str(event.assoc.requestor.ae_title).strip()
         except AttributeError:
@@ -273,6 +287,7 @@ class CommitmentService:
                 found.update(await self._lookup(batch))
             except AdapterError as exc:
                 logger.error("storage commitment: QIDO-RS failed for %d UIDs: %s", len(batch), exc)
+                self._metrics.commitment_qidors_errors.inc()
                 unverified.update(batch)
         return judge(
             transaction_uid, instances, found, unverified, match_sop_class=self._match_sop_class
@@ -316,6 +331,7 @@ class CommitmentService:
                         exc,
                         extra=fields,
                     )
+                    self._metrics.commitment_errors.inc()
                     return False
                 logger.warning(
                     "storage commitment report attempt %d failed: %s; retrying in %.1f s",

@@ -16,6 +16,8 @@ from dicom_adapter.dicomweb.qido import (
     patient_key,
     shape_response,
 )
+from dicom_adapter.errors import AdapterError
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +41,14 @@ class FindService:
         retrieve_aet: str,
         fuzzy: bool = False,
         page_size: int = 1000,
+        metrics: ImportMetrics | None = None,
     ) -> None:
         self._client = client
         self._root = dicomweb_root.rstrip("/")
         self._retrieve_aet = retrieve_aet
         self._fuzzy = fuzzy
         self._page_size = page_size
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     async def find(self, identifier: Dataset, root: QueryRoot) -> AsyncIterator[Dataset]:
         """Yield one shaped answer per match; several QIDO queries are merged without repeats."""
@@ -53,7 +57,16 @@ class FindService:
         seen: set[object] = set()
         for query in queries:
             url = f"{self._root}/{query.path}"
-            async for item in self._client.qido(url, query.params, page_size=self._page_size):
+            self._metrics.cfind_qidors_requests.inc()
+            pages = aiter(self._client.qido(url, query.params, page_size=self._page_size))
+            while True:
+                try:
+                    item = await anext(pages)
+                except StopAsyncIteration:
+                    break
+                except AdapterError:
+                    self._metrics.cfind_qidors_errors.inc()
+                    raise
                 result = dataset_from_json(item)
                 key: object = None
                 if query.level is QueryLevel.PATIENT:

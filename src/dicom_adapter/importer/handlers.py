@@ -10,6 +10,7 @@ import contextlib
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ from dicom_adapter.importer.move import (
     MoveProgress,
     RetrieveService,
 )
-from dicom_adapter.importer.store import StoreService
-from dicom_adapter.status import Status
+from dicom_adapter.importer.store import StoreService, dataset_size
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.status import Status, is_failure_code, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,15 @@ def association_fields(event: Any) -> dict[str, str]:
     except AttributeError:
         calling = ""
     return {"association": str(getattr(assoc, "name", "")), "calling_aet": calling}
+
+
+@contextlib.contextmanager
+def _never_raises(what: str) -> Iterator[None]:
+    """Metrics are recorded on the DIMSE paths: a failure to record is logged, never raised."""
+    try:
+        yield
+    except Exception:
+        logger.warning("%s metrics not recorded", what, exc_info=True)
 
 
 class EarlyStores:
@@ -91,13 +102,30 @@ class CStoreHandler:
         store: StoreService,
         timeout: float,
         early: EarlyStores | None = None,
+        *,
+        metrics: ImportMetrics | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
         self._timeout = timeout
         self._early = early
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     def __call__(self, event: Any) -> int:
+        started = time.perf_counter()
+        with _never_raises("C-STORE"):
+            self._metrics.cstore_requests.inc()
+        status = self._handle(event)
+        with _never_raises("C-STORE"):
+            metrics = self._metrics
+            metrics.cstore_seconds.observe(time.perf_counter() - started)
+            if is_stored(status):
+                metrics.cstore_bytes.inc(dataset_size(event.dataset_path))
+            else:
+                metrics.cstore_errors.inc()
+        return status
+
+    def _handle(self, event: Any) -> int:
         fields = association_fields(event)
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
@@ -123,11 +151,32 @@ class CStoreHandler:
 class CFindHandler:
     """EVT_C_FIND: identifier → QIDO-RS pages → pending answers; C-CANCEL stops the paging."""
 
-    def __init__(self, bridge: Bridge, find: FindService) -> None:
+    def __init__(
+        self, bridge: Bridge, find: FindService, *, metrics: ImportMetrics | None = None
+    ) -> None:
         self._bridge = bridge
         self._find = find
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     def __call__(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        started = time.perf_counter()
+        with _never_raises("C-FIND"):
+            self._metrics.cfind_requests.inc()
+        final: int | None = None
+        try:
+            for status, answer in self._answers(event):
+                if status != Status.PENDING:
+                    final = status
+                yield status, answer
+        finally:
+            with _never_raises("C-FIND"):
+                self._metrics.cfind_seconds.observe(time.perf_counter() - started)
+                if final == Status.CANCEL:
+                    self._metrics.cfind_cancels.inc()
+                elif final is not None and is_failure_code(final):
+                    self._metrics.cfind_errors.inc()
+
+    def _answers(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         fields = association_fields(event)
         try:
             sop_class = str(event.request.AffectedSOPClassUID)
@@ -185,6 +234,7 @@ class RetrieveHandlers:
         *,
         mover: InstanceMover | None = None,
         cmove_aet: str = "",
+        metrics: ImportMetrics | None = None,
     ) -> None:
         self._bridge = bridge
         self._retrieve = retrieve
@@ -192,6 +242,7 @@ class RetrieveHandlers:
         self._timeout = timeout
         self._mover = mover
         self._cmove_aet = cmove_aet
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     def _plan(self, event: Any, spool: Path) -> tuple[list[InstanceRef], dict[int, Fetched]]:
         """List the instances and fetch the first of each SOP class (for the contexts)."""
@@ -260,26 +311,44 @@ class RetrieveHandlers:
     def run_move(self, request: MoveRequest) -> None:
         """C-MOVE: destination from the AET dictionary, sub-operations by InstanceMover."""
         fields = association_fields(request)
+        started = time.perf_counter()
+        with _never_raises("C-MOVE"):
+            self._metrics.cmove_requests.inc()
+        final: int = Status.PROCESSING_FAILURE
         try:
-            self._run_move(request, fields)
+            final = self._run_move(request, fields)
         except Exception:
             logger.exception("C-MOVE failed unexpectedly", extra=fields)
             with contextlib.suppress(Exception):
                 request.respond(Status.PROCESSING_FAILURE)
+        finally:
+            with _never_raises("C-MOVE"):
+                self._count_move(final, time.perf_counter() - started)
 
-    def _run_move(self, request: MoveRequest, fields: dict[str, str]) -> None:
+    def _count_move(self, final: int, seconds: float) -> None:
+        metrics = self._metrics
+        metrics.cmove_seconds.observe(seconds)
+        if final == Status.CANCEL:
+            metrics.cmove_cancels.inc()
+        elif is_warning_code(final):
+            metrics.cmove_warnings.inc()
+        elif is_failure_code(final):
+            metrics.cmove_errors.inc()
+
+    def _run_move(self, request: MoveRequest, fields: dict[str, str]) -> int:
+        """Serve the C-MOVE; returns the final status it answered with."""
         destination = request.move_destination
         peer = self._aets.get(destination)
         if peer is None:
             logger.error("C-MOVE to unknown destination %r", destination, extra=fields)
             request.respond(Status.MOVE_DESTINATION_UNKNOWN)
-            return
+            return Status.MOVE_DESTINATION_UNKNOWN
         try:
             identifier = request.identifier()
         except Exception as exc:
             logger.error("C-MOVE identifier cannot be decoded: %s", exc, extra=fields)
             request.respond(Status.CANNOT_UNDERSTAND)
-            return
+            return Status.CANNOT_UNDERSTAND
         if self._mover is None:
             raise RuntimeError("RetrieveHandlers was built without an InstanceMover")
         root = (
@@ -320,11 +389,11 @@ class RetrieveHandlers:
         except AdapterError as exc:  # listing failed (the mover handles later failures)
             logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
             request.respond(exc.status)
-            return
+            return exc.status
         except TimeoutError:
             logger.error("C-MOVE timed out", extra=fields)
             request.respond(Status.OUT_OF_RESOURCES)
-            return
+            return Status.OUT_OF_RESOURCES
         finally:
             close = getattr(updates, "close", None)
             if close is not None:
@@ -339,10 +408,10 @@ class RetrieveHandlers:
                 warning=progress.warning,
                 failed_uids=progress.failed_uids,
             )
-            return
+            return Status.CANCEL
         if progress is None:  # the mover yields at least once; defensive
             request.respond(Status.PROCESSING_FAILURE)
-            return
+            return Status.PROCESSING_FAILURE
         status = progress.final_status()
         logger.info(
             "C-MOVE to %s done: 0x%04X, %d completed, %d warning, %d failed",
@@ -360,6 +429,7 @@ class RetrieveHandlers:
             warning=progress.warning,
             failed_uids=progress.failed_uids if status != Status.SUCCESS else (),
         )
+        return status
 
     def on_get(self, event: Any) -> Iterator[Any]:
         """C-GET: the same instances, sent back on the requesting association."""

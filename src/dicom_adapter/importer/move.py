@@ -34,6 +34,7 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.store_scu import StoreAssociation
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
@@ -324,10 +325,12 @@ class InstanceMover:
         *,
         timeouts: ScuTimeouts | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        metrics: ImportMetrics | None = None,
     ) -> None:
         self._retrieve = retrieve
         self._timeouts = timeouts or ScuTimeouts()
         self._memory_limit = memory_limit
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     async def move(
         self, identifier: Dataset, root: QueryRoot, destination: MoveDestination
@@ -348,7 +351,7 @@ class InstanceMover:
             early = early_fetch_paths(identifier, root)
             if early is not None:
                 tasks.append(asyncio.ensure_future(self._produce(early, 1, spool, queue)))
-            refs = await self._retrieve.list_instances(identifier, root)
+            refs = await self._list(identifier, root)
             progress = MoveProgress(remaining=len(refs))
             yield [progress.snapshot()]
             if not refs:
@@ -387,6 +390,17 @@ class InstanceMover:
             if sender is not None:
                 await sender.close()
             shutil.rmtree(spool, ignore_errors=True)
+
+    async def _list(self, identifier: Dataset, root: QueryRoot) -> list[InstanceRef]:
+        """The QIDO-RS listing, counted (an identifier we cannot translate is no QIDO error)."""
+        self._metrics.cmove_qidors_requests.inc()
+        try:
+            return await self._retrieve.list_instances(identifier, root)
+        except IdentifierError:
+            raise
+        except AdapterError:
+            self._metrics.cmove_qidors_errors.inc()
+            raise
 
     @staticmethod
     async def _send_all(
@@ -490,18 +504,23 @@ class _Sender:
         self, ref: InstanceRef, instance: FetchedInstance, progress: MoveProgress
     ) -> None:
         """One sub-operation: send the instance and count the outcome."""
+        metrics = self._mover._metrics
+        metrics.cmove_cstore_requests.inc()
         try:
-            code = await self._send(ref, instance)
+            code, size = await self._send(ref, instance)
         finally:
             instance.discard()
         progress.remaining -= 1
         if code is None or not is_stored(code):
+            metrics.cmove_cstore_errors.inc()
             progress.failed += 1
             progress.failed_uids.append(ref.sop_instance_uid)
-        elif is_warning_code(code):
-            progress.warning += 1
         else:
-            progress.completed += 1
+            metrics.cmove_cstore_bytes.inc(size)
+            if is_warning_code(code):
+                progress.warning += 1
+            else:
+                progress.completed += 1
 
     async def _association(self, meta: FileMeta) -> StoreAssociation | None:
         if self._assoc is not None and self._assoc.is_open:
@@ -541,25 +560,26 @@ class _Sender:
         """Why the destination cannot be reached ("" while it can)."""
         return self._unreachable
 
-    async def _send(self, ref: InstanceRef, instance: FetchedInstance) -> int | None:
-        """The C-STORE status, or None when it could not be sent."""
+    async def _send(self, ref: InstanceRef, instance: FetchedInstance) -> tuple[int | None, int]:
+        """The C-STORE status (None when it could not be sent) and the data set's size."""
         meta = instance.meta
         if meta is None:
-            return None
+            return None, 0
         assoc = await self._association(meta)
         if assoc is None:
-            return None
+            return None, 0
         context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
         replacement: FetchedInstance | None = None
         if context_id is None:
             replacement = await self._in_accepted_syntax(assoc, ref, meta)
             if replacement is None or replacement.meta is None:
-                return None
+                return None, 0
             instance, meta = replacement, replacement.meta
             context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
             if context_id is None:
                 replacement.discard()
-                return None
+                return None, 0
+        size = max(0, instance.size - meta.dataset_offset)
         try:
             response = await assoc.c_store(
                 context_id,
@@ -571,7 +591,7 @@ class _Sender:
             )
         except AssociationError as exc:
             logger.warning("C-STORE sub-operation failed: %s", exc)
-            return None
+            return None, 0
         finally:
             if replacement is not None:
                 replacement.discard()
@@ -581,7 +601,7 @@ class _Sender:
                 response.status,
                 response.error_comment,
             )
-        return response.status
+        return response.status, size
 
     async def _in_accepted_syntax(
         self, assoc: StoreAssociation, ref: InstanceRef, meta: FileMeta
