@@ -26,7 +26,9 @@ import httpx
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -988,3 +990,17 @@ class StoreSCP:
         """Forget what arrived so far."""
         for p in self.files():
             p.unlink()
+
+
+def part10_bytes(sop_class: str, uid: str, syntax: str, payload: bytes = b"pixels") -> bytes:
+    """A Part-10 file: a real meta group, then one (0010,0020) element as its data set."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(uid)
+    meta.TransferSyntaxUID = UID(syntax)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_file_meta_info(out, meta, enforce_standard=True)
+    value = payload + b" " * (len(payload) % 2)
+    element = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", len(value)) + value
+    return b"\0" * 128 + b"DICM" + out.getvalue() + element

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
+from tests.rig import part10_bytes as part10
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import FetchedInstance
@@ -48,20 +44,6 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 JPEG = "1.2.840.10008.1.2.4.50"
 JPEG_LS = "1.2.840.10008.1.2.4.80"
 TARGET = AssociationTarget("EXPORTADAPTER", "PEER", "127.0.0.1", 11112)
-
-
-def part10(sop_class: str, uid: str, syntax: str, payload: bytes = b"pixels") -> bytes:
-    """A Part-10 file: real meta group, then one (0010,0020) element standing in for a data set."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(uid)
-    meta.TransferSyntaxUID = UID(syntax)
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    write_file_meta_info(out, meta, enforce_standard=True)
-    value = payload + b" " * (len(payload) % 2)
-    element = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", len(value)) + value
-    return b"\0" * 128 + b"DICM" + out.getvalue() + element
 
 
 def fetched(sop_class: str, uid: str, syntax: str, payload: bytes = b"pixels") -> FetchedInstance:

@@ -7,16 +7,12 @@ the sink is a recording fake.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
+from tests.rig import part10_bytes as part10
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import FetchedInstance
@@ -45,20 +41,6 @@ Handler = Callable[[httpx.Request], httpx.Response]
 async def chunked(data: bytes, size: int = 4096) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
-
-
-def part10(sop_class: str, uid: str, syntax: str, payload: bytes) -> bytes:
-    """A Part-10 file: real meta group, then one (0010,0020) element standing in for a data set."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(uid)
-    meta.TransferSyntaxUID = UID(syntax)
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    write_file_meta_info(out, meta, enforce_standard=True)
-    value = payload + b" " * (len(payload) % 2)
-    element = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", len(value)) + value
-    return b"\0" * 128 + b"DICM" + out.getvalue() + element
 
 
 def wado_response(*payloads: bytes) -> httpx.Response:
