@@ -253,3 +253,75 @@ def test_receiver_without_the_original_syntax_gets_it_uncompressed(
         (received,) = plain.received()
     assert received.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     assert received.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def first_series_and_instance(orthanc: Orthanc, study_uid: str) -> tuple[str, str, str, int]:
+    """(PatientID, a SeriesInstanceUID, one of its SOPInstanceUIDs, that series' size)."""
+    client = orthanc.client
+    study_id = next(
+        s
+        for s in client.get("/studies").json()
+        if client.get(f"/studies/{s}").json()["MainDicomTags"]["StudyInstanceUID"] == study_uid
+    )
+    study = client.get(f"/studies/{study_id}").json()
+    series = client.get(f"/series/{study['Series'][0]}").json()
+    instance = client.get(f"/instances/{series['Instances'][0]}").json()
+    return (
+        study["PatientMainDicomTags"]["PatientID"],
+        series["MainDicomTags"]["SeriesInstanceUID"],
+        instance["MainDicomTags"]["SOPInstanceUID"],
+        len(series["Instances"]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("root", "level"),
+    [
+        ("-P", "PATIENT"),
+        ("-P", "STUDY"),
+        ("-P", "SERIES"),
+        ("-P", "IMAGE"),
+        ("-S", "STUDY"),
+        ("-S", "SERIES"),
+        ("-S", "IMAGE"),
+    ],
+)
+def test_movescu_every_level_of_both_roots(
+    setup: tuple[Orthanc, Importer, StoreSCP], root: str, level: str
+) -> None:
+    orthanc, importer, scp = setup
+    scp.clear()
+    study = study_uids(orthanc)["MR BRAIN"]
+    patient, series, sop, series_size = first_series_and_instance(orthanc, study)
+    keys = {"QueryRetrieveLevel": level}
+    if root == "-P":
+        keys["PatientID"] = patient
+    if level != "PATIENT":
+        keys["StudyInstanceUID"] = study
+    if level in ("SERIES", "IMAGE"):
+        keys["SeriesInstanceUID"] = series
+    if level == "IMAGE":
+        keys["SOPInstanceUID"] = sop
+    args = ["movescu", root, "-aet", "MOVESCU", "-aec", importer.aet, "-aem", scp.aet]
+    for key, value in keys.items():
+        args += ["-k", f"{key}={value}"]
+    result = run_dcmtk([*args, "127.0.0.1", str(importer.port)], timeout=60)
+    assert result.returncode == 0, result.stderr
+    received = scp.received()
+    if level == "PATIENT":
+        expected = {
+            orthanc.instance_dataset(i).SOPInstanceUID
+            for i in orthanc.instances()
+            if orthanc.instance_dataset(i).PatientID == patient
+        }
+        assert {d.SOPInstanceUID for d in received} == expected
+    elif level == "STUDY":
+        assert {str(d.StudyInstanceUID) for d in received} == {study}
+        assert len(received) == sum(
+            1 for i in orthanc.instances() if orthanc.instance_dataset(i).StudyInstanceUID == study
+        )
+    elif level == "SERIES":
+        assert {str(d.SeriesInstanceUID) for d in received} == {series}
+        assert len(received) == series_size
+    else:
+        assert [str(d.SOPInstanceUID) for d in received] == [sop]
