@@ -47,7 +47,7 @@ def study_uids(orthanc: Orthanc) -> dict[str, str]:
     out = {}
     for orthanc_id in orthanc.client.get("/studies").json():
         tags = orthanc.client.get(f"/studies/{orthanc_id}").json()["MainDicomTags"]
-        out[tags["StudyDescription"]] = tags["StudyInstanceUID"]
+        out[tags.get("StudyDescription", "")] = tags["StudyInstanceUID"]
     return out
 
 
