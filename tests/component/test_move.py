@@ -142,6 +142,7 @@ class Archive:
     omit_from_series: set[str] = field(default_factory=set)  # series WADO leaves these out
     qido_status: int | None = None  # answer QIDO-RS with this error
     wado_status: int | None = None  # answer WADO-RS with this error
+    truncate_after_parts: int | None = None  # WADO-RS body stops inside the next part
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         assert request.method == "GET"
@@ -204,11 +205,14 @@ class Archive:
         else:
             return httpx.Response(406, text=f"cannot transcode to {syntax}")
         boundary = new_boundary()
-        body = b"".join(
-            part_head(boundary, first=(n == 0)) + payload for n, payload in enumerate(payloads)
-        )
+        pieces = [part_head(boundary, first=(n == 0)) + p for n, p in enumerate(payloads)]
         headers = {"Content-Type": related_content_type(boundary)}
-        return httpx.Response(200, headers=headers, content=body + body_tail(boundary))
+        if self.truncate_after_parts is not None:
+            cut = self.truncate_after_parts
+            broken = b"".join(pieces[:cut]) + pieces[cut][: len(pieces[cut]) // 2]
+            return httpx.Response(200, headers=headers, content=broken)
+        body = b"".join(pieces) + body_tail(boundary)
+        return httpx.Response(200, headers=headers, content=body)
 
 
 def wado_requests(importer: RunningImporter) -> list[httpx.Request]:
@@ -650,3 +654,16 @@ def test_cancel_stops_the_sub_operations_and_reports_what_was_done(setup: Setup)
     assert int(final.NumberOfFailedSuboperations) == 0
     assert len(destination.received) < 40
     assert destination.accepted == 1
+
+
+def test_wado_stream_breaking_mid_study_fails_the_rest(setup: Setup) -> None:
+    instances = make_study(5)
+    importer, destination = setup(Archive(instances, truncate_after_parts=2))
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+    assert result.counts() == (2, 3, 0)
+    delivered = {item.sop_instance_uid for item in destination.received}
+    assert len(delivered) == 2
+    assert result.failed_uids() == sorted({i.uid for i in instances} - delivered)

@@ -445,7 +445,12 @@ class InstanceMover:
             for path in pending:
                 await self._fetch_path(path, spool, queue)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(paths))))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(paths))))))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: still end the stream, so what was not sent counts as failed
+            logger.exception("fetching the instances failed")
         await queue.put(None)
 
     async def _fetch_path(self, path: str, spool: Path, queue: asyncio.Queue[_Item]) -> None:
@@ -458,7 +463,7 @@ class InstanceMover:
                     instance.discard()
                     continue
                 await queue.put(instance)
-        except AdapterError as exc:
+        except (AdapterError, OSError) as exc:  # OSError: the spool (disk full, ...)
             logger.warning("WADO-RS of %s failed: %s", path, exc)
 
     def _url(self, ref: InstanceRef, whole_series: bool) -> str:
