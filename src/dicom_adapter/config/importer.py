@@ -110,6 +110,14 @@ class ImporterSettings(CommonSettings):
         300.0, "Seconds an idle association stays open before it is closed."
     )
     metrics_port: int = new_flag(9090, METRICS_PORT_HELP)
+    allowed_calling_aets: str = new_flag(
+        "",
+        "Comma-separated calling AE titles allowed to associate (empty = any); others get "
+        "A-ASSOCIATE-RJ (calling AE title not recognized).",
+    )
+    disable_cfind: bool = new_flag(False, "Do not offer C-FIND (Study/Patient Root).")
+    disable_retrieve: bool = new_flag(False, "Do not offer C-MOVE and C-GET.")
+    disable_commitment: bool = new_flag(False, "Do not offer storage commitment.")
 
     @field_validator("http_error_codes_to_retry", mode="before")
     @classmethod
@@ -137,6 +145,19 @@ class ImporterSettings(CommonSettings):
     @classmethod
     def _check_aet(cls, value: str) -> str:
         return valid_aet(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed_aets(cls, value: str) -> str:
+        titles = [valid_aet(title) for title in value.split(",")] if value.strip() else []
+        if any(not title for title in titles):
+            raise ValueError("an empty AE title in the list")
+        return ",".join(titles)
+
+    @property
+    def allowed_calling_aet_list(self) -> list[str]:
+        """The calling AE titles allowed to associate; empty means any."""
+        return self.allowed_calling_aets.split(",") if self.allowed_calling_aets else []
 
     @property
     def stow_url(self) -> str:

@@ -398,10 +398,13 @@ def build_ae(
     find: bool = False,
     retrieve: bool = False,
     commitment: bool = False,
+    allowed_calling_aets: Sequence[str] = (),
 ) -> Any:
     """An AE for Verification; storage contexts come from the unrestricted storage service."""
     ae = AE(ae_title=aet)
     ae.require_called_aet = True
+    # pynetdicom rejects other calling AE titles: A-ASSOCIATE-RJ permanent, reason 3
+    ae.require_calling_aet = list(allowed_calling_aets)
     ae.maximum_associations = max_associations
     ae.maximum_pdu_size = max_pdu_size
     ae.acse_timeout = acse_timeout

@@ -126,6 +126,10 @@ class ImportService:
         # The handler gives up a little after the last possible upstream attempt ends.
         store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
         configure_pynetdicom()
+        query_services = bool(settings.dicomweb_root)  # not with the deprecated STOW-only pair
+        find_on = query_services and not settings.disable_cfind
+        retrieve_on = query_services and not settings.disable_retrieve
+        commitment_on = query_services and not settings.disable_commitment
         ae = build_ae(
             aet=settings.dimse_aet,
             max_associations=settings.max_associations,
@@ -133,9 +137,10 @@ class ImportService:
             acse_timeout=settings.acse_timeout,
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
-            find=bool(settings.dicomweb_root),
-            retrieve=bool(settings.dicomweb_root),
-            commitment=bool(settings.dicomweb_root),
+            find=find_on,
+            retrieve=retrieve_on,
+            commitment=commitment_on,
+            allowed_calling_aets=settings.allowed_calling_aet_list,
         )
         self._early = early = EarlyStores(bridge, store)
         metrics = self.metrics
@@ -143,7 +148,12 @@ class ImportService:
             (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
             (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early, metrics=metrics)),
         ]
-        if settings.dicomweb_root:
+        sub_operation_timeouts = ScuTimeouts(
+            acse=settings.acse_timeout,
+            dimse=settings.dimse_timeout,
+            network=settings.network_timeout,
+        )
+        if find_on:
             find = FindService(
                 client,
                 settings.dicomweb_root,
@@ -152,12 +162,8 @@ class ImportService:
                 metrics=metrics,
             )
             handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find, metrics=metrics)))
+        if retrieve_on:
             retrieve_service = RetrieveService(client, settings.dicomweb_root)
-            sub_operation_timeouts = ScuTimeouts(
-                acse=settings.acse_timeout,
-                dimse=settings.dimse_timeout,
-                network=settings.network_timeout,
-            )
             retrieve = RetrieveHandlers(
                 bridge,
                 retrieve_service,
@@ -171,6 +177,7 @@ class ImportService:
             )
             route_moves(ae, retrieve.run_move)
             handlers.append((evt.EVT_C_GET, retrieve.on_get))
+        if commitment_on:
             commitment = CommitmentService(
                 client,
                 settings.dicomweb_root,
