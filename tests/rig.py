@@ -320,10 +320,13 @@ class Importer:
         log_dir: Path | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
         env: Mapping[str, str] | None = None,
+        ready_by_http: bool = False,
     ) -> None:
         self.dicomweb_address = dicomweb_address
         self.extra_args = list(extra_args)
         self.aet = aet
+        # /readyz instead of a plain C-ECHO (e.g. when the DIMSE port speaks only TLS)
+        self.ready_by_http = ready_by_http
         self.port = port if port is not None else free_port()
         # Never the default 9090: tests and benchmarks run several importers at once.
         self.metrics_port = metrics_port if metrics_port is not None else free_port()
@@ -395,6 +398,14 @@ class Importer:
             _stop_process(self.proc, 5.0)
             raise
 
+    def _answers(self) -> bool:
+        if not self.ready_by_http:
+            return echo("127.0.0.1", self.port, self.aet, timeout=2.0)
+        try:
+            return http_get(self.metrics_url + "/readyz", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def _wait_ready(self) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout
@@ -403,7 +414,7 @@ class Importer:
             if (
                 self.proc.poll() is None
                 and _accepts_tcp("127.0.0.1", self.port)
-                and echo("127.0.0.1", self.port, self.aet, timeout=2.0)
+                and self._answers()
             ):
                 return
             if time.monotonic() > deadline:

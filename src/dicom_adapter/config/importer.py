@@ -115,6 +115,13 @@ class ImporterSettings(CommonSettings):
         "Comma-separated calling AE titles allowed to associate (empty = any); others get "
         "A-ASSOCIATE-RJ (calling AE title not recognized).",
     )
+    tls_certificate: str = new_flag(
+        "", "PEM certificate (chain) for DICOM TLS on the DIMSE port; needs --tls_private_key."
+    )
+    tls_private_key: str = new_flag("", "PEM private key of --tls_certificate.")
+    tls_ca_certificates: str = new_flag(
+        "", "PEM CA certificates: with it, peers must present a certificate they signed."
+    )
     disable_cfind: bool = new_flag(False, "Do not offer C-FIND (Study/Patient Root).")
     disable_retrieve: bool = new_flag(False, "Do not offer C-MOVE and C-GET.")
     disable_commitment: bool = new_flag(False, "Do not offer storage commitment.")
@@ -186,6 +193,15 @@ class ImporterSettings(CommonSettings):
                 problems.extend(_check_address("dicomweb_addr", self.dicomweb_addr))
         else:
             problems.append(("dicomweb_address", "is required"))
+        if bool(self.tls_certificate) != bool(self.tls_private_key):
+            missing = "tls_private_key" if self.tls_certificate else "tls_certificate"
+            problems.append(
+                (missing, "DICOM TLS needs both --tls_certificate and --tls_private_key")
+            )
+        if self.tls_ca_certificates and not self.tls_certificate:
+            problems.append(
+                ("tls_ca_certificates", "needs --tls_certificate and --tls_private_key")
+            )
         return problems + super().cross_check()
 
 

@@ -27,9 +27,10 @@ from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicom_adapter.dimse import pdu
+from dicom_adapter.errors import ConfigError
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
@@ -428,7 +429,79 @@ CONNECTION_HANDLERS: list[tuple[Any, Any]] = [
 ]
 
 
-def start_server(ae: Any, host: str, port: int, handlers: Sequence[Handler]) -> Any:
-    """Start listening in pynetdicom's own thread; returns the ThreadedAssociationServer."""
+def server_tls_context(
+    certificate: str, private_key: str, ca_certificates: str = ""
+) -> ssl.SSLContext:
+    """The DICOM TLS server context (TLS 1.2+); client certificates required when a CA is given.
+
+    Raises ConfigError naming the flag whose file cannot be used.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certificate, private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "tls_certificate", f"cannot load the certificate and private key: {exc}"
+        ) from exc
+    if ca_certificates:
+        try:
+            context.load_verify_locations(ca_certificates)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls_ca_certificates", f"cannot load: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved off the accept thread.
+
+    pynetdicom completes the handshake inside accept(), with no timeout: one client that
+    connects and stays silent would stop every other peer from connecting. Here the socket is
+    wrapped without handshaking, and the connection's own thread handshakes, bounded by
+    `handshake_timeout`.
+    """
+
+    handshake_timeout = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        context = self.ssl_context
+        if context is not None:
+            client = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def start_server(
+    ae: Any,
+    host: str,
+    port: int,
+    handlers: Sequence[Handler],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Any:
+    """Start listening in its own thread (as pynetdicom's non-blocking start_server does)."""
     all_handlers = [*CONNECTION_HANDLERS, *handlers]
-    return ae.start_server((host, port), block=False, evt_handlers=all_handlers)
+    server = ae.make_server(
+        (host, port),
+        ssl_context=ssl_context,
+        evt_handlers=all_handlers,
+        server_class=_AssociationServer,
+    )
+    server.handshake_timeout = float(ae.acse_timeout or 30.0)
+    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so ae.shutdown() stops it, as for pynetdicom's own
+    return server

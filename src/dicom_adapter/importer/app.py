@@ -22,6 +22,7 @@ from dicom_adapter.dimse.server import (
     build_ae,
     configure_pynetdicom,
     route_moves,
+    server_tls_context,
     start_server,
 )
 from dicom_adapter.errors import ConfigError
@@ -83,6 +84,13 @@ class ImportService:
         loop = asyncio.get_running_loop()
         aets = load_aet_dictionary(
             settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
+        )
+        tls = (  # loaded before anything starts: a bad file is a startup error (exit 2)
+            server_tls_context(
+                settings.tls_certificate, settings.tls_private_key, settings.tls_ca_certificates
+            )
+            if settings.tls_certificate
+            else None
         )
         # Health first: liveness answers while credentials load; readiness waits for DIMSE.
         self._health = await serve_health(
@@ -189,7 +197,9 @@ class ImportService:
             )
             handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
         try:
-            self._server = start_server(ae, "0.0.0.0", settings.dimse_port, handlers)
+            self._server = start_server(
+                ae, "0.0.0.0", settings.dimse_port, handlers, ssl_context=tls
+            )
         except OSError as exc:
             await http.aclose()
             await self._stop_health()
