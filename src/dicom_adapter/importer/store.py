@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from pydicom.tag import BaseTag
 
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.stow import StowResponse
-from dicom_adapter.dimse.part10 import NeedMoreData, NotPart10Error, read_file_meta
 from dicom_adapter.errors import InvalidDatasetError
 from dicom_adapter.status import Status, is_failure_code, is_warning_code
 
@@ -57,21 +55,6 @@ def read_identity(path: Path) -> InstanceIdentity:
         study_uid=values["StudyInstanceUID"],
         series_uid=values["SeriesInstanceUID"],
     )
-
-
-_META_HEAD = 16384  # pynetdicom's spooled meta group is a few hundred bytes
-
-
-def dataset_size(path: Path) -> int:
-    """Bytes of the data set in a spooled Part-10 file: the file minus preamble and meta group."""
-    with path.open("rb") as stream:
-        head = stream.read(_META_HEAD)
-        size = os.fstat(stream.fileno()).st_size
-    try:
-        offset = read_file_meta(head, complete=size <= len(head)).dataset_offset
-    except (NotPart10Error, NeedMoreData):
-        offset = 0
-    return max(0, size - offset)
 
 
 def _warning_status(reason: int | None) -> int:

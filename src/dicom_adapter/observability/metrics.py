@@ -441,7 +441,9 @@ class ImportMetrics:
         self.cstore_errors = counter(
             "cstore_errors", "C-STORE requests answered with a failure status."
         )
-        self.cstore_bytes = counter("cstore_bytes", "Bytes of data sets stored by C-STORE.")
+        self.cstore_bytes = counter(
+            "cstore_bytes", "Bytes stored by C-STORE (Part-10 files as received and spooled)."
+        )
         self.cfind_requests = counter("cfind_requests", "C-FIND requests received.")
         self.cfind_errors = counter("cfind_errors", "C-FIND requests that ended in a failure.")
         self.cfind_cancels = counter("cfind_cancels", "C-FIND requests cancelled by the peer.")
