@@ -28,9 +28,8 @@ from dicom_adapter.dimse.scu import (
     RequestedContext,
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreResponse
+from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from dicom_adapter.exporter.sinks import (
-    EXPLICIT_VR_LE,
-    IMPLICIT_VR_LE,
     VERIFICATION,
     CStoreSink,
     PermanentFailure,

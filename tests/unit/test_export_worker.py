@@ -18,8 +18,8 @@ from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http
 from dicom_adapter.dicomweb.instances import FetchedInstance
 from dicom_adapter.dicomweb.multipart import body_tail, related_content_type
 from dicom_adapter.dimse.part10 import DatasetFile
+from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE
 from dicom_adapter.exporter.sinks import (
-    EXPLICIT_VR_LE,
     PermanentFailure,
     Refetch,
     TransientFailure,

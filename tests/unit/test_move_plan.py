@@ -6,10 +6,9 @@ from pydicom import Dataset
 
 from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.scu import MAX_CONTEXTS, RequestedContext
+from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, uncompressed_for
 from dicom_adapter.importer.move import (
     COMMON_SYNTAXES,
-    EXPLICIT_VR_LE,
-    IMPLICIT_VR_LE,
     InstanceRef,
     MoveProgress,
     early_fetch_paths,
@@ -120,3 +119,11 @@ def test_fetch_paths_from_the_listing() -> None:
         "studies/1.2/series/1.2.1/instances/1.2.1.1",
         "studies/1.2/series/1.2.1/instances/1.2.1.2",
     ]
+
+
+def test_refetch_syntax_is_an_uncompressed_one_the_peer_accepted() -> None:
+    assert uncompressed_for([JPEG_2000, EXPLICIT_VR_LE], JPEG_2000) == EXPLICIT_VR_LE
+    assert uncompressed_for([IMPLICIT_VR_LE, EXPLICIT_VR_LE], JPEG_2000) == EXPLICIT_VR_LE
+    assert uncompressed_for([IMPLICIT_VR_LE], EXPLICIT_VR_LE) == IMPLICIT_VR_LE
+    assert uncompressed_for([EXPLICIT_VR_LE], EXPLICIT_VR_LE) is None  # refused: no refetch helps
+    assert uncompressed_for([JPEG_2000], "1.2.840.10008.1.2.4.50") is None

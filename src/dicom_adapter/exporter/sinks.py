@@ -24,15 +24,13 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation, StoreResponse
+from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE, UNCOMPRESSED, uncompressed_for
 from dicom_adapter.errors import AdapterError, UpstreamError
 from dicom_adapter.importer.store import status_for
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
 
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-UNCOMPRESSED_FALLBACKS = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)  # proposed for every SOP class
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -218,9 +216,9 @@ class CStoreSink:
             raise PermanentFailure(
                 f"the peer accepts no presentation context for SOP class {meta.sop_class_uid}"
             )
-        for syntax in UNCOMPRESSED_FALLBACKS:
-            if syntax in accepted and syntax != meta.transfer_syntax:
-                return syntax
+        syntax = uncompressed_for(accepted, meta.transfer_syntax)
+        if syntax is not None:
+            return syntax
         raise PermanentFailure(
             f"the peer accepts SOP class {meta.sop_class_uid} only in transfer syntax "
             f"{', '.join(accepted)}: neither the instance's {meta.transfer_syntax} nor an "
@@ -261,7 +259,7 @@ class CStoreSink:
         pairs: dict[tuple[str, str], None] = {}
         for sop_class, syntax in reversed(self._wanted):
             pairs.setdefault((sop_class, syntax), None)
-            for fallback in UNCOMPRESSED_FALLBACKS:
+            for fallback in UNCOMPRESSED:
                 pairs.setdefault((sop_class, fallback), None)
         chosen = list(pairs)[: MAX_CONTEXTS - 1]
         contexts = [RequestedContext(sop_class, (syntax,)) for sop_class, syntax in chosen]

@@ -28,6 +28,7 @@ from dicom_adapter.dimse.server import (
     send_spooled_files,
     spooled,
 )
+from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
@@ -207,9 +208,7 @@ class CFindHandler:
             yield int(Status.PROCESSING_FAILURE), None
 
 
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_UNCOMPRESSED = {_EXPLICIT_LE, _IMPLICIT_LE, "1.2.840.10008.1.2.2"}
+_UNCOMPRESSED = {*UNCOMPRESSED, EXPLICIT_VR_BE}  # pynetdicom converts between these
 _FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
 
 
@@ -306,7 +305,7 @@ class RetrieveHandlers:
         item.path.unlink(missing_ok=True)
         logger.info("receiver refused %s; fetching uncompressed", item.transfer_syntax)
         return self._bridge.run_with_timeout(
-            self._timeout, self._retrieve.fetch_one, index, item.ref, spool, _EXPLICIT_LE
+            self._timeout, self._retrieve.fetch_one, index, item.ref, spool, EXPLICIT_VR_LE
         )
 
     def run_move(self, request: MoveRequest) -> None:

@@ -33,6 +33,7 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
 )
 from dicom_adapter.dimse.store_scu import StoreAssociation
+from dicom_adapter.dimse.syntaxes import UNCOMPRESSED, uncompressed_for
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status, is_stored, is_warning_code
@@ -205,9 +206,6 @@ class RetrieveService:
         return Path(tempfile.mkdtemp(prefix="dicom-adapter-retrieve-"))
 
 
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 # Offered besides each SOP class's first-seen syntax, so instances in these syntaxes go out as
 # stored: JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate, big endian.
 COMMON_SYNTAXES = (
@@ -361,7 +359,9 @@ class InstanceMover:
                 concurrency = FETCH_CONCURRENCY if level == "IMAGE" else 1
                 tasks.append(asyncio.ensure_future(self._produce(paths, concurrency, spool, queue)))
             updates: asyncio.Queue[MoveProgress | None] = asyncio.Queue()
-            sender = _Sender(self, refs, destination, spool)
+            sender = _Sender(
+                self, refs, destination, spool, timeouts=self._timeouts, metrics=self._metrics
+            )
             # Sending runs ahead of the consumer of this generator (a pynetdicom thread
             # answering pending responses): a slow consumer never holds up the next C-STORE.
             sending = asyncio.ensure_future(self._send_all(refs, queue, sender, progress, updates))
@@ -496,8 +496,13 @@ class _Sender:
         refs: list[InstanceRef],
         destination: MoveDestination,
         spool: Path,
+        *,
+        timeouts: ScuTimeouts,
+        metrics: ImportMetrics,
     ) -> None:
         self._mover = mover
+        self._timeouts = timeouts
+        self._metrics = metrics
         self._classes = list(dict.fromkeys(ref.sop_class_uid for ref in refs if ref.sop_class_uid))
         self._destination = destination
         self._spool = spool
@@ -509,7 +514,7 @@ class _Sender:
         self, ref: InstanceRef, instance: FetchedInstance, progress: MoveProgress
     ) -> None:
         """One sub-operation: send the instance and count the outcome."""
-        metrics = self._mover._metrics
+        metrics = self._metrics
         metrics.cmove_cstore_requests.inc()
         try:
             code, size = await self._send(ref, instance)
@@ -544,9 +549,7 @@ class _Sender:
         contexts = move_contexts(classes, {meta.sop_class_uid: meta.transfer_syntax})
         target = self._destination.target
         try:
-            self._assoc = await StoreAssociation.open(
-                target, contexts, timeouts=self._mover._timeouts
-            )
+            self._assoc = await StoreAssociation.open(target, contexts, timeouts=self._timeouts)
         except AssociationError as exc:
             logger.error("C-MOVE destination: %s", exc)
             self._unreachable = str(exc)
@@ -612,8 +615,7 @@ class _Sender:
         self, assoc: StoreAssociation, ref: InstanceRef, meta: FileMeta
     ) -> FetchedInstance | None:
         """The receiver refused the stored syntax: ask the server for an uncompressed one."""
-        accepted = assoc.accepted_syntaxes(meta.sop_class_uid)
-        syntax = next((s for s in UNCOMPRESSED if s in accepted), None)
+        syntax = uncompressed_for(assoc.accepted_syntaxes(meta.sop_class_uid), meta.transfer_syntax)
         if syntax is None:
             logger.warning(
                 "the destination accepts SOP class %s in none of the syntaxes offered",
