@@ -35,15 +35,14 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Self
+from types import FrameType
+from typing import Any
 
 import httpx
 from pydicom import dcmread
@@ -55,10 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.pubsub_server import PubSubServer
 from tests.rig import (
+    LoggedProcess,
     Orthanc,
     StoreSCP,
-    _local_env,
-    _stop_process,
     dcmsend,
     generate_ct_series,
 )
@@ -85,57 +83,6 @@ BASELINE = (
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-class Consumer:
-    """A consumer subprocess (dicom-export or the baseline); ready once `ready` is logged."""
-
-    def __init__(self, args: list[str], ready: str, log_path: Path, pubsub_host: str) -> None:
-        self.args = args
-        self.ready = ready
-        self.log_path = log_path
-        self.env = _local_env({"PUBSUB_EMULATOR_HOST": pubsub_host})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Self:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT
-            while self.ready not in self.log_text():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"consumer exited:\n{self.log_text()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"consumer not ready:\n{self.log_text()[-4000:]}")
-                time.sleep(0.05)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> int | None:
-        proc, self.proc = self.proc, None
-        return None if proc is None else _stop_process(proc, 30.0)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
 
 def exporter_command(dicomweb_url: str, sub: str, scp_port: int) -> list[str]:
@@ -330,7 +277,13 @@ class Bench:
             else:
                 command = baseline_command(url, sub, scp.port, spool)
                 ready = "baseline pulling"
-            consumer = Consumer(command, ready, run_dir / "consumer.log", self.server.host)
+            consumer = LoggedProcess(
+                command,
+                run_dir / "consumer.log",
+                ready=ready,
+                env={"PUBSUB_EMULATOR_HOST": self.server.host},
+                startup_timeout=READY_TIMEOUT,
+            )
             with consumer:
                 warm = self.server.publish(topic, self.warmup.encode())
                 self.wait_acked(sub, {warm}, consumer)
@@ -350,7 +303,7 @@ class Bench:
             print(f"  ({mode}: {redelivered} redeliveries)", flush=True)
         return elapsed, self.associations(mode, consumer.log_text())
 
-    def wait_acked(self, sub: str, wanted: set[str], consumer: Consumer) -> None:
+    def wait_acked(self, sub: str, wanted: set[str], consumer: LoggedProcess) -> None:
         deadline = time.monotonic() + DELIVERY_TIMEOUT
         while not wanted <= self.server.acked(sub):
             if consumer.proc is None or consumer.proc.poll() is not None:

@@ -458,15 +458,86 @@ class Importer:
 
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log lines (lines that are not JSON objects are skipped)."""
-        records: list[dict[str, Any]] = []
-        for line in self.log_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        return json_records(self.log_text())
+
+
+def json_records(text: str) -> list[dict[str, Any]]:
+    """The lines of a log that are JSON objects (our services log one per line)."""
+    records: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+class LoggedProcess:
+    """A service as a subprocess logging to a file; ready once `ready` appears in its log.
+
+    For services without a DIMSE port to probe (dicom-export, the export benchmark's
+    baseline consumer).
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        *,
+        ready: str,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self.ready = ready
+        self.env = _local_env(env)
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.startup_timeout
+        try:
+            while self.ready not in self.log_text():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.args[0]} not ready:\n{self.log_text()[-4000:]}")
+                try:  # doubles as the poll interval and as death detection
+                    code = self.proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    continue
+                raise RuntimeError(f"{self.args[0]} exited with {code}:\n{self.log_text()[-4000:]}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (SIGKILL after `timeout`); the exit code, or None if it was not running."""
+        proc, self.proc = self.proc, None
+        return None if proc is None else _stop_process(proc, timeout)
+
+    def log_text(self) -> str:
+        """Everything the process wrote so far."""
+        return _tail(self.log_path, chars=sys.maxsize)
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines."""
+        return json_records(self.log_text())
 
 
 def parse_metrics(text: str) -> dict[str, float]:

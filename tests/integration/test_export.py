@@ -6,11 +6,7 @@ with PUBSUB_EMULATOR_HOST; sinks are DCMTK's storescp (C-STORE) and a second Ort
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from tests.pubsub_server import PubSubServer
 from tests.rig import (
+    LoggedProcess,
     Orthanc,
     StoreSCP,
-    _local_env,
-    _stop_process,
     dcmsend,
     free_port,
     generate_ct_series,
@@ -44,62 +39,25 @@ def export_binary() -> Path:
     return Path(sys.executable).with_name("dicom-export")
 
 
-class Exporter:
+class Exporter(LoggedProcess):
     """`dicom-export` as a subprocess; ready once it logs that it is pulling."""
 
     def __init__(self, log_path: Path, args: list[str], pubsub_host: str) -> None:
-        self.log_path = log_path
         self.metrics_port = free_port()  # never the default 9091: tests run several exporters
-        self.args = [str(export_binary()), f"--metrics_port={self.metrics_port}", *args]
-        self.env = _local_env({"PUBSUB_EMULATOR_HOST": pubsub_host})
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            [str(export_binary()), f"--metrics_port={self.metrics_port}", *args],
+            log_path,
+            ready="dicom-export pulling",
+            env={"PUBSUB_EMULATOR_HOST": pubsub_host},
+        )
 
-    def __enter__(self) -> Exporter:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        deadline = time.monotonic() + 30
-        while "dicom-export pulling" not in self.log_text():
-            assert self.proc.poll() is None, f"dicom-export exited:\n{self.log_text()}"
-            assert time.monotonic() < deadline, f"dicom-export not ready:\n{self.log_text()}"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            _stop_process(self.proc, 30.0)
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
         print(f"--- dicom-export log ---\n{self.log_text()[-6000:]}")
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_records(self) -> list[dict[str, Any]]:
-        records = []
-        for line in self.log_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
 
 
 class Source:
