@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from pydicom import config as pydicom_config
+from pynetdicom import _config
 
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import parse_settings
@@ -82,6 +84,34 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
             port=port, aet="ADAPTER", upstream=upstream, service=service, loop=loop
         )
 
+    saved = _process_wide_settings()
     yield start
     for stop in stops:
         stop()
+    _restore_process_wide_settings(saved)
+
+
+# What configure_pynetdicom() sets for the whole process. Restored after each test, so the
+# in-process importer does not change how other tests' own pynetdicom peers behave.
+_PYNETDICOM_SETTINGS = (
+    "STORE_RECV_CHUNKED_DATASET",
+    "STORE_SEND_CHUNKED_DATASET",
+    "UNRESTRICTED_STORAGE_SERVICE",
+    "LOG_REQUEST_IDENTIFIERS",
+    "LOG_RESPONSE_IDENTIFIERS",
+    "LOG_HANDLER_LEVEL",
+)
+
+
+def _process_wide_settings() -> tuple[dict[str, object], int, int]:
+    pynetdicom_values = {name: getattr(_config, name) for name in _PYNETDICOM_SETTINGS}
+    validation = pydicom_config.settings
+    return pynetdicom_values, validation.reading_validation_mode, validation.writing_validation_mode
+
+
+def _restore_process_wide_settings(saved: tuple[dict[str, object], int, int]) -> None:
+    pynetdicom_values, reading, writing = saved
+    for name, value in pynetdicom_values.items():
+        setattr(_config, name, value)
+    pydicom_config.settings.reading_validation_mode = reading
+    pydicom_config.settings.writing_validation_mode = writing

@@ -23,7 +23,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
-from pynetdicom import _config as pynetdicom_config
 
 from dicom_adapter.dimse import pdu, store_scu
 from dicom_adapter.dimse.part10 import DatasetFile, FileMeta, read_file_meta
@@ -121,12 +120,8 @@ def _servers() -> Iterator[list[Any]]:
 
 
 @pytest.fixture
-def start_scp(_servers: list[Any], monkeypatch: pytest.MonkeyPatch) -> StartScp:
+def start_scp(_servers: list[Any]) -> StartScp:
     """Factory: `start_scp(status=..., max_pdu=..., require_called_aet=...)` -> PyScp."""
-    # An in-process dicom-import (component tests) sets these process-wide; these peers want
-    # the received data set in memory and pynetdicom's normal context negotiation.
-    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", False)
-    monkeypatch.setattr(pynetdicom_config, "UNRESTRICTED_STORAGE_SERVICE", False)
 
     def start(
         status: Handler | None = None,

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pynetdicom import _config
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import (
@@ -463,10 +462,7 @@ def test_c_store_rq_decoded_by_pydicom(
     assert tags == sorted(int(element.tag) for element in ds)  # nothing pydicom could not read
 
 
-def test_c_store_rq_decoded_by_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    # An in-process importer (component tests) turns chunked spooling on process-wide; this
-    # decodes into memory, without an association to spool for.
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+def test_c_store_rq_decoded_by_pynetdicom() -> None:
     raw = pdu.c_store_rq(
         9, MR, "1.2.3.45", move_originator_aet="MOVER", move_originator_message_id=77
     )
