@@ -25,6 +25,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
@@ -1086,3 +1087,24 @@ def part10_bytes(sop_class: str, uid: str, syntax: str, payload: bytes = b"pixel
     value = payload + b" " * (len(payload) % 2)
     element = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", len(value)) + value
     return b"\0" * 128 + b"DICM" + out.getvalue() + element
+
+
+def store_jpeg_instance(orthanc: Orthanc, folder: Path, patient_id: str) -> Dataset:
+    """pydicom's bundled JPEG baseline image, with fresh UIDs, stored in Orthanc as JPEG.
+
+    For the paths that must fall back to an uncompressed syntax when a peer refuses JPEG.
+    """
+    source = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    assert source is not None, "pydicom's bundled JPEG baseline file is missing"
+    ds = dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = patient_id
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "jpeg.dcm")
+    sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [folder], extra=["-dn"])
+    assert sent.returncode == 0, sent.stderr
+    stored = orthanc.find_instance(str(ds.SOPInstanceUID))
+    assert stored is not None
+    assert orthanc.transfer_syntax(stored) == ds.file_meta.TransferSyntaxUID  # still JPEG
+    return ds

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tests.pubsub_server import PubSubServer
 from tests.rig import (
@@ -27,6 +26,7 @@ from tests.rig import (
     generate_ct_series,
     http_get,
     scrape_metrics,
+    store_jpeg_instance,
 )
 
 PROJECT = "test-project"
@@ -260,19 +260,7 @@ def test_peer_without_the_original_syntax_gets_it_uncompressed(
     orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
 ) -> None:
     """A JPEG instance to a peer taking only Implicit VR LE: refetched transcoded, delivered."""
-    original = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
-    assert original is not None, "pydicom's bundled JPEG baseline file is missing"
-    ds = dcmread(original)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID = "EXPORTJPEG"
-    (tmp_path / "in").mkdir()
-    ds.save_as(tmp_path / "in" / "jpeg.dcm")
-    sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "in"], extra=["-dn"])
-    assert sent.returncode == 0, sent.stderr
-    orthanc_id = orthanc.find_instance(str(ds.SOPInstanceUID))
-    assert orthanc_id is not None
-    assert orthanc.transfer_syntax(orthanc_id) == ds.file_meta.TransferSyntaxUID  # still JPEG
+    ds = store_jpeg_instance(orthanc, tmp_path / "in", "EXPORTJPEG")
     jpeg_path = (
         f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
     )

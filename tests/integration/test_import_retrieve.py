@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
@@ -21,6 +20,7 @@ from tests.rig import (
     dcmsend,
     generate_ct_series,
     run_dcmtk,
+    store_jpeg_instance,
 )
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -51,6 +51,15 @@ def study_uids(orthanc: Orthanc) -> dict[str, str]:
     return out
 
 
+def movescu(importer: Importer, scp: StoreSCP, root: str, keys: dict[str, str]) -> None:
+    """DCMTK movescu (`root` -S or -P) through the adapter to `scp`; must exit 0."""
+    args = ["movescu", root, "-aet", "MOVESCU", "-aec", importer.aet, "-aem", scp.aet]
+    for key, value in keys.items():
+        args += ["-k", f"{key}={value}"]
+    result = run_dcmtk([*args, "127.0.0.1", str(importer.port)], timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def move(importer: Importer, sop_class: str, query: Dataset, destination: str) -> list[Dataset]:
     ae = AE(ae_title="MOVESCU")
     ae.add_requested_context(sop_class)
@@ -66,26 +75,7 @@ def test_move_study_with_movescu(setup: tuple[Orthanc, Importer, StoreSCP]) -> N
     orthanc, importer, scp = setup
     scp.clear()
     study = study_uids(orthanc)["CT HEAD"]
-    result = run_dcmtk(
-        [
-            "movescu",
-            "-S",
-            "-aet",
-            "MOVESCU",
-            "-aec",
-            importer.aet,
-            "-aem",
-            scp.aet,
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study}",
-            "127.0.0.1",
-            str(importer.port),
-        ],
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    movescu(importer, scp, "-S", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
     received = scp.received()
     assert len(received) == 5
     assert {str(d.StudyInstanceUID) for d in received} == {study}
@@ -221,16 +211,7 @@ def test_receiver_without_the_original_syntax_gets_it_uncompressed(
     setup: tuple[Orthanc, Importer, StoreSCP], tmp_path: Path
 ) -> None:
     orthanc, _, _ = setup
-    source = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
-    assert source is not None, "pydicom's bundled JPEG baseline file is missing"
-    ds = dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID = "JPEGPATIENT"
-    (tmp_path / "in").mkdir()
-    ds.save_as(tmp_path / "in" / "jpeg.dcm")
-    sent = dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "in"], extra=["-dn"])
-    assert sent.returncode == 0
+    ds = store_jpeg_instance(orthanc, tmp_path / "in", "JPEGPATIENT")
     # a second storescp that only accepts Implicit VR Little Endian (+xi)
     plain = StoreSCP(tmp_path / "plain", accept="implicit")
     aets = json.dumps([{"name": plain.aet, "host": "127.0.0.1", "port": plain.port}])
@@ -302,11 +283,7 @@ def test_movescu_every_level_of_both_roots(
         keys["SeriesInstanceUID"] = series
     if level == "IMAGE":
         keys["SOPInstanceUID"] = sop
-    args = ["movescu", root, "-aet", "MOVESCU", "-aec", importer.aet, "-aem", scp.aet]
-    for key, value in keys.items():
-        args += ["-k", f"{key}={value}"]
-    result = run_dcmtk([*args, "127.0.0.1", str(importer.port)], timeout=60)
-    assert result.returncode == 0, result.stderr
+    movescu(importer, scp, root, keys)
     received = scp.received()
     if level == "PATIENT":
         expected = {
