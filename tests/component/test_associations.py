@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 from pydicom.uid import (
     JPEG2000,
     CTImageStorage,
@@ -17,6 +20,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_adapter.dimse import server as dimse_server
 from dicom_adapter.status import Status
 from tests.component.conftest import RunningImporter
 from tests.component.test_store_status import JSON, c_store, make_ct, stow_json
@@ -137,3 +141,41 @@ def test_upload_starts_as_soon_as_the_dataset_is_complete(
     # every upload was started from pynetdicom's receive thread, once, not again by the handler
     assert importer.service.early_stores == 3
     assert len(importer.upstream.requests) == 3
+
+
+def test_healthz_fails_while_the_accept_loop_is_stuck(
+    start_importer: Callable[..., RunningImporter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    importer = start_importer()
+    server = importer.service._server
+    monkeypatch.setattr(dimse_server, "LIVENESS_WINDOW", 0.5)
+    healthz = importer.metrics_url + "/healthz"
+    assert httpx.get(healthz).status_code == 200
+    stuck = threading.Event()
+    release = threading.Event()
+    original = server.process_request
+
+    def blocking_process_request(request: object, address: object) -> None:
+        stuck.set()
+        release.wait(10)
+        original(request, address)
+
+    monkeypatch.setattr(server, "process_request", blocking_process_request)
+    peer = socket.create_connection(("127.0.0.1", importer.port))
+    try:
+        assert stuck.wait(5)
+        assert poll(lambda: httpx.get(healthz).status_code == 503, 5.0)
+        release.set()
+        assert poll(lambda: httpx.get(healthz).status_code == 200, 5.0)
+    finally:
+        release.set()
+        peer.close()
+
+
+def poll(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

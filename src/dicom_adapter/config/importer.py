@@ -103,6 +103,11 @@ class ImporterSettings(CommonSettings):
         description="On 409 Conflict, delete the stored instance and store it again.",
     )
     max_associations: int = new_flag(32, "Maximum concurrent DIMSE associations.")
+    max_pending_associations: int = new_flag(
+        64,
+        "Connections that may be negotiating an association at once (not yet holding one of "
+        "--max_associations); past it the oldest is closed. Each is closed after --acse_timeout.",
+    )
     max_pdu_size: int = new_flag(262144, "Maximum PDU size we receive (bytes; 0 = unlimited).")
     acse_timeout: float = new_flag(30.0, "Seconds to wait for association messages.")
     dimse_timeout: float = new_flag(120.0, "Seconds to wait for DIMSE messages from the peer.")

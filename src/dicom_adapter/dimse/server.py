@@ -29,7 +29,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse import admission, pdu
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.status import Status
 
@@ -103,6 +103,9 @@ def configure_pynetdicom() -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
+    dul_logger = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, _QuietShortPdu) for f in dul_logger.filters):
+        dul_logger.addFilter(_QuietShortPdu())
     _route_move_requests()
 
 
@@ -221,6 +224,13 @@ def _route_move_requests() -> None:
 
 
 POLL_WAIT = 0.005  # longest the DUL thread blocks when idle (its timers are checked that often)
+UNLIMITED_PDU = 64 << 20  # the PDU bound when --max_pdu_size is 0 (buffers grow as bytes arrive)
+READ_CHUNK = 1 << 20  # the most one recv() asks for: a buffer grows by what arrived, not more
+
+
+def pdu_bound(max_pdu_size: int) -> int:
+    """The longest PDU body we read: what we negotiated, never less than an A-ASSOCIATE-RQ."""
+    return max(max_pdu_size or UNLIMITED_PDU, admission.MAX_ASSOCIATE_RQ)
 
 
 class _WaitingAssociationSocket(AssociationSocket):
@@ -230,18 +240,28 @@ class _WaitingAssociationSocket(AssociationSocket):
     that arrives a moment late, and every response we queue, waits up to 1 ms; measured, that
     was a tenth of each C-STORE. Here `ready` blocks in select() on the socket and on a wake-up
     socket that `send_pdu` pokes, so incoming data and outgoing responses are handled at once
-    while an idle association wakes only every POLL_WAIT. `recv` reads into one buffer
-    instead of 4 KiB pieces.
+    while an idle association wakes only every POLL_WAIT.
+
+    `recv` first replays the A-ASSOCIATE-RQ the pre-negotiation stage already read; it refuses
+    (A-ABORT, connection closed) a PDU longer than `max_pdu` before reading it, and grows its
+    buffer only as bytes arrive. A reset or close is one INFO line and a short read, which the
+    DUL turns into "transport connection closed" (pynetdicom would log a traceback at ERROR).
     """
 
     _wake: socket.socket | None = None
     _wake_writer: socket.socket | None = None
+    _replay: bytes = b""
+    _max_pdu: int = UNLIMITED_PDU
+    _peer: str = ""
 
     @property
     def ready(self) -> bool:
         sock = self.socket
         if sock is None or self._is_connected is False:
+            time.sleep(POLL_WAIT)  # the DUL loop runs without a delay: never spin on a corpse
             return False
+        if self._replay:
+            return True
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         watched = [sock] if self._wake is None else [sock, self._wake]
@@ -259,55 +279,101 @@ class _WaitingAssociationSocket(AssociationSocket):
         sock = self.socket
         if sock is None:
             return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
-            if not count:  # connection closed: return what we have, like pynetdicom does
-                del view
-                return buffer[:received]
-            received += count
+        if nr_bytes > self._max_pdu + 6:
+            self._refuse(nr_bytes)
+            return bytearray()
+        buffer = bytearray(self._replay[:nr_bytes])
+        self._replay = self._replay[nr_bytes:]
+        while len(buffer) < nr_bytes:
+            try:
+                chunk = sock.recv(min(nr_bytes - len(buffer), READ_CHUNK))
+            except OSError as exc:
+                logger.info("connection from %s lost: %s", self._peer or "peer", exc)
+                return buffer
+            if not chunk:  # connection closed: return what we have, like pynetdicom does
+                return buffer
+            buffer += chunk
         return buffer
 
+    def _refuse(self, nr_bytes: int) -> None:
+        logger.warning(
+            "A-ABORT to %s: PDU of %d bytes, more than the %d negotiated (--max_pdu_size)",
+            self._peer or "peer",
+            nr_bytes,
+            self._max_pdu,
+        )
+        sock = self.socket
+        with contextlib.suppress(OSError, ValueError):
+            if sock is not None:
+                sock.sendall(admission.ABORT_UNEXPECTED_PARAMETER)
+                sock.shutdown(socket.SHUT_RDWR)
 
-def tune_connection(event: Any) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY (else ~40 ms per DIMSE round trip) and a waking DUL poll."""
-    try:
+
+class _QuietShortPdu(logging.Filter):
+    """Drop pynetdicom's ERROR for a PDU cut short: our socket already logged why (one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The received PDU is shorter than expected")
+
+
+class ConnectionTuner:
+    """EVT_CONN_OPEN / EVT_CONN_CLOSE handlers of the SCP's accepted connections.
+
+    On open: TCP_NODELAY (else ~40 ms per DIMSE round trip), the waking DUL poll, the PDU
+    bound, and the A-ASSOCIATE-RQ bytes the pre-negotiation stage read (`replays`).
+    """
+
+    def __init__(self, max_pdu_size: int) -> None:
+        self.max_pdu = pdu_bound(max_pdu_size)
+        self.replays: dict[socket.socket, bytes] = {}
+
+    def open(self, event: Any) -> None:
+        """EVT_CONN_OPEN."""
         dul = event.assoc.dul
         assoc_socket = dul.socket
         sock = assoc_socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if type(assoc_socket) is not AssociationSocket:
-            return
-        wake_reader, wake_writer = socket.socketpair()
-        wake_reader.setblocking(False)
-        wake_writer.setblocking(False)
-        assoc_socket.__class__ = _WaitingAssociationSocket
-        tuned = cast(_WaitingAssociationSocket, assoc_socket)
-        tuned._wake = wake_reader
-        tuned._wake_writer = wake_writer
-        original_send_pdu = dul.send_pdu
+        replay = self.replays.pop(sock, b"")
+        try:
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if type(assoc_socket) is not AssociationSocket:
+                return
+            wake_reader, wake_writer = socket.socketpair()
+            wake_reader.setblocking(False)
+            wake_writer.setblocking(False)
+            assoc_socket.__class__ = _WaitingAssociationSocket
+            tuned = cast(_WaitingAssociationSocket, assoc_socket)
+            tuned._wake = wake_reader
+            tuned._wake_writer = wake_writer
+            tuned._replay = replay
+            tuned._max_pdu = self.max_pdu
+            address = getattr(event, "address", None)
+            tuned._peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else ""
+            original_send_pdu = dul.send_pdu
 
-        def send_pdu(primitive: Any) -> None:
-            original_send_pdu(primitive)
-            with contextlib.suppress(OSError):  # full or closed: the poll wakes up anyway
-                wake_writer.send(b"\0")
+            def send_pdu(primitive: Any) -> None:
+                original_send_pdu(primitive)
+                with contextlib.suppress(OSError):  # full or closed: the poll wakes up anyway
+                    wake_writer.send(b"\0")
 
-        dul.send_pdu = send_pdu
-        dul._run_loop_delay = 0
-    except (AttributeError, OSError):
-        logger.debug("could not tune the accepted connection", exc_info=True)
+            dul.send_pdu = send_pdu
+            dul._run_loop_delay = 0
+        except (AttributeError, OSError):
+            logger.debug("could not tune the accepted connection", exc_info=True)
+
+    @staticmethod
+    def close(event: Any) -> None:
+        """EVT_CONN_CLOSE: close the wake-up socket pair of a tuned connection."""
+        assoc_socket = getattr(getattr(event.assoc, "dul", None), "socket", None)
+        for name in ("_wake", "_wake_writer"):
+            wake = getattr(assoc_socket, name, None)
+            if isinstance(wake, socket.socket):
+                wake.close()
 
 
-def release_connection(event: Any) -> None:
-    """EVT_CONN_CLOSE: close the wake-up socket pair of a tuned connection."""
-    assoc_socket = getattr(getattr(event.assoc, "dul", None), "socket", None)
-    for name in ("_wake", "_wake_writer"):
-        wake = getattr(assoc_socket, name, None)
-        if isinstance(wake, socket.socket):
-            wake.close()
+_SCU_TUNER = ConnectionTuner(0)
+tune_connection = _SCU_TUNER.open  # for our SCU associations (scu.py): nothing to replay
+release_connection = ConnectionTuner.close
 
 
 class DatasetCompletionHook:
@@ -423,12 +489,6 @@ def build_ae(
     return ae
 
 
-CONNECTION_HANDLERS: list[tuple[Any, Any]] = [
-    (evt.EVT_CONN_OPEN, tune_connection),
-    (evt.EVT_CONN_CLOSE, release_connection),
-]
-
-
 def server_tls_context(
     certificate: str, private_key: str, ca_certificates: str = ""
 ) -> ssl.SSLContext:
@@ -453,16 +513,25 @@ def server_tls_context(
     return context
 
 
-class _AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved off the accept thread.
+LISTEN_BACKLOG = 128
+LIVENESS_WINDOW = 10.0  # seconds: an accept loop that has not looped for longer is stuck
 
-    pynetdicom completes the handshake inside accept(), with no timeout: one client that
-    connects and stays silent would stop every other peer from connecting. Here the socket is
-    wrapped without handshaking, and the connection's own thread handshakes, bounded by
-    `handshake_timeout`.
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with a pre-negotiation stage before its Association threads.
+
+    pynetdicom starts an Association thread per connection at accept(), which then counts
+    against --max_associations, and completes a TLS handshake inside accept(). Here an
+    accepted connection goes to `admission.PendingAssociations` (one thread, bounded, TLS
+    handshake and A-ASSOCIATE-RQ read there under --acse_timeout); only a connection with a
+    whole, sane A-ASSOCIATE-RQ gets its pynetdicom thread, which replays those bytes.
     """
 
+    request_queue_size = LISTEN_BACKLOG
     handshake_timeout = 30.0
+    pending: admission.PendingAssociations | None = None
+    tuner: ConnectionTuner | None = None
+    accept_heartbeat = 0.0
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
@@ -471,8 +540,24 @@ class _AssociationServer(ThreadedAssociationServer):
             client = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.pending is None or self.tuner is None:
+            super().process_request(request, client_address)
+            return
+        self.pending.admit(request, client_address)
+
+    def _start_association(self, sock: socket.socket, address: Any, associate_rq: bytes) -> None:
+        """Handoff from the pending stage: pynetdicom's thread, replaying the A-ASSOCIATE-RQ."""
+        assert self.tuner is not None
+        self.tuner.replays[sock] = associate_rq
+        try:
+            super().process_request(sock, address)
+        except BaseException:
+            self.tuner.replays.pop(sock, None)
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
+        if isinstance(request, ssl.SSLSocket) and self.pending is None:
             try:
                 request.settimeout(self.handshake_timeout)
                 request.do_handshake()
@@ -481,7 +566,35 @@ class _AssociationServer(ThreadedAssociationServer):
                 logger.warning("TLS handshake with %s failed: %s", client_address, exc)
                 self.shutdown_request(request)
                 return
-        super().process_request_thread(request, client_address)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.tuner is not None:
+                self.tuner.replays.pop(request, None)
+
+    def service_actions(self) -> None:
+        self.accept_heartbeat = time.monotonic()
+        super().service_actions()
+
+    def server_close(self) -> None:
+        if self.pending is not None:
+            self.pending.stop()
+        super().server_close()
+
+    def is_alive(self, now: float | None = None) -> bool:
+        """True while the accept loop and the pre-negotiation stage both loop (liveness)."""
+        now = time.monotonic() if now is None else now
+        if now - self.accept_heartbeat > LIVENESS_WINDOW:
+            return False
+        pending = self.pending
+        return pending is None or (
+            pending.is_alive() and now - pending.heartbeat <= LIVENESS_WINDOW
+        )
+
+    def free_slots(self) -> int:
+        """Associations that may still be accepted before pynetdicom rejects (local limit)."""
+        running = sum(1 for assoc in self.active_associations if assoc.is_acceptor)
+        return int(self.ae.maximum_associations) - running
 
 
 def start_server(
@@ -491,16 +604,33 @@ def start_server(
     handlers: Sequence[Handler],
     *,
     ssl_context: ssl.SSLContext | None = None,
+    max_pending: int = 64,
 ) -> Any:
-    """Start listening in its own thread (as pynetdicom's non-blocking start_server does)."""
-    all_handlers = [*CONNECTION_HANDLERS, *handlers]
+    """Start listening in its own thread (as pynetdicom's non-blocking start_server does).
+
+    Connections wait in the pre-negotiation stage (at most `max_pending` of them, each at most
+    ae.acse_timeout) until they have sent a whole A-ASSOCIATE-RQ.
+    """
+    tuner = ConnectionTuner(int(ae.maximum_pdu_size))
+    all_handlers = [
+        (evt.EVT_CONN_OPEN, tuner.open),
+        (evt.EVT_CONN_CLOSE, tuner.close),
+        *handlers,
+    ]
     server = ae.make_server(
         (host, port),
         ssl_context=ssl_context,
         evt_handlers=all_handlers,
         server_class=_AssociationServer,
     )
-    server.handshake_timeout = float(ae.acse_timeout or 30.0)
+    acse_timeout = float(ae.acse_timeout or 30.0)
+    server.handshake_timeout = acse_timeout
+    server.tuner = tuner
+    server.pending = admission.PendingAssociations(
+        server._start_association, limit=max_pending, timeout=acse_timeout
+    )
+    server.pending.start()
+    server.accept_heartbeat = time.monotonic()
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() stops it, as for pynetdicom's own

@@ -67,8 +67,18 @@ class ImportService:
 
     @property
     def ready(self) -> bool:
-        """True while the DIMSE port listens and the service is not draining (/readyz)."""
-        return self._ready
+        """True while the DIMSE port listens, has a free association slot and is not draining.
+
+        /readyz: Kubernetes stops sending new peers to a pod whose slots are all taken.
+        """
+        server = self._server
+        return self._ready and server is not None and server.free_slots() > 0
+
+    @property
+    def live(self) -> bool:
+        """False once the DIMSE accept loop stopped looping (/healthz: Kubernetes restarts us)."""
+        server = self._server
+        return server is None or bool(server.is_alive())
 
     @property
     def metrics_port(self) -> int:
@@ -94,7 +104,7 @@ class ImportService:
         )
         # Health first: liveness answers while credentials load; readiness waits for DIMSE.
         self._health = await serve_health(
-            settings.metrics_port, self._registry.render, lambda: self.ready
+            settings.metrics_port, self._registry.render, lambda: self.ready, lambda: self.live
         )
         if len(aets):
             logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
@@ -198,7 +208,12 @@ class ImportService:
             handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
         try:
             self._server = start_server(
-                ae, "0.0.0.0", settings.dimse_port, handlers, ssl_context=tls
+                ae,
+                "0.0.0.0",
+                settings.dimse_port,
+                handlers,
+                ssl_context=tls,
+                max_pending=settings.max_pending_associations,
             )
         except OSError as exc:
             await http.aclose()

@@ -63,7 +63,24 @@ def _text(status: int, message: str) -> Response:
     return Response(status, (message + "\n").encode())
 
 
-def answer(request_line: bytes, render: Callable[[], str], ready: Callable[[], bool]) -> Response:
+def _always() -> bool:
+    return True
+
+
+def _check(probe: Callable[[], bool], what: str) -> bool:
+    try:
+        return bool(probe())
+    except Exception:
+        logger.exception("%s check failed", what)
+        return False
+
+
+def answer(
+    request_line: bytes,
+    render: Callable[[], str],
+    ready: Callable[[], bool],
+    live: Callable[[], bool] = _always,
+) -> Response:
     """The response to one request line (`GET /metrics HTTP/1.1`); headers are ignored."""
     parts = request_line.strip().split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
@@ -81,14 +98,9 @@ def answer(request_line: bytes, render: Callable[[], str], ready: Callable[[], b
     if method != "GET":
         return Response(405, b"only GET\n", headers=(("Allow", "GET"),))
     if path == "/healthz":
-        return _text(200, "ok")
+        return _text(200, "ok") if _check(live, "liveness") else _text(503, "not live")
     if path == "/readyz":
-        try:
-            is_ready = ready()
-        except Exception:
-            logger.exception("readiness check failed")
-            is_ready = False
-        return _text(200, "ready") if is_ready else _text(503, "not ready")
+        return _text(200, "ready") if _check(ready, "readiness") else _text(503, "not ready")
     try:
         body = render().encode()
     except Exception:
@@ -145,6 +157,7 @@ class HealthServer:
         self,
         render: Callable[[], str],
         ready: Callable[[], bool],
+        live: Callable[[], bool] = _always,
         *,
         host: str = "0.0.0.0",
         port: int = 0,
@@ -154,6 +167,7 @@ class HealthServer:
     ) -> None:
         self._render = render
         self._ready = ready
+        self._live = live
         self._host = host
         self._requested_port = port
         self._max_head = max_head
@@ -216,11 +230,14 @@ class HealthServer:
             return _text(431, "request head too large")
         if line is None:
             return None
-        return answer(line, self._render, self._ready)
+        return answer(line, self._render, self._ready, self._live)
 
 
 async def serve_health(
-    port: int, render: Callable[[], str], ready: Callable[[], bool]
+    port: int,
+    render: Callable[[], str],
+    ready: Callable[[], bool],
+    live: Callable[[], bool] = _always,
 ) -> HealthServer | None:
     """Start the endpoints on `port` (-1: disabled, None); logs the bound port once.
 
@@ -229,7 +246,7 @@ async def serve_health(
     if port < 0:
         logger.info("metrics and health endpoints disabled (--metrics_port=-1)")
         return None
-    server = HealthServer(render, ready, port=port)
+    server = HealthServer(render, ready, live, port=port)
     try:
         bound = await server.start()
     except OSError as exc:

@@ -1,0 +1,400 @@
+"""Pre-negotiation stage of the SCP: a connection becomes an association only once it has sent
+a whole, sane A-ASSOCIATE-RQ.
+
+Until then it lives here, in one selector thread, not in a pynetdicom Association thread: it
+takes no association slot, its buffer grows only with the bytes that arrived (an A-ASSOCIATE-RQ
+may claim at most MAX_ASSOCIATE_RQ bytes), at most `limit` such connections are kept (the
+oldest is dropped first), and each is closed when `timeout` (--acse_timeout) runs out. TLS
+handshakes run here too, non-blocking, so the accept thread never waits on a peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_ASSOCIATE_RQ = 65536  # bytes after the header; 128 contexts of long UIDs fit in ~20 KiB
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
+MAX_TRANSFER_SYNTAXES = 64  # per presentation context
+MAX_UID = 64
+LINGER = 1.0  # seconds a refused peer gets to read our A-ABORT / A-ASSOCIATE-RJ
+LINGER_BYTES = 65536
+READ_CHUNK = 16384
+
+_HEAD = struct.Struct(">BBI")
+_ITEM = struct.Struct(">BBH")
+
+
+def abort_pdu(reason: int = 0) -> bytes:
+    """A-ABORT from the service provider (source 2) with `reason` (PS3.8 9.3.8)."""
+    return _HEAD.pack(0x07, 0, 4) + bytes((0, 0, 2, reason))
+
+
+def reject_pdu(result: int, source: int, reason: int) -> bytes:
+    """A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+    return _HEAD.pack(0x03, 0, 4) + bytes((0, result, source, reason))
+
+
+REJECT_PERMANENT = reject_pdu(1, 1, 1)  # permanent, service user, no reason given
+ABORT_UNEXPECTED_PDU = abort_pdu(1)  # unrecognized PDU
+ABORT_UNEXPECTED_PARAMETER = abort_pdu(2)  # (also: a PDU longer than allowed)
+ABORT_INVALID_PARAMETER = abort_pdu(6)
+
+
+class Refusal(Exception):
+    """Why an A-ASSOCIATE-RQ is refused, and the PDU that says so to the peer."""
+
+    def __init__(self, reason: str, answer: bytes) -> None:
+        super().__init__(reason)
+        self.answer = answer
+
+
+def _items(body: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(item type, value start, value end) of the items in body[start:end]."""
+    found: list[tuple[int, int, int]] = []
+    pos = start
+    while pos < end:
+        if pos + 4 > end:
+            raise Refusal("truncated item header", ABORT_INVALID_PARAMETER)
+        item_type, _, length = _ITEM.unpack_from(body, pos)
+        if pos + 4 + length > end:
+            raise Refusal(f"item 0x{item_type:02X} runs past its end", ABORT_INVALID_PARAMETER)
+        found.append((item_type, pos + 4, pos + 4 + length))
+        pos += 4 + length
+    return found
+
+
+def _check_uid(body: bytes, start: int, end: int, what: str) -> None:
+    if end - start > MAX_UID:
+        raise Refusal(f"{what} longer than {MAX_UID} characters", REJECT_PERMANENT)
+    raw = body[start:end].rstrip(b"\0")
+    if not raw or any(c not in b"0123456789." for c in raw):
+        raise Refusal(f"{what} is not a UID", REJECT_PERMANENT)
+
+
+def _check_ae_title(raw: bytes, what: str) -> None:
+    if any(c < 0x20 or c > 0x7E or c == 0x5C for c in raw) or not raw.strip(b" "):
+        raise Refusal(f"{what} is not an AE title", REJECT_PERMANENT)
+
+
+def check_associate_rq(body: bytes) -> None:
+    """Refusal unless `body` (after the 6-byte header) is a sane A-ASSOCIATE-RQ.
+
+    Structure (every item inside its parent, fixed fields present) and bounds (AE titles,
+    UID lengths, at most 128 presentation contexts); the rest is pynetdicom's job.
+    """
+    if len(body) < 68:
+        raise Refusal("shorter than its fixed fields", ABORT_INVALID_PARAMETER)
+    _check_ae_title(body[4:20], "called AE title")
+    _check_ae_title(body[20:36], "calling AE title")
+    contexts = 0
+    for item_type, start, end in _items(body, 68, len(body)):
+        if item_type == 0x10:
+            _check_uid(body, start, end, "application context name")
+        elif item_type == 0x20:
+            contexts += 1
+            if contexts > MAX_CONTEXTS:
+                raise Refusal(f"more than {MAX_CONTEXTS} presentation contexts", REJECT_PERMANENT)
+            if end - start < 4:
+                raise Refusal("truncated presentation context", ABORT_INVALID_PARAMETER)
+            syntaxes = 0
+            for sub_type, sub_start, sub_end in _items(body, start + 4, end):
+                if sub_type == 0x30:
+                    _check_uid(body, sub_start, sub_end, "abstract syntax")
+                elif sub_type == 0x40:
+                    syntaxes += 1
+                    if syntaxes > MAX_TRANSFER_SYNTAXES:
+                        raise Refusal("too many transfer syntaxes", REJECT_PERMANENT)
+                    _check_uid(body, sub_start, sub_end, "transfer syntax")
+        elif item_type == 0x50:
+            for sub_type, sub_start, sub_end in _items(body, start, end):
+                if sub_type == 0x52:
+                    _check_uid(body, sub_start, sub_end, "implementation class UID")
+        else:
+            raise Refusal(f"unexpected item 0x{item_type:02X}", ABORT_INVALID_PARAMETER)
+
+
+@dataclass(eq=False)
+class _Pending:
+    sock: socket.socket
+    address: Any
+    deadline: float
+    buffer: bytearray = field(default_factory=bytearray)
+    handshaken: bool = False
+    closing: bool = False  # refused: draining what the peer still sends, then closed
+    drained: int = 0
+
+
+Handoff = Callable[[socket.socket, Any, bytes], None]
+
+
+class PendingAssociations:
+    """Connections that have not sent their A-ASSOCIATE-RQ yet; one thread, bounded.
+
+    `admit` (accept thread) never blocks. A connection whose whole A-ASSOCIATE-RQ passed
+    `check_associate_rq` goes to `handoff(sock, address, pdu_bytes)` (in this thread, with the
+    socket blocking again), which starts the pynetdicom association.
+    """
+
+    def __init__(self, handoff: Handoff, *, limit: int, timeout: float) -> None:
+        self._handoff = handoff
+        self.limit = max(1, limit)
+        self.timeout = timeout
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._inbox: deque[tuple[socket.socket, Any]] = deque()
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[socket.socket, _Pending] = OrderedDict()
+        self._thread = threading.Thread(target=self._run, name="PendingAssociations", daemon=True)
+        self._stopped = False
+        self.heartbeat = time.monotonic()  # last time the loop ran (liveness)
+        self.dropped = 0  # connections dropped because the pending set was full
+
+    def start(self) -> None:
+        """Start the selector thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and close every pending connection."""
+        self._stopped = True
+        self._wake()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        with self._lock:
+            inbox = list(self._inbox)
+            self._inbox.clear()
+        for sock, _ in inbox:
+            _close(sock)
+        for entry in list(self._pending.values()):
+            _close(entry.sock)
+        self._pending.clear()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._inbox)
+
+    def is_alive(self) -> bool:
+        """True while the selector thread runs."""
+        return self._thread.is_alive()
+
+    def admit(self, sock: socket.socket, address: Any) -> None:
+        """Take a just-accepted connection (from the accept thread; never blocks)."""
+        if self._stopped:
+            _close(sock)
+            return
+        with self._lock:
+            self._inbox.append((sock, address))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+
+    def _run(self) -> None:
+        while not self._stopped:
+            now = time.monotonic()
+            self.heartbeat = now
+            self._expire(now)
+            wait = min([1.0, *(e.deadline - now for e in self._pending.values())])
+            try:
+                events = self._selector.select(max(0.0, wait))
+            except (OSError, ValueError):  # a socket closed under us: rebuild on next loop
+                logger.debug("pending-association select failed", exc_info=True)
+                continue
+            for key, _ in events:
+                if key.fileobj is self._wake_reader:
+                    self._take_inbox()
+                    continue
+                entry = self._pending.get(key.fileobj)  # type: ignore[call-overload]
+                if entry is not None:
+                    try:
+                        self._service(entry)
+                    except Exception:  # never let one peer stop the stage
+                        logger.exception("pending connection from %s failed", entry.address)
+                        self._forget(entry)
+
+    def _take_inbox(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_reader.recv(4096):
+                pass
+        with self._lock:
+            arrivals = list(self._inbox)
+            self._inbox.clear()
+        now = time.monotonic()
+        for sock, address in arrivals:
+            while len(self._pending) >= self.limit:
+                oldest = next(iter(self._pending.values()))
+                self.dropped += 1
+                logger.info(
+                    "closing connection from %s: %d connections have not finished "
+                    "association negotiation (--max_pending_associations); oldest dropped",
+                    _peer(oldest.address),
+                    self.limit,
+                )
+                self._forget(oldest)
+            try:
+                sock.setblocking(False)
+                self._selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                _close(sock)
+                continue
+            entry = _Pending(sock, address, now + self.timeout)
+            self._pending[sock] = entry
+            if isinstance(sock, ssl.SSLSocket):
+                self._service(entry)  # start the handshake
+
+    def _expire(self, now: float) -> None:
+        for entry in list(self._pending.values()):
+            if entry.deadline > now:
+                continue
+            if not entry.closing:
+                logger.info(
+                    "closing connection from %s: no A-ASSOCIATE-RQ within %.0f s (--acse_timeout)",
+                    _peer(entry.address),
+                    self.timeout,
+                )
+            self._forget(entry)
+
+    def _forget(self, entry: _Pending) -> None:
+        self._pending.pop(entry.sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(entry.sock)
+        _close(entry.sock)
+
+    def _want(self, entry: _Pending, events: int) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.modify(entry.sock, events)
+
+    def _service(self, entry: _Pending) -> None:
+        sock = entry.sock
+        if entry.closing:
+            self._drain(entry)
+            return
+        if isinstance(sock, ssl.SSLSocket) and not entry.handshaken:
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._want(entry, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._want(entry, selectors.EVENT_WRITE)
+                return
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                logger.warning("TLS handshake with %s failed: %s", _peer(entry.address), exc)
+                self._forget(entry)
+                return
+            entry.handshaken = True
+            self._want(entry, selectors.EVENT_READ)
+        while True:
+            buffer = entry.buffer
+            needed = 6 if len(buffer) < 6 else 6 + _HEAD.unpack_from(buffer)[2]
+            try:
+                chunk = sock.recv(min(needed - len(buffer), READ_CHUNK))
+            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return
+            except ssl.SSLWantWriteError:
+                self._want(entry, selectors.EVENT_WRITE)
+                return
+            except OSError as exc:
+                logger.info(
+                    "connection from %s lost before association: %s", _peer(entry.address), exc
+                )
+                self._forget(entry)
+                return
+            if not chunk:
+                logger.info("connection from %s closed before association", _peer(entry.address))
+                self._forget(entry)
+                return
+            buffer += chunk
+            if len(buffer) == 6 and not self._header_ok(entry):
+                return
+            if len(buffer) >= 6 and len(buffer) == 6 + _HEAD.unpack_from(buffer)[2]:
+                self._complete(entry)
+                return
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                return  # wait for the selector: more bytes will come
+
+    def _header_ok(self, entry: _Pending) -> bool:
+        pdu_type, _, length = _HEAD.unpack_from(entry.buffer)
+        if pdu_type != 0x01:
+            self._refuse(entry, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", abort_pdu(1))
+            return False
+        if length > MAX_ASSOCIATE_RQ:
+            self._refuse(
+                entry,
+                f"A-ASSOCIATE-RQ of {length} bytes (at most {MAX_ASSOCIATE_RQ})",
+                ABORT_UNEXPECTED_PARAMETER,
+            )
+            return False
+        return True
+
+    def _complete(self, entry: _Pending) -> None:
+        data = bytes(entry.buffer)
+        try:
+            check_associate_rq(data[6:])
+        except Refusal as refusal:
+            self._refuse(entry, f"A-ASSOCIATE-RQ refused: {refusal}", refusal.answer)
+            return
+        self._pending.pop(entry.sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(entry.sock)
+        try:
+            entry.sock.setblocking(True)
+            self._handoff(entry.sock, entry.address, data)
+        except Exception:
+            logger.exception("could not start the association with %s", _peer(entry.address))
+            _close(entry.sock)
+
+    def _refuse(self, entry: _Pending, reason: str, answer: bytes) -> None:
+        """Answer A-ABORT or A-ASSOCIATE-RJ, half-close, and drop what still arrives."""
+        logger.warning("refused connection from %s: %s", _peer(entry.address), reason)
+        entry.buffer = bytearray()
+        entry.closing = True
+        entry.deadline = time.monotonic() + LINGER
+        try:
+            entry.sock.send(answer)
+            if not isinstance(entry.sock, ssl.SSLSocket):
+                entry.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):
+            self._forget(entry)
+            return
+        self._want(entry, selectors.EVENT_READ)
+
+    def _drain(self, entry: _Pending) -> None:
+        try:
+            chunk = entry.sock.recv(READ_CHUNK)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        entry.drained += len(chunk)
+        if not chunk or entry.drained > LINGER_BYTES:
+            self._forget(entry)
+
+
+def _peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()

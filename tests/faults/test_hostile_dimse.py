@@ -1,0 +1,327 @@
+"""Hostile DIMSE input (issue 8, points 1 and 3): the port stays bounded and answers its peers.
+
+One dicom-import subprocess (so RSS, threads and open files are its own) in front of Orthanc.
+Invariant of every scenario: a normal C-ECHO, and a C-STORE where cheap, is answered within
+2 s during and after the attack.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.rig import Importer, Orthanc, echo, generate_ct_series, http_get, send_file
+
+ACSE_TIMEOUT = 2.0
+MAX_ASSOCIATIONS = 4
+MAX_PENDING = 64
+ANSWER_WITHIN = 2.0
+CLAIM = (4 << 30) - 1  # a PDU header claiming 4 GiB (the largest length there is)
+CLAIMING_CONNECTIONS = 20
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with Orthanc(workdir=tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture
+def importer(orthanc: Orthanc, tmp_path: Path) -> Iterator[Importer]:
+    with Importer(
+        orthanc.dicomweb_url,
+        f"--acse_timeout={ACSE_TIMEOUT}",
+        f"--max_associations={MAX_ASSOCIATIONS}",
+        f"--max_pending_associations={MAX_PENDING}",
+        log_dir=tmp_path,
+    ) as running:
+        yield running
+
+
+# ------------------------------------------------------------------------------------------
+# what a user sees
+
+
+def timed(action: Callable[[], object]) -> tuple[object, float]:
+    started = time.monotonic()
+    result = action()
+    return result, time.monotonic() - started
+
+
+def assert_echo_in_time(importer: Importer) -> None:
+    ok, took = timed(lambda: echo("127.0.0.1", importer.port, importer.aet, timeout=5.0))
+    assert ok, "C-ECHO not answered"
+    assert took < ANSWER_WITHIN, f"C-ECHO took {took:.2f} s"
+
+
+def assert_store_in_time(importer: Importer, folder: Path) -> None:
+    (path,) = generate_ct_series(folder / generate_uid(), 1, rows=16, cols=16)
+    status, took = timed(
+        lambda: send_file("127.0.0.1", importer.port, importer.aet, path, timeout=5.0)
+    )
+    assert status == 0x0000, f"C-STORE answered {status!r}"
+    assert took < ANSWER_WITHIN, f"C-STORE took {took:.2f} s"
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS (KiB), Threads, open file descriptors and CPU ticks of a process."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "Threads"):
+            fields[key] = int(value.split()[0])
+    fields["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields["cpu_ticks"] = int(stat[11]) + int(stat[12])  # utime + stime
+    return fields
+
+
+def pid_of(importer: Importer) -> int:
+    assert importer.proc is not None
+    return importer.proc.pid
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def connect(importer: Importer) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", importer.port), timeout=5.0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True if the importer closes (or resets) the connection within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def first_pdu_type(sock: socket.socket, timeout: float) -> int | None:
+    """The type of the first PDU the importer answers with (None: closed without one)."""
+    sock.settimeout(timeout)
+    try:
+        head = sock.recv(6)
+    except ConnectionResetError:
+        return None
+    return head[0] if head else None
+
+
+def associate_rq(
+    *,
+    called: bytes = b"IMPORTER",
+    calling: bytes = b"HOSTILE",
+    contexts: int = 1,
+    abstract_syntax: bytes = b"1.2.840.10008.1.1",
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing `contexts` presentation contexts of `abstract_syntax`."""
+
+    def item(item_type: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", item_type, 0, len(body)) + body
+
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+    )
+    for index in range(contexts):
+        body += item(
+            0x20,
+            struct.pack(">BBBB", (2 * index + 1) & 0xFF, 0, 0, 0)
+            + item(0x30, abstract_syntax)
+            + item(0x40, b"1.2.840.10008.1.2"),
+        )
+    body += item(0x50, item(0x51, struct.pack(">I", 16384)))
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+# ------------------------------------------------------------------------------------------
+# point 1
+
+
+def test_pdu_claiming_4_gib_is_aborted_without_allocating(importer: Importer) -> None:
+    pid = pid_of(importer)
+    assert_echo_in_time(importer)  # warm: the first association loads code
+    before = proc_status(pid)["VmRSS"]
+    sockets = [connect(importer) for _ in range(CLAIMING_CONNECTIONS)]
+    try:
+        for sock in sockets:
+            sock.sendall(struct.pack(">BBI", 0x01, 0, CLAIM) + b"\x00\x01\x00\x00")
+        answers = [first_pdu_type(sock, 5.0) for sock in sockets]
+        peak = proc_status(pid)["VmRSS"]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert set(answers) <= {0x07, None}, answers  # A-ABORT (or a reset right behind it)
+    assert answers.count(0x07) >= CLAIMING_CONNECTIONS // 2, answers
+    assert peak - before < 20 * 1024, f"RSS grew by {(peak - before) // 1024} MiB"
+    assert_echo_in_time(importer)
+    assert proc_status(pid)["VmRSS"] - before < 20 * 1024
+
+
+# ------------------------------------------------------------------------------------------
+# point 3
+
+
+def test_half_open_connections_neither_take_slots_nor_burn_cpu(
+    importer: Importer, tmp_path: Path
+) -> None:
+    pid = pid_of(importer)
+    assert_echo_in_time(importer)
+    baseline = proc_status(pid)
+    half = associate_rq(called=importer.aet.encode())[:40]  # half an A-ASSOCIATE-RQ
+    stalled = [connect(importer) for _ in range(MAX_PENDING)]
+    for sock in stalled[: MAX_PENDING // 2]:
+        sock.sendall(half)
+    try:
+        # all of them fit the pending bound: none takes one of the 4 association slots
+        assert_echo_in_time(importer)
+        assert_store_in_time(importer, tmp_path)
+        assert http_get(importer.metrics_url + "/readyz").status_code == 200
+        # and every one is closed once --acse_timeout has passed
+        waited_from = time.monotonic()
+        ticks_before = proc_status(pid)["cpu_ticks"]
+        assert all(closed_by_peer(sock, ACSE_TIMEOUT + 3.0) for sock in stalled)
+        assert time.monotonic() - waited_from < ACSE_TIMEOUT + 3.0
+        time.sleep(1.0)  # a measuring window: what dead connections cost (main spun at 170 %)
+        elapsed = time.monotonic() - waited_from
+        cpu = (proc_status(pid)["cpu_ticks"] - ticks_before) / os.sysconf("SC_CLK_TCK")
+        assert cpu / elapsed < 0.25, f"{cpu:.2f} s of CPU in {elapsed:.2f} s"
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert_echo_in_time(importer)
+    assert_store_in_time(importer, tmp_path)
+    assert_back_to_baseline(pid, baseline)
+
+
+def test_pending_bound_drops_the_oldest_first(importer: Importer) -> None:
+    extra = 16
+    held = [connect(importer) for _ in range(MAX_PENDING + extra)]
+    try:
+        # the oldest `extra` are closed at once, long before --acse_timeout
+        assert all(closed_by_peer(sock, ACSE_TIMEOUT / 2) for sock in held[:extra])
+        assert not closed_by_peer(held[-1], 0.1)
+        assert_echo_in_time(importer)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_connect_flood_and_resets(importer: Importer, tmp_path: Path) -> None:
+    pid = pid_of(importer)
+    assert_echo_in_time(importer)
+    baseline = proc_status(pid)
+    stop = threading.Event()
+    flooded = [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                sock = connect(importer)
+            except OSError:
+                continue
+            if flooded[0] % 2:  # every other one resets (RST) instead of closing
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                sock.sendall(associate_rq(called=importer.aet.encode())[:30])
+            sock.close()
+            flooded[0] += 1
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        rounds = 0
+        while flooded[0] < 120 or rounds < 3:  # about 1.5 s of flood at ~80 connections/s
+            assert_echo_in_time(importer)
+            assert_store_in_time(importer, tmp_path)
+            rounds += 1
+    finally:
+        stop.set()
+        thread.join(5.0)
+    assert_echo_in_time(importer)
+    assert_back_to_baseline(pid, baseline)
+    assert "Traceback" not in importer.log_text()
+    levels = [record.get("level") for record in importer.log_records()]
+    assert "ERROR" not in levels
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "answers"),
+    [
+        ("garbage", b"\x01\x00\x00\x00\x00\x40" + os.urandom(64), {0x03, 0x07}),
+        ("P-DATA first", b"\x04\x00\x00\x00\x00\x06" + bytes(6), {0x07}),
+        ("unknown PDU type", b"\x99\x00\x00\x00\x00\x02\x00\x00", {0x07}),
+        ("200 presentation contexts", associate_rq(contexts=200), {0x03, 0x07}),
+        ("over-long UID", associate_rq(abstract_syntax=b"1." * 100 + b"1"), {0x03, 0x07}),
+        ("control characters in AE title", associate_rq(calling=b"\x01\x02\x1b[2J"), {0x03}),
+    ],
+)
+def test_malformed_association_requests_are_refused_quickly(
+    importer: Importer, name: str, payload: bytes, answers: set[int]
+) -> None:
+    sock = connect(importer)
+    try:
+        started = time.monotonic()
+        sock.sendall(payload)
+        answer = first_pdu_type(sock, 5.0)
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    assert answer in answers, f"{name}: answered PDU type {answer!r}"
+    assert took < 1.0, f"{name}: answered after {took:.2f} s"
+    assert_echo_in_time(importer)
+
+
+def test_readyz_turns_not_ready_when_every_slot_is_taken(importer: Importer) -> None:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = [ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)]
+    try:
+        while len(held) < MAX_ASSOCIATIONS:
+            held.append(ae.associate("127.0.0.1", importer.port, ae_title=importer.aet))
+        assert all(assoc.is_established for assoc in held)
+        assert http_get(importer.metrics_url + "/readyz").status_code == 503
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert wait_until(lambda: http_get(importer.metrics_url + "/readyz").status_code == 200, 5.0)
+    assert http_get(importer.metrics_url + "/healthz").status_code == 200
+
+
+def assert_back_to_baseline(pid: int, baseline: dict[str, int]) -> None:
+    """RSS, threads and open files return to within 10 % of `baseline` (polled, 10 s)."""
+
+    def back() -> bool:
+        now = proc_status(pid)
+        return all(
+            now[key] <= baseline[key] * 1.1 + slack
+            for key, slack in (("VmRSS", 0), ("Threads", 1), ("fds", 1))
+        )
+
+    assert wait_until(back, 10.0, 0.2), f"baseline {baseline}, now {proc_status(pid)}"
