@@ -14,6 +14,7 @@ from pynetdicom import _config
 
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import parse_settings
+from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.importer.app import ImportService
 
 Responder = Callable[[httpx.Request], httpx.Response]
@@ -89,6 +90,7 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
     for stop in stops:
         stop()
     _restore_process_wide_settings(saved)
+    pynetdicom_hooks.reset()  # every hook undone: the next test (or peer) sees pynetdicom
 
 
 # What configure_pynetdicom() sets for the whole process. Restored after each test, so the

@@ -14,7 +14,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
-import pynetdicom.association as association_module
 from pydicom import Dataset
 from pydicom import config as pydicom_config
 from pynetdicom import (
@@ -25,11 +24,10 @@ from pynetdicom import (
 )
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicom_adapter.dimse import admission, pdu
+from dicom_adapter.dimse import pynetdicom_hooks as hooks
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.status import Status
 
@@ -54,33 +52,6 @@ QUERY_TRANSFER_SYNTAXES = [
 Handler = tuple[Any, Callable[..., Any]]
 
 
-class _ReactorClock:
-    """Stands in for the `time` module inside pynetdicom.association.
-
-    The association reactor polls its DIMSE message queue with `time.sleep(0.001)` between
-    looks, so every request waits up to 1 ms before its handler runs. Here that one sleep
-    waits on the queue itself (the same 1 ms at most) and returns as soon as a message is
-    queued. Every other call goes to the real `time` module.
-    """
-
-    REACTOR_POLL = 0.001
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        if seconds == _ReactorClock.REACTOR_POLL:
-            dimse = getattr(threading.current_thread(), "dimse", None)
-            queue = getattr(dimse, "msg_queue", None)
-            if queue is not None:
-                with queue.not_empty:
-                    if not queue.queue:
-                        queue.not_empty.wait(seconds)
-                return
-        time.sleep(seconds)
-
-
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings.
 
@@ -90,13 +61,14 @@ def configure_pynetdicom() -> None:
       [JPEG 2000, Explicit LE] keeps its JPEG 2000 and one offering [Explicit LE, JPEG lossy]
       is never pushed into lossy compression. pynetdicom's default would pick by our order.
     - Identifiers are never logged (PHI).
-    - The association reactor wakes as soon as a request is complete (see _ReactorClock).
+    - The association reactor wakes as soon as a request is complete (hook reactor_clock).
     - pydicom's value validation is off: datasets are forwarded, never built or changed.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as they are (see spooled())
     _config.UNRESTRICTED_STORAGE_SERVICE = True
-    association_module.time = _ReactorClock()  # type: ignore[attr-defined,assignment]
+    hooks.check()  # one WARNING per private internal that is not as expected
+    hooks.install_reactor_clock()
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -106,10 +78,6 @@ def configure_pynetdicom() -> None:
     dul_logger = logging.getLogger("pynetdicom.dul")
     if not any(isinstance(f, _QuietShortPdu) for f in dul_logger.filters):
         dul_logger.addFilter(_QuietShortPdu())
-    _route_move_requests()
-
-
-_MOVE_RUNNER = "_dicom_adapter_move_runner"
 
 
 class MoveRequest:
@@ -149,6 +117,15 @@ class MoveRequest:
         Same bytes pynetdicom would send, without its pydicom encode in this thread (which
         holds the GIL the sub-operations' event loop needs, once per instance).
         """
+        if not hooks.available(hooks.PENDING_P_DATA):
+            self.respond(
+                Status.PENDING,
+                remaining=remaining,
+                completed=completed,
+                failed=failed,
+                warning=warning,
+            )
+            return
         command = pdu.c_move_pending_rsp(
             self.message_id,
             self.sop_class_uid,
@@ -158,11 +135,8 @@ class MoveRequest:
             failed=failed,
             warning=warning,
         )
-        primitive = P_DATA()
-        primitive.presentation_data_value_list.append(
-            (self._context.context_id, b"\x03" + command)  # command, last fragment
-        )
-        self.assoc.dul.send_pdu(primitive)
+        # command, last fragment
+        hooks.send_p_data(self.assoc, self._context.context_id, b"\x03" + command)
 
     def respond(
         self,
@@ -201,26 +175,21 @@ class MoveRequest:
         self._service.dimse.send_msg(rsp, self._context.context_id)
 
 
-def route_moves(ae: Any, runner: Callable[[MoveRequest], None]) -> None:
-    """C-MOVE requests to `ae` go to `runner` (in the association's thread), not pynetdicom."""
-    setattr(ae, _MOVE_RUNNER, runner)
+def route_moves(ae: Any, runner: Callable[[MoveRequest], None]) -> bool:
+    """C-MOVE requests to `ae` go to `runner` (in the association's thread), not pynetdicom.
+
+    False when pynetdicom's move SCP cannot be routed (hook move_routing): bind
+    `refuse_move` to EVT_C_MOVE then.
+    """
+    return hooks.route_moves(
+        ae, lambda service, request, context: runner(MoveRequest(service, request, context))
+    )
 
 
-def _route_move_requests() -> None:
-    """Patch pynetdicom's Q/R move SCP once: AEs marked by `route_moves` use their runner."""
-    if getattr(QueryRetrieveServiceClass, _MOVE_RUNNER, False):
-        return
-    original = QueryRetrieveServiceClass._move_scp
-
-    def _move_scp(self: Any, req: Any, context: Any) -> None:
-        runner = getattr(self.ae, _MOVE_RUNNER, None)
-        if runner is None:
-            original(self, req, context)
-            return
-        runner(MoveRequest(self, req, context))
-
-    QueryRetrieveServiceClass._move_scp = _move_scp  # type: ignore[method-assign]
-    setattr(QueryRetrieveServiceClass, _MOVE_RUNNER, True)
+def refuse_move(event: Any) -> Any:
+    """EVT_C_MOVE without our runner: pynetdicom answers 0xA801 (destination unknown)."""
+    logger.warning("C-MOVE refused: the move runner is not available with this pynetdicom")
+    yield None, None
 
 
 POLL_WAIT = 0.005  # longest the DUL thread blocks when idle (its timers are checked that often)
@@ -257,7 +226,7 @@ class _WaitingAssociationSocket(AssociationSocket):
     @property
     def ready(self) -> bool:
         sock = self.socket
-        if sock is None or self._is_connected is False:
+        if sock is None or not hooks.socket_connected(self):
             time.sleep(POLL_WAIT)  # the DUL loop runs without a delay: never spin on a corpse
             return False
         if self._replay:
@@ -336,12 +305,11 @@ class ConnectionTuner:
         try:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if type(assoc_socket) is not AssociationSocket:
+            if not hooks.swap_socket_class(assoc_socket, _WaitingAssociationSocket):
                 return
             wake_reader, wake_writer = socket.socketpair()
             wake_reader.setblocking(False)
             wake_writer.setblocking(False)
-            assoc_socket.__class__ = _WaitingAssociationSocket
             tuned = cast(_WaitingAssociationSocket, assoc_socket)
             tuned._wake = wake_reader
             tuned._wake_writer = wake_writer
@@ -349,15 +317,12 @@ class ConnectionTuner:
             tuned._max_pdu = self.max_pdu
             address = getattr(event, "address", None)
             tuned._peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else ""
-            original_send_pdu = dul.send_pdu
 
-            def send_pdu(primitive: Any) -> None:
-                original_send_pdu(primitive)
+            def wake() -> None:
                 with contextlib.suppress(OSError):  # full or closed: the poll wakes up anyway
                     wake_writer.send(b"\0")
 
-            dul.send_pdu = send_pdu
-            dul._run_loop_delay = 0
+            hooks.wake_on_send(dul, wake)
         except (AttributeError, OSError):
             logger.debug("could not tune the accepted connection", exc_info=True)
 
@@ -379,32 +344,16 @@ release_connection = ConnectionTuner.close
 class DatasetCompletionHook:
     """EVT_CONN_OPEN handler: report each C-STORE dataset the moment its last byte is written.
 
-    Wraps `put` of the association's DIMSE message queue (pynetdicom internals, pinned
-    >=3,<4): a complete C-STORE request carries the path of its spool file, and
     `on_complete(path)` runs in pynetdicom's DUL thread just before the request is queued for
-    the association's reactor, so the handler always finds what it started.
+    the association's reactor, so the handler always finds what it started (hook
+    dataset_completion; without it nothing is reported and the handler stores).
     """
 
     def __init__(self, on_complete: Callable[[Path], None]) -> None:
         self._on_complete = on_complete
 
     def __call__(self, event: Any) -> None:
-        queue: Any = getattr(getattr(event.assoc, "dimse", None), "msg_queue", None)
-        original = getattr(queue, "put", None)
-        if queue is None or original is None:
-            return
-        on_complete = self._on_complete
-
-        def put(item: Any, *args: Any, **kwargs: Any) -> None:
-            path = getattr(item[1], "_dataset_path", None) if isinstance(item, tuple) else None
-            if isinstance(path, Path):
-                try:
-                    on_complete(path)
-                except Exception:  # never break the DUL thread; the handler still stores
-                    logger.exception("early store could not start")
-            original(item, *args, **kwargs)
-
-        queue.put = put
+        hooks.on_dataset_complete(event.assoc, self._on_complete)
 
 
 _SPOOL_PATH = "_spool_path"
@@ -423,23 +372,7 @@ def spooled(path: Path, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     return marker
 
 
-def wait_for_reactor_resume(assoc: Any, timeout: float = 1.0) -> None:
-    """Before a DIMSE request on an association whose previous request just finished.
-
-    pynetdicom pauses the association's reactor around each request, but its "paused" flag
-    stays True from the previous request until the reactor thread runs again; a request sent
-    in that moment is not protected, and the reactor can take its response off the queue
-    ("Received unexpected C-STORE service message"), leaving the sender to wait out the
-    DIMSE timeout. Back-to-back sends on a busy process hit this; wait for the resume first.
-    """
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is None or not checkpoint.is_set():
-        return
-    deadline = time.monotonic() + timeout
-    while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
-        if not assoc.is_alive():
-            return
-        time.sleep(0.00005)
+wait_for_reactor_resume = hooks.wait_for_reactor_resume
 
 
 def send_spooled_files(assoc: Any) -> None:
@@ -576,6 +509,9 @@ class _AssociationServer(ThreadedAssociationServer):
         self.accept_heartbeat = time.monotonic()
         super().service_actions()
 
+    def shutdown(self) -> None:
+        hooks.unregistered_shutdown(super().shutdown)
+
     def server_close(self) -> None:
         if self.pending is not None:
             self.pending.stop()
@@ -625,13 +561,14 @@ def start_server(
     )
     acse_timeout = float(ae.acse_timeout or 30.0)
     server.handshake_timeout = acse_timeout
-    server.tuner = tuner
-    server.pending = admission.PendingAssociations(
-        server._start_association, limit=max_pending, timeout=acse_timeout
-    )
-    server.pending.start()
+    if hooks.available(hooks.WAITING_SOCKET):  # the stage needs its socket to replay
+        server.tuner = tuner
+        server.pending = admission.PendingAssociations(
+            server._start_association, limit=max_pending, timeout=acse_timeout
+        )
+        server.pending.start()
     server.accept_heartbeat = time.monotonic()
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
     thread.start()
-    ae._servers.append(server)  # so ae.shutdown() stops it, as for pynetdicom's own
+    hooks.register_server(ae, server)  # so ae.shutdown() stops it, as for pynetdicom's own
     return server

@@ -21,6 +21,7 @@ from dicom_adapter.dimse.server import (
     DatasetCompletionHook,
     build_ae,
     configure_pynetdicom,
+    refuse_move,
     route_moves,
     server_tls_context,
     start_server,
@@ -193,7 +194,8 @@ class ImportService:
                 cmove_aet=settings.dimse_cmove_aet or settings.dimse_aet,
                 metrics=metrics,
             )
-            route_moves(ae, retrieve.run_move)
+            if not route_moves(ae, retrieve.run_move):
+                handlers.append((evt.EVT_C_MOVE, refuse_move))
             handlers.append((evt.EVT_C_GET, retrieve.on_get))
         if commitment_on:
             commitment = CommitmentService(
