@@ -20,6 +20,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse import server as dimse_server
 from dicom_adapter.status import Status
 from tests.component.conftest import RunningImporter
@@ -179,3 +180,18 @@ def poll(condition: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_without_the_socket_and_completion_hooks_pynetdicoms_own_path_serves(
+    start_importer: Callable[..., RunningImporter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(pynetdicom_hooks.OFF_ENV, "waiting_socket,dataset_completion")
+    pynetdicom_hooks.reset()
+    importer = start_importer()
+    ds = make_ct()
+    importer.upstream.responder = lambda r: httpx.Response(
+        200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)])
+    )
+    assert c_store(importer, ds) == Status.SUCCESS
+    assert importer.service.early_stores == 0  # the handler stored, as pynetdicom would
+    assert importer.service._server.pending is None  # no pre-negotiation stage without replay

@@ -85,6 +85,7 @@ def _check_uid(body: bytes, start: int, end: int, what: str) -> None:
 
 
 def _check_ae_title(raw: bytes, what: str) -> None:
+    raw = raw.rstrip(b"\0 ")  # some implementations pad with NUL instead of spaces
     if any(c < 0x20 or c > 0x7E or c == 0x5C for c in raw) or not raw.strip(b" "):
         raise Refusal(f"{what} is not an AE title", REJECT_PERMANENT)
 
@@ -122,8 +123,7 @@ def check_associate_rq(body: bytes) -> None:
             for sub_type, sub_start, sub_end in _items(body, start, end):
                 if sub_type == 0x52:
                     _check_uid(body, sub_start, sub_end, "implementation class UID")
-        else:
-            raise Refusal(f"unexpected item 0x{item_type:02X}", ABORT_INVALID_PARAMETER)
+        # other item types: pynetdicom decides (PS3.8 leaves room for new ones)
 
 
 @dataclass(eq=False)
@@ -220,7 +220,10 @@ class PendingAssociations:
                 continue
             for key, _ in events:
                 if key.fileobj is self._wake_reader:
-                    self._take_inbox()
+                    try:
+                        self._take_inbox()
+                    except Exception:  # never let one peer stop the stage
+                        logger.exception("taking new connections failed")
                     continue
                 entry = self._pending.get(key.fileobj)  # type: ignore[call-overload]
                 if entry is not None:

@@ -77,9 +77,12 @@ class ImportService:
 
     @property
     def live(self) -> bool:
-        """False once the DIMSE accept loop stopped looping (/healthz: Kubernetes restarts us)."""
+        """False once the DIMSE accept loop stopped looping (/healthz: Kubernetes restarts us).
+
+        Always True before start and while draining: the accept loop is stopped on purpose.
+        """
         server = self._server
-        return server is None or bool(server.is_alive())
+        return server is None or not self._ready or bool(server.is_alive())
 
     @property
     def metrics_port(self) -> int:
