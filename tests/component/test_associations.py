@@ -128,22 +128,6 @@ def test_private_sop_class_is_accepted_and_forwarded(
     assert len(importer.upstream.requests) == 1
 
 
-def test_upload_starts_as_soon_as_the_dataset_is_complete(
-    start_importer: Callable[..., RunningImporter],
-) -> None:
-    importer = start_importer()
-    sent = [make_ct() for _ in range(3)]
-    stored = {str(ds.SOPInstanceUID) for ds in sent}
-    importer.upstream.responder = lambda r: httpx.Response(
-        200, headers=JSON, content=stow_json([(uid, None) for uid in sorted(stored)])
-    )
-    for ds in sent:
-        assert c_store(importer, ds) == Status.SUCCESS
-    # every upload was started from pynetdicom's receive thread, once, not again by the handler
-    assert importer.service.early_stores == 3
-    assert len(importer.upstream.requests) == 3
-
-
 def test_healthz_fails_while_the_accept_loop_is_stuck(
     start_importer: Callable[..., RunningImporter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,10 +166,10 @@ def poll(condition: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
-def test_without_the_socket_and_completion_hooks_pynetdicoms_own_path_serves(
+def test_without_the_socket_hook_pynetdicoms_own_path_serves(
     start_importer: Callable[..., RunningImporter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(pynetdicom_hooks.OFF_ENV, "waiting_socket,dataset_completion")
+    monkeypatch.setenv(pynetdicom_hooks.OFF_ENV, "waiting_socket")
     pynetdicom_hooks.reset()
     importer = start_importer()
     ds = make_ct()
@@ -193,5 +177,4 @@ def test_without_the_socket_and_completion_hooks_pynetdicoms_own_path_serves(
         200, headers=JSON, content=stow_json([(ds.SOPInstanceUID, None)])
     )
     assert c_store(importer, ds) == Status.SUCCESS
-    assert importer.service.early_stores == 0  # the handler stored, as pynetdicom would
     assert importer.service._server.pending is None  # no pre-negotiation stage without replay

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
-import pynetdicom.association as association_module
 import pytest
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from dicom_adapter.dimse import pynetdicom_hooks as hooks
@@ -66,33 +67,47 @@ def test_missing_move_scp_gives_one_warning_and_pynetdicoms_public_c_move(
     assert STUDY_ROOT_MOVE in [str(cx.abstract_syntax) for cx in ae.supported_contexts]
 
 
-def test_missing_reactor_internals_leave_pynetdicoms_time_alone(
+def test_missing_reactor_flags_give_one_warning_and_no_wait(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(association_module.Association, "_run_reactor", lambda self: None)
+    original_init = Association.__init__
+
+    def init_without_flags(self: Association, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Association, "__init__", init_without_flags)
     with caplog.at_level(logging.WARNING):
         configure_pynetdicom()
     (warning,) = hook_warnings(caplog)
-    assert "reactor_clock" in warning
-    assert association_module.time is time  # type: ignore[attr-defined]
+    assert "reactor_resume" in warning and "_reactor_checkpoint" in warning
+
+    class NeverResumes:
+        _reactor_checkpoint = threading.Event()
+        _is_paused = True
+
+        def is_alive(self) -> bool:
+            return True
+
+    NeverResumes._reactor_checkpoint.set()
+    started = time.monotonic()
+    hooks.wait_for_reactor_resume(NeverResumes(), timeout=5.0)
+    assert time.monotonic() - started < 0.5  # pynetdicom's behaviour: no wait
 
 
 def test_reset_restores_every_process_wide_hook() -> None:
     original_move_scp = QueryRetrieveServiceClass._move_scp
     configure_pynetdicom()
     route_moves(AE(ae_title="X"), lambda request: None)
-    assert association_module.time is not time  # type: ignore[attr-defined]
     assert QueryRetrieveServiceClass._move_scp is not original_move_scp
     hooks.reset()
-    assert association_module.time is time  # type: ignore[attr-defined]
     assert QueryRetrieveServiceClass._move_scp is original_move_scp
 
 
 def test_hooks_switched_off_for_a_benchmark_are_not_installed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(hooks.OFF_ENV, "reactor_clock, move_routing")
+    monkeypatch.setenv(hooks.OFF_ENV, "dul_wake, move_routing")
     configure_pynetdicom()
-    assert association_module.time is time  # type: ignore[attr-defined]
     assert not route_moves(AE(ae_title="X"), lambda request: None)
+    assert not hooks.available(hooks.DUL_WAKE)
     assert hooks.available(hooks.WAITING_SOCKET)

@@ -6,8 +6,6 @@ shape; a hook whose internal is missing is skipped, pynetdicom's public behaviou
 one WARNING line names it. Nothing here raises inside a pynetdicom thread.
 
 Hooks (name: internal -> what it buys; without it):
-- reactor_clock: `pynetdicom.association.time` -> the association reactor wakes when a DIMSE
-  message is queued, not after a blind 1 ms sleep; without it, pynetdicom's poll.
 - move_routing: `QueryRetrieveServiceClass._move_scp` -> C-MOVE runs our own sub-operation
   sender; without it, C-MOVE is answered 0xA801 (pynetdicom's "destination unknown").
 - waiting_socket: `AssociationSocket` subclass swapped in (`__class__`, `_is_connected`,
@@ -16,8 +14,6 @@ Hooks (name: internal -> what it buys; without it):
   without it, pynetdicom's socket and one thread per connection from accept() on.
 - dul_wake: `DULServiceProvider.send_pdu` wrap and `_run_loop_delay` = 0 -> a queued response
   wakes the DUL at once; without it, up to 1 ms per response.
-- dataset_completion: `DIMSEServiceProvider.msg_queue.put` and `C_STORE._dataset_path` -> the
-  upload starts the moment a dataset is complete; without it, in the C-STORE handler.
 - reactor_resume: `Association._reactor_checkpoint` / `_is_paused` -> a back-to-back request
   waits for the reactor's resume; without it, pynetdicom's race (rare unexpected-message).
 - pending_p_data: `assoc.dul.send_pdu(P_DATA)` -> pending C-MOVE-RSPs encoded by us; without
@@ -26,6 +22,8 @@ Hooks (name: internal -> what it buys; without it):
   our own shutdown does.
 
 For benchmarks only: DICOM_ADAPTER_HOOKS_OFF=name,name switches hooks off (hook on vs off).
+Removed after measuring less than 3 % (README, Performance notes): the `time` stand-in of the
+association reactor and the `msg_queue.put` wrap that started uploads from the DUL thread.
 """
 
 from __future__ import annotations
@@ -34,18 +32,13 @@ import contextlib
 import inspect
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pynetdicom.association as association_module
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -55,11 +48,9 @@ logger = logging.getLogger(__name__)
 
 OFF_ENV = "DICOM_ADAPTER_HOOKS_OFF"
 
-REACTOR_CLOCK = "reactor_clock"
 MOVE_ROUTING = "move_routing"
 WAITING_SOCKET = "waiting_socket"
 DUL_WAKE = "dul_wake"
-DATASET_COMPLETION = "dataset_completion"
 REACTOR_RESUME = "reactor_resume"
 PENDING_P_DATA = "pending_p_data"
 SERVER_REGISTRY = "server_registry"
@@ -73,12 +64,6 @@ def _init_sets(cls: type, *names: str) -> bool:
     """True if cls.__init__ assigns every `self.<name>` (instance attributes of the shape)."""
     source = inspect.getsource(cls.__init__)  # type: ignore[misc]
     return all(f"self.{name}" in source for name in names)
-
-
-def _check_reactor_clock() -> bool:
-    return getattr(association_module, "time", None) in (time, _installed_clock) and (
-        "time.sleep(0.001)" in inspect.getsource(Association._run_reactor)
-    )
 
 
 def _check_move_routing() -> bool:
@@ -98,14 +83,6 @@ def _check_waiting_socket() -> bool:
 def _check_dul_wake() -> bool:
     return _params(DULServiceProvider.send_pdu)[:2] == ["self", "primitive"] and _init_sets(
         DULServiceProvider, "_run_loop_delay"
-    )
-
-
-def _check_dataset_completion() -> bool:
-    return (
-        _init_sets(DIMSEServiceProvider, "msg_queue")
-        and hasattr(C_STORE, "_dataset_path")
-        and hasattr(queue.Queue, "put")
     )
 
 
@@ -137,12 +114,6 @@ class Hook:
 
 HOOKS: tuple[Hook, ...] = (
     Hook(
-        REACTOR_CLOCK,
-        "pynetdicom.association.time",
-        "the reactor polls every 1 ms",
-        _check_reactor_clock,
-    ),
-    Hook(
         MOVE_ROUTING,
         "QueryRetrieveServiceClass._move_scp",
         "C-MOVE is answered 0xA801",
@@ -159,12 +130,6 @@ HOOKS: tuple[Hook, ...] = (
         "DULServiceProvider.send_pdu, _run_loop_delay",
         "the DUL sleeps 1 ms between polls",
         _check_dul_wake,
-    ),
-    Hook(
-        DATASET_COMPLETION,
-        "DIMSEServiceProvider.msg_queue, C_STORE._dataset_path",
-        "uploads start in the C-STORE handler",
-        _check_dataset_completion,
     ),
     Hook(
         REACTOR_RESUME,
@@ -230,13 +195,8 @@ def available(name: str) -> bool:
 
 def reset() -> None:
     """Undo every process-wide hook and forget the checks (tests: restore after each test)."""
-    global _installed_clock
     with _lock:
         _available.clear()
-    current: Any = getattr(association_module, "time", None)
-    if _installed_clock is not None and current is _installed_clock:
-        association_module.time = time  # type: ignore[attr-defined]
-    _installed_clock = None
     _unroute_moves()
 
 
@@ -244,52 +204,6 @@ def _pynetdicom_version() -> str:
     from pynetdicom import __version__
 
     return str(__version__)
-
-
-# --------------------------------------------------------------------------------------------
-# reactor_clock
-
-
-class _ReactorClock:
-    """Stands in for the `time` module inside pynetdicom.association.
-
-    The association reactor polls its DIMSE message queue with `time.sleep(0.001)` between
-    looks, so every request waits up to 1 ms before its handler runs. Here that one sleep
-    waits on the queue itself (the same 1 ms at most) and returns as soon as a message is
-    queued. Every other call goes to the real `time` module.
-    """
-
-    REACTOR_POLL = 0.001
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        if seconds == _ReactorClock.REACTOR_POLL:
-            dimse = getattr(threading.current_thread(), "dimse", None)
-            msg_queue = getattr(dimse, "msg_queue", None)
-            not_empty = getattr(msg_queue, "not_empty", None)
-            if not_empty is not None:
-                with not_empty:
-                    if not msg_queue.queue:  # type: ignore[union-attr]
-                        not_empty.wait(seconds)
-                return
-        time.sleep(seconds)
-
-
-_installed_clock: _ReactorClock | None = None
-
-
-def install_reactor_clock() -> bool:
-    """Make association reactors wake on their message queue (see _ReactorClock)."""
-    global _installed_clock
-    if not available(REACTOR_CLOCK):
-        return False
-    if _installed_clock is None:
-        _installed_clock = _ReactorClock()
-        association_module.time = _installed_clock  # type: ignore[attr-defined,assignment]
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,36 +280,6 @@ def wake_on_send(dul: Any, wake: Callable[[], None]) -> bool:
 
     dul.send_pdu = send_pdu
     dul._run_loop_delay = 0
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# dataset_completion
-
-
-def on_dataset_complete(assoc: Any, callback: Callable[[Path], None]) -> bool:
-    """Call callback(spool path) in the DUL thread as each C-STORE dataset completes.
-
-    Wraps `put` of the association's DIMSE message queue: a complete C-STORE request carries
-    the path of its spool file, reported just before the request is queued for the reactor.
-    """
-    if not available(DATASET_COMPLETION):
-        return False
-    msg_queue: Any = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    original = getattr(msg_queue, "put", None)
-    if original is None:
-        return False
-
-    def put(item: Any, *args: Any, **kwargs: Any) -> None:
-        path = getattr(item[1], "_dataset_path", None) if isinstance(item, tuple) else None
-        if isinstance(path, Path):
-            try:
-                callback(path)
-            except Exception:  # never break the DUL thread; the handler still stores
-                logger.exception("early store could not start")
-        original(item, *args, **kwargs)
-
-    msg_queue.put = put
     return True
 
 

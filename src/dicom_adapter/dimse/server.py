@@ -61,14 +61,12 @@ def configure_pynetdicom() -> None:
       [JPEG 2000, Explicit LE] keeps its JPEG 2000 and one offering [Explicit LE, JPEG lossy]
       is never pushed into lossy compression. pynetdicom's default would pick by our order.
     - Identifiers are never logged (PHI).
-    - The association reactor wakes as soon as a request is complete (hook reactor_clock).
     - pydicom's value validation is off: datasets are forwarded, never built or changed.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as they are (see spooled())
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     hooks.check()  # one WARNING per private internal that is not as expected
-    hooks.install_reactor_clock()
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -339,21 +337,6 @@ class ConnectionTuner:
 _SCU_TUNER = ConnectionTuner(0)
 tune_connection = _SCU_TUNER.open  # for our SCU associations (scu.py): nothing to replay
 release_connection = ConnectionTuner.close
-
-
-class DatasetCompletionHook:
-    """EVT_CONN_OPEN handler: report each C-STORE dataset the moment its last byte is written.
-
-    `on_complete(path)` runs in pynetdicom's DUL thread just before the request is queued for
-    the association's reactor, so the handler always finds what it started (hook
-    dataset_completion; without it nothing is reported and the handler stores).
-    """
-
-    def __init__(self, on_complete: Callable[[Path], None]) -> None:
-        self._on_complete = on_complete
-
-    def __call__(self, event: Any) -> None:
-        hooks.on_dataset_complete(event.assoc, self._on_complete)
 
 
 _SPOOL_PATH = "_spool_path"

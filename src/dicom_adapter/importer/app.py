@@ -18,7 +18,6 @@ from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import (
-    DatasetCompletionHook,
     build_ae,
     configure_pynetdicom,
     refuse_move,
@@ -167,7 +166,6 @@ class ImportService:
         self._early = early = EarlyStores(bridge, store)
         metrics = self.metrics
         handlers: list[tuple[Any, Callable[..., Any]]] = [
-            (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
             (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early, metrics=metrics)),
         ]
         sub_operation_timeouts = ScuTimeouts(
