@@ -262,8 +262,16 @@ def test_connect_flood_and_resets(importer: Importer, tmp_path: Path) -> None:
     finally:
         stop.set()
         thread.join(5.0)
+    # a reset in the middle of an established association, too
+    established = connect(importer)
+    established.sendall(associate_rq(called=importer.aet.encode()))
+    assert first_pdu_type(established, 5.0) == 0x02  # A-ASSOCIATE-AC
+    established.sendall(struct.pack(">BBI", 0x04, 0, 1000) + bytes(10))  # then a cut PDU
+    established.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    established.close()
     assert_echo_in_time(importer)
     assert_back_to_baseline(pid, baseline)
+    assert wait_until(lambda: "lost: [Errno 104]" in importer.log_text(), 5.0)
     assert "Traceback" not in importer.log_text()
     levels = [record.get("level") for record in importer.log_records()]
     assert "ERROR" not in levels
