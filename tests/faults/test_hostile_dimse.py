@@ -181,6 +181,33 @@ def test_pdu_claiming_4_gib_is_aborted_without_allocating(importer: Importer) ->
     assert proc_status(pid)["VmRSS"] - before < 20 * 1024
 
 
+def test_pdu_longer_than_negotiated_is_aborted_after_association(importer: Importer) -> None:
+    sock = connect(importer)
+    try:
+        sock.sendall(associate_rq(called=importer.aet.encode()))
+        assert first_pdu_type(sock, 5.0) == 0x02  # A-ASSOCIATE-AC (we skip reading its body)
+        # one byte more than --max_pdu_size (256 KiB) plus header slack: refused unread
+        sock.sendall(struct.pack(">BBI", 0x04, 0, 262144 + 7) + bytes(10))
+        assert abort_after_accept(sock, 2.0)
+    finally:
+        sock.close()
+    assert_echo_in_time(importer)
+
+
+def abort_after_accept(sock: socket.socket, timeout: float) -> bool:
+    """True once an A-ABORT arrives (after the rest of the A-ASSOCIATE-AC) within `timeout`."""
+    sock.settimeout(timeout)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+            if b"\x07\x00\x00\x00\x00\x04" in received:
+                return True
+    except (TimeoutError, ConnectionResetError):
+        return False
+    return False
+
+
 # ------------------------------------------------------------------------------------------
 # point 3
 
