@@ -26,10 +26,12 @@ def study(n: int) -> dict[str, object]:
     }
 
 
-def paged_studies(total: int) -> Callable[[httpx.Request], httpx.Response]:
+def paged_studies(total: int, cap: int = 10**9) -> Callable[[httpx.Request], httpx.Response]:
+    """A QIDO server over `total` studies that answers at most `cap` per page."""
+
     def respond(request: httpx.Request) -> httpx.Response:
         query = dict(parse_qsl(request.url.query.decode()))
-        offset, limit = int(query["offset"]), int(query["limit"])
+        offset, limit = int(query["offset"]), min(cap, int(query["limit"]))
         page = [study(n) for n in range(offset, min(total, offset + limit))]
         return httpx.Response(200, headers=JSON, content=json.dumps(page).encode())
 
@@ -74,7 +76,7 @@ def test_pages_until_exhausted_and_answers_only_requested_keys(
     assert final == Status.SUCCESS
     assert len(answers) == 2500  # never silently truncated
     offsets = [dict(parse_qsl(r.url.query.decode()))["offset"] for r in importer.upstream.requests]
-    assert offsets == ["0", "1000", "2000"]
+    assert offsets == ["0", "1000", "2000", "2500"]  # the empty page ends paging
     assert {e.keyword for e in answers[0]} == {
         "QueryRetrieveLevel",
         "PatientName",
@@ -83,6 +85,17 @@ def test_pages_until_exhausted_and_answers_only_requested_keys(
     assert str(answers[1].PatientName) == "Doe^Patient1"
     raw = importer.upstream.requests[0].url.raw_path.decode()
     assert "PatientName=Doe^*" in raw  # ^ and * are not percent-encoded
+
+
+def test_server_capping_limit_is_paged_to_the_end(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    importer = start_importer()
+    importer.upstream.responder = paged_studies(10, cap=3)
+    final, answers = find(importer)
+    assert final == Status.SUCCESS
+    assert [str(a.PatientName) for a in answers] == [f"Doe^Patient{n}" for n in range(10)]
+    assert len(importer.upstream.requests) == 5  # 3 + 3 + 3 + 1, then the empty page
 
 
 def test_cancel_stops_paging_with_fe00(start_importer: Callable[..., RunningImporter]) -> None:

@@ -458,7 +458,7 @@ def test_study_moves_every_series_over_one_association(
     assert all(int(p.NumberOfFailedSuboperations) == 0 for p in result.pending)
 
     qidos = qido_requests(importer)
-    assert len(qidos) == 1
+    assert len(qidos) == 2  # the second, at offset 5, is empty and ends paging
     assert relative_path(qidos[0]) == f"studies/{instances[0].study}/instances"
     wados = wado_requests(importer)  # the whole study in one request, both series
     assert [relative_path(r) for r in wados] == [f"studies/{instances[0].study}"]
@@ -466,7 +466,7 @@ def test_study_moves_every_series_over_one_association(
         assert accept_params(request) == {"type": "application/dicom", "transfer-syntax": "*"}
         assert request.headers["Accept"].startswith("multipart/related;")
         assert request.headers["Accept-Encoding"] == "identity"
-    assert len(importer.upstream.requests) == 2
+    assert len(importer.upstream.requests) == 3
 
     assert (destination.requested, destination.accepted) == (1, 1)
     assert len({r.association for r in destination.received}) == 1
@@ -587,7 +587,7 @@ def test_image_level_fetches_each_instance(setup: Setup) -> None:
     assert result.status == Status.SUCCESS
     assert result.counts() == (2, 0, 0)
     qidos = qido_requests(importer)
-    assert len(qidos) == 1
+    assert len(qidos) == 2  # the second is the empty page that ends paging
     assert sorted(qidos[0].url.params["SOPInstanceUID"].split(",")) == sorted(i.uid for i in wanted)
     assert sorted(relative_path(r) for r in wado_requests(importer)) == sorted(
         f"studies/{study}/series/{series}/instances/{i.uid}" for i in wanted
@@ -667,3 +667,26 @@ def test_wado_stream_breaking_mid_study_fails_the_rest(setup: Setup) -> None:
     delivered = {item.sop_instance_uid for item in destination.received}
     assert len(delivered) == 2
     assert result.failed_uids() == sorted({i.uid for i in instances} - delivered)
+
+
+def test_server_capping_qido_limit_moves_every_instance(setup: Setup) -> None:
+    instances = make_study(4, 3)  # 7 instances listed 3 at a time
+    archive = Archive(instances)
+
+    def capped(request: httpx.Request) -> httpx.Response:
+        if is_qido(request):
+            limit = min(3, int(request.url.params["limit"]))
+            request = httpx.Request(
+                "GET", request.url.copy_set_param("limit", limit), headers=request.headers
+            )
+        return archive(request)
+
+    importer, destination = setup(archive)
+    importer.upstream.responder = capped
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (7, 0, 0)
+    assert set(destination.by_uid()) == {i.uid for i in instances}
+    assert [r.url.params["offset"] for r in qido_requests(importer)] == ["0", "3", "6", "7"]

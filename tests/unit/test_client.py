@@ -552,7 +552,7 @@ def study(n: int) -> dict[str, Any]:
     return {"0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]}}
 
 
-def test_qido_pages_until_short_page() -> None:
+def test_qido_pages_until_empty_page() -> None:
     all_items = [study(n) for n in range(5)]
     requests: list[httpx.Request] = []
     items = run_with_client(
@@ -564,6 +564,7 @@ def test_qido_pages_until_short_page() -> None:
         ("2", "0"),
         ("2", "2"),
         ("2", "4"),
+        ("2", "5"),
     ]
     assert all(r.url.params["PatientID"] == "P1" for r in requests)
 
@@ -588,7 +589,7 @@ def test_qido_more_than_java_limit_not_truncated() -> None:
     )
     assert len(items) == 5001
     assert items[-1] == study(5000)
-    assert len(requests) == 6
+    assert len(requests) == 7
 
 
 def test_qido_204_means_no_results() -> None:
@@ -617,11 +618,11 @@ def test_qido_retries_transient_then_pages() -> None:
         requests.append(request)
         if len(requests) == 1:
             return httpx.Response(503)
-        return httpx.Response(200, json=[study(1)])
+        return httpx.Response(200, json=[study(1)] if request.url.params["offset"] == "0" else [])
 
     items = run_with_client(handler, lambda c: collect_qido(c, f"{ROOT}/studies", []))
     assert items == [study(1)]
-    assert len(requests) == 2
+    assert len(requests) == 3
 
 
 @pytest.mark.parametrize(

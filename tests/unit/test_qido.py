@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
+import httpx
 import pytest
 from pydicom import Dataset, config
 from pydicom.dataelem import DataElement
@@ -13,6 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
 
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.qido import (
     IdentifierError,
     QidoQuery,
@@ -23,7 +26,7 @@ from dicom_adapter.dicomweb.qido import (
     patient_key,
     shape_response,
 )
-from dicom_adapter.errors import InvalidDatasetError
+from dicom_adapter.errors import InvalidDatasetError, UpstreamError
 from dicom_adapter.status import Status
 
 STUDY_UID = "1.2.840.10008.99.1"
@@ -903,3 +906,85 @@ def test_patient_key_dedups_studies() -> None:
     ]
     keys = list(dict.fromkeys(patient_key(s) for s in studies))
     assert keys == [("P1", "A"), ("P1", "B"), ("P2", "A")]
+
+
+# ------------------------------------------------------------------ QIDO paging (client.qido)
+
+
+def paged_upstream(
+    total: int,
+    requests: list[httpx.Request],
+    *,
+    cap: int | None = None,
+    ignores_offset: bool = False,
+    ignores_limit: bool = False,
+) -> httpx.MockTransport:
+    """A QIDO server over `total` studies that may cap `limit` or ignore offset and limit."""
+    items = [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]}} for n in range(total)]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        limit = total if ignores_limit else int(request.url.params["limit"])
+        if cap is not None:
+            limit = min(limit, cap)
+        offset = 0 if ignores_offset else int(request.url.params["offset"])
+        return httpx.Response(200, json=items[offset : offset + limit])
+
+    return httpx.MockTransport(handle)
+
+
+def list_studies(transport: httpx.MockTransport, page_size: int) -> list[str]:
+    """Study UIDs the client lists from the transport's server."""
+
+    async def main() -> list[str]:
+        async with make_http_client(timeout=5.0, transport=transport) as http:
+            client = DicomwebClient(http, RetryPolicy(deadline=1.0))
+            pages = client.qido("http://qido.test/studies", [], page_size=page_size)
+            return [item["0020000D"]["Value"][0] async for item in pages]
+
+    return asyncio.run(main())
+
+
+def uids(numbers: range) -> list[str]:
+    return [f"1.2.3.{n}" for n in numbers]
+
+
+def offsets(requests: list[httpx.Request]) -> list[str]:
+    return [r.url.params["offset"] for r in requests]
+
+
+def test_server_capping_limit_below_ours_is_paged_to_the_end() -> None:
+    requests: list[httpx.Request] = []
+    assert list_studies(paged_upstream(10, requests, cap=3), page_size=1000) == uids(range(10))
+    assert offsets(requests) == ["0", "3", "6", "9", "10"]  # stops at the empty page
+
+
+@pytest.mark.parametrize(
+    ("total", "page_size", "pages"), [(0, 1000, 1), (1, 1000, 1), (2500, 1000, 3), (2000, 1000, 2)]
+)
+def test_paging_costs_at_most_one_extra_request(total: int, page_size: int, pages: int) -> None:
+    requests: list[httpx.Request] = []
+    assert list_studies(paged_upstream(total, requests), page_size) == uids(range(total))
+    assert len(requests) <= pages + 1
+
+
+def test_server_ignoring_offset_and_limit_is_listed_once() -> None:
+    requests: list[httpx.Request] = []
+    transport = paged_upstream(5, requests, ignores_offset=True, ignores_limit=True)
+    assert list_studies(transport, page_size=2) == uids(range(5))
+    assert len(requests) == 2  # the repeated page ends paging, it is not yielded again
+
+
+def test_server_ignoring_offset_with_fewer_results_than_limit_is_complete() -> None:
+    requests: list[httpx.Request] = []
+    transport = paged_upstream(5, requests, ignores_offset=True)
+    assert list_studies(transport, page_size=1000) == uids(range(5))
+    assert len(requests) == 2
+
+
+def test_server_ignoring_offset_beyond_one_full_page_is_an_error_not_a_loop() -> None:
+    requests: list[httpx.Request] = []
+    transport = paged_upstream(50, requests, ignores_offset=True)
+    with pytest.raises(UpstreamError, match="ignores offset"):
+        list_studies(transport, page_size=10)
+    assert len(requests) == 2

@@ -242,8 +242,17 @@ class DicomwebClient:
     async def qido(
         self, url: str, params: Sequence[tuple[str, str]], *, page_size: int = 1000
     ) -> AsyncIterator[dict[str, Any]]:
-        """QIDO-RS, paging with limit/offset until the server returns a short or empty page."""
+        """QIDO-RS, paging with limit/offset until the server returns an empty page.
+
+        A short page does not end the listing: a server may cap `limit` below ours, so only an
+        empty page (or 204) does, at the cost of one extra request per query. A server that
+        ignores `offset` answers the same page again; that repeat is never yielded twice: it
+        ends the listing when the page is not exactly `page_size` long (the server gave us all
+        it has, ignoring our limit or holding fewer), else it is an UpstreamError, because the
+        results beyond the first page cannot be reached and a success would truncate silently.
+        """
         offset = 0
+        previous: list[str] | None = None
         while True:
             page_params = [*params, ("limit", str(page_size)), ("offset", str(offset))]
             full_url = f"{url}?{query_string(page_params)}"
@@ -261,11 +270,21 @@ class DicomwebClient:
                 raise UpstreamError("QIDO-RS: response is not JSON") from exc
             if not isinstance(page, list):
                 raise UpstreamError("QIDO-RS: response is not a JSON array")
+            if not page:
+                return
+            canonical = sorted(json.dumps(item, sort_keys=True) for item in page)
+            if canonical == previous:
+                if len(page) == page_size:
+                    raise UpstreamError(
+                        f"QIDO-RS: server ignores offset; results past the first {page_size}"
+                        " cannot be listed"
+                    )
+                logger.warning("QIDO-RS: server ignores offset; its repeated page ends paging")
+                return
+            previous = canonical
             for item in page:
                 if isinstance(item, dict):
                     yield item
-            if len(page) < page_size:
-                return
             offset += len(page)
 
     async def wado_events(
