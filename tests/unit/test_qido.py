@@ -22,8 +22,13 @@ from dicom_adapter.dicomweb.qido import (
     QueryLevel,
     QueryRoot,
     build_queries,
+    count_of,
     dataset_from_json,
+    lists_whole_patients,
+    path_uid,
     patient_key,
+    requested_counts,
+    set_count,
     shape_response,
 )
 from dicom_adapter.errors import InvalidDatasetError, UpstreamError
@@ -988,3 +993,67 @@ def test_server_ignoring_offset_beyond_one_full_page_is_an_error_not_a_loop() ->
     with pytest.raises(UpstreamError, match="ignores offset"):
         list_studies(transport, page_size=10)
     assert len(requests) == 2
+
+
+# ------------------------------------------------------------------ Number-of-related counts
+
+
+def test_requested_counts_are_those_of_the_query_level() -> None:
+    ident = identifier(
+        "PATIENT",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedInstances="",
+        NumberOfStudyRelatedSeries="",
+    )
+    assert requested_counts(ident, QueryLevel.PATIENT) == {0x00201200, 0x00201204}
+    assert requested_counts(ident, QueryLevel.STUDY) == {0x00201206}
+    assert requested_counts(ident, QueryLevel.IMAGE) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        ({"vr": "IS", "Value": [7]}, 7),
+        ({"vr": "IS", "Value": ["12 "]}, 12),
+        ({"vr": "IS", "Value": [0]}, 0),
+        ({"vr": "IS"}, None),
+        ({"vr": "IS", "Value": [-1]}, None),
+        ({"vr": "IS", "Value": [1, 2]}, None),
+        ({"vr": "IS", "Value": ["many"]}, None),
+    ],
+)
+def test_count_of_reads_qido_counts(body: dict[str, Any], count: int | None) -> None:
+    assert count_of(dataset_from_json({"00201208": body}), 0x00201208) == count
+
+
+def test_set_count_is_answered_as_is() -> None:
+    result = dataset_from_json({"00100020": {"vr": "LO", "Value": ["P1"]}})
+    set_count(result, 0x00201200, 2)
+    answer = shape_response(
+        result, identifier("PATIENT", NumberOfPatientRelatedStudies=""), QueryLevel.PATIENT
+    )
+    assert answer["NumberOfPatientRelatedStudies"].VR == "IS"
+    assert answer.NumberOfPatientRelatedStudies == 2
+
+
+@pytest.mark.parametrize(
+    ("keys", "whole"),
+    [
+        ({"PatientID": "P*", "PatientName": ""}, True),
+        ({"PatientID": "P1", "IssuerOfPatientID": "HOSP"}, True),
+        ({"PatientName": "Doe^*"}, False),
+        ({"PatientID": "P1", "PatientBirthDate": "19700101"}, False),
+    ],
+)
+def test_lists_whole_patients_only_when_matching_on_identity(
+    keys: dict[str, str], whole: bool
+) -> None:
+    (query,) = build_queries(identifier("PATIENT", **keys), QueryRoot.PATIENT, fuzzy=True)
+    assert lists_whole_patients(query) is whole
+
+
+def test_path_uid_refuses_what_cannot_go_in_a_path() -> None:
+    assert path_uid("1.2.3 ") == "1.2.3"
+    assert path_uid("1.2/../3") is None
+    assert path_uid(None) is None
+    assert path_uid("1." + "2" * 70) is None
