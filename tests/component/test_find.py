@@ -189,6 +189,8 @@ def archive(*, gives_counts: bool) -> Callable[[httpx.Request], httpx.Response]:
                 items += [
                     {"00080018": {"vr": "UI", "Value": [f"{row[3]}.{n}"]}} for n in range(row[4])
                 ]
+        if "00100021" in params.get_list("includefield"):  # every patient has an issuer
+            items = [item | {"00100021": {"vr": "LO", "Value": ["HOSP"]}} for item in items]
         offset, limit = int(params["offset"]), min(2, int(params["limit"]))  # capped pages
         return httpx.Response(200, json=items[offset : offset + limit])
 
@@ -250,12 +252,14 @@ def test_patient_counts_come_from_the_listing_without_a_request_per_patient(
     assert len(importer.upstream.requests) == 3  # 4 studies, 2 a page, then the empty page
 
 
+@pytest.mark.parametrize("issuer", [False, True], ids=["id", "id-and-issuer"])
 def test_patient_counts_when_matching_on_more_than_identity_are_looked_up_per_patient(
-    start_importer: Callable[..., RunningImporter],
+    start_importer: Callable[..., RunningImporter], issuer: bool
 ) -> None:
     importer = start_importer()
     importer.upstream.responder = archive(gives_counts=True)
-    answers = c_find(importer, patient_query(PatientName="Doe^*", PatientID=""), PATIENT_ROOT_FIND)
+    keys = {"PatientName": "Doe^*", "PatientID": ""} | ({"IssuerOfPatientID": ""} if issuer else {})
+    answers = c_find(importer, patient_query(**keys), PATIENT_ROOT_FIND)
     assert patient_counts(answers) == {"P1": PATIENT_COUNTS["P1"], "P3": PATIENT_COUNTS["P3"]}
 
 

@@ -43,10 +43,11 @@ _UNIQUE_KEY = {
     QueryLevel.SERIES: "SeriesInstanceUID",
     QueryLevel.IMAGE: "SOPInstanceUID",
 }
-# Counting where QIDO gives no count costs one QIDO listing per answer (per patient when a
-# PATIENT query matches on more than patient identity; per study or series when the server
-# omits NumberOfStudyRelated*/NumberOfSeriesRelatedInstances). At most this many such
-# listings per C-FIND; past it, the counts of further answers are left empty (one WARNING).
+# Counting where QIDO gives no count costs QIDO listings per answer: one per patient when a
+# PATIENT query matches on more than patient identity; one per study or series (two for a
+# study whose series carry no instance count) when the server omits NumberOfStudyRelated* /
+# NumberOfSeriesRelatedInstances. At most this many answers per C-FIND are counted that way;
+# past it, the counts of further answers are left empty (one WARNING).
 MAX_COUNT_LOOKUPS = 100
 _PATIENT_COUNTS = frozenset(
     {
@@ -141,20 +142,20 @@ class _FindRun:
         uid = path_uid(study_uid)
         if uid is None or not self.lookup_allowed():
             return None
-        series = [
-            r
-            async for r in self.results(
-                f"studies/{uid}/series",
-                [("includefield", f"{NUMBER_OF_SERIES_RELATED_INSTANCES:08X}")],
-            )
-        ]
-        per_series = [count_of(r, NUMBER_OF_SERIES_RELATED_INSTANCES) for r in series]
-        known = [n for n in per_series if n is not None]
-        if len(known) == len(per_series):
-            return len(series), sum(known)
+        series = 0
+        per_series: int | None = 0  # None once a series comes without its instance count
+        async for result in self.results(
+            f"studies/{uid}/series",
+            [("includefield", f"{NUMBER_OF_SERIES_RELATED_INSTANCES:08X}")],
+        ):
+            series += 1
+            count = count_of(result, NUMBER_OF_SERIES_RELATED_INSTANCES)
+            per_series = None if per_series is None or count is None else per_series + count
+        if per_series is not None:
+            return series, per_series
         if not instances:
-            return len(series), 0
-        return len(series), await self.count(f"studies/{uid}/instances")
+            return series, 0
+        return series, await self.count(f"studies/{uid}/instances")
 
     async def add_study(self, tally: _Tally, study: Dataset, counts: frozenset[int]) -> None:
         """Count one study of a patient, with its series and instances when those are asked."""
@@ -179,19 +180,17 @@ class _FindRun:
         if not patient_id or not self.lookup_allowed():
             return None
         params = [("PatientID", patient_id)]
-        if issuer:
-            params.append(("IssuerOfPatientID", issuer))
+        if issuer:  # else the answer merged every issuer of this ID, and so does the count
+            params += [("IssuerOfPatientID", issuer), ("includefield", "00100021")]
         params += [
             ("includefield", f"{tag:08X}")
-            for tag in (
-                0x00100021,
-                NUMBER_OF_STUDY_RELATED_SERIES,
-                NUMBER_OF_STUDY_RELATED_INSTANCES,
-            )
+            for tag in (NUMBER_OF_STUDY_RELATED_SERIES, NUMBER_OF_STUDY_RELATED_INSTANCES)
         ]
         tally = _Tally()
         async for study in self.results("studies", params):
-            if patient_key(study) == key:  # an ID with * or ? matches more than this patient
+            found_id, found_issuer = patient_key(study)
+            # an ID with * or ? matches more than this patient: keep only this one's studies
+            if found_id == patient_id and (not issuer or found_issuer == issuer):
                 await self.add_study(tally, study, counts)
         return tally if tally.studies else None
 
