@@ -49,13 +49,6 @@ _UNIQUE_KEY = {
 # NumberOfSeriesRelatedInstances. At most this many answers per C-FIND are counted that way;
 # past it, the counts of further answers are left empty (one WARNING).
 MAX_COUNT_LOOKUPS = 100
-_PATIENT_COUNTS = frozenset(
-    {
-        NUMBER_OF_PATIENT_RELATED_STUDIES,
-        NUMBER_OF_PATIENT_RELATED_SERIES,
-        NUMBER_OF_PATIENT_RELATED_INSTANCES,
-    }
-)
 _STUDY_COUNTS = (NUMBER_OF_STUDY_RELATED_SERIES, NUMBER_OF_STUDY_RELATED_INSTANCES)
 PatientKey = tuple[str, str]
 
