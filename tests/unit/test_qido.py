@@ -1057,3 +1057,18 @@ def test_path_uid_refuses_what_cannot_go_in_a_path() -> None:
     assert path_uid("1.2/../3") is None
     assert path_uid(None) is None
     assert path_uid("1." + "2" * 70) is None
+
+
+def test_patient_counts_ask_qido_for_the_study_counts_instead() -> None:
+    ident = identifier(
+        "PATIENT",
+        PatientID="P*",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedInstances="",
+        NumberOfStudyRelatedSeries="",
+    )
+    assert one(ident, QueryRoot.PATIENT).params == (
+        ("PatientID", "P*"),
+        ("includefield", "00201206"),
+        ("includefield", "00201208"),
+    )

@@ -37,6 +37,14 @@ NUMBER_OF_PATIENT_RELATED_INSTANCES = 0x00201204
 NUMBER_OF_STUDY_RELATED_SERIES = 0x00201206
 NUMBER_OF_STUDY_RELATED_INSTANCES = 0x00201208
 NUMBER_OF_SERIES_RELATED_INSTANCES = 0x00201209
+_PATIENT_COUNT_TAGS = frozenset(
+    {
+        NUMBER_OF_PATIENT_RELATED_STUDIES,
+        NUMBER_OF_PATIENT_RELATED_SERIES,
+        NUMBER_OF_PATIENT_RELATED_INSTANCES,
+    }
+)
+_STUDY_COUNT_TAGS = (NUMBER_OF_STUDY_RELATED_SERIES, NUMBER_OF_STUDY_RELATED_INSTANCES)
 
 _NEVER_SENT = frozenset({QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET})
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -165,6 +173,10 @@ def build_queries(identifier: Dataset, root: QueryRoot, *, fuzzy: bool = False) 
         if tag in _NEVER_SENT:
             continue
         name = _param_name(tag)
+        if level is QueryLevel.PATIENT and tag in _PATIENT_COUNT_TAGS:
+            # no patient resource to give them: counted from the studies' own counts instead
+            includes += [("includefield", f"{study:08X}") for study in _STUDY_COUNT_TAGS]
+            continue
         values = [] if elem.VR == "SQ" else _values(elem)
         if not values or values == ["*"]:  # a lone "*" is universal matching (PS3.4 C.2.2.2.4)
             includes.append(("includefield", f"{tag:08X}"))
@@ -182,6 +194,7 @@ def build_queries(identifier: Dataset, root: QueryRoot, *, fuzzy: bool = False) 
         else:
             raise IdentifierError(f"{name}: multiple values can only be matched for UIDs")
 
+    includes = list(dict.fromkeys(includes))
     path, in_path = _path(level, unique)
     matches = [m for m in matches if m[0] not in in_path]
     if modality_index is not None:
