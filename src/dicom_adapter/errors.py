@@ -42,6 +42,10 @@ class UpstreamUnavailableError(UpstreamError):
     retryable = True
 
 
+class UpstreamNotFoundError(UpstreamError):
+    """The DICOMweb server has no such resource (HTTP 404 or 410)."""
+
+
 class UpstreamAuthError(UpstreamError):
     """The DICOMweb server refused our credentials, or we could not obtain any."""
 
