@@ -39,9 +39,12 @@ class CircuitBreaker:
     outage costs one probe per interval, not one download and one attempt per message.
     """
 
-    def __init__(self, probe: Probe, interval: float) -> None:
+    def __init__(
+        self, probe: Probe, interval: float, *, on_change: Callable[[float], None] | None = None
+    ) -> None:
         self._probe = probe
         self._interval = interval
+        self._on_change = on_change or (lambda is_open: None)
         self._closed = asyncio.Event()
         self._closed.set()
         self._prober: asyncio.Task[None] | None = None
@@ -58,6 +61,7 @@ class CircuitBreaker:
         if self.is_open:
             return
         self._closed.clear()
+        self._on_change(1)
         self._opened_at = time.monotonic()
         self.openings += 1
         logger.warning(
@@ -81,6 +85,7 @@ class CircuitBreaker:
                 continue
             break
         self._closed.set()
+        self._on_change(0)
         logger.info(
             "the sink is reachable again after %.1f s (%d probes); resuming exports",
             time.monotonic() - self._opened_at,

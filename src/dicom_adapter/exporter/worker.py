@@ -78,7 +78,9 @@ class ExportWorker:
         self._nack_permanent = nack_permanent_failures
         self._metrics = metrics or ExportMetrics(MetricsRegistry())
         self._backoff = backoff or Backoff()
-        self.breaker = CircuitBreaker(sink.probe, probe_interval)
+        self.breaker = CircuitBreaker(
+            sink.probe, probe_interval, on_change=self._metrics.breaker_open.set
+        )
         self._stopping = asyncio.Event()
         self._failures: OrderedDict[str, int] = OrderedDict()  # message id -> failed deliveries
         self.exported = 0
@@ -123,6 +125,7 @@ class ExportWorker:
                 logger.info("the sink is still unreachable; nacking the message", extra=extra)
                 return Outcome.NACK
             self.attempts += 1
+            self._metrics.attempts.inc()
             try:
                 delivered = await self._export(data)
             except SinkUnavailable as exc:
