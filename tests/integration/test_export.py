@@ -6,6 +6,7 @@ with PUBSUB_EMULATOR_HOST; sinks are DCMTK's storescp (C-STORE) and a second Ort
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -257,6 +258,51 @@ def test_sink_outage_causes_no_retry_storm(
     assert len(warnings) == 1 and "unreachable" in warnings[0]["message"], warnings
     assert len([r for r in records if "reachable again" in r["message"]]) == 1
     assert metrics["dicomadapter_export_breaker_open"] == 0
+
+
+def test_transient_failure_backs_off_and_ends_in_the_dead_letter_topic(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    """Issue 8 point 8: a peer that keeps failing one instance (it aborts after the C-STORE-RQ)
+    is not acked; each delivery is held for a growing backoff, then nacked, and the README's
+    dead-letter policy (here 5 attempts) moves the message to the dead-letter topic."""
+    dead_letter_topic = f"projects/{PROJECT}/topics/dead-letter"
+    pubsub.create_topic(dead_letter_topic)
+    dead_letters = f"projects/{PROJECT}/subscriptions/dead-letters"
+    pubsub.create_subscription(dead_letters, dead_letter_topic)
+    sub = f"projects/{PROJECT}/subscriptions/dead-lettered"
+    pubsub.create_subscription(
+        sub, TOPIC, dead_letter_topic=dead_letter_topic, max_delivery_attempts=5
+    )
+    initial = 0.2
+    with (
+        StoreSCP(tmp_path / "scp", aet=SCP_AET, options=["--abort-after"]) as scp,
+        Exporter(
+            tmp_path / "export.log",
+            [
+                *exporter_args(orthanc, sub, *cstore_sink(scp.port)),
+                f"--retry_backoff_initial={initial}",
+            ],
+            pubsub.host,
+        ) as exporter,
+    ):
+        (message,) = publish(pubsub, source, source.uids[:1])
+        pubsub.wait_until(
+            lambda: pubsub.dead_lettered(sub) == {message}, DELIVERY_TIMEOUT, "dead-lettered"
+        )
+        assert exporter.stop() == 0
+        records = exporter.log_records()
+    assert pubsub.acked(sub) == set()
+    assert pubsub.outstanding(dead_letters) == 1
+    times = pubsub.delivery_times(message)
+    assert len(times) == 5
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    for attempt, gap in enumerate(gaps, start=1):  # held for [b/2, b], b = initial·2^(n-1)
+        assert gap >= initial * 2 ** (attempt - 1) / 2, gaps
+    retries = [r for r in records if "retrying in" in r["message"]]
+    assert len(retries) == 5
+    assert all(r.get("message_id") == message and r["severity"] == "WARNING" for r in retries)
+    assert not [r for r in records if r.get("severity") == "ERROR"]
 
 
 def test_stow_sink(orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path) -> None:
