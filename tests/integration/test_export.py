@@ -260,6 +260,30 @@ def test_sink_outage_causes_no_retry_storm(
     assert metrics["dicomadapter_export_breaker_open"] == 0
 
 
+def test_sigterm_during_an_outage_is_prompt(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    """Messages held for an unreachable sink are nacked at once on SIGTERM, not after the
+    grace period (20 s here): nothing acked, exit 0."""
+    sub = subscription(pubsub, "outage-sigterm")
+    with Exporter(
+        tmp_path / "export.log",
+        exporter_args(orthanc, sub, *cstore_sink(free_port())),
+        pubsub.host,
+    ) as exporter:
+        sent = publish(pubsub, source, source.uids[:5])
+        pubsub.wait_until(
+            lambda: "unreachable" in exporter.log_text(), DELIVERY_TIMEOUT, "the breaker open"
+        )
+        started = time.monotonic()
+        assert exporter.stop() == 0
+        took = time.monotonic() - started
+    print(f"SIGTERM during the outage: stopped in {took:.1f} s")
+    assert took < 10.0
+    assert pubsub.acked(sub) == set()
+    assert pubsub.outstanding(sub) == len(sent)
+
+
 def test_transient_failure_backs_off_and_ends_in_the_dead_letter_topic(
     orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
 ) -> None:

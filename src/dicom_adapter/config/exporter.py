@@ -71,8 +71,9 @@ class ExporterSettings(CommonSettings):
     )
     nack_permanent_failures: bool = new_flag(
         False,
-        "Nack messages that can never succeed (malformed, source 404) instead of acking them; "
-        "pair with a dead-letter topic.",
+        "Nack messages that can never succeed (malformed, source 404/410, "
+        "--permanent_cstore_statuses) after the retry backoff instead of acking them; pair "
+        "with a dead-letter topic.",
     )
     metrics_port: int = new_flag(9091, METRICS_PORT_HELP)
     retry_backoff_initial: float = new_flag(
