@@ -34,16 +34,14 @@ class InvalidDatasetError(AdapterError):
 class UpstreamError(AdapterError):
     """The DICOMweb server answered with a failure."""
 
+    http_status: int = 0  # the HTTP status of that answer, when it was one (e.g. 404)
+
 
 class UpstreamUnavailableError(UpstreamError):
     """The DICOMweb server is unreachable, overloaded or timed out (after retries)."""
 
     status = Status.OUT_OF_RESOURCES
     retryable = True
-
-
-class UpstreamNotFoundError(UpstreamError):
-    """The DICOMweb server has no such resource (HTTP 404 or 410)."""
 
 
 class UpstreamAuthError(UpstreamError):

@@ -30,12 +30,7 @@ from dicom_adapter.dicomweb.instances import (
 )
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
 from dicom_adapter.dicomweb.transport import AsyncioTransport
-from dicom_adapter.errors import (
-    UpstreamAuthError,
-    UpstreamError,
-    UpstreamNotFoundError,
-    UpstreamUnavailableError,
-)
+from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
@@ -360,6 +355,6 @@ def _raise_for_status(what: str, response: httpx.Response) -> None:
         raise UpstreamAuthError(f"{what}: HTTP {code} {detail}".strip())
     if code >= 500 or code in TRANSIENT_HTTP:
         raise UpstreamUnavailableError(f"{what}: HTTP {code} {detail}".strip())
-    if code in (404, 410):
-        raise UpstreamNotFoundError(f"{what}: HTTP {code} {detail}".strip())
-    raise UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+    error = UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+    error.http_status = code  # e.g. dicom-export acks a source 404/410, retries the rest
+    raise error

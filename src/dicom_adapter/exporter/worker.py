@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance
-from dicom_adapter.errors import AdapterError, UpstreamNotFoundError
+from dicom_adapter.errors import AdapterError, UpstreamError
 from dicom_adapter.exporter.messages import MalformedMessage, instance_path
 from dicom_adapter.exporter.retry import Backoff, CircuitBreaker
 from dicom_adapter.exporter.sinks import (
@@ -27,6 +27,7 @@ from dicom_adapter.observability.metrics import ExportMetrics, MetricsRegistry
 
 logger = logging.getLogger(__name__)
 
+SOURCE_GONE = frozenset({404, 410})  # WADO-RS statuses that mean the instance will never come
 MAX_TRACKED_MESSAGES = 10_000  # failed-delivery counts kept for messages without delivery_attempt
 
 
@@ -133,8 +134,12 @@ class ExportWorker:
                 self.breaker.trip(exc)
                 logger.debug("sink unreachable: %s", exc, extra=extra)
                 continue
-            except (MalformedMessage, PermanentFailure, UpstreamNotFoundError) as exc:
+            except (MalformedMessage, PermanentFailure) as exc:
                 return await self._permanent(message_id, delivery_attempt, exc)
+            except UpstreamError as exc:
+                if exc.http_status in SOURCE_GONE:
+                    return await self._permanent(message_id, delivery_attempt, exc)
+                return await self._transient(message_id, delivery_attempt, exc)
             except AdapterError as exc:  # TransientFailure, every other upstream error
                 return await self._transient(message_id, delivery_attempt, exc)
             except Exception as exc:
