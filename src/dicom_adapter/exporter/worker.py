@@ -160,7 +160,9 @@ class ExportWorker:
         closed = asyncio.ensure_future(self.breaker.wait_closed())
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({closed, stopping}, timeout=timeout, return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                {closed, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             closed.cancel()
             stopping.cancel()
