@@ -208,11 +208,17 @@ def test_sink_outage_causes_no_retry_storm(
 ) -> None:
     """Issue 8 point 7: 20 messages during a sink outage, default backoff and probe interval.
 
-    At most 5 attempts each (Pub/Sub deliveries; attempts in all at most 2 per message),
+    The subscription has a dead-letter policy of 5 attempts, none is dead-lettered; at most 5
+    attempts each (Pub/Sub deliveries; attempts in all at most 2 per message),
     under 10 % CPU during the outage, one WARNING when the breaker opens and one INFO when
     it closes, and all delivered within 10 s of the sink coming back.
     """
-    sub = subscription(pubsub, "outage")
+    dead_letter_topic = f"projects/{PROJECT}/topics/outage-dead-letter"
+    pubsub.create_topic(dead_letter_topic)
+    sub = f"projects/{PROJECT}/subscriptions/outage"  # with the README's dead-letter policy
+    pubsub.create_subscription(
+        sub, TOPIC, dead_letter_topic=dead_letter_topic, max_delivery_attempts=5
+    )
     port = free_port()
     with Exporter(
         tmp_path / "export.log", exporter_args(orthanc, sub, *cstore_sink(port)), pubsub.host
@@ -249,6 +255,7 @@ def test_sink_outage_causes_no_retry_storm(
         "the sink came back"
     )
     assert max(deliveries.values()) <= 5, deliveries
+    assert pubsub.dead_lettered(sub) == set(), "an outage must not dead-letter messages"
     assert attempts <= 2 * len(sent)
     assert cpu < 0.10
     assert recovery <= 10.0
