@@ -590,3 +590,44 @@ def test_stow_probe_connection_error_is_unavailable() -> None:
 
     with pytest.raises(SinkUnavailable, match="ConnectError"):
         stow_with(handler)
+
+
+def instance_json(uid: str, sop_class: str) -> dict[str, object]:
+    return {
+        "00080018": {"vr": "UI", "Value": [uid]},
+        "00080016": {"vr": "UI", "Value": [sop_class]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("stow_code", "stow_body", "qido", "stored"),
+    [
+        (409, {}, [instance_json("1.2.3.1", CT)], True),
+        (409, stow_failure("1.2.3.1", 0x0111), [instance_json("1.2.3.1", CT)], True),
+        (200, stow_failure("1.2.3.1", 0x0111), [instance_json("1.2.3.1", CT)], True),
+        (409, {}, [], False),
+        (409, {}, [instance_json("1.2.3.1", MR)], False),  # another SOP class: not ours
+    ],
+)
+def test_stow_duplicate_is_stored_when_the_instance_is_there(
+    stow_code: int, stow_body: dict[str, object], qido: list[object], stored: bool
+) -> None:
+    """A redelivered message whose first ack was lost: 409/0x0111, and QIDO finds it."""
+    queries: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(stow_code, json=stow_body)
+        queries.append(request)
+        return httpx.Response(200, json=qido)
+
+    instance = fetched(CT, "1.2.3.1", EXPLICIT_VR_LE)
+    if stored:
+        stow_with(handler, instance)
+    else:
+        with pytest.raises(TransientFailure) as caught:
+            stow_with(handler, instance)
+        assert type(caught.value) is TransientFailure
+    (query,) = queries
+    assert query.url.path == "/dicom-web/instances"
+    assert query.url.params["SOPInstanceUID"] == "1.2.3.1"

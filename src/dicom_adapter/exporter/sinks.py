@@ -332,8 +332,10 @@ class StowSink:
 
     Permanent: a FailureReason listed as permanent, or HTTP 400 (the server cannot understand
     the instance) unless its reason says out of resources. Unreachable: connection errors,
-    timeouts, 408, 429, 5xx (after the client's own retries). Anything else (401/403, 409, a
-    200 that stored nothing) is transient for this message.
+    timeouts, 408, 429, 5xx (after the client's own retries). A 409 or FailureReason 0x0111
+    (duplicate) is a success when a QIDO finds the instance there with the same SOP class: a
+    redelivered message whose first ack was lost. Anything else (401/403, other 409s, a 200
+    that stored nothing) is transient for this message.
     """
 
     def __init__(
@@ -345,6 +347,7 @@ class StowSink:
     ) -> None:
         self._client = client
         self._url = stow_url
+        self._root = stow_url.rstrip("/").removesuffix("/studies")
         self._permanent = permanent_statuses
 
     async def send(self, instance: FetchedInstance, refetch: Refetch | None = None) -> None:
@@ -366,11 +369,27 @@ class StowSink:
         message = f"STOW-RS: HTTP {http}, status 0x{int(code):04X}"
         if _http_unavailable(http):
             raise SinkUnavailable(message)
+        if (http == 409 or code == Status.DUPLICATE_SOP_INSTANCE) and await self._already_there(
+            meta
+        ):
+            logger.info("STOW-RS: %s; the instance is already stored there", message)
+            return
         if code in self._permanent:
             raise PermanentFailure(message)
         if http == 400 and (code & 0xFF00) != Status.OUT_OF_RESOURCES:
             raise PermanentFailure(message)
         raise TransientFailure(message)
+
+    async def _already_there(self, meta: FileMeta) -> bool:
+        """True when QIDO finds this SOP Instance UID with the same SOP class at the sink."""
+        params = [("SOPInstanceUID", meta.sop_instance_uid), ("includefield", "00080016")]
+        try:
+            async for match in self._client.qido(f"{self._root}/instances", params, page_size=10):
+                if match.get("00080016", {}).get("Value", [None])[0] == meta.sop_class_uid:
+                    return True
+        except UpstreamError as exc:
+            logger.info("STOW-RS: could not check for a stored duplicate: %s", exc)
+        return False
 
     async def probe(self) -> None:
         """One OPTIONS request to the STOW URL: any answer but 408/429/5xx means reachable."""
