@@ -374,4 +374,6 @@ def _raise_for_status(what: str, response: httpx.Response) -> None:
         raise UpstreamAuthError(f"{what}: HTTP {code} {detail}".strip())
     if code >= 500 or code in TRANSIENT_HTTP:
         raise UpstreamUnavailableError(f"{what}: HTTP {code} {detail}".strip())
-    raise UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+    error = UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+    error.http_status = code  # e.g. dicom-export acks a source 404/410, retries the rest
+    raise error
