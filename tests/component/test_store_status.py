@@ -177,7 +177,7 @@ ROWS: list[tuple[str, Script, int]] = [
 def test_status_table_row(
     start_importer: Callable[..., RunningImporter], name: str, script: Script, expected: int
 ) -> None:
-    importer = start_importer("--upstream_retry_deadline=0.3")
+    importer = start_importer("--upstream_retry_deadline=0.3", "--http_timeout=0.2")
     ds = make_ct()
     importer.upstream.responder = script(str(ds.SOPInstanceUID))
     assert c_store(importer, ds) == expected
@@ -201,7 +201,7 @@ def answers_then_stored(
 def test_transient_failure_is_retried_then_stored(
     start_importer: Callable[..., RunningImporter],
 ) -> None:
-    importer = start_importer("--upstream_retry_deadline=10")
+    importer = start_importer("--upstream_retry_deadline=10", "--http_timeout=5")
     ds = make_ct()
     importer.upstream.responder = answers_then_stored(
         ds, [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"})]
@@ -213,7 +213,9 @@ def test_transient_failure_is_retried_then_stored(
 
 
 def test_extra_retry_code_is_retried(start_importer: Callable[..., RunningImporter]) -> None:
-    importer = start_importer("--upstream_retry_deadline=10", "--http_error_codes_to_retry=409")
+    importer = start_importer(
+        "--upstream_retry_deadline=10", "--http_timeout=5", "--http_error_codes_to_retry=409"
+    )
     ds = make_ct()
     importer.upstream.responder = answers_then_stored(ds, [httpx.Response(409)])
     assert c_store(importer, ds) == Status.SUCCESS

@@ -131,8 +131,9 @@ class ImportService:
             dicomweb_root=settings.dicomweb_root,
             overwrite=settings.stow_overwrite,
         )
-        # The handler gives up a little after the last possible upstream attempt ends.
-        store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
+        # From a data set's last byte to its C-STORE-RSP: the upstream retries end before it.
+        store_timeout = settings.cstore_answer_deadline
+        retrieve_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
         configure_pynetdicom()
         query_services = bool(settings.dicomweb_root)  # not with the deprecated STOW-only pair
         find_on = query_services and not settings.disable_cfind
@@ -176,7 +177,7 @@ class ImportService:
                 bridge,
                 retrieve_service,
                 aets,
-                timeout=store_timeout + settings.dimse_timeout,
+                timeout=retrieve_timeout + settings.dimse_timeout,
                 mover=InstanceMover(
                     retrieve_service, timeouts=sub_operation_timeouts, metrics=metrics
                 ),
