@@ -314,3 +314,85 @@ def test_dataset_without_sop_uid_gets_cannot_understand(
     finally:
         assoc.release()
     assert importer.upstream.requests == [], "an invalid dataset must not be uploaded"
+
+
+def answer_lost_then_conflict(
+    ds: Dataset, *, conflict: httpx.Response, sop_class_upstream: str | None
+) -> Callable[[httpx.Request], httpx.Response]:
+    """The first STOW is processed upstream but its answer is lost (connection reset); the
+    retry gets `conflict`; QIDO finds the instance with `sop_class_upstream` (None: absent)."""
+    posts: list[int] = []
+
+    def responder(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            if sop_class_upstream is None:
+                return httpx.Response(200, headers=JSON, content=b"[]")
+            match = {
+                "00080016": {"vr": "UI", "Value": [sop_class_upstream]},
+                "00080018": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]},
+            }
+            return httpx.Response(200, headers=JSON, content=json.dumps([match]).encode())
+        posts.append(1)
+        if len(posts) == 1:
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return conflict
+
+    return responder
+
+
+def conflict_409(ds: Dataset) -> httpx.Response:
+    return httpx.Response(409, text="instance exists")
+
+
+def conflict_0111(ds: Dataset) -> httpx.Response:
+    body = stow_json(failed=[(str(ds.SOPInstanceUID), Status.DUPLICATE_SOP_INSTANCE)])
+    return httpx.Response(409, headers=JSON, content=body)
+
+
+@pytest.mark.parametrize("conflict", [conflict_409, conflict_0111], ids=["409", "0111"])
+def test_retry_that_finds_the_instance_stored_is_success(
+    start_importer: Callable[..., RunningImporter],
+    conflict: Callable[[Dataset], httpx.Response],
+) -> None:
+    """The lost answer stored it: success, after a QIDO by UID with the SOP class."""
+    importer = start_importer("--upstream_retry_deadline=10", "--http_timeout=5")
+    ds = make_ct()
+    importer.upstream.responder = answer_lost_then_conflict(
+        ds, conflict=conflict(ds), sop_class_upstream=str(ds.SOPClassUID)
+    )
+    assert c_store(importer, ds) == Status.SUCCESS
+    query = importer.upstream.requests[-1]
+    assert query.method == "GET"
+    assert query.url.path == (
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances"
+    )
+    assert query.url.params["SOPInstanceUID"] == ds.SOPInstanceUID
+    assert query.url.params["includefield"] == "00080016"
+
+
+@pytest.mark.parametrize(
+    ("upstream_class", "expected"),
+    [(None, Status.PROCESSING_FAILURE), ("1.2.840.10008.5.1.4.1.1.7", Status.PROCESSING_FAILURE)],
+    ids=["absent", "other-sop-class"],
+)
+def test_retry_conflict_without_the_instance_upstream_is_failure(
+    start_importer: Callable[..., RunningImporter], upstream_class: str | None, expected: int
+) -> None:
+    importer = start_importer("--upstream_retry_deadline=10", "--http_timeout=5")
+    ds = make_ct()
+    importer.upstream.responder = answer_lost_then_conflict(
+        ds, conflict=conflict_409(ds), sop_class_upstream=upstream_class
+    )
+    assert c_store(importer, ds) == expected
+    assert [r.method for r in importer.upstream.requests] == ["POST", "POST", "GET"]
+
+
+def test_first_attempt_conflict_keeps_its_meaning(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    """No answer was lost: a 409 is the peer's duplicate, 0x0110, and nothing is asked."""
+    importer = start_importer()
+    ds = make_ct()
+    importer.upstream.responder = lambda r: httpx.Response(409)
+    assert c_store(importer, ds) == Status.PROCESSING_FAILURE
+    assert [r.method for r in importer.upstream.requests] == ["POST"]
