@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import socket
+import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -21,6 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import split_dataset
 
 from dicom_adapter.dicomweb.multipart import (
     MultipartParser,
@@ -29,7 +35,8 @@ from dicom_adapter.dicomweb.multipart import (
     boundary_from_content_type,
 )
 from dicom_adapter.status import Status
-from tests.component.conftest import RunningImporter
+from tests.component.conftest import Responder, RunningImporter
+from tests.rig import _c_store_command, _item, _pdu, _recv_exactly
 
 JSON = {"Content-Type": "application/dicom+json"}
 
@@ -396,3 +403,71 @@ def test_first_attempt_conflict_keeps_its_meaning(
     importer.upstream.responder = lambda r: httpx.Response(409)
     assert c_store(importer, ds) == Status.PROCESSING_FAILURE
     assert [r.method for r in importer.upstream.requests] == ["POST"]
+
+
+def store_twice_then_abort(importer: RunningImporter, path: Path) -> None:
+    """Send two whole C-STOREs over a raw socket without waiting for answers, then A-ABORT."""
+    meta = read_file_meta_info(path)
+    context = _item(
+        0x20,
+        bytes([1, 0, 0, 0])
+        + _item(0x30, str(meta.MediaStorageSOPClassUID).encode())
+        + _item(0x40, str(meta.TransferSyntaxUID).encode()),
+    )
+    associate_rq = _pdu(
+        0x01,
+        struct.pack(">HH", 1, 0)
+        + importer.aet.encode().ljust(16)
+        + b"MODALITY".ljust(16)
+        + bytes(32)
+        + _item(0x10, b"1.2.840.10008.3.1.1.1")
+        + context
+        + _item(0x50, _item(0x51, struct.pack(">I", 16384))),
+    )
+    dataset = path.read_bytes()[split_dataset(path)[1] :]
+    assert len(dataset) < 16000, "one P-DATA fragment each"
+
+    def p_data(payload: bytes, control: int) -> bytes:
+        return _pdu(0x04, struct.pack(">IBB", len(payload) + 2, 1, control) + payload)
+
+    with socket.create_connection(("127.0.0.1", importer.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(associate_rq)
+        pdu_type, _, length = struct.unpack(">BBI", _recv_exactly(sock, 6))
+        _recv_exactly(sock, length)
+        assert pdu_type == 0x02, "association not accepted"
+        command = _c_store_command(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID)
+        for _ in range(2):
+            sock.sendall(p_data(command, 0x03) + p_data(dataset, 0x02))
+        sock.sendall(_pdu(0x07, bytes(4)))  # A-ABORT
+
+
+def test_abort_after_whole_data_sets_leaves_no_early_store_nor_file(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    """Data sets that were complete but never answered: gone with their association."""
+    importer = start_importer(
+        "--http_timeout=0.5", "--upstream_retry_deadline=1", "--cstore_answer_deadline=2"
+    )
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    importer.upstream.responder = cast(Responder, hang)
+    ds = make_ct()
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    service = importer.service
+    store_twice_then_abort(importer, path)
+    spool = service.cstore_spool_dir
+    assert spool is not None
+    deadline = time.monotonic() + 10
+    while service.early_stores < 2:  # both data sets arrived whole
+        assert time.monotonic() < deadline, "the data sets never completed"
+        time.sleep(0.05)
+    while service.early_stores_pending or list(spool.iterdir()) or service.active_associations:
+        assert time.monotonic() < deadline, (
+            f"{service.early_stores_pending} early stores and {list(spool.iterdir())} left"
+        )
+        time.sleep(0.05)

@@ -30,6 +30,7 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
     Fetched,
@@ -94,9 +95,49 @@ class EarlyStores:
         with self._lock:
             return self._started.pop(path, None)
 
+    def forget(self, paths: set[Path]) -> int:
+        """The association of `paths` ended: cancel their stores, nobody awaits the answer."""
+        with self._lock:
+            dropped = [self._started.pop(path) for path in paths if path in self._started]
+        for future, _completed_at in dropped:
+            future.cancel()
+        return len(dropped)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._started)
+
+
+class AssociationCleanup:
+    """EVT_CONN_CLOSE: however the association ended, drop its unanswered stores and files.
+
+    A transfer aborted mid-data-set, or completed but never dispatched, leaves a spool file
+    open and possibly an early store; neither may outlive the association.
+    """
+
+    def __init__(self, spool: CStoreSpool, early: EarlyStores | None) -> None:
+        self._spool = spool
+        self._early = early
+
+    def __call__(self, event: Any) -> None:
+        try:
+            files = self._spool.take_files(getattr(event.assoc, "dul", None))
+            if not files:
+                return
+            cancelled = 0
+            if self._early is not None:
+                cancelled = self._early.forget({Path(str(f.name)) for f in files})
+            removed = discard(files)
+            logger.info(
+                "association ended with %d unanswered C-STORE data sets: %d spool files "
+                "removed, %d uploads cancelled",
+                len(files),
+                removed,
+                cancelled,
+                extra=association_fields(event),
+            )
+        except Exception:  # never raise in pynetdicom's thread
+            logger.exception("C-STORE spool cleanup failed")
 
 
 class CStoreHandler:
