@@ -43,7 +43,6 @@ def test_aborted_transfers_leave_no_file_and_no_descriptor(tmp_path: Path) -> No
             )
             time.sleep(0.1)
         assert echo(HOST, importer.port, importer.aet, timeout=2)
-        assert "Traceback" not in importer.log_text()
 
 
 def test_startup_sweeps_only_files_of_dead_runs(tmp_path: Path) -> None:
