@@ -436,7 +436,8 @@ def test_connection_errors_exhaust_deadline(tmp_path: Path) -> None:
 
 
 def test_hung_attempt_is_cut_off_at_the_deadline(tmp_path: Path) -> None:
-    """A request that never answers ends with the retry deadline, not the HTTP timeout (10 s)."""
+    """Under one_deadline(), a request that never answers ends with the retry deadline, not
+    the HTTP timeout (10 s)."""
     path = write_file(tmp_path, "a.dcm", b"x")
     attempts: list[int] = []
 
@@ -446,7 +447,8 @@ def test_hung_attempt_is_cut_off_at_the_deadline(tmp_path: Path) -> None:
         raise AssertionError("unreachable")
 
     async def use(client: DicomwebClient) -> StowResponse:
-        return await asyncio.wait_for(client.stow(STOW_URL, [path]), 5)  # fails, never hangs
+        with client.one_deadline():
+            return await asyncio.wait_for(client.stow(STOW_URL, [path]), 5)  # fails, not hangs
 
     policy = RetryPolicy(deadline=0.3, first_delay=0.01, max_delay=0.05)
     started = time.monotonic()

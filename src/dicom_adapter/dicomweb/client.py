@@ -1,9 +1,9 @@
 """Async DICOMweb client on one pooled httpx.AsyncClient: STOW-RS, QIDO-RS, WADO-RS, DELETE.
 
 Foreign exceptions (httpx) are translated here into our error tree. Transient failures are
-retried with capped exponential backoff within a deadline, honouring Retry-After; every
-attempt is cut off at that deadline, which `one_deadline()` shares between the requests of
-one operation (a C-STORE's STOW, DELETE and QIDO), so the operation ends by it.
+retried with capped exponential backoff within a deadline, honouring Retry-After. Under
+`one_deadline()` (a C-STORE: its STOW, DELETE and QIDO) the requests share that deadline and
+every attempt is cut off at it, so the operation ends by it.
 """
 
 from __future__ import annotations
@@ -164,12 +164,14 @@ class DicomwebClient:
     ) -> tuple[httpx.Response, int]:
         """`_with_retries`, also telling how many attempts were made.
 
-        Each attempt is cut off when the deadline passes (an HTTP timeout longer than what
-        is left cannot stretch it); a credentials refresh that failed is retried too.
+        Under `one_deadline()` each attempt is cut off when the deadline passes (an HTTP
+        timeout longer than what is left cannot stretch it). Elsewhere (export, C-FIND,
+        C-MOVE) an attempt that makes progress may run past it: the deadline only decides
+        whether to retry. A credentials refresh that failed is retried too.
         """
         started = time.monotonic()
         end = started + self._retry.deadline
-        shared_end = _OPERATION_END.get()
+        shared_end = _OPERATION_END.get()  # set: the caller must answer by then
         if shared_end is not None:
             end = min(end, shared_end)
         delay = self._retry.first_delay
@@ -178,8 +180,9 @@ class DicomwebClient:
             tries += 1
             wait: float | None
             response: httpx.Response | None = None
+            cut_at = None if shared_end is None else max(0.0, end - time.monotonic())
             try:
-                async with asyncio.timeout(max(0.0, end - time.monotonic())):
+                async with asyncio.timeout(cut_at):
                     response = await attempt()
             except (httpx.TimeoutException, TimeoutError) as exc:
                 failure: Exception = exc
