@@ -113,7 +113,7 @@ def test_cancel_stops_paging_with_fe00(start_importer: Callable[..., RunningImpo
 def test_unavailable_upstream_is_out_of_resources(
     start_importer: Callable[..., RunningImporter],
 ) -> None:
-    importer = start_importer("--upstream_retry_deadline=0.3")
+    importer = start_importer("--upstream_retry_deadline=0.3", "--http_timeout=0.2")
     importer.upstream.responder = lambda r: httpx.Response(503)
     assert find(importer) == (Status.OUT_OF_RESOURCES, [])
 

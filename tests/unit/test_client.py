@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import httpx
@@ -38,6 +38,7 @@ from dicom_adapter.dicomweb.multipart import (
     parse_content_type,
     related_content_type,
 )
+from dicom_adapter.dicomweb.stow import StowResponse
 from dicom_adapter.dimse.part10 import DatasetFile
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
 from dicom_adapter.importer.store import status_for
@@ -432,6 +433,54 @@ def test_connection_errors_exhaust_deadline(tmp_path: Path) -> None:
     assert info.value.retryable is True
     assert "ConnectError" in str(info.value)
     assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+def test_hung_attempt_is_cut_off_at_the_deadline(tmp_path: Path) -> None:
+    """Under one_deadline(), a request that never answers ends with the retry deadline, not
+    the HTTP timeout (10 s)."""
+    path = write_file(tmp_path, "a.dcm", b"x")
+    attempts: list[int] = []
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def use(client: DicomwebClient) -> StowResponse:
+        with client.one_deadline():
+            return await asyncio.wait_for(client.stow(STOW_URL, [path]), 5)  # fails, not hangs
+
+    policy = RetryPolicy(deadline=0.3, first_delay=0.01, max_delay=0.05)
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailableError) as info:
+        run_with_client(cast(Handler, hang), use, policy)
+    assert time.monotonic() - started < 1.0
+    assert attempts == [1]
+    assert info.value.status == Status.OUT_OF_RESOURCES
+
+
+def test_one_deadline_is_shared_by_the_requests_of_an_operation(tmp_path: Path) -> None:
+    """Two requests under one_deadline() end by one deadline, not one each."""
+    path = write_file(tmp_path, "a.dcm", b"x")
+
+    async def use(client: DicomwebClient) -> list[int]:
+        with client.one_deadline():
+            first = await client.stow(STOW_URL, [path])
+            second = await client.stow(STOW_URL, [path])
+        return [first.http_status, second.http_status]
+
+    policy = RetryPolicy(deadline=0.4, first_delay=0.01, max_delay=0.05)
+    started = time.monotonic()
+    codes = run_with_client(lambda r: httpx.Response(503), use, policy)
+    assert codes == [503, 503]
+    assert time.monotonic() - started < 0.6
+
+
+def test_stow_reports_how_many_attempts_it_made(tmp_path: Path) -> None:
+    path = write_file(tmp_path, "a.dcm", b"x")
+    answers = [httpx.Response(503), httpx.Response(409)]
+    result = run_with_client(lambda r: answers.pop(0), lambda c: c.stow(STOW_URL, [path]))
+    assert (result.http_status, result.attempts) == (409, 2)
 
 
 def test_timeout_then_success(tmp_path: Path) -> None:

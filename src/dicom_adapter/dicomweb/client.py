@@ -1,12 +1,17 @@
 """Async DICOMweb client on one pooled httpx.AsyncClient: STOW-RS, QIDO-RS, WADO-RS, DELETE.
 
 Foreign exceptions (httpx) are translated here into our error tree. Transient failures are
-retried with capped exponential backoff within a deadline, honouring Retry-After.
+retried with capped exponential backoff within a deadline, honouring Retry-After. Under
+`one_deadline()` (a C-STORE: its STOW, DELETE and QIDO) the requests share that deadline and
+every attempt is cut off at it, so the operation ends by it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import dataclasses
 import email.utils
 import json
 import logging
@@ -14,7 +19,7 @@ import random
 import socket
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,11 @@ QIDO_SAFE = "^*?,-.:_~"
 TRANSIENT_HTTP = frozenset({408, 429})
 DICOM_JSON = "application/dicom+json"
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+# time.monotonic() by which every request of the current operation ends, retries included
+_OPERATION_END: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "dicomweb_operation_end", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -130,29 +140,61 @@ class DicomwebClient:
         """The pooled HTTP client."""
         return self._http
 
+    @contextlib.contextmanager
+    def one_deadline(self) -> Iterator[None]:
+        """Requests made inside share one retry deadline, starting now (nested: the outer one)."""
+        if _OPERATION_END.get() is not None:
+            yield
+            return
+        token = _OPERATION_END.set(time.monotonic() + self._retry.deadline)
+        try:
+            yield
+        finally:
+            _OPERATION_END.reset(token)
+
     async def _with_retries(
         self, what: str, attempt: Callable[[], Awaitable[httpx.Response]]
     ) -> httpx.Response:
         """Run `attempt` until it gives a non-transient answer or the deadline passes."""
+        response, _tries = await self._attempts(what, attempt)
+        return response
+
+    async def _attempts(
+        self, what: str, attempt: Callable[[], Awaitable[httpx.Response]]
+    ) -> tuple[httpx.Response, int]:
+        """`_with_retries`, also telling how many attempts were made.
+
+        Under `one_deadline()` each attempt is cut off when the deadline passes (an HTTP
+        timeout longer than what is left cannot stretch it). Elsewhere (export, C-FIND,
+        C-MOVE) an attempt that makes progress may run past it: the deadline only decides
+        whether to retry. A credentials refresh that failed is retried too.
+        """
         started = time.monotonic()
+        end = started + self._retry.deadline
+        shared_end = _OPERATION_END.get()  # set: the caller must answer by then
+        if shared_end is not None:
+            end = min(end, shared_end)
         delay = self._retry.first_delay
         tries = 0
         while True:
             tries += 1
             wait: float | None
+            response: httpx.Response | None = None
+            cut_at = None if shared_end is None else max(0.0, end - time.monotonic())
             try:
-                response = await attempt()
-            except httpx.TimeoutException as exc:
+                async with asyncio.timeout(cut_at):
+                    response = await attempt()
+            except (httpx.TimeoutException, TimeoutError) as exc:
                 failure: Exception = exc
-                response = None
             except httpx.TransportError as exc:
                 failure = exc
-                response = None
+            except UpstreamUnavailableError as exc:  # from the auth flow: token refresh failed
+                failure = exc
             except httpx.InvalidURL as exc:
                 raise UpstreamError(f"{what}: invalid URL: {exc}") from exc
             if response is not None:
                 if not self._retry.is_transient(response.status_code):
-                    return response
+                    return response, tries
                 wait = _retry_after(response)
                 reason = f"HTTP {response.status_code}"
             else:
@@ -165,13 +207,13 @@ class DicomwebClient:
             if wait is None:
                 wait = delay * (0.5 + random.random() / 2)
                 delay = min(delay * 2, self._retry.max_delay)
-            elapsed = time.monotonic() - started
-            if elapsed + wait > self._retry.deadline:
+            now = time.monotonic()
+            if now + wait >= end:
                 logger.warning(
-                    "%s failed after %d tries in %.1f s: %s", what, tries, elapsed, reason
+                    "%s failed after %d tries in %.1f s: %s", what, tries, now - started, reason
                 )
                 if response is not None:
-                    return response
+                    return response, tries
                 raise UpstreamUnavailableError(
                     f"{what}: {reason} (after {tries} tries)"
                 ) from failure
@@ -216,14 +258,18 @@ class DicomwebClient:
 
         async def attempt() -> httpx.Response:
             request = self._http.build_request("POST", url, headers=headers, content=body())
-            response = await self._http.send(request)
-            await response.aread()
+            response = await self._http.send(request, stream=True)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()  # also when cut off mid-body: frees the connection
             return response
 
-        response = await self._with_retries("STOW-RS", attempt)
+        response, tries = await self._attempts("STOW-RS", attempt)
         result = parse_stow_response(
             response.status_code, response.headers.get("Content-Type", ""), response.content
         )
+        result = dataclasses.replace(result, attempts=tries)
         if response.status_code >= 300:
             logger.warning(
                 "STOW-RS answered HTTP %d: %s", response.status_code, result.body_excerpt[:200]

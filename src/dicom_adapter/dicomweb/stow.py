@@ -22,6 +22,7 @@ class StowResponse:
     failed: dict[str, int | None] = field(default_factory=dict)  # uid -> FailureReason
     top_warning: int | None = None
     body_excerpt: str = ""
+    attempts: int = 1  # requests sent: more than one means an earlier answer may have been lost
 
 
 def _first_int(element: Any) -> int | None:

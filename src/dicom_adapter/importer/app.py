@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,8 +28,10 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.importer.commitment import CommitmentService
+from dicom_adapter.importer.cstore_spool import CStoreSpool
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
+    AssociationCleanup,
     CFindHandler,
     CStoreHandler,
     EarlyStores,
@@ -59,6 +62,7 @@ class ImportService:
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
         self._early: EarlyStores | None = None
+        self._spool: CStoreSpool | None = None
         self._registry = MetricsRegistry()
         self.metrics = ImportMetrics(self._registry)
         self.metrics.associations.set_function(self._established_associations)
@@ -131,8 +135,9 @@ class ImportService:
             dicomweb_root=settings.dicomweb_root,
             overwrite=settings.stow_overwrite,
         )
-        # The handler gives up a little after the last possible upstream attempt ends.
-        store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
+        # From a data set's last byte to its C-STORE-RSP: the upstream retries end before it.
+        store_timeout = settings.cstore_answer_deadline
+        retrieve_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
         configure_pynetdicom()
         query_services = bool(settings.dicomweb_root)  # not with the deprecated STOW-only pair
         find_on = query_services and not settings.disable_cfind
@@ -151,10 +156,14 @@ class ImportService:
             allowed_calling_aets=settings.allowed_calling_aet_list,
         )
         self._early = early = EarlyStores(bridge, store)
+        # C-STORE data sets spool in a directory of this run; stale runs' files are swept
+        self._spool = spool = await asyncio.to_thread(CStoreSpool)
+        spool.install()
         metrics = self.metrics
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, DatasetCompletionHook(early.completed)),
             (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early, metrics=metrics)),
+            (evt.EVT_CONN_CLOSE, AssociationCleanup(spool, early)),
         ]
         sub_operation_timeouts = ScuTimeouts(
             acse=settings.acse_timeout,
@@ -176,7 +185,7 @@ class ImportService:
                 bridge,
                 retrieve_service,
                 aets,
-                timeout=store_timeout + settings.dimse_timeout,
+                timeout=retrieve_timeout + settings.dimse_timeout,
                 mover=InstanceMover(
                     retrieve_service, timeouts=sub_operation_timeouts, metrics=metrics
                 ),
@@ -202,6 +211,7 @@ class ImportService:
             )
         except OSError as exc:
             await http.aclose()
+            await self._close_spool()
             await self._stop_health()
             raise ConfigError(
                 "dimse_port", f"cannot listen on {settings.dimse_port}: {exc.strerror}"
@@ -223,6 +233,11 @@ class ImportService:
         return self._early.count if self._early is not None else 0
 
     @property
+    def early_stores_pending(self) -> int:
+        """Early uploads no C-STORE handler has collected yet (0 once associations end)."""
+        return len(self._early) if self._early is not None else 0
+
+    @property
     def active_associations(self) -> list[Any]:
         """The associations being served right now (pynetdicom Association threads)."""
         return list(self._server.active_associations) if self._server is not None else []
@@ -236,7 +251,18 @@ class ImportService:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        await self._close_spool()
         await self._stop_health()
+
+    @property
+    def cstore_spool_dir(self) -> Path | None:
+        """This run's directory for incoming C-STORE data sets (None before start)."""
+        return self._spool.dir if self._spool is not None else None
+
+    async def _close_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await asyncio.to_thread(spool.close)
 
     async def _stop_health(self) -> None:
         health, self._health = self._health, None

@@ -30,6 +30,7 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
     Fetched,
@@ -78,24 +79,73 @@ class EarlyStores:
         self._bridge = bridge
         self._store = store
         self._lock = threading.Lock()
-        self._started: dict[Path, concurrent.futures.Future[int]] = {}
+        self._started: dict[Path, tuple[concurrent.futures.Future[int], float]] = {}
         self.count = 0  # early starts so far (observability and tests)
 
     def completed(self, path: Path) -> None:
         """DUL thread: the dataset in `path` is complete; start storing it."""
+        completed_at = time.monotonic()
         future = self._bridge.start(self._store.store_file, path)
         with self._lock:
-            self._started[path] = future
+            self._started[path] = (future, completed_at)
             self.count += 1
 
-    def take(self, path: Path) -> concurrent.futures.Future[int] | None:
-        """Handler thread: the store already under way for `path`, if any."""
+    def take(self, path: Path) -> tuple[concurrent.futures.Future[int], float] | None:
+        """Handler thread: the store under way for `path` and when its data set was complete."""
         with self._lock:
             return self._started.pop(path, None)
 
+    def forget(self, paths: set[Path]) -> int:
+        """The association of `paths` ended: cancel their stores, nobody awaits the answer."""
+        with self._lock:
+            dropped = [self._started.pop(path) for path in paths if path in self._started]
+        for future, _completed_at in dropped:
+            future.cancel()
+        return len(dropped)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._started)
+
+
+class AssociationCleanup:
+    """EVT_CONN_CLOSE: however the association ended, drop its unanswered stores and files.
+
+    A transfer aborted mid-data-set, or completed but never dispatched, leaves a spool file
+    open and possibly an early store; neither may outlive the association.
+    """
+
+    def __init__(self, spool: CStoreSpool, early: EarlyStores | None) -> None:
+        self._spool = spool
+        self._early = early
+
+    def __call__(self, event: Any) -> None:
+        try:
+            files = self._spool.take_files(getattr(event.assoc, "dul", None))
+            if not files:
+                return
+            cancelled = 0
+            if self._early is not None:
+                cancelled = self._early.forget({Path(str(f.name)) for f in files})
+            removed = discard(files)
+            logger.info(
+                "association ended with %d unanswered C-STORE data sets: %d spool files "
+                "removed, %d uploads cancelled",
+                len(files),
+                removed,
+                cancelled,
+                extra=association_fields(event),
+            )
+        except Exception:  # never raise in pynetdicom's thread
+            logger.exception("C-STORE spool cleanup failed")
+
 
 class CStoreHandler:
-    """EVT_C_STORE: spooled file → STOW-RS → C-STORE-RSP status."""
+    """EVT_C_STORE: spooled file → STOW-RS → C-STORE-RSP status.
+
+    `timeout` is the answer deadline, counted from the data set's last byte: past it the
+    upload is cancelled and the peer gets 0xA700 (retry later) while it still listens.
+    """
 
     def __init__(
         self,
@@ -132,10 +182,15 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
-            started = self._early.take(path) if self._early is not None else None
-            if started is None:
-                started = self._bridge.start(self._store.store_file, path)
-            status = self._bridge.result(started, self._timeout)
+            early = self._early.take(path) if self._early is not None else None
+            if early is None:
+                started, completed_at = self._bridge.start(self._store.store_file, path), None
+            else:
+                started, completed_at = early
+            left = self._timeout
+            if completed_at is not None:
+                left -= time.monotonic() - completed_at
+            status = self._bridge.result(started, max(0.0, left))
             if status == Status.SUCCESS:
                 logger.debug("stored instance", extra=fields)
             return status
