@@ -17,6 +17,8 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from dicom_adapter.dimse import pdu
 from dicom_adapter.dimse.part10 import DatasetFile, DatasetSource
@@ -112,6 +114,9 @@ class StoreAssociation:
             raise AssociationRejectedError(
                 f"{where} did not answer the association: {exc!r}"
             ) from exc
+        except BaseException:  # cancelled while negotiating: do not leave the socket open
+            writer.close()
+            raise
         if pdu_type == pdu.A_ASSOCIATE_RJ:
             writer.close()
             raise AssociationRejectedError(f"{where} {pdu.describe_reject(body)}")
@@ -181,6 +186,9 @@ class StoreAssociation:
                 raise AssociationLostError(
                     f"C-STORE to {self._target.called_aet}: {_describe(exc)}"
                 ) from exc
+            except BaseException:  # cancelled mid-operation: the stream is out of step
+                self.abort()
+                raise
             return response
 
     async def _send_dataset(
@@ -189,11 +197,11 @@ class StoreAssociation:
         """The data set's P-DATA-TF PDUs, after the command's (sent with the first chunk)."""
         fragment = self._fragment
         if isinstance(dataset, DatasetFile):
-            with dataset.path.open("rb") as stream:
-                stream.seek(dataset.offset)
-                chunk = stream.read(FILE_READ)
+            stream = await asyncio.to_thread(_open_at, dataset.path, dataset.offset)
+            try:
+                chunk = await asyncio.to_thread(stream.read, FILE_READ)
                 while True:
-                    following = stream.read(FILE_READ) if chunk else b""
+                    following = await asyncio.to_thread(stream.read, FILE_READ) if chunk else b""
                     await self._write_fragments(
                         context_id, chunk, fragment, last=not following, prefix=command
                     )
@@ -201,6 +209,8 @@ class StoreAssociation:
                     if not following:
                         return
                     chunk = following
+            finally:
+                stream.close()  # a read-only file: closing does no I/O worth a thread
         await self._write_fragments(context_id, dataset, fragment, last=True, prefix=command)
 
     async def _write_fragments(
@@ -299,6 +309,17 @@ async def _read_pdu(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     if length > MAX_INCOMING_PDU:
         raise pdu.PduError(f"incoming PDU of {length} bytes is too large")
     return pdu_type, await reader.readexactly(length)
+
+
+def _open_at(path: Path, offset: int) -> BinaryIO:
+    """The file opened for reading at `offset` (run in a thread: open and seek may block)."""
+    stream = path.open("rb")
+    try:
+        stream.seek(offset)
+    except BaseException:
+        stream.close()
+        raise
+    return stream
 
 
 def _describe(exc: BaseException) -> str:

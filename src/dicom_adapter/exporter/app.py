@@ -17,6 +17,7 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dicomweb.instances import MemoryBudget
 from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
@@ -121,6 +122,7 @@ class ExportService:
             self._spool,
             nack_permanent_failures=settings.nack_permanent_failures,
             metrics=self.metrics,
+            budget=MemoryBudget(settings.fetch_memory_budget_bytes),
         )
         self._source = PubSubSource(
             bridge,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from dicom_adapter.dicomweb.client import DicomwebClient
-from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance
+from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance, MemoryBudget
 from dicom_adapter.errors import (
     AdapterError,
     UpstreamAuthError,
@@ -47,12 +47,14 @@ class ExportWorker:
         nack_permanent_failures: bool = False,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         metrics: ExportMetrics | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._client = client
         self._root = source_root.rstrip("/")
         self._sink = sink
         self._spool = spool_dir
         self._memory_limit = memory_limit
+        self._budget = budget
         self._nack_permanent = nack_permanent_failures
         self._metrics = metrics or ExportMetrics(MetricsRegistry())
         self.exported = 0
@@ -140,6 +142,7 @@ class ExportWorker:
                 spool_dir=self._spool,
                 transfer_syntax=transfer_syntax,
                 memory_limit=self._memory_limit,
+                budget=self._budget,
             ):
                 if first is None:
                     first = part
