@@ -291,8 +291,18 @@ class StoreAssociation:
             self._close()
 
     def abort(self) -> None:
-        """A-ABORT and close the socket (safe to call twice)."""
+        """A-ABORT and close the socket (safe to call twice).
+
+        With part of a PDU still unsent (a cancelled or stalled send) no A-ABORT can follow
+        it, and a plain close would wait for a peer that may never read: the connection is
+        reset at once instead.
+        """
         if not self._open:
+            return
+        self._open = False
+        transport = self._writer.transport
+        if transport.get_write_buffer_size():
+            transport.abort()
             return
         with contextlib.suppress(Exception):
             self._writer.write(pdu.abort())
