@@ -47,6 +47,7 @@ class MemoryBudget:
     def __init__(self, limit: int = DEFAULT_MEMORY_BUDGET) -> None:
         self.limit = limit
         self._used = 0
+        self._peak = 0
         self._lock = threading.Lock()
 
     @property
@@ -54,12 +55,18 @@ class MemoryBudget:
         """Bytes reserved right now."""
         return self._used
 
+    @property
+    def peak(self) -> int:
+        """The most bytes reserved at once so far."""
+        return self._peak
+
     def try_reserve(self, size: int) -> bool:
         """Reserve `size` bytes if they fit in what is left; False (nothing reserved) if not."""
         with self._lock:
             if self._used + size > self.limit:
                 return False
             self._used += size
+            self._peak = max(self._peak, self._used)
             return True
 
     def release(self, size: int) -> None:
