@@ -135,6 +135,18 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
+def _assemble(chunks: list[bytes], size: int) -> bytearray:
+    """The chunks in one buffer, each freed once copied: the peak is one copy, not two."""
+    data = bytearray(size)
+    chunks.reverse()
+    pos = 0
+    while chunks:
+        chunk = chunks.pop()
+        data[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return data
+
+
 class _Collector:
     """Accumulates one part: in memory while it fits the limit and the budget, else a file."""
 
@@ -190,7 +202,7 @@ class _Collector:
             file, self._file = self._file, None
             await asyncio.to_thread(file.close)
         else:
-            item.data = bytearray().join(self._chunks)
+            item.data = _assemble(self._chunks, item.size)
             self._chunks = []
         try:
             item.meta = read_file_meta(item._head, complete=item.size <= len(item._head))

@@ -36,6 +36,7 @@ from dicom_adapter.dimse.scu import (
 logger = logging.getLogger(__name__)
 
 FILE_READ = 1 << 20
+WRITE_GROUP = 256 << 10  # PDUs handed to the transport at once (it copies them into a buffer)
 MAX_INCOMING_PDU = 16 << 20  # we announce DEFAULT_MAX_PDU; anything far above it is hostile
 
 
@@ -227,16 +228,24 @@ class StoreAssociation:
         pieces: list[bytes | memoryview] = list(prefix)
         if total == 0 and last:
             pieces.append(pdu.pdv_header(context_id, 0, command=False, last=True))
-        pos = 0
+        pos = grouped = 0
         while pos < total:
             end = min(pos + fragment, total)
             pieces.append(
                 pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total)
             )
             pieces.append(view[pos:end])
+            grouped += end - pos
             pos = end
-        self._writer.writelines(pieces)  # one writev, not two syscalls per PDU
-        async with asyncio.timeout(self._timeouts.network):  # per chunk: big files take long
+            if grouped >= WRITE_GROUP and pos < total:
+                await self._write(pieces)
+                pieces, grouped = [], 0
+        await self._write(pieces)
+
+    async def _write(self, pieces: list[bytes | memoryview]) -> None:
+        """One write of several PDUs (asyncio joins them: a copy, so groups stay small)."""
+        self._writer.writelines(pieces)
+        async with asyncio.timeout(self._timeouts.network):  # per group: big files take long
             await self._writer.drain()
 
     async def _read_response(self, message_id: int) -> StoreResponse:
