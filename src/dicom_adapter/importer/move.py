@@ -439,7 +439,7 @@ class InstanceMover:
             while not queue.empty():
                 leftover = queue.get_nowait()
                 if leftover is not None:
-                    leftover.discard()  # memory at once; the files go with the spool below
+                    await leftover.adiscard()
             if sender is not None:
                 await sender.close()
             await asyncio.to_thread(shutil.rmtree, spool, ignore_errors=True)
