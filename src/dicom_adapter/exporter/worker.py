@@ -128,7 +128,7 @@ class ExportWorker:
             await self._sink.send(instance, functools.partial(self.fetch, url))
             return instance.size
         finally:
-            instance.discard()
+            await instance.adiscard()  # a spool file is deleted off the event loop
 
     async def fetch(self, url: str, transfer_syntax: str = "*") -> FetchedInstance:
         """The first part of a WADO-RS instance response ("*": as stored; else transcoded).
