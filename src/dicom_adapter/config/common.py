@@ -60,6 +60,16 @@ class CommonSettings(BaseSettings):
     shutdown_grace_period: float = new_flag(
         30.0, "Seconds to let running work finish after SIGTERM before aborting it."
     )
+    fetch_memory_budget: int = new_flag(
+        256,
+        "MiB that WADO-RS-fetched instances (C-MOVE prefetch, export fetches) may hold in memory "
+        "together, process-wide; instances beyond it are spooled to disk.",
+    )
+
+    @property
+    def fetch_memory_budget_bytes(self) -> int:
+        """--fetch_memory_budget in bytes."""
+        return max(0, self.fetch_memory_budget) << 20
 
     @classmethod
     def settings_customise_sources(
@@ -80,6 +90,8 @@ class CommonSettings(BaseSettings):
             problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
         if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
             problems.append(("dicomweb_basic_auth", "expected user:password"))
+        if self.fetch_memory_budget < 0:
+            problems.append(("fetch_memory_budget", "must be 0 (always spool) or more MiB"))
         return problems + self.timeout_nesting()
 
     def timeout_nesting(self) -> list[tuple[str, str]]:

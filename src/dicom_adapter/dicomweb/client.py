@@ -31,6 +31,7 @@ from dicom_adapter.dicomweb import multipart
 from dicom_adapter.dicomweb.instances import (
     DEFAULT_MEMORY_LIMIT,
     FetchedInstance,
+    MemoryBudget,
     collect_instances,
 )
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
@@ -378,6 +379,7 @@ class DicomwebClient:
         spool_dir: Path,
         transfer_syntax: str = "*",
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        budget: MemoryBudget | None = None,
     ) -> AsyncIterator[FetchedInstance]:
         """WADO-RS as Part-10 instances, in memory up to `memory_limit` each, else spooled.
 
@@ -386,7 +388,10 @@ class DicomwebClient:
         """
         accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
         return collect_instances(
-            self.wado_events(url, accept=accept), spool_dir=spool_dir, memory_limit=memory_limit
+            self.wado_events(url, accept=accept),
+            spool_dir=spool_dir,
+            memory_limit=memory_limit,
+            budget=budget,
         )
 
     async def retrieve_instance_to(

@@ -17,6 +17,7 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dicomweb.instances import MemoryBudget
 from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.exporter.retry import Backoff
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
@@ -126,6 +127,7 @@ class ExportService:
             metrics=self.metrics,
             backoff=Backoff(settings.retry_backoff_initial, settings.retry_backoff_max),
             probe_interval=settings.sink_probe_interval,
+            budget=MemoryBudget(settings.fetch_memory_budget_bytes),
         )
         self._source = PubSubSource(
             bridge,

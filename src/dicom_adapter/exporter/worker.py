@@ -12,7 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from dicom_adapter.dicomweb.client import DicomwebClient
-from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance
+from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance, MemoryBudget
 from dicom_adapter.errors import AdapterError, UpstreamError
 from dicom_adapter.exporter.messages import MalformedMessage, instance_path
 from dicom_adapter.exporter.retry import Backoff, CircuitBreaker
@@ -70,12 +70,14 @@ class ExportWorker:
         metrics: ExportMetrics | None = None,
         backoff: Backoff | None = None,
         probe_interval: float = 5.0,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._client = client
         self._root = source_root.rstrip("/")
         self._sink = sink
         self._spool = spool_dir
         self._memory_limit = memory_limit
+        self._budget = budget
         self._nack_permanent = nack_permanent_failures
         self._metrics = metrics or ExportMetrics(MetricsRegistry())
         self._backoff = backoff or Backoff()
@@ -233,7 +235,7 @@ class ExportWorker:
             await self._sink.send(instance, functools.partial(self.fetch, url))
             return instance.size
         finally:
-            instance.discard()
+            await instance.adiscard()  # a spool file is deleted off the event loop
 
     async def fetch(self, url: str, transfer_syntax: str = "*") -> FetchedInstance:
         """The first part of a WADO-RS instance response ("*": as stored; else transcoded).
@@ -247,6 +249,7 @@ class ExportWorker:
                 spool_dir=self._spool,
                 transfer_syntax=transfer_syntax,
                 memory_limit=self._memory_limit,
+                budget=self._budget,
             ):
                 if first is None:
                     first = part

@@ -17,6 +17,7 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dicomweb.instances import MemoryBudget
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import (
     DatasetCompletionHook,
@@ -68,6 +69,7 @@ class ImportService:
         self.metrics.associations.set_function(self._established_associations)
         self._health: HealthServer | None = None
         self._ready = False
+        self.fetch_budget = MemoryBudget(settings.fetch_memory_budget_bytes)
 
     @property
     def ready(self) -> bool:
@@ -187,7 +189,10 @@ class ImportService:
                 aets,
                 timeout=retrieve_timeout + settings.dimse_timeout,
                 mover=InstanceMover(
-                    retrieve_service, timeouts=sub_operation_timeouts, metrics=metrics
+                    retrieve_service,
+                    timeouts=sub_operation_timeouts,
+                    budget=self.fetch_budget,
+                    metrics=metrics,
                 ),
                 cmove_aet=settings.dimse_cmove_aet or settings.dimse_aet,
                 metrics=metrics,
@@ -298,14 +303,18 @@ async def _drain(server: Any, bridge: Bridge, grace: float) -> None:
     def established() -> list[Any]:
         return [a for a in server.active_associations if a.is_established]
 
-    for assoc in server.active_associations:
-        if not assoc.is_established:
-            assoc.abort()
+    await _abort_all([a for a in server.active_associations if not a.is_established])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while established() and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    for assoc in established():
-        logger.warning("aborting association still running after the grace period")
-        assoc.abort()
+    late = established()
+    if late:
+        logger.warning("aborting %d association(s) still running after the grace period", len(late))
+    await _abort_all(late)
     await bridge.close(grace=max(0.0, deadline - loop.time()))
+
+
+async def _abort_all(associations: list[Any]) -> None:
+    """pynetdicom's abort() blocks until the association's thread stops: in threads, at once."""
+    await asyncio.gather(*(asyncio.to_thread(assoc.abort) for assoc in associations))

@@ -416,7 +416,9 @@ class RetrieveHandlers:
         )
         progress: MoveProgress | None = None
         cancelled = False
-        updates = self._bridge.iterate(self._mover.move, identifier, root, target)
+        updates = self._bridge.iterate(
+            self._mover.move, identifier, root, target, request.is_cancelled
+        )
         try:
             for batch in updates:
                 if progress is None:
@@ -430,7 +432,7 @@ class RetrieveHandlers:
                     continue
                 for update in batch:
                     progress = update
-                    if request.is_cancelled():
+                    if update.cancelled:  # the mover polls for C-CANCEL, even mid-C-STORE
                         cancelled = True
                         break
                     request.pending(
