@@ -38,10 +38,9 @@ from dicom_adapter.dicomweb.multipart import (
     parse_content_type,
     related_content_type,
 )
-from dicom_adapter.dicomweb.stow import StowResponse
+from dicom_adapter.dicomweb.stow import StowResponse, status_for
 from dicom_adapter.dimse.part10 import DatasetFile
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
-from dicom_adapter.importer.store import status_for
 from dicom_adapter.status import Status
 
 T = TypeVar("T")

@@ -12,9 +12,9 @@ from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
 from dicom_adapter.dicomweb.client import DicomwebClient
-from dicom_adapter.dicomweb.stow import StowResponse
+from dicom_adapter.dicomweb.stow import StowResponse, status_for
 from dicom_adapter.errors import InvalidDatasetError
-from dicom_adapter.status import Status, is_failure_code, is_warning_code
+from dicom_adapter.status import Status, is_warning_code
 
 logger = logging.getLogger(__name__)
 
@@ -56,39 +56,6 @@ def read_identity(path: Path) -> InstanceIdentity:
         study_uid=values["StudyInstanceUID"],
         series_uid=values["SeriesInstanceUID"],
     )
-
-
-def _warning_status(reason: int | None) -> int:
-    if reason is not None and is_warning_code(reason):
-        return reason
-    return Status.SUCCESS
-
-
-def status_for(response: StowResponse, sop_instance_uid: str) -> int:
-    """The C-STORE status for one instance, decided from the STOW body first, then HTTP code.
-
-    Orthanc answers 400 yet stores the good part of a mixed body, and 200 with nothing
-    stored for a malformed one, so the body's sequences outrank the HTTP status.
-    """
-    if sop_instance_uid in response.referenced:
-        reason = response.referenced[sop_instance_uid]
-        return _warning_status(reason if reason is not None else response.top_warning)
-    if sop_instance_uid in response.failed:
-        reason = response.failed[sop_instance_uid]
-        if reason is not None and is_failure_code(reason):
-            return reason
-    code = response.http_status
-    if code < 300:
-        return Status.PROCESSING_FAILURE  # "success" that stored nothing
-    if code == 400:
-        return Status.CANNOT_UNDERSTAND
-    if code in (401, 403):
-        return Status.NOT_AUTHORIZED
-    if code == 409:
-        return Status.PROCESSING_FAILURE
-    if code in (408, 413, 429) or code >= 500:
-        return Status.OUT_OF_RESOURCES
-    return Status.PROCESSING_FAILURE
 
 
 def _already_there(response: StowResponse, sop_instance_uid: str) -> bool:
