@@ -33,7 +33,7 @@ import httpx
 import pytest
 
 from dicom_adapter.dicomweb import transport as transport_module
-from dicom_adapter.dicomweb.client import make_http_client
+from dicom_adapter.dicomweb.client import TRANSPORT_ENV, make_http_client
 from dicom_adapter.dicomweb.transport import AsyncioTransport
 
 T = TypeVar("T")
@@ -276,6 +276,7 @@ def closed_port() -> int:
 @pytest.fixture(autouse=True)
 def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Proxy variables would route requests through httpx's own proxy transport."""
+    monkeypatch.delenv(TRANSPORT_ENV, raising=False)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
@@ -292,6 +293,10 @@ def test_make_http_client_uses_the_asyncio_transport(monkeypatch: pytest.MonkeyP
             assert client.timeout == httpx.Timeout(1.5)
         async with make_http_client(timeout=1.5, http2=True) as client:
             assert not isinstance(client._transport, AsyncioTransport)
+        monkeypatch.setenv(TRANSPORT_ENV, "httpx")  # the benchmark/diagnostic switch
+        async with make_http_client(timeout=1.5) as client:
+            assert isinstance(client._transport, httpx.AsyncHTTPTransport)
+        monkeypatch.delenv(TRANSPORT_ENV)
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
         async with make_http_client(timeout=1.5) as client:
             assert not isinstance(client._transport, AsyncioTransport)
