@@ -48,6 +48,7 @@ from tests.rig import (
     StoreSCP,
     dcmsend,
     generate_ct_series,
+    process_cpu_seconds,
     run_dcmtk,
 )
 
@@ -130,6 +131,12 @@ def cfind_once(assoc: Association, study_uid: str) -> float:
     return elapsed
 
 
+def pid_of(importer: Importer) -> int:
+    """The process id of a started importer."""
+    assert importer.proc is not None
+    return importer.proc.pid
+
+
 def release(assoc: Association) -> None:
     """Release an association that is still established."""
     if assoc.is_established:
@@ -193,6 +200,7 @@ def main() -> int:
         # 1. C-MOVE throughput
         direct: list[float] = []
         adapter: dict[str, list[float]] = {name: [] for name in transports}
+        move_cpu: dict[str, list[float]] = {name: [] for name in transports}
         kinds = ["direct", *transports]
         for rep in range(args.reps):
             shift = rep % len(kinds)
@@ -204,13 +212,21 @@ def main() -> int:
                     print(f"rep {rep}: move direct  {direct[-1]:.2f} s", flush=True)
                 else:
                     importer = importers[which]
+                    used = process_cpu_seconds(pid_of(importer))
                     seconds = timed_move(importer.port, importer.aet, study_uid, scp, count)
+                    used = process_cpu_seconds(pid_of(importer)) - used
                     adapter[which].append(seconds)
-                    print(f"rep {rep}: move adapter ({which}) {seconds:.2f} s", flush=True)
+                    move_cpu[which].append(used)
+                    print(
+                        f"rep {rep}: move adapter ({which}) {seconds:.2f} s (CPU {used:.2f} s)",
+                        flush=True,
+                    )
 
         # 2. C-FIND latency
         qido: list[float] = []
         cfind: dict[str, list[float]] = {name: [] for name in transports}
+        find_cpu = dict.fromkeys(transports, 0.0)
+        pids = {name: pid_of(importer) for name, importer in importers.items()}
         client = stack.enter_context(
             httpx.Client(base_url=orthanc.dicomweb_url, timeout=60.0, trust_env=False)
         )
@@ -237,7 +253,10 @@ def main() -> int:
                 if which == "direct":
                     qido.append(qido_once(client, study_uid))
                 else:
+                    pid = pids[which]
+                    used = process_cpu_seconds(pid)
                     cfind[which].append(cfind_once(assocs[which], study_uid))
+                    find_cpu[which] += process_cpu_seconds(pid) - used
         first = transports[0]
         added = [c - q for c, q in zip(cfind[first], qido, strict=True)]
         print(
@@ -269,11 +288,18 @@ def main() -> int:
             results[f"move_{name}_seconds_median"] = round(seconds, 3)
             results[f"move_throughput_ratio_{name}"] = round(direct_s / seconds, 3)
             results[f"cfind_{name}_p50_ms"] = round(statistics.median(cfind[name]) * 1e3, 2)
+            per_instance = statistics.median(move_cpu[name]) * 1e3 / count
+            results[f"move_{name}_cpu_ms_per_instance"] = round(per_instance, 2)
+            results[f"cfind_{name}_cpu_ms"] = round(find_cpu[name] * 1e3 / args.finds, 2)
         if set(transports) == {"asyncio", "httpx"}:
             # ratio of ratios per repetition: (direct/asyncio) / (direct/httpx)
             per_rep = [h / a for h, a in zip(adapter["httpx"], adapter["asyncio"], strict=True)]
             results["move_httpx_over_asyncio_per_rep"] = [round(r, 3) for r in per_rep]
             results["move_httpx_over_asyncio_median"] = round(statistics.median(per_rep), 3)
+            cpu_ratios = [
+                h / a for h, a in zip(move_cpu["httpx"], move_cpu["asyncio"], strict=True)
+            ]
+            results["move_cpu_httpx_over_asyncio_median"] = round(statistics.median(cpu_ratios), 3)
             per_find = [h / a for h, a in zip(cfind["httpx"], cfind["asyncio"], strict=True)]
             results["cfind_httpx_over_asyncio_median"] = round(statistics.median(per_find), 3)
     print(json.dumps(results, indent=2))
