@@ -1110,3 +1110,9 @@ def store_jpeg_instance(orthanc: Orthanc, folder: Path, patient_id: str) -> Data
     assert stored is not None
     assert orthanc.transfer_syntax(stored) == ds.file_meta.TransferSyntaxUID  # still JPEG
     return ds
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

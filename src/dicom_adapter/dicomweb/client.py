@@ -15,6 +15,7 @@ import dataclasses
 import email.utils
 import json
 import logging
+import os
 import random
 import socket
 import time
@@ -46,6 +47,9 @@ QIDO_SAFE = "^*?,-.:_~"
 TRANSIENT_HTTP = frozenset({408, 429})
 DICOM_JSON = "application/dicom+json"
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# Benchmark/diagnostic switch, not a flag: "httpx" makes make_http_client use httpx's own
+# transport instead of ours (read when each client is made, so it reaches subprocesses too).
+TRANSPORT_ENV = "DICOM_ADAPTER_HTTP_TRANSPORT"
 
 # time.monotonic() by which every request of the current operation ends, retries included
 _OPERATION_END: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -78,7 +82,8 @@ def make_http_client(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The one pooled client per upstream, with TCP_NODELAY and explicit timeouts."""
-    if transport is None and not http2 and not _proxies_configured():
+    own = os.environ.get(TRANSPORT_ENV, "asyncio") != "httpx"
+    if transport is None and own and not http2 and not _proxies_configured():
         transport = AsyncioTransport(max_idle=max_connections, max_connections=max_connections)
     transport = transport or httpx.AsyncHTTPTransport(
         http2=http2,
