@@ -13,7 +13,13 @@ to the adapter through its AET dictionary), and one dicom-import in front of Ort
      the adapter (pynetdicom with TCP_NODELAY, one association for all finds). Reports the
      p50 of each and the p50 of the per-pair added latency (adapter - direct) in ms; no target.
 
+`--transports asyncio,httpx` starts one dicom-import per HTTP transport (ours, httpx's own;
+through the DICOM_ADAPTER_HTTP_TRANSPORT switch) in front of the same Orthanc; every
+repetition then moves through each, in rotating order, and every find round asks each. Reports
+the per-repetition time ratio httpx/asyncio (> 1: ours is faster).
+
 Usage: python bench/bench_retrieve.py [--instances 200] [--reps 3] [--finds 50]
+                                      [--transports asyncio[,httpx]]
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ from tests.rig import (
     StoreSCP,
     dcmsend,
     generate_ct_series,
+    process_cpu_seconds,
     run_dcmtk,
 )
+
+from dicom_adapter.dicomweb.client import TRANSPORT_ENV
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 PENDING = (0xFF00, 0xFF01)
@@ -122,6 +131,18 @@ def cfind_once(assoc: Association, study_uid: str) -> float:
     return elapsed
 
 
+def pid_of(importer: Importer) -> int:
+    """The process id of a started importer."""
+    assert importer.proc is not None
+    return importer.proc.pid
+
+
+def release(assoc: Association) -> None:
+    """Release an association that is still established."""
+    if assoc.is_established:
+        assoc.release()
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """Interpolated percentile (statistics.quantiles, inclusive method)."""
     if len(values) == 1:
@@ -135,8 +156,16 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--finds", type=int, default=50)
+    parser.add_argument(
+        "--transports",
+        default="asyncio",
+        help="comma-separated HTTP transports for the adapter: asyncio (ours), httpx",
+    )
     args = parser.parse_args()
     count: int = args.instances
+    transports: list[str] = args.transports.split(",")
+    if not transports or not set(transports) <= {"asyncio", "httpx"}:
+        parser.error("--transports takes asyncio and/or httpx")
 
     with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp, ExitStack() as stack:
         work = Path(tmp)
@@ -156,61 +185,88 @@ def main() -> int:
         if orthanc.count_instances() != count:
             raise RuntimeError(f"Orthanc holds {orthanc.count_instances()} instances, not {count}")
         aets = json.dumps([{"name": scp.aet, "host": "127.0.0.1", "port": scp.port}])
-        importer = stack.enter_context(
-            Importer(orthanc.dicomweb_url, f"--aet_dictionary_inline={aets}", aet="ADAPTER")
-        )
+        importers = {
+            name: stack.enter_context(
+                Importer(
+                    orthanc.dicomweb_url,
+                    f"--aet_dictionary_inline={aets}",
+                    aet="ADAPTER",
+                    env={TRANSPORT_ENV: name},
+                )
+            )
+            for name in transports
+        }
 
         # 1. C-MOVE throughput
         direct: list[float] = []
-        adapter: list[float] = []
+        adapter: dict[str, list[float]] = {name: [] for name in transports}
+        move_cpu: dict[str, list[float]] = {name: [] for name in transports}
+        kinds = ["direct", *transports]
         for rep in range(args.reps):
-            order = ("direct", "adapter") if rep % 2 == 0 else ("adapter", "direct")
-            for which in order:
+            shift = rep % len(kinds)
+            for which in kinds[shift:] + kinds[:shift]:  # each kind leads one repetition in turn
                 if which == "direct":
                     direct.append(
                         timed_move(orthanc.dicom_port, orthanc.aet, study_uid, scp, count)
                     )
                     print(f"rep {rep}: move direct  {direct[-1]:.2f} s", flush=True)
                 else:
-                    adapter.append(timed_move(importer.port, importer.aet, study_uid, scp, count))
-                    print(f"rep {rep}: move adapter {adapter[-1]:.2f} s", flush=True)
+                    importer = importers[which]
+                    used = process_cpu_seconds(pid_of(importer))
+                    seconds = timed_move(importer.port, importer.aet, study_uid, scp, count)
+                    used = process_cpu_seconds(pid_of(importer)) - used
+                    adapter[which].append(seconds)
+                    move_cpu[which].append(used)
+                    print(
+                        f"rep {rep}: move adapter ({which}) {seconds:.2f} s (CPU {used:.2f} s)",
+                        flush=True,
+                    )
 
         # 2. C-FIND latency
         qido: list[float] = []
-        cfind: list[float] = []
+        cfind: dict[str, list[float]] = {name: [] for name in transports}
+        find_cpu = dict.fromkeys(transports, 0.0)
+        pids = {name: pid_of(importer) for name, importer in importers.items()}
         client = stack.enter_context(
             httpx.Client(base_url=orthanc.dicomweb_url, timeout=60.0, trust_env=False)
         )
         ae = AE(ae_title="FINDSCU")
         ae.add_requested_context(STUDY_ROOT_FIND)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60.0
-        assoc = ae.associate(
-            "127.0.0.1",
-            importer.port,
-            ae_title=importer.aet,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
-        )
-        if not assoc.is_established:
-            raise ConnectionError("the adapter did not accept the C-FIND association")
-        stack.callback(lambda: assoc.release() if assoc.is_established else None)
-        qido_once(client, study_uid)  # warm-up: connection set-up, Orthanc caches
-        cfind_once(assoc, study_uid)
+        assocs: dict[str, Association] = {}
+        for name, importer in importers.items():
+            assoc = ae.associate(
+                "127.0.0.1",
+                importer.port,
+                ae_title=importer.aet,
+                evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            )
+            if not assoc.is_established:
+                raise ConnectionError("the adapter did not accept the C-FIND association")
+            stack.callback(release, assoc)
+            assocs[name] = assoc
+            cfind_once(assoc, study_uid)  # warm-up: connection set-up, Orthanc caches
+        qido_once(client, study_uid)
         for rep in range(args.finds):
-            if rep % 2 == 0:
-                qido.append(qido_once(client, study_uid))
-                cfind.append(cfind_once(assoc, study_uid))
-            else:
-                cfind.append(cfind_once(assoc, study_uid))
-                qido.append(qido_once(client, study_uid))
-        added = [c - q for c, q in zip(cfind, qido, strict=True)]
+            shift = rep % len(kinds)
+            for which in kinds[shift:] + kinds[:shift]:
+                if which == "direct":
+                    qido.append(qido_once(client, study_uid))
+                else:
+                    pid = pids[which]
+                    used = process_cpu_seconds(pid)
+                    cfind[which].append(cfind_once(assocs[which], study_uid))
+                    find_cpu[which] += process_cpu_seconds(pid) - used
+        first = transports[0]
+        added = [c - q for c, q in zip(cfind[first], qido, strict=True)]
         print(
-            f"find: QIDO-RS p50 {statistics.median(qido) * 1e3:.2f} ms, "
-            f"C-FIND via adapter p50 {statistics.median(cfind) * 1e3:.2f} ms",
+            f"find: QIDO-RS p50 {statistics.median(qido) * 1e3:.2f} ms, C-FIND via adapter p50 "
+            + ", ".join(f"{n} {statistics.median(cfind[n]) * 1e3:.2f} ms" for n in transports),
             flush=True,
         )
 
     direct_s = statistics.median(direct)
-    adapter_s = statistics.median(adapter)
+    adapter_s = statistics.median(adapter[first])
     ratio = direct_s / adapter_s
     results: dict[str, object] = {
         "instances": count,
@@ -222,10 +278,30 @@ def main() -> int:
         "move_throughput_ratio": round(ratio, 3),
         "finds": args.finds,
         "qido_p50_ms": round(statistics.median(qido) * 1e3, 2),
-        "cfind_adapter_p50_ms": round(statistics.median(cfind) * 1e3, 2),
-        "cfind_adapter_p90_ms": round(percentile(cfind, 0.9) * 1e3, 2),
+        "cfind_adapter_p50_ms": round(statistics.median(cfind[first]) * 1e3, 2),
+        "cfind_adapter_p90_ms": round(percentile(cfind[first], 0.9) * 1e3, 2),
         "cfind_added_p50_ms": round(statistics.median(added) * 1e3, 2),
     }
+    if len(transports) > 1:
+        for name in transports:
+            seconds = statistics.median(adapter[name])
+            results[f"move_{name}_seconds_median"] = round(seconds, 3)
+            results[f"move_throughput_ratio_{name}"] = round(direct_s / seconds, 3)
+            results[f"cfind_{name}_p50_ms"] = round(statistics.median(cfind[name]) * 1e3, 2)
+            per_instance = statistics.median(move_cpu[name]) * 1e3 / count
+            results[f"move_{name}_cpu_ms_per_instance"] = round(per_instance, 2)
+            results[f"cfind_{name}_cpu_ms"] = round(find_cpu[name] * 1e3 / args.finds, 2)
+        if set(transports) == {"asyncio", "httpx"}:
+            # ratio of ratios per repetition: (direct/asyncio) / (direct/httpx)
+            per_rep = [h / a for h, a in zip(adapter["httpx"], adapter["asyncio"], strict=True)]
+            results["move_httpx_over_asyncio_per_rep"] = [round(r, 3) for r in per_rep]
+            results["move_httpx_over_asyncio_median"] = round(statistics.median(per_rep), 3)
+            cpu_ratios = [
+                h / a for h, a in zip(move_cpu["httpx"], move_cpu["asyncio"], strict=True)
+            ]
+            results["move_cpu_httpx_over_asyncio_median"] = round(statistics.median(cpu_ratios), 3)
+            per_find = [h / a for h, a in zip(cfind["httpx"], cfind["asyncio"], strict=True)]
+            results["cfind_httpx_over_asyncio_median"] = round(statistics.median(per_find), 3)
     print(json.dumps(results, indent=2))
     ok = ratio >= TARGET_RATIO
     print("targets met" if ok else f"TARGETS MISSED: move throughput ratio >= {TARGET_RATIO}")

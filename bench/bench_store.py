@@ -6,7 +6,12 @@ One run, alternating repetitions, fresh Orthanc storage for every measurement:
   2. one large instance (default 1 GiB) through the adapter; reports the adapter's peak RSS
      (VmHWM, target <= 200 MB) and throughput.
 
+`--transports asyncio,httpx` runs the adapter with each HTTP transport (ours, httpx's own) in
+every repetition, in rotating order, through dicom-import's DICOM_ADAPTER_HTTP_TRANSPORT
+switch, and reports the per-repetition time ratio httpx/asyncio (> 1: ours is faster).
+
 Usage: python bench/bench_store.py [--instances 200] [--reps 3] [--large-mb 1024]
+                                   [--transports asyncio[,httpx]]
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, write_large_instance
+from tests.rig import (
+    Importer,
+    Orthanc,
+    dcmsend,
+    generate_ct_series,
+    process_cpu_seconds,
+    write_large_instance,
+)
+
+from dicom_adapter.dicomweb.client import TRANSPORT_ENV
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -50,11 +64,15 @@ def run_direct(folder: Path, count: int) -> float:
         return timed_send(orthanc.dicom_port, orthanc.aet, folder, count, orthanc)
 
 
-def run_adapter(folder: Path, count: int) -> tuple[float, float]:
-    with Orthanc() as orthanc, Importer(orthanc.dicomweb_url) as importer:
+def run_adapter(folder: Path, count: int, transport: str = "asyncio") -> tuple[float, float, float]:
+    """Seconds, the adapter's peak RSS (MB) and the adapter's CPU seconds during the send."""
+    env = {TRANSPORT_ENV: transport}
+    with Orthanc() as orthanc, Importer(orthanc.dicomweb_url, env=env) as importer:
         assert importer.proc is not None
+        cpu = process_cpu_seconds(importer.proc.pid)
         elapsed = timed_send(importer.port, importer.aet, folder, count, orthanc)
-        return elapsed, peak_rss_mb(importer.proc.pid)
+        cpu = process_cpu_seconds(importer.proc.pid) - cpu
+        return elapsed, peak_rss_mb(importer.proc.pid), cpu
 
 
 def main() -> int:
@@ -62,7 +80,15 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--large-mb", type=int, default=1024, help="0 skips the large instance")
+    parser.add_argument(
+        "--transports",
+        default="asyncio",
+        help="comma-separated HTTP transports for the adapter: asyncio (ours), httpx",
+    )
     args = parser.parse_args()
+    transports: list[str] = args.transports.split(",")
+    if not transports or not set(transports) <= {"asyncio", "httpx"}:
+        parser.error("--transports takes asyncio and/or httpx")
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         work = Path(tmp)
@@ -72,24 +98,29 @@ def main() -> int:
         print(f"{args.instances} CT instances, {mb:.0f} MB", flush=True)
 
         direct: list[float] = []
-        adapter: list[float] = []
+        adapter: dict[str, list[float]] = {name: [] for name in transports}
+        cpu: dict[str, list[float]] = {name: [] for name in transports}
         rss: list[float] = []
+        kinds = ["direct", *transports]
         for rep in range(args.reps):
-            order = ("direct", "adapter") if rep % 2 == 0 else ("adapter", "direct")
-            for which in order:
+            shift = rep % len(kinds)
+            for which in kinds[shift:] + kinds[:shift]:  # each kind leads one repetition in turn
                 if which == "direct":
                     direct.append(run_direct(series, args.instances))
                     print(f"rep {rep}: direct  {direct[-1]:.2f} s", flush=True)
                 else:
-                    seconds, peak = run_adapter(series, args.instances)
-                    adapter.append(seconds)
+                    seconds, peak, used = run_adapter(series, args.instances, which)
+                    adapter[which].append(seconds)
+                    cpu[which].append(used)
                     rss.append(peak)
                     print(
-                        f"rep {rep}: adapter {seconds:.2f} s (peak RSS {peak:.0f} MB)", flush=True
+                        f"rep {rep}: adapter ({which}) {seconds:.2f} s (peak RSS {peak:.0f} MB,"
+                        f" CPU {used:.2f} s)",
+                        flush=True,
                     )
 
         direct_s = statistics.median(direct)
-        adapter_s = statistics.median(adapter)
+        adapter_s = statistics.median(adapter[transports[0]])
         results: dict[str, object] = {
             "instances": args.instances,
             "direct_seconds_median": round(direct_s, 3),
@@ -98,14 +129,33 @@ def main() -> int:
             "adapter_inst_per_s": round(args.instances / adapter_s, 1),
             "throughput_ratio": round(direct_s / adapter_s, 3),
             "adapter_peak_rss_mb_many": round(max(rss), 1),
+            "adapter_cpu_ms_per_instance": round(
+                statistics.median(cpu[transports[0]]) * 1e3 / args.instances, 2
+            ),
         }
+        if len(transports) > 1:
+            for name in transports:
+                seconds = statistics.median(adapter[name])
+                results[f"adapter_{name}_seconds_median"] = round(seconds, 3)
+                results[f"throughput_ratio_{name}"] = round(direct_s / seconds, 3)
+                per_instance = statistics.median(cpu[name]) * 1e3 / args.instances
+                results[f"adapter_{name}_cpu_ms_per_instance"] = round(per_instance, 2)
+            if set(transports) == {"asyncio", "httpx"}:
+                # ratio of ratios per repetition: (direct/asyncio) / (direct/httpx)
+                pairs = zip(adapter["httpx"], adapter["asyncio"], strict=True)
+                per_rep = [h / a for h, a in pairs]
+                results["httpx_over_asyncio_per_rep"] = [round(r, 3) for r in per_rep]
+                results["httpx_over_asyncio_median"] = round(statistics.median(per_rep), 3)
+                cpu_pairs = zip(cpu["httpx"], cpu["asyncio"], strict=True)
+                cpu_ratios = [h / a for h, a in cpu_pairs]
+                results["cpu_httpx_over_asyncio_median"] = round(statistics.median(cpu_ratios), 3)
 
         if args.large_mb:
             big = work / "large" / "large.dcm"
             big.parent.mkdir()
             write_large_instance(big, args.large_mb * 1024 * 1024)
             size_mb = big.stat().st_size / 1e6
-            seconds, peak = run_adapter(big.parent, 1)
+            seconds, peak, _ = run_adapter(big.parent, 1, transports[0])
             results.update(
                 large_instance_mb=round(size_mb),
                 large_seconds=round(seconds, 2),

@@ -18,13 +18,16 @@ Semantics follow the real service closely enough for a subscriber's tests:
   the real service sets it only with a dead-letter policy);
 - acks arrive as unary `Acknowledge` and on the stream (`ack_ids`); an ack id whose lease has
   already expired, been nacked or acked is ignored;
+- a dead-letter policy (`dead_letter_policy` of the subscription: topic and
+  max_delivery_attempts) forwards a message whose lease ends unacked (nack or expiry) after
+  that many deliveries to the dead-letter topic instead of redelivering it;
 - a stream never holds more than its `max_outstanding_messages` / `max_outstanding_bytes`
   leases (0 = unlimited, at least one message is always allowed);
 - `stop()` ends open streams with UNAVAILABLE (as the real service does when it closes a
   stream). Stop subscribers before the server: a client whose server has gone keeps trying to
   reconnect and its shutdown then takes 10 s or more.
 
-Not modelled: ordering keys, exactly-once delivery, filters, dead-letter and retry policies,
+Not modelled: ordering keys, exactly-once delivery, filters, retry policies,
 retention/seek/snapshots, schemas, push subscriptions, IAM, page tokens.
 
 Plain module without pytest, so `bench/` scripts can use it too.
@@ -111,6 +114,8 @@ class _Sub:
     unacked: set[str] = field(default_factory=set)
     acked: set[str] = field(default_factory=set)
     attempts: dict[str, int] = field(default_factory=dict)  # message id -> deliveries
+    delivered_at: dict[str, list[float]] = field(default_factory=dict)  # monotonic times
+    dead_lettered: set[str] = field(default_factory=set)
 
     @property
     def ack_deadline(self) -> int:
@@ -182,7 +187,13 @@ class PubSubServer:
             self._topics[name] = _Topic(name=name)
 
     def create_subscription(
-        self, name: str, topic: str, ack_deadline: int = DEFAULT_ACK_DEADLINE
+        self,
+        name: str,
+        topic: str,
+        ack_deadline: int = DEFAULT_ACK_DEADLINE,
+        *,
+        dead_letter_topic: str = "",
+        max_delivery_attempts: int = 0,
     ) -> None:
         with self._cond:
             if name in self._subs:
@@ -190,6 +201,9 @@ class PubSubServer:
             if topic not in self._topics:
                 raise KeyError(f"topic {topic} not found")
             proto = _Subscription(name=name, topic=topic, ack_deadline_seconds=ack_deadline)
+            if dead_letter_topic:
+                proto.dead_letter_policy.dead_letter_topic = dead_letter_topic
+                proto.dead_letter_policy.max_delivery_attempts = max_delivery_attempts
             self._subs[name] = _Sub(proto=proto)
 
     def publish(self, topic: str, data: bytes, attributes: Mapping[str, str] | None = None) -> str:
@@ -221,6 +235,18 @@ class PubSubServer:
         """How often `message_id` was delivered, summed over all subscriptions."""
         with self._cond:
             return sum(sub.attempts.get(message_id, 0) for sub in self._subs.values())
+
+    def delivery_times(self, message_id: str) -> list[float]:
+        """When `message_id` was delivered (time.monotonic()), over all subscriptions."""
+        with self._cond:
+            return sorted(
+                t for sub in self._subs.values() for t in sub.delivered_at.get(message_id, [])
+            )
+
+    def dead_lettered(self, subscription: str) -> set[str]:
+        """Message ids `subscription` forwarded to its dead-letter topic."""
+        with self._cond:
+            return set(self._sub(subscription).dead_lettered)
 
     def expire_leases(self, subscription: str) -> int:
         """Let every current lease of `subscription` expire now, as if its ack deadline had
@@ -269,12 +295,30 @@ class PubSubServer:
             lease.stream.leased.pop(ack_id, None)
         return lease
 
+    def _requeue_locked(self, sub: _Sub, message_id: str, *, front: bool) -> None:
+        """A lease ended unacked: redeliver, or dead-letter after max_delivery_attempts."""
+        policy = sub.proto.dead_letter_policy
+        if policy.dead_letter_topic and sub.attempts.get(message_id, 0) >= (
+            policy.max_delivery_attempts or 5
+        ):
+            sub.unacked.discard(message_id)
+            sub.dead_lettered.add(message_id)
+            if policy.dead_letter_topic in self._topics:
+                forwarded = _PubsubMessage()
+                forwarded.data = self._messages[message_id].data
+                forwarded.attributes.update(self._messages[message_id].attributes)
+                self._publish_locked(policy.dead_letter_topic, forwarded)
+        elif front:
+            sub.pending.appendleft(message_id)
+        else:
+            sub.pending.append(message_id)
+
     def _expire_locked(self, sub: _Sub, now: float) -> None:
         expired = [ack_id for ack_id, lease in sub.leases.items() if lease.deadline <= now]
         for ack_id in expired:
             lease = self._drop_lease_locked(sub, ack_id)
             assert lease is not None
-            sub.pending.append(lease.message_id)
+            self._requeue_locked(sub, lease.message_id, front=False)
         if expired:
             self._cond.notify_all()
 
@@ -301,6 +345,7 @@ class PubSubServer:
                 stream.leased[ack_id] = size
             attempt = sub.attempts.get(message.message_id, 0) + 1
             sub.attempts[message.message_id] = attempt
+            sub.delivered_at.setdefault(message.message_id, []).append(now)
             received.append(
                 _ReceivedMessage(ack_id=ack_id, message=message, delivery_attempt=attempt)
             )
@@ -324,7 +369,7 @@ class PubSubServer:
             else:
                 lease = self._drop_lease_locked(sub, ack_id)
                 if lease is not None:
-                    sub.pending.appendleft(lease.message_id)
+                    self._requeue_locked(sub, lease.message_id, front=True)
         self._cond.notify_all()
 
     def _sub_or_abort(self, name: str, context: Any) -> _Sub:

@@ -997,7 +997,9 @@ class StoreSCP:
         accept: str = "all",
         fork: bool = False,
         probe: bool = True,
+        options: Sequence[str] = (),
     ) -> None:
+        self.options = list(options)  # more storescp options, e.g. --abort-after
         self.folder = folder
         self.aet = aet
         self.port = port or free_port()
@@ -1009,7 +1011,7 @@ class StoreSCP:
     def __enter__(self) -> Self:
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [dcmtk_tool("storescp"), *(["--fork"] if self.fork else []), "-aet", self.aet]
-        args += ["+xa" if self.accept == "all" else "+xi", "-od", str(self.folder)]
+        args += ["+xa" if self.accept == "all" else "+xi", "-od", str(self.folder), *self.options]
         self.proc = subprocess.Popen(
             [*args, str(self.port)],
             env=dcmtk_env(),
@@ -1108,3 +1110,9 @@ def store_jpeg_instance(orthanc: Orthanc, folder: Path, patient_id: str) -> Data
     assert stored is not None
     assert orthanc.transfer_syntax(stored) == ds.file_meta.TransferSyntaxUID  # still JPEG
     return ds
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -34,6 +34,8 @@ class InvalidDatasetError(AdapterError):
 class UpstreamError(AdapterError):
     """The DICOMweb server answered with a failure."""
 
+    http_status: int = 0  # the HTTP status of that answer, when it was one (e.g. 404)
+
 
 class UpstreamUnavailableError(UpstreamError):
     """The DICOMweb server is unreachable, overloaded or timed out (after retries)."""

@@ -45,6 +45,7 @@ class Upstream:
     stored: dict[str, str] = field(default_factory=dict)
     failures_first: int = 0  # answer this many requests with 503 before answering properly
     queried: list[list[str]] = field(default_factory=list)
+    page_cap: int | None = None  # a server answering at most this many per page, whatever limit
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/dicom-web/instances"
@@ -64,6 +65,7 @@ class Upstream:
         ]
         offset = int(request.url.params.get("offset", "0"))
         limit = int(request.url.params.get("limit", "1000"))
+        limit = limit if self.page_cap is None else min(limit, self.page_cap)
         body = json.dumps(matches[offset : offset + limit]).encode()
         return httpx.Response(200, headers={"Content-Type": "application/dicom+json"}, content=body)
 
@@ -405,3 +407,17 @@ def test_upstream_down_reports_processing_failure(
     assert {int(i.FailureReason) for i in report.info.FailedSOPSequence} == {
         Status.PROCESSING_FAILURE
     }
+
+
+def test_server_capping_qido_limit_still_commits_everything(
+    start_commitment: Callable[..., Harness],
+) -> None:
+    h = start_commitment()
+    h.upstream.page_cap = 2
+    instances = store(h, 5)
+
+    assert h.requester.request(h.port, action_information(instances)).Status == Status.SUCCESS
+
+    report = h.requester.wait_report()
+    assert report.event_type == 1
+    assert references(report.info.ReferencedSOPSequence) == instances

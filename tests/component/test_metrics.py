@@ -104,7 +104,7 @@ def test_echo_store_and_find_are_counted_and_served(
 
 
 def test_find_errors_and_cancels(start_importer: Callable[..., RunningImporter]) -> None:
-    importer = start_importer("--upstream_retry_deadline=0.2")
+    importer = start_importer("--upstream_retry_deadline=0.2", "--http_timeout=0.1")
     importer.upstream.responder = lambda r: httpx.Response(503)
     assert find(importer)[0] == Status.OUT_OF_RESOURCES
     importer.upstream.responder = paged_studies(100_000)

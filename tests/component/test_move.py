@@ -78,7 +78,7 @@ class Instance:
     implicit: bytes
 
 
-def make_instance(study: str, series: str, number: int) -> Instance:
+def make_instance(study: str, series: str, number: int, pixel_bytes: int = 512) -> Instance:
     uid = generate_uid()
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
@@ -97,7 +97,8 @@ def make_instance(study: str, series: str, number: int) -> Instance:
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = (hashlib.sha256(uid.encode()).digest() * 16)[:512]  # unique per instance
+    unique = hashlib.sha256(uid.encode()).digest()  # pixels unique per instance
+    ds.PixelData = (unique * (pixel_bytes // len(unique) + 1))[:pixel_bytes]
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = uid
@@ -258,6 +259,10 @@ class Destination:
         self.received: list[Received] = []
         self.hold_at = 0  # the hold_at-th C-STORE (1-based) waits for `release` first
         self.release = threading.Event()
+        self.stall_after = 0  # stop reading the socket once this many P-DATA bytes arrived
+        self.stalled = threading.Event()
+        self.resume = threading.Event()  # reading goes on once this is set
+        self.p_data_bytes = 0
         self._lock = threading.Lock()
         ae = AE(ae_title=DEST_AET)
         ae.require_called_aet = True
@@ -269,6 +274,7 @@ class Destination:
                 (evt.EVT_REQUESTED, self._on_requested),
                 (evt.EVT_ACCEPTED, self._on_accepted),
                 (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_DATA_RECV, self._on_data),
             ],
             server_class=ThreadedAssociationServer,
         )
@@ -291,6 +297,15 @@ class Destination:
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
             self.accepted += 1
+
+    def _on_data(self, event: Any) -> None:
+        """In the DUL reader thread: blocking here stops reading, so the sender's TCP stalls."""
+        if not self.stall_after or event.data[:1] != b"\x04":  # P-DATA-TF only
+            return
+        self.p_data_bytes += len(event.data)
+        if self.p_data_bytes > self.stall_after and not self.stalled.is_set():
+            self.stalled.set()
+            self.resume.wait(20)
 
     def _on_store(self, event: Any) -> int:
         request = event.request
@@ -458,7 +473,7 @@ def test_study_moves_every_series_over_one_association(
     assert all(int(p.NumberOfFailedSuboperations) == 0 for p in result.pending)
 
     qidos = qido_requests(importer)
-    assert len(qidos) == 1
+    assert len(qidos) == 2  # the second, at offset 5, is empty and ends paging
     assert relative_path(qidos[0]) == f"studies/{instances[0].study}/instances"
     wados = wado_requests(importer)  # the whole study in one request, both series
     assert [relative_path(r) for r in wados] == [f"studies/{instances[0].study}"]
@@ -466,7 +481,7 @@ def test_study_moves_every_series_over_one_association(
         assert accept_params(request) == {"type": "application/dicom", "transfer-syntax": "*"}
         assert request.headers["Accept"].startswith("multipart/related;")
         assert request.headers["Accept-Encoding"] == "identity"
-    assert len(importer.upstream.requests) == 2
+    assert len(importer.upstream.requests) == 3
 
     assert (destination.requested, destination.accepted) == (1, 1)
     assert len({r.association for r in destination.received}) == 1
@@ -587,7 +602,7 @@ def test_image_level_fetches_each_instance(setup: Setup) -> None:
     assert result.status == Status.SUCCESS
     assert result.counts() == (2, 0, 0)
     qidos = qido_requests(importer)
-    assert len(qidos) == 1
+    assert len(qidos) == 2  # the second is the empty page that ends paging
     assert sorted(qidos[0].url.params["SOPInstanceUID"].split(",")) == sorted(i.uid for i in wanted)
     assert sorted(relative_path(r) for r in wado_requests(importer)) == sorted(
         f"studies/{study}/series/{series}/instances/{i.uid}" for i in wanted
@@ -656,6 +671,51 @@ def test_cancel_stops_the_sub_operations_and_reports_what_was_done(setup: Setup)
     assert destination.accepted == 1
 
 
+def test_cancel_while_a_data_set_is_half_sent_aborts_and_answers_within_2_s(
+    setup: Setup,
+) -> None:
+    study = generate_uid()
+    series = generate_uid()
+    big = make_instance(study, series, 2, pixel_bytes=48 << 20)  # more than TCP buffers hold
+    instances = [make_instance(study, series, 1), big, make_instance(study, series, 3)]
+    importer, destination = setup(Archive(instances))
+    destination.stall_after = 1 << 20  # the big one stops flowing after 1 MiB
+
+    ae = AE(ae_title=SCU_AET)
+    ae.dimse_timeout = 15
+    ae.add_requested_context(MOVE_MODEL)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    cancelled_at: list[float] = []
+
+    def cancel_once_stalled() -> None:
+        if destination.stalled.wait(15):
+            cancelled_at.append(time.monotonic())
+            assoc.send_c_cancel(MSG_ID, assoc.accepted_contexts[0].context_id)
+
+    canceller = threading.Thread(target=cancel_once_stalled, daemon=True)
+    canceller.start()
+    statuses: list[Dataset] = []
+    try:
+        for status, _ in assoc.send_c_move(study_level(study), DEST_AET, MOVE_MODEL, msg_id=MSG_ID):
+            assert "Status" in status, "no C-MOVE response (DIMSE timeout or abort)"
+            statuses.append(status)
+        answered_at = time.monotonic()
+    finally:
+        destination.resume.set()
+        canceller.join(5)
+        assoc.release()
+
+    assert cancelled_at, "the destination never stalled: the big data set went through"
+    final = statuses[-1]
+    assert final.Status == Status.CANCEL
+    assert answered_at - cancelled_at[0] < 2.0
+    assert int(final.NumberOfCompletedSuboperations) == 1
+    assert int(final.NumberOfRemainingSuboperations) == 2
+    assert int(final.NumberOfFailedSuboperations) == 0
+    assert [r.sop_instance_uid for r in destination.received] == [instances[0].uid]
+
+
 def test_wado_stream_breaking_mid_study_fails_the_rest(setup: Setup) -> None:
     instances = make_study(5)
     importer, destination = setup(Archive(instances, truncate_after_parts=2))
@@ -667,3 +727,26 @@ def test_wado_stream_breaking_mid_study_fails_the_rest(setup: Setup) -> None:
     delivered = {item.sop_instance_uid for item in destination.received}
     assert len(delivered) == 2
     assert result.failed_uids() == sorted({i.uid for i in instances} - delivered)
+
+
+def test_server_capping_qido_limit_moves_every_instance(setup: Setup) -> None:
+    instances = make_study(4, 3)  # 7 instances listed 3 at a time
+    archive = Archive(instances)
+
+    def capped(request: httpx.Request) -> httpx.Response:
+        if is_qido(request):
+            limit = min(3, int(request.url.params["limit"]))
+            request = httpx.Request(
+                "GET", request.url.copy_set_param("limit", limit), headers=request.headers
+            )
+        return archive(request)
+
+    importer, destination = setup(archive)
+    importer.upstream.responder = capped
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (7, 0, 0)
+    assert set(destination.by_uid()) == {i.uid for i in instances}
+    assert [r.url.params["offset"] for r in qido_requests(importer)] == ["0", "3", "6", "7"]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import socket
+import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -21,6 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import split_dataset
 
 from dicom_adapter.dicomweb.multipart import (
     MultipartParser,
@@ -29,7 +35,8 @@ from dicom_adapter.dicomweb.multipart import (
     boundary_from_content_type,
 )
 from dicom_adapter.status import Status
-from tests.component.conftest import RunningImporter
+from tests.component.conftest import Responder, RunningImporter
+from tests.rig import _c_store_command, _item, _pdu, _recv_exactly
 
 JSON = {"Content-Type": "application/dicom+json"}
 
@@ -177,7 +184,7 @@ ROWS: list[tuple[str, Script, int]] = [
 def test_status_table_row(
     start_importer: Callable[..., RunningImporter], name: str, script: Script, expected: int
 ) -> None:
-    importer = start_importer("--upstream_retry_deadline=0.3")
+    importer = start_importer("--upstream_retry_deadline=0.3", "--http_timeout=0.2")
     ds = make_ct()
     importer.upstream.responder = script(str(ds.SOPInstanceUID))
     assert c_store(importer, ds) == expected
@@ -201,7 +208,7 @@ def answers_then_stored(
 def test_transient_failure_is_retried_then_stored(
     start_importer: Callable[..., RunningImporter],
 ) -> None:
-    importer = start_importer("--upstream_retry_deadline=10")
+    importer = start_importer("--upstream_retry_deadline=10", "--http_timeout=5")
     ds = make_ct()
     importer.upstream.responder = answers_then_stored(
         ds, [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"})]
@@ -213,7 +220,9 @@ def test_transient_failure_is_retried_then_stored(
 
 
 def test_extra_retry_code_is_retried(start_importer: Callable[..., RunningImporter]) -> None:
-    importer = start_importer("--upstream_retry_deadline=10", "--http_error_codes_to_retry=409")
+    importer = start_importer(
+        "--upstream_retry_deadline=10", "--http_timeout=5", "--http_error_codes_to_retry=409"
+    )
     ds = make_ct()
     importer.upstream.responder = answers_then_stored(ds, [httpx.Response(409)])
     assert c_store(importer, ds) == Status.SUCCESS
@@ -312,3 +321,153 @@ def test_dataset_without_sop_uid_gets_cannot_understand(
     finally:
         assoc.release()
     assert importer.upstream.requests == [], "an invalid dataset must not be uploaded"
+
+
+def answer_lost_then_conflict(
+    ds: Dataset, *, conflict: httpx.Response, sop_class_upstream: str | None
+) -> Callable[[httpx.Request], httpx.Response]:
+    """The first STOW is processed upstream but its answer is lost (connection reset); the
+    retry gets `conflict`; QIDO finds the instance with `sop_class_upstream` (None: absent)."""
+    posts: list[int] = []
+
+    def responder(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            if sop_class_upstream is None or request.url.params.get("offset", "0") != "0":
+                return httpx.Response(200, headers=JSON, content=b"[]")
+            match = {
+                "00080016": {"vr": "UI", "Value": [sop_class_upstream]},
+                "00080018": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]},
+            }
+            return httpx.Response(200, headers=JSON, content=json.dumps([match]).encode())
+        posts.append(1)
+        if len(posts) == 1:
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return conflict
+
+    return responder
+
+
+def conflict_409(ds: Dataset) -> httpx.Response:
+    return httpx.Response(409, text="instance exists")
+
+
+def conflict_0111(ds: Dataset) -> httpx.Response:
+    body = stow_json(failed=[(str(ds.SOPInstanceUID), Status.DUPLICATE_SOP_INSTANCE)])
+    return httpx.Response(409, headers=JSON, content=body)
+
+
+@pytest.mark.parametrize("conflict", [conflict_409, conflict_0111], ids=["409", "0111"])
+def test_retry_that_finds_the_instance_stored_is_success(
+    start_importer: Callable[..., RunningImporter],
+    conflict: Callable[[Dataset], httpx.Response],
+) -> None:
+    """The lost answer stored it: success, after a QIDO by UID with the SOP class."""
+    importer = start_importer("--upstream_retry_deadline=10", "--http_timeout=5")
+    ds = make_ct()
+    importer.upstream.responder = answer_lost_then_conflict(
+        ds, conflict=conflict(ds), sop_class_upstream=str(ds.SOPClassUID)
+    )
+    assert c_store(importer, ds) == Status.SUCCESS
+    query = importer.upstream.requests[-1]
+    assert query.method == "GET"
+    assert query.url.path == (
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances"
+    )
+    assert query.url.params["SOPInstanceUID"] == ds.SOPInstanceUID
+    assert query.url.params["includefield"] == "00080016"
+
+
+@pytest.mark.parametrize(
+    ("upstream_class", "expected"),
+    [(None, Status.PROCESSING_FAILURE), ("1.2.840.10008.5.1.4.1.1.7", Status.PROCESSING_FAILURE)],
+    ids=["absent", "other-sop-class"],
+)
+def test_retry_conflict_without_the_instance_upstream_is_failure(
+    start_importer: Callable[..., RunningImporter], upstream_class: str | None, expected: int
+) -> None:
+    importer = start_importer("--upstream_retry_deadline=10", "--http_timeout=5")
+    ds = make_ct()
+    importer.upstream.responder = answer_lost_then_conflict(
+        ds, conflict=conflict_409(ds), sop_class_upstream=upstream_class
+    )
+    assert c_store(importer, ds) == expected
+    methods = [r.method for r in importer.upstream.requests]
+    assert methods[:3] == ["POST", "POST", "GET"]
+    assert set(methods[2:]) == {"GET"}  # the check only lists (paged until an empty page)
+
+
+def test_first_attempt_conflict_keeps_its_meaning(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    """No answer was lost: a 409 is the peer's duplicate, 0x0110, and nothing is asked."""
+    importer = start_importer()
+    ds = make_ct()
+    importer.upstream.responder = lambda r: httpx.Response(409)
+    assert c_store(importer, ds) == Status.PROCESSING_FAILURE
+    assert [r.method for r in importer.upstream.requests] == ["POST"]
+
+
+def store_twice_then_abort(importer: RunningImporter, path: Path) -> None:
+    """Send two whole C-STOREs over a raw socket without waiting for answers, then A-ABORT."""
+    meta = read_file_meta_info(path)
+    context = _item(
+        0x20,
+        bytes([1, 0, 0, 0])
+        + _item(0x30, str(meta.MediaStorageSOPClassUID).encode())
+        + _item(0x40, str(meta.TransferSyntaxUID).encode()),
+    )
+    associate_rq = _pdu(
+        0x01,
+        struct.pack(">HH", 1, 0)
+        + importer.aet.encode().ljust(16)
+        + b"MODALITY".ljust(16)
+        + bytes(32)
+        + _item(0x10, b"1.2.840.10008.3.1.1.1")
+        + context
+        + _item(0x50, _item(0x51, struct.pack(">I", 16384))),
+    )
+    dataset = path.read_bytes()[split_dataset(path)[1] :]
+    assert len(dataset) < 16000, "one P-DATA fragment each"
+
+    def p_data(payload: bytes, control: int) -> bytes:
+        return _pdu(0x04, struct.pack(">IBB", len(payload) + 2, 1, control) + payload)
+
+    with socket.create_connection(("127.0.0.1", importer.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(associate_rq)
+        pdu_type, _, length = struct.unpack(">BBI", _recv_exactly(sock, 6))
+        _recv_exactly(sock, length)
+        assert pdu_type == 0x02, "association not accepted"
+        command = _c_store_command(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID)
+        for _ in range(2):
+            sock.sendall(p_data(command, 0x03) + p_data(dataset, 0x02))
+        sock.sendall(_pdu(0x07, bytes(4)))  # A-ABORT
+
+
+def test_abort_after_whole_data_sets_leaves_no_file(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    """Data sets that were complete but never answered: gone with their association."""
+    importer = start_importer(
+        "--http_timeout=0.5", "--upstream_retry_deadline=1", "--cstore_answer_deadline=2"
+    )
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    importer.upstream.responder = cast(Responder, hang)
+    ds = make_ct()
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    service = importer.service
+    store_twice_then_abort(importer, path)
+    spool = service.cstore_spool_dir
+    assert spool is not None
+    deadline = time.monotonic() + 10
+    while not importer.upstream.requests:  # the first data set arrived whole: its upload hangs
+        assert time.monotonic() < deadline, "the data sets never completed"
+        time.sleep(0.05)
+    while list(spool.iterdir()) or service.active_associations:
+        assert time.monotonic() < deadline, f"{list(spool.iterdir())} left"
+        time.sleep(0.05)

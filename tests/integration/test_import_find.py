@@ -20,6 +20,12 @@ from tests.rig import Importer, Orthanc, dcmsend, run_dcmtk
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_COUNTS = [
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+]
+STUDY_COUNTS = ["NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
 CT, MR, US = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.6.1"
 
 # (patient id, name, birth date, [(study date, description, [(modality, sop class, n)])])
@@ -192,6 +198,39 @@ CASES = [
         PATIENT_ROOT_FIND,
         identifier("STUDY", PatientID="FP001", StudyDate="", StudyDescription=""),
     ),
+    # The Number-of-related keys of each level: QIDO gives the study and series ones, the
+    # patient ones are counted (from the listing, or per patient when matching on more).
+    (
+        "patient-counts",
+        PATIENT_ROOT_FIND,
+        identifier("PATIENT", PatientID="FP*", **dict.fromkeys(PATIENT_COUNTS, "")),
+    ),
+    (
+        "patient-name-counts",
+        PATIENT_ROOT_FIND,
+        identifier(
+            "PATIENT", PatientName="Doe^*", PatientID="", **dict.fromkeys(PATIENT_COUNTS, "")
+        ),
+    ),
+    (
+        "study-counts",
+        STUDY_ROOT_FIND,
+        identifier(
+            "STUDY", PatientID="FP*", StudyInstanceUID="", **dict.fromkeys(STUDY_COUNTS, "")
+        ),
+    ),
+    (
+        "patient-root-study-counts",
+        PATIENT_ROOT_FIND,
+        identifier("STUDY", PatientID="FP003", StudyDate="", **dict.fromkeys(STUDY_COUNTS, "")),
+    ),
+    (
+        "series-counts",
+        STUDY_ROOT_FIND,
+        identifier(
+            "SERIES", PatientID="FP*", SeriesInstanceUID="", NumberOfSeriesRelatedInstances=""
+        ),
+    ),
 ]
 
 
@@ -205,6 +244,8 @@ def test_answers_match_orthanc_dimse(
     got = c_find(importer.port, importer.aet, sop_class, query)
     assert expected, "the oracle found nothing: the test data is wrong"
     assert values(got, keys) == values(expected, keys)
+    counts = [key for key in keys if key.startswith("NumberOf")]
+    assert all(str(a.get(key) or "") for a in got for key in counts), "a count is empty"
     for answer in got:
         present = {e.keyword for e in answer}
         assert present - {"SpecificCharacterSet", "RetrieveAETitle"} == set(keys) | {

@@ -361,7 +361,9 @@ def test_unreachable_dicomweb_is_a_failure_never_success(
     start_importer: StartImporter, tmp_path: Path
 ) -> None:
     nothing_listens = f"http://127.0.0.1:{free_port()}/dicom-web"
-    importer = start_importer("--upstream_retry_deadline=2", dicomweb_address=nothing_listens)
+    importer = start_importer(
+        "--upstream_retry_deadline=2", "--http_timeout=1", dicomweb_address=nothing_listens
+    )
     first, second = generate_ct_series(tmp_path / "ct", 2, rows=16, cols=16, seed=6)
 
     started = time.monotonic()

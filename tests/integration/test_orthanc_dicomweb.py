@@ -12,8 +12,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
-from dicom_adapter.dicomweb.stow import parse_stow_response
-from dicom_adapter.importer.store import status_for
+from dicom_adapter.dicomweb.stow import parse_stow_response, status_for
 from dicom_adapter.status import Status
 from tests.rig import Orthanc, generate_ct_series
 

@@ -445,3 +445,94 @@ def test_context_count_checked(count: int) -> None:
     contexts = [CT_EXPLICIT] * count
     with pytest.raises(ValueError, match="presentation contexts"):
         _run(StoreAssociation.open(target, contexts))
+
+
+# --------------------------------------------------------------------------------------------
+# Cancelled mid-data-set
+
+
+class StallingRelay:
+    """A TCP relay to a peer that stops reading from the SCU after `stall_after` bytes."""
+
+    def __init__(self, port: int, stall_after: int) -> None:
+        self.target_port = port
+        self.stall_after = stall_after
+        self.stalled = asyncio.Event()
+        self.resume = asyncio.Event()
+        self.closed_at: float | None = None  # when the SCU's connection ended (EOF or reset)
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, HOST, 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(HOST, self.target_port)
+        back = asyncio.ensure_future(_pipe(up_reader, writer))
+        self._tasks.append(back)
+        forwarded = 0
+        try:
+            while chunk := await reader.read(1 << 16):
+                up_writer.write(chunk)
+                await up_writer.drain()
+                forwarded += len(chunk)
+                if forwarded > self.stall_after:
+                    self.stalled.set()
+                    await self.resume.wait()
+                    while await reader.read(1 << 20):  # what the SCU had sent before it ended
+                        pass
+                    break
+        except OSError:
+            pass
+        self.closed_at = asyncio.get_running_loop().time()
+        up_writer.close()
+        writer.close()
+
+
+def test_cancelled_c_store_resets_the_connection_instead_of_releasing(
+    start_scp: StartScp, tmp_path: Path
+) -> None:
+    scp = start_scp()
+    meta = FileMeta(CTImageStorage, "1.2.3.4.5", ExplicitVRLittleEndian, 0)
+    big = bytes(48 << 20)  # more than the socket buffers between us and the relay hold
+
+    async def main() -> tuple[float, float, bool]:
+        relay = StallingRelay(scp.port, stall_after=1 << 20)
+        port = await relay.start()
+        try:
+            assoc = await _open(AssociationTarget(CALLING, scp.aet, HOST, port))
+            context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
+            assert context_id is not None
+            store = asyncio.ensure_future(
+                assoc.c_store(context_id, meta.sop_class_uid, meta.sop_instance_uid, big)
+            )
+            await asyncio.wait_for(relay.stalled.wait(), WAIT)
+            loop = asyncio.get_running_loop()
+            cancelled_at = loop.time()
+            store.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await store
+            relay.resume.set()
+            await assoc.release()  # nothing to release: returns at once
+            released_in = loop.time() - cancelled_at
+            while relay.closed_at is None and loop.time() - cancelled_at < WAIT:
+                await asyncio.sleep(0.01)
+            assert relay.closed_at is not None, "the cancelled association stayed connected"
+            return released_in, relay.closed_at - cancelled_at, assoc.is_open
+        finally:
+            await relay.close()
+
+    released_in, closed_in, still_open = _run(main())
+    assert not still_open
+    assert released_in < 0.5
+    assert closed_in < 1.0
+    assert scp.requests == []  # the peer never saw a complete C-STORE

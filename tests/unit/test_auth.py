@@ -24,7 +24,8 @@ from dicom_adapter.dicomweb.auth import (
     load_google_credentials,
 )
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
-from dicom_adapter.errors import ConfigError, UpstreamAuthError
+from dicom_adapter.errors import AdapterError, ConfigError, UpstreamUnavailableError
+from dicom_adapter.importer.store import InstanceIdentity, StoreService
 
 GOOGLE = (
     "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
@@ -34,12 +35,20 @@ GOOGLE = (
 class FakeCredentials:
     """Stands in for google.auth credentials: counts refreshes and the thread they ran on."""
 
-    def __init__(self, *, valid: bool, expires_in: float | None, fail: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        valid: bool,
+        expires_in: float | None,
+        fail: bool = False,
+        failures: list[Exception] | None = None,
+    ) -> None:
         self.token: str | None = "old-token" if valid else None
         self.valid = valid
         now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
         self.expiry = None if expires_in is None else now + datetime.timedelta(seconds=expires_in)
         self.fail = fail
+        self.failures = failures or []  # raised by the next refreshes, one each, in order
         self.refreshes = 0
         self.refresh_threads: list[int] = []
 
@@ -47,6 +56,8 @@ class FakeCredentials:
         self.refresh_threads.append(threading.get_ident())
         if self.fail:
             raise google.auth.exceptions.RefreshError("metadata server said no")  # type: ignore[no-untyped-call]
+        if self.failures:
+            raise self.failures.pop(0)
         self.refreshes += 1
         self.token = f"fresh-token-{self.refreshes}"
         self.valid = True
@@ -128,11 +139,64 @@ def test_concurrent_requests_refresh_once() -> None:
     assert creds.refreshes == 1
 
 
-def test_refresh_failure_is_not_authorized() -> None:
+def metadata_blip() -> Exception:
+    return google.auth.exceptions.TransportError("metadata server unreachable")  # type: ignore[no-untyped-call]
+
+
+def test_refresh_failure_is_retry_later_not_unauthorized() -> None:
+    """A token endpoint that says no is not the DICOMweb server refusing us: 0xA700."""
     auth = GoogleAuth(FakeCredentials(valid=False, expires_in=None, fail=True))
-    with pytest.raises(UpstreamAuthError) as caught:
+    with pytest.raises(UpstreamUnavailableError) as caught:
         asyncio.run(auth.token())
-    assert caught.value.status == 0x0124
+    assert caught.value.status == 0xA700
+
+
+def store_status(creds: FakeCredentials, tmp_path: Path, handler: Any) -> int:
+    """The C-STORE status of one instance stored through Google credentials `creds`."""
+    instance = tmp_path / "x.dcm"
+    instance.write_bytes(b"\0" * 128 + b"DICM")
+    identity = InstanceIdentity("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", "1.2.3", "1.2.3.5")
+
+    async def main() -> int:
+        http = make_http_client(
+            timeout=5, auth=GoogleAuth(creds), transport=httpx.MockTransport(handler)
+        )
+        try:
+            client = DicomwebClient(http, RetryPolicy(deadline=0.3, first_delay=0.01))
+            service = StoreService(
+                client, stow_url=f"{GOOGLE}/studies", dicomweb_root=GOOGLE, overwrite=False
+            )
+            return await service.store(instance, identity)
+        except AdapterError as exc:  # what the C-STORE handler answers
+            return int(exc.status)
+        finally:
+            await http.aclose()
+
+    return asyncio.run(main())
+
+
+def stored(request: httpx.Request) -> httpx.Response:
+    body = {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.4"]}}]}}
+    return httpx.Response(200, json=body)
+
+
+def test_metadata_server_blip_is_0xa700(tmp_path: Path) -> None:
+    """A refresh that keeps failing with a TransportError: C-STORE 0xA700, never 0x0124."""
+    creds = FakeCredentials(valid=False, expires_in=None, failures=[metadata_blip()] * 1000)
+    assert store_status(creds, tmp_path, stored) == 0xA700
+
+
+def test_metadata_server_blip_is_retried(tmp_path: Path) -> None:
+    """One failed refresh is retried within the deadline and the instance is stored."""
+    creds = FakeCredentials(valid=False, expires_in=None, failures=[metadata_blip()])
+    assert store_status(creds, tmp_path, stored) == 0x0000
+    assert creds.refreshes == 1
+
+
+def test_dicomweb_401_is_not_authorized(tmp_path: Path) -> None:
+    """Only the DICOMweb server's own refusal is 0x0124."""
+    creds = FakeCredentials(valid=True, expires_in=3600)
+    assert store_status(creds, tmp_path, lambda request: httpx.Response(401)) == 0x0124
 
 
 def test_no_application_default_credentials_is_a_config_error(

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import httpx
@@ -38,9 +38,9 @@ from dicom_adapter.dicomweb.multipart import (
     parse_content_type,
     related_content_type,
 )
+from dicom_adapter.dicomweb.stow import StowResponse, status_for
 from dicom_adapter.dimse.part10 import DatasetFile
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
-from dicom_adapter.importer.store import status_for
 from dicom_adapter.status import Status
 
 T = TypeVar("T")
@@ -434,6 +434,54 @@ def test_connection_errors_exhaust_deadline(tmp_path: Path) -> None:
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
+def test_hung_attempt_is_cut_off_at_the_deadline(tmp_path: Path) -> None:
+    """Under one_deadline(), a request that never answers ends with the retry deadline, not
+    the HTTP timeout (10 s)."""
+    path = write_file(tmp_path, "a.dcm", b"x")
+    attempts: list[int] = []
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def use(client: DicomwebClient) -> StowResponse:
+        with client.one_deadline():
+            return await asyncio.wait_for(client.stow(STOW_URL, [path]), 5)  # fails, not hangs
+
+    policy = RetryPolicy(deadline=0.3, first_delay=0.01, max_delay=0.05)
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailableError) as info:
+        run_with_client(cast(Handler, hang), use, policy)
+    assert time.monotonic() - started < 1.0
+    assert attempts == [1]
+    assert info.value.status == Status.OUT_OF_RESOURCES
+
+
+def test_one_deadline_is_shared_by_the_requests_of_an_operation(tmp_path: Path) -> None:
+    """Two requests under one_deadline() end by one deadline, not one each."""
+    path = write_file(tmp_path, "a.dcm", b"x")
+
+    async def use(client: DicomwebClient) -> list[int]:
+        with client.one_deadline():
+            first = await client.stow(STOW_URL, [path])
+            second = await client.stow(STOW_URL, [path])
+        return [first.http_status, second.http_status]
+
+    policy = RetryPolicy(deadline=0.4, first_delay=0.01, max_delay=0.05)
+    started = time.monotonic()
+    codes = run_with_client(lambda r: httpx.Response(503), use, policy)
+    assert codes == [503, 503]
+    assert time.monotonic() - started < 0.6
+
+
+def test_stow_reports_how_many_attempts_it_made(tmp_path: Path) -> None:
+    path = write_file(tmp_path, "a.dcm", b"x")
+    answers = [httpx.Response(503), httpx.Response(409)]
+    result = run_with_client(lambda r: answers.pop(0), lambda c: c.stow(STOW_URL, [path]))
+    assert (result.http_status, result.attempts) == (409, 2)
+
+
 def test_timeout_then_success(tmp_path: Path) -> None:
     path = write_file(tmp_path, "a.dcm", b"x")
     attempts: list[int] = []
@@ -552,7 +600,7 @@ def study(n: int) -> dict[str, Any]:
     return {"0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]}}
 
 
-def test_qido_pages_until_short_page() -> None:
+def test_qido_pages_until_empty_page() -> None:
     all_items = [study(n) for n in range(5)]
     requests: list[httpx.Request] = []
     items = run_with_client(
@@ -564,6 +612,7 @@ def test_qido_pages_until_short_page() -> None:
         ("2", "0"),
         ("2", "2"),
         ("2", "4"),
+        ("2", "5"),
     ]
     assert all(r.url.params["PatientID"] == "P1" for r in requests)
 
@@ -588,7 +637,7 @@ def test_qido_more_than_java_limit_not_truncated() -> None:
     )
     assert len(items) == 5001
     assert items[-1] == study(5000)
-    assert len(requests) == 6
+    assert len(requests) == 7
 
 
 def test_qido_204_means_no_results() -> None:
@@ -617,11 +666,11 @@ def test_qido_retries_transient_then_pages() -> None:
         requests.append(request)
         if len(requests) == 1:
             return httpx.Response(503)
-        return httpx.Response(200, json=[study(1)])
+        return httpx.Response(200, json=[study(1)] if request.url.params["offset"] == "0" else [])
 
     items = run_with_client(handler, lambda c: collect_qido(c, f"{ROOT}/studies", []))
     assert items == [study(1)]
-    assert len(requests) == 2
+    assert len(requests) == 3
 
 
 @pytest.mark.parametrize(

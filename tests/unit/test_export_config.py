@@ -12,6 +12,7 @@ import pytest
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.config.parse import deprecation_notes, flag_status, parse_settings
 from dicom_adapter.errors import ConfigError
+from dicom_adapter.exporter.sinks import DEFAULT_PERMANENT_STATUSES
 
 SOURCE = "http://source.example:8042/dicom-web"
 PEER = "http://peer.example:8042/dicom-web"
@@ -167,3 +168,38 @@ def test_metrics_port_defaults_next_to_the_importers() -> None:
     assert parse([*REQUIRED, *CSTORE, "--metrics_port=-1"]).metrics_port == -1
     assert parse([*REQUIRED, *CSTORE], {"METRICS_PORT": "0"}).metrics_port == 0
     assert problem([*REQUIRED, *CSTORE, "--metrics_port=70000"]).flag == "metrics_port"
+
+
+def test_retry_flags_defaults_and_bounds() -> None:
+    settings = parse([*REQUIRED, *CSTORE])
+    assert (settings.retry_backoff_initial, settings.retry_backoff_max) == (1.0, 600.0)
+    assert settings.sink_probe_interval == 5.0
+    assert settings.permanent_statuses == frozenset({0xA900, 0x0122}) == DEFAULT_PERMANENT_STATUSES
+    for name in ("retry_backoff_initial", "retry_backoff_max", "sink_probe_interval"):
+        assert flag_status(ExporterSettings.model_fields[name]) == "new"
+        assert problem([*REQUIRED, *CSTORE, f"--{name}=0"]).flag == name
+        assert problem([*REQUIRED, *CSTORE, f"--{name}=601"]).flag == name
+    shorter = parse([*REQUIRED, *CSTORE, "--retry_backoff_initial=0.5", "--retry_backoff_max=8"])
+    assert (shorter.retry_backoff_initial, shorter.retry_backoff_max) == (0.5, 8.0)
+    error = problem([*REQUIRED, *CSTORE, "--retry_backoff_initial=10", "--retry_backoff_max=5"])
+    assert error.flag == "retry_backoff_initial"
+
+
+@pytest.mark.parametrize(
+    ("text", "codes"),
+    [
+        ("0xA900,0x0122", {0xA900, 0x0122}),
+        ("A900, 0122", {0xA900, 0x0122}),
+        ("0xc000", {0xC000}),
+        ("", set()),
+    ],
+)
+def test_permanent_cstore_statuses_parse_hex(text: str, codes: set[int]) -> None:
+    settings = parse([*REQUIRED, *CSTORE, f"--permanent_cstore_statuses={text}"])
+    assert settings.permanent_statuses == frozenset(codes)
+
+
+@pytest.mark.parametrize("text", ["0xG000", "12345", "0x1_0", "A900;;zz"])
+def test_permanent_cstore_statuses_reject_non_hex(text: str) -> None:
+    error = problem([*REQUIRED, *CSTORE, f"--permanent_cstore_statuses={text}"])
+    assert error.flag == "permanent_cstore_statuses"

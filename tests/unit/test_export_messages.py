@@ -60,8 +60,9 @@ def test_malformed_is_permanent() -> None:
         (0xA700, TransientFailure),
         (0xA7FF, TransientFailure),
         (0xA900, PermanentFailure),
-        (0xC000, PermanentFailure),
-        (0x0110, PermanentFailure),
+        (0x0122, PermanentFailure),
+        (0xC000, TransientFailure),
+        (0x0110, TransientFailure),
     ],
 )
 def test_cstore_status_classes(code: int, expected: type | None) -> None:

@@ -30,9 +30,11 @@ from dicom_adapter.dimse.scu import (
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreResponse
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from dicom_adapter.exporter.sinks import (
+    DEFAULT_PERMANENT_STATUSES,
     VERIFICATION,
     CStoreSink,
     PermanentFailure,
+    SinkUnavailable,
     StoreConnection,
     StowSink,
     TransientFailure,
@@ -123,12 +125,14 @@ class FakePeer:
         self.lose_next = 0
         self.unreachable = False
         self.in_flight = 0
+        self.connects = 0
 
     async def __call__(
         self, target: AssociationTarget, contexts: Sequence[RequestedContext]
     ) -> StoreConnection:
         assert target == TARGET
         assert 1 <= len(contexts) <= MAX_CONTEXTS
+        self.connects += 1
         if self.unreachable:
             raise PeerUnreachableError("cannot connect to PEER@127.0.0.1:11112")
         assoc = FakeAssociation(self, contexts)
@@ -142,8 +146,8 @@ class FakePeer:
         }
 
 
-def sink_for(peer: FakePeer) -> CStoreSink:
-    return CStoreSink(TARGET, opener=peer)
+def sink_for(peer: FakePeer, permanent: frozenset[int] = DEFAULT_PERMANENT_STATUSES) -> CStoreSink:
+    return CStoreSink(TARGET, opener=peer, permanent_statuses=permanent)
 
 
 class Refetcher:
@@ -314,10 +318,10 @@ def test_sop_class_refused_entirely_is_permanent() -> None:
     assert sink.associations_opened == 1
 
 
-def test_refetch_in_a_refused_syntax_again_is_permanent() -> None:
+def test_refetch_in_a_refused_syntax_again_is_transient() -> None:
     peer = FakePeer(lambda cls, ts: ts == EXPLICIT_VR_LE)
     refetch = Refetcher(CT, "1.2.3.1", answer_syntax=JPEG)  # the server ignored the request
-    with pytest.raises(PermanentFailure, match="which the peer does not accept"):
+    with pytest.raises(TransientFailure, match="which the peer does not accept"):
         asyncio.run(sink_for(peer).send(fetched(CT, "1.2.3.1", JPEG), refetch))
     assert refetch.served[0].data is None
     assert peer.stored == []
@@ -329,18 +333,19 @@ def test_refused_syntax_without_refetch_is_permanent() -> None:
         asyncio.run(sink_for(peer).send(fetched(CT, "1.2.3.1", JPEG)))
 
 
-def test_unusable_meta_is_permanent() -> None:
+def test_unusable_meta_is_transient() -> None:
+    """A proxy's error page looks the same: retried, and dead-lettered if it persists."""
     instance = FetchedInstance({}, data=bytearray(b"junk"), error="no DICM prefix")
-    with pytest.raises(PermanentFailure, match="no DICM prefix"):
+    with pytest.raises(TransientFailure, match="no DICM prefix"):
         asyncio.run(sink_for(FakePeer()).send(instance))
 
 
-def test_non_ascii_uid_is_permanent() -> None:
+def test_non_ascii_uid_is_transient() -> None:
     instance = fetched(CT, "1.2.3.1", EXPLICIT_VR_LE)
     assert instance.meta is not None
     instance.meta = replace(instance.meta, sop_instance_uid="1.2.\ufffd")  # undecodable bytes
     peer = FakePeer()
-    with pytest.raises(PermanentFailure, match="non-ASCII UID"):
+    with pytest.raises(TransientFailure, match="non-ASCII UID"):
         asyncio.run(sink_for(peer).send(instance))
     assert peer.stored == []
 
@@ -351,7 +356,17 @@ def test_non_ascii_uid_is_permanent() -> None:
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(0xA700, TransientFailure), (0xA7FF, TransientFailure), (0xC000, PermanentFailure)],
+    [
+        (0xA900, PermanentFailure),  # data set does not match SOP class
+        (0x0122, PermanentFailure),  # SOP class not supported
+        (0xA700, TransientFailure),
+        (0xA7FF, TransientFailure),
+        (0x0110, TransientFailure),  # processing failure: PACS use it for passing trouble
+        (0xC000, TransientFailure),
+        (0xC0FF, TransientFailure),
+        (0xA901, TransientFailure),  # only the listed codes, not their range
+        (0x0124, TransientFailure),
+    ],
 )
 def test_failure_status_classified_and_association_renewed(
     status: int, expected: type[Exception]
@@ -370,6 +385,29 @@ def test_failure_status_classified_and_association_renewed(
     assert sink.associations_opened == 2
 
 
+def test_permanent_statuses_are_configurable() -> None:
+    peer = FakePeer()
+    peer.statuses = [0xC001, 0xA900]
+    sink = sink_for(peer, frozenset({0xC001}))
+
+    async def main() -> None:
+        with pytest.raises(PermanentFailure, match="0xC001"):
+            await sink.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+        with pytest.raises(TransientFailure, match="0xA900"):
+            await sink.send(fetched(CT, "1.2.3.2", EXPLICIT_VR_LE))
+
+    asyncio.run(main())
+
+
+def test_refused_sop_class_follows_0x0122() -> None:
+    """Refusing every context for a SOP class is 0x0122 said in negotiation."""
+    peer = FakePeer(lambda cls, ts: cls == VERIFICATION)
+    with pytest.raises(TransientFailure, match="no presentation context"):
+        asyncio.run(
+            sink_for(peer, frozenset({0xA900})).send(fetched(CT, "1.2.3.1", IMPLICIT_VR_LE))
+        )
+
+
 @pytest.mark.parametrize("status", [0xB000, 0xB007])
 def test_warning_status_is_stored(status: int) -> None:
     peer = FakePeer()
@@ -377,19 +415,29 @@ def test_warning_status_is_stored(status: int) -> None:
     asyncio.run(sink_for(peer).send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE)))
 
 
-def test_unreachable_peer_is_transient_and_retried_next_time() -> None:
+def test_unreachable_peer_fails_fast_until_a_probe_gets_through() -> None:
     peer = FakePeer()
     peer.unreachable = True
     sink = sink_for(peer)
 
     async def main() -> None:
-        with pytest.raises(TransientFailure, match="cannot connect"):
+        with pytest.raises(SinkUnavailable, match="cannot connect"):
             await sink.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+        for _ in range(5):  # no connect per send: no connect timeout each either
+            with pytest.raises(SinkUnavailable, match="unreachable"):
+                await sink.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+        assert peer.connects == 1
+        with pytest.raises(SinkUnavailable):
+            await sink.probe()
+        assert peer.connects == 2
         peer.unreachable = False
-        await sink.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+        await sink.probe()
+        await sink.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))  # on the probe's association
+        await sink.probe()  # an open association is reachable: no new connection
 
     asyncio.run(main())
     assert sink.associations_opened == 1
+    assert peer.connects == 3
     assert len(peer.stored) == 1
 
 
@@ -436,15 +484,24 @@ def stow_json(uid: str) -> dict[str, object]:
 
 
 def stow_with(
-    handler: Callable[[httpx.Request], httpx.Response], instance: FetchedInstance
+    handler: Callable[[httpx.Request], httpx.Response],
+    instance: FetchedInstance | None = None,
 ) -> None:
+    """STOW `instance` through a MockTransport, or probe the sink when it is None."""
+
     async def main() -> None:
         http = make_http_client(timeout=10.0, transport=httpx.MockTransport(handler))
         async with http:
-            client = DicomwebClient(http, RetryPolicy(deadline=0.5, first_delay=0.01))
-            await StowSink(client, STOW_URL).send(instance)
+            client = DicomwebClient(http, RetryPolicy(deadline=0.2, first_delay=0.01))
+            sink = StowSink(client, STOW_URL)
+            await (sink.probe() if instance is None else sink.send(instance))
 
     asyncio.run(main())
+
+
+def stow_failure(uid: str, reason: int) -> dict[str, object]:
+    item = {"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [reason]}}
+    return {"00081198": {"vr": "SQ", "Value": [item]}}
 
 
 def only_part(request: httpx.Request) -> bytes:
@@ -475,20 +532,103 @@ def test_stow_sends_the_part10_file(tmp_path: Path, spooled: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "expected"),
-    [(503, TransientFailure), (429, TransientFailure), (400, PermanentFailure)],
+    ("code", "body", "expected"),
+    [
+        (400, {}, PermanentFailure),
+        (400, stow_failure("1.2.3.1", 0xC000), PermanentFailure),
+        (409, stow_failure("1.2.3.1", 0xA900), PermanentFailure),
+        (409, stow_failure("1.2.3.1", 0x0122), PermanentFailure),
+        (409, stow_failure("1.2.3.1", 0xC000), TransientFailure),
+        (409, stow_failure("1.2.3.1", 0x0110), TransientFailure),
+        (409, {}, TransientFailure),
+        (400, stow_failure("1.2.3.1", 0xA700), TransientFailure),
+        (401, {}, TransientFailure),
+        (403, {}, TransientFailure),
+        (200, {}, TransientFailure),  # "success" that stored nothing (Orthanc, malformed body)
+        (503, {}, SinkUnavailable),
+        (500, {}, SinkUnavailable),
+        (429, {}, SinkUnavailable),
+        (408, {}, SinkUnavailable),
+    ],
 )
-def test_stow_failures(code: int, expected: type[Exception]) -> None:
+def test_stow_failures(code: int, body: dict[str, object], expected: type[Exception]) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(code, json={})
+        return httpx.Response(code, json=body)
 
-    with pytest.raises(expected):
+    with pytest.raises(expected) as caught:
+        stow_with(handler, fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+    assert type(caught.value) is expected
+
+
+def test_stow_connection_error_is_unavailable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(SinkUnavailable, match="connection refused"):
         stow_with(handler, fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
 
 
-def test_stow_200_without_the_instance_is_permanent() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={})
+@pytest.mark.parametrize(("code", "reachable"), [(405, True), (200, True), (503, False)])
+def test_stow_probe_is_one_options_request(code: int, reachable: bool) -> None:
+    requests: list[httpx.Request] = []
 
-    with pytest.raises(PermanentFailure, match="HTTP 200"):
-        stow_with(handler, fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(code)
+
+    if reachable:
+        stow_with(handler)
+    else:
+        with pytest.raises(SinkUnavailable, match=f"HTTP {code}"):
+            stow_with(handler)
+    assert [(r.method, str(r.url)) for r in requests] == [("OPTIONS", STOW_URL)]
+
+
+def test_stow_probe_connection_error_is_unavailable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(SinkUnavailable, match="ConnectError"):
+        stow_with(handler)
+
+
+def instance_json(uid: str, sop_class: str) -> dict[str, object]:
+    return {
+        "00080018": {"vr": "UI", "Value": [uid]},
+        "00080016": {"vr": "UI", "Value": [sop_class]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("stow_code", "stow_body", "qido", "stored"),
+    [
+        (409, {}, [instance_json("1.2.3.1", CT)], True),
+        (409, stow_failure("1.2.3.1", 0x0111), [instance_json("1.2.3.1", CT)], True),
+        (200, stow_failure("1.2.3.1", 0x0111), [instance_json("1.2.3.1", CT)], True),
+        (409, {}, [], False),
+        (409, {}, [instance_json("1.2.3.1", MR)], False),  # another SOP class: not ours
+    ],
+)
+def test_stow_duplicate_is_stored_when_the_instance_is_there(
+    stow_code: int, stow_body: dict[str, object], qido: list[object], stored: bool
+) -> None:
+    """A redelivered message whose first ack was lost: 409/0x0111, and QIDO finds it."""
+    queries: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(stow_code, json=stow_body)
+        queries.append(request)
+        first_page = request.url.params.get("offset", "0") == "0"
+        return httpx.Response(200, json=qido if first_page else [])
+
+    instance = fetched(CT, "1.2.3.1", EXPLICIT_VR_LE)
+    if stored:
+        stow_with(handler, instance)
+    else:
+        with pytest.raises(TransientFailure) as caught:
+            stow_with(handler, instance)
+        assert type(caught.value) is TransientFailure
+    query = queries[0]
+    assert query.url.path == "/dicom-web/instances"
+    assert query.url.params["SOPInstanceUID"] == "1.2.3.1"

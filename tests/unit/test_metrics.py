@@ -239,5 +239,7 @@ def test_import_and_export_metric_names() -> None:
         ("dicomadapter_export_transient_failures_total", "counter"),
         ("dicomadapter_export_in_flight", "gauge"),
         ("dicomadapter_export_seconds", "histogram"),
+        ("dicomadapter_export_attempts_total", "counter"),
+        ("dicomadapter_export_breaker_open", "gauge"),
     }
     assert names == expected

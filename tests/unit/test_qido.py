@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
+import httpx
 import pytest
 from pydicom import Dataset, config
 from pydicom.dataelem import DataElement
@@ -13,17 +15,23 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
 
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.qido import (
     IdentifierError,
     QidoQuery,
     QueryLevel,
     QueryRoot,
     build_queries,
+    count_of,
     dataset_from_json,
+    lists_whole_patients,
+    path_uid,
     patient_key,
+    requested_counts,
+    set_count,
     shape_response,
 )
-from dicom_adapter.errors import InvalidDatasetError
+from dicom_adapter.errors import InvalidDatasetError, UpstreamError
 from dicom_adapter.status import Status
 
 STUDY_UID = "1.2.840.10008.99.1"
@@ -903,3 +911,164 @@ def test_patient_key_dedups_studies() -> None:
     ]
     keys = list(dict.fromkeys(patient_key(s) for s in studies))
     assert keys == [("P1", "A"), ("P1", "B"), ("P2", "A")]
+
+
+# ------------------------------------------------------------------ QIDO paging (client.qido)
+
+
+def paged_upstream(
+    total: int,
+    requests: list[httpx.Request],
+    *,
+    cap: int | None = None,
+    ignores_offset: bool = False,
+    ignores_limit: bool = False,
+) -> httpx.MockTransport:
+    """A QIDO server over `total` studies that may cap `limit` or ignore offset and limit."""
+    items = [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]}} for n in range(total)]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        limit = total if ignores_limit else int(request.url.params["limit"])
+        if cap is not None:
+            limit = min(limit, cap)
+        offset = 0 if ignores_offset else int(request.url.params["offset"])
+        return httpx.Response(200, json=items[offset : offset + limit])
+
+    return httpx.MockTransport(handle)
+
+
+def list_studies(transport: httpx.MockTransport, page_size: int) -> list[str]:
+    """Study UIDs the client lists from the transport's server."""
+
+    async def main() -> list[str]:
+        async with make_http_client(timeout=5.0, transport=transport) as http:
+            client = DicomwebClient(http, RetryPolicy(deadline=1.0))
+            pages = client.qido("http://qido.test/studies", [], page_size=page_size)
+            return [item["0020000D"]["Value"][0] async for item in pages]
+
+    return asyncio.run(main())
+
+
+def uids(numbers: range) -> list[str]:
+    return [f"1.2.3.{n}" for n in numbers]
+
+
+def offsets(requests: list[httpx.Request]) -> list[str]:
+    return [r.url.params["offset"] for r in requests]
+
+
+def test_server_capping_limit_below_ours_is_paged_to_the_end() -> None:
+    requests: list[httpx.Request] = []
+    assert list_studies(paged_upstream(10, requests, cap=3), page_size=1000) == uids(range(10))
+    assert offsets(requests) == ["0", "3", "6", "9", "10"]  # stops at the empty page
+
+
+@pytest.mark.parametrize(
+    ("total", "page_size", "pages"), [(0, 1000, 1), (1, 1000, 1), (2500, 1000, 3), (2000, 1000, 2)]
+)
+def test_paging_costs_at_most_one_extra_request(total: int, page_size: int, pages: int) -> None:
+    requests: list[httpx.Request] = []
+    assert list_studies(paged_upstream(total, requests), page_size) == uids(range(total))
+    assert len(requests) <= pages + 1
+
+
+def test_server_ignoring_offset_and_limit_is_listed_once() -> None:
+    requests: list[httpx.Request] = []
+    transport = paged_upstream(5, requests, ignores_offset=True, ignores_limit=True)
+    assert list_studies(transport, page_size=2) == uids(range(5))
+    assert len(requests) == 2  # the repeated page ends paging, it is not yielded again
+
+
+def test_server_ignoring_offset_with_fewer_results_than_limit_is_complete() -> None:
+    requests: list[httpx.Request] = []
+    transport = paged_upstream(5, requests, ignores_offset=True)
+    assert list_studies(transport, page_size=1000) == uids(range(5))
+    assert len(requests) == 2
+
+
+def test_server_ignoring_offset_beyond_one_full_page_is_an_error_not_a_loop() -> None:
+    requests: list[httpx.Request] = []
+    transport = paged_upstream(50, requests, ignores_offset=True)
+    with pytest.raises(UpstreamError, match="ignores offset"):
+        list_studies(transport, page_size=10)
+    assert len(requests) == 2
+
+
+# ------------------------------------------------------------------ Number-of-related counts
+
+
+def test_requested_counts_are_those_of_the_query_level() -> None:
+    ident = identifier(
+        "PATIENT",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedInstances="",
+        NumberOfStudyRelatedSeries="",
+    )
+    assert requested_counts(ident, QueryLevel.PATIENT) == {0x00201200, 0x00201204}
+    assert requested_counts(ident, QueryLevel.STUDY) == {0x00201206}
+    assert requested_counts(ident, QueryLevel.IMAGE) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        ({"vr": "IS", "Value": [7]}, 7),
+        ({"vr": "IS", "Value": ["12 "]}, 12),
+        ({"vr": "IS", "Value": [0]}, 0),
+        ({"vr": "IS"}, None),
+        ({"vr": "IS", "Value": [-1]}, None),
+        ({"vr": "IS", "Value": [1, 2]}, None),
+        ({"vr": "IS", "Value": ["many"]}, None),
+    ],
+)
+def test_count_of_reads_qido_counts(body: dict[str, Any], count: int | None) -> None:
+    assert count_of(dataset_from_json({"00201208": body}), 0x00201208) == count
+
+
+def test_set_count_is_answered_as_is() -> None:
+    result = dataset_from_json({"00100020": {"vr": "LO", "Value": ["P1"]}})
+    set_count(result, 0x00201200, 2)
+    answer = shape_response(
+        result, identifier("PATIENT", NumberOfPatientRelatedStudies=""), QueryLevel.PATIENT
+    )
+    assert answer["NumberOfPatientRelatedStudies"].VR == "IS"
+    assert answer.NumberOfPatientRelatedStudies == 2
+
+
+@pytest.mark.parametrize(
+    ("keys", "whole"),
+    [
+        ({"PatientID": "P*", "PatientName": ""}, True),
+        ({"PatientID": "P1", "IssuerOfPatientID": "HOSP"}, True),
+        ({"PatientName": "Doe^*"}, False),
+        ({"PatientID": "P1", "PatientBirthDate": "19700101"}, False),
+    ],
+)
+def test_lists_whole_patients_only_when_matching_on_identity(
+    keys: dict[str, str], whole: bool
+) -> None:
+    (query,) = build_queries(identifier("PATIENT", **keys), QueryRoot.PATIENT, fuzzy=True)
+    assert lists_whole_patients(query) is whole
+
+
+def test_path_uid_refuses_what_cannot_go_in_a_path() -> None:
+    assert path_uid("1.2.3 ") == "1.2.3"
+    assert path_uid("1.2/../3") is None
+    assert path_uid(None) is None
+    assert path_uid("1." + "2" * 70) is None
+
+
+def test_patient_counts_ask_qido_for_the_study_counts_instead() -> None:
+    ident = identifier(
+        "PATIENT",
+        PatientID="P*",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedInstances="",
+        NumberOfStudyRelatedSeries="",
+    )
+    assert one(ident, QueryRoot.PATIENT).params == (
+        ("PatientID", "P*"),
+        ("includefield", "00201206"),
+        ("includefield", "00201208"),
+    )

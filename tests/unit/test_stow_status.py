@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
-from dicom_adapter.importer.store import status_for
+from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response, status_for
 from dicom_adapter.status import Status
 
 UID = "1.2.826.0.1.3680043.8.498.1"

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import os
 import random
+import resource
 import shutil
 import socket
 import ssl
@@ -31,7 +33,7 @@ import httpx
 import pytest
 
 from dicom_adapter.dicomweb import transport as transport_module
-from dicom_adapter.dicomweb.client import make_http_client
+from dicom_adapter.dicomweb.client import TRANSPORT_ENV, make_http_client
 from dicom_adapter.dicomweb.transport import AsyncioTransport
 
 T = TypeVar("T")
@@ -274,6 +276,7 @@ def closed_port() -> int:
 @pytest.fixture(autouse=True)
 def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Proxy variables would route requests through httpx's own proxy transport."""
+    monkeypatch.delenv(TRANSPORT_ENV, raising=False)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
@@ -290,6 +293,10 @@ def test_make_http_client_uses_the_asyncio_transport(monkeypatch: pytest.MonkeyP
             assert client.timeout == httpx.Timeout(1.5)
         async with make_http_client(timeout=1.5, http2=True) as client:
             assert not isinstance(client._transport, AsyncioTransport)
+        monkeypatch.setenv(TRANSPORT_ENV, "httpx")  # the benchmark/diagnostic switch
+        async with make_http_client(timeout=1.5) as client:
+            assert isinstance(client._transport, httpx.AsyncHTTPTransport)
+        monkeypatch.delenv(TRANSPORT_ENV)
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
         async with make_http_client(timeout=1.5) as client:
             assert not isinstance(client._transport, AsyncioTransport)
@@ -1093,5 +1100,221 @@ def test_tls_with_custom_context_and_verification(tls_files: tuple[Path, Path]) 
             async with httpx.AsyncClient(transport=AsyncioTransport()) as c:
                 with pytest.raises(httpx.ConnectError):
                     await c.get(server.url("/", scheme="https"))
+
+    run(main())
+
+
+# --- issue 8 point 10: TLS context, early answers, strict framing, high descriptors ------------
+
+
+def test_one_ssl_context_per_transport(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default context (system store + certifi, ~38 ms of CPU) is built once per client."""
+    cert, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the system store now trusts the test server
+    built = 0
+    create_default_context = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        nonlocal built
+        built += 1
+        return create_default_context(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    all_arrived = asyncio.Event()
+
+    async def handler(request: Request, conn: ServerConn) -> None:
+        if len(server.requests) == 3:
+            all_arrived.set()
+        await all_arrived.wait()  # three requests in flight at once: three connections
+        conn.send(response(body=b"secure"))
+
+    server = Server(handler, ssl_context=server_context)
+
+    async def main() -> None:
+        async with server, adapter_client() as client:
+            url = server.url("/", scheme="https")
+            rs = await asyncio.gather(*(client.get(url) for _ in range(3)))
+            assert [r.content for r in rs] == [b"secure"] * 3
+            assert server.connections == 3
+        assert built == 1
+
+    run(main())
+
+
+class EarlyAnswerServer:
+    """Answers every POST/PUT right after its head, without reading the body, and closes.
+
+    Closing with the unread upload in the socket buffer makes the kernel send a reset, as
+    Orthanc or a proxy do when they refuse a body (413) or a request (401).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.answer = response(status, reason, [("Connection", "close")], b"refused early")
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                self.answer if head.startswith((b"POST", b"PUT")) else response(body=b"ok")
+            )
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+@BOTH_CLIENTS
+@pytest.mark.parametrize("status, reason", [(413, "Payload Too Large"), (401, "Unauthorized")])
+@pytest.mark.parametrize("body", ["content-length", "chunked"])
+def test_early_answer_during_upload_is_the_response(
+    make_client: ClientFactory, status: int, reason: str, body: str
+) -> None:
+    block = b"u" * MIB
+    blocks = 64  # far more than the socket buffers hold: the upload is cut off by the reset
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(blocks):
+            yield block
+
+    async def main() -> None:
+        async with EarlyAnswerServer(status, reason) as server, make_client() as client:
+            url = f"http://127.0.0.1:{server.port}/studies"
+            content = upload() if body == "chunked" else block * blocks
+            r = await client.post(url, content=content)
+            assert (r.status_code, r.reason_phrase, r.content) == (status, reason, b"refused early")
+            assert server.connections == 1
+            r = await client.get(url)  # the cut connection was not pooled
+            assert r.content == b"ok"
+            assert server.connections == 2
+
+    run(main())
+
+
+def chunked_answer(chunked_body: bytes, extra_headers: bytes = b"") -> Handler:
+    async def handler(request: Request, conn: ServerConn) -> None:
+        conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + extra_headers + b"\r\n")
+        conn.send(chunked_body)
+        await conn.writer.drain()
+        await hang_forever()  # the connection stays open: only the data can end the response
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "chunked_body",
+    [
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"0_5\r\nhello\r\n0\r\n\r\n",
+        b"-0\r\n\r\n",
+        b"1" + b"0" * 19 + b"\r\nhello",  # 2**76 bytes announced
+        b"10000000001\r\nhello",  # just over 1 TiB
+        b"0" * 5000 + b"5\r\nhello\r\n0\r\n\r\n",  # a size line longer than any real one
+        b"5;" + b"e" * 300_000 + b"\r\nhello\r\n0\r\n\r\n",  # beyond the reader's limit
+        b"5\r\nhello\r\n0\r\n" + b"X-Trailer: yes\r\n" * 20_000,  # endless trailers
+    ],
+    ids=[
+        "0x",
+        "plus",
+        "leading-space",
+        "underscore",
+        "minus",
+        "huge",
+        "over-1TiB",
+        "long-line",
+        "over-limit-line",
+        "endless-trailers",
+    ],
+)
+def test_malformed_chunk_size_is_remote_protocol_error(chunked_body: bytes) -> None:
+    async def main() -> None:
+        async with Server(chunked_answer(chunked_body)) as server, plain_client(2.0) as client:
+            start = time.monotonic()
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(server.url("/chunked"))
+            assert time.monotonic() - start < 1.0  # at once, not at the read timeout
+
+    run(main())
+
+
+@BOTH_CLIENTS
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: gzip\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: identity\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+    ],
+    ids=["gzip-chunked", "gzip", "identity", "two-headers", "chunked-twice", "two-lengths"],
+)
+def test_unsupported_transfer_coding_is_remote_protocol_error(
+    make_client: ClientFactory, headers: bytes
+) -> None:
+    body = b"5\r\nhello\r\n0\r\n\r\n" if b"chunked" in headers else b"hello"
+
+    async def handler(request: Request, conn: ServerConn) -> None:
+        if request.target == "/ok":
+            conn.send(response(body=b"ok"))
+        else:
+            conn.send(b"HTTP/1.1 200 OK\r\n" + headers + b"\r\n" + body)
+
+    async def main() -> None:
+        async with Server(handler) as server, make_client(1.0) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(server.url("/coded"))
+            r = await client.get(server.url("/ok"))
+            assert r.content == b"ok"
+            assert [req.conn for req in server.requests] == [0, 1]
+
+    run(main())
+
+
+def test_connection_on_a_descriptor_above_1023_is_reused() -> None:
+    """select() cannot watch descriptors >= 1024; a busy adapter has that many open files."""
+    wanted = 1200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+    async def main() -> None:
+        fillers: list[int] = []
+        try:
+            async with Server(text_handler()) as server, plain_client() as client:
+                while not fillers or fillers[-1] < 1100:  # take every free descriptor below 1100
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+                for fd in [fd for fd in fillers if fd >= 1024]:
+                    os.close(fd)
+                fillers = [fd for fd in fillers if fd < 1024]
+                await client.get(server.url("/"))
+                # private state, checked on purpose: the pooled connection is above select's range
+                [conn] = client._transport._idle[("http", "127.0.0.1", server.port)]  # type: ignore[attr-defined]
+                assert conn.writer.get_extra_info("socket").fileno() >= 1024
+                r = await client.get(server.url("/"))
+                assert r.content == b"ok"
+                assert [req.conn for req in server.requests] == [0, 0]
+        finally:
+            for fd in fillers:
+                os.close(fd)
 
     run(main())

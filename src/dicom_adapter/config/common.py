@@ -45,12 +45,14 @@ class CommonSettings(BaseSettings):
         "user:password for HTTP basic auth to a non-Google DICOMweb server (prefer the env var).",
     )
     http_timeout: float = new_flag(
-        60.0, "Seconds any single HTTP connect/read/write step may take before it fails."
+        10.0,
+        "Seconds any single HTTP connect/read/write step may take before it fails "
+        "(less than --upstream_retry_deadline).",
     )
     upstream_retry_deadline: float = new_flag(
-        30.0,
+        20.0,
         "Seconds transient upstream failures (429, 5xx, connection errors, timeouts) are retried "
-        "before giving up.",
+        "before giving up; no attempt runs past it.",
     )
     log_format: Literal["json", "text"] = new_flag(
         "json", "Log line format: json (one object per line, Cloud Logging fields) or text."
@@ -58,6 +60,16 @@ class CommonSettings(BaseSettings):
     shutdown_grace_period: float = new_flag(
         30.0, "Seconds to let running work finish after SIGTERM before aborting it."
     )
+    fetch_memory_budget: int = new_flag(
+        256,
+        "MiB that WADO-RS-fetched instances (C-MOVE prefetch, export fetches) may hold in memory "
+        "together, process-wide; instances beyond it are spooled to disk.",
+    )
+
+    @property
+    def fetch_memory_budget_bytes(self) -> int:
+        """--fetch_memory_budget in bytes."""
+        return max(0, self.fetch_memory_budget) << 20
 
     @classmethod
     def settings_customise_sources(
@@ -78,7 +90,21 @@ class CommonSettings(BaseSettings):
             problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
         if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:
             problems.append(("dicomweb_basic_auth", "expected user:password"))
-        return problems
+        if self.fetch_memory_budget < 0:
+            problems.append(("fetch_memory_budget", "must be 0 (always spool) or more MiB"))
+        return problems + self.timeout_nesting()
+
+    def timeout_nesting(self) -> list[tuple[str, str]]:
+        """One problem when the timeouts do not nest (an HTTP attempt must fit in the retries)."""
+        if self.http_timeout < self.upstream_retry_deadline:
+            return []
+        return [
+            (
+                "http_timeout",
+                f"timeouts must nest: --http_timeout ({self.http_timeout:g}) < "
+                f"--upstream_retry_deadline ({self.upstream_retry_deadline:g})",
+            )
+        ]
 
 
 def valid_aet(value: str) -> str:

@@ -17,6 +17,19 @@ from dicom_adapter.config.common import (
 )
 
 
+def parse_statuses(text: str) -> frozenset[int]:
+    """Status codes from "0xA900,0x0122" or "A900, 0122" (16-bit hex, with or without 0x)."""
+    codes: set[int] = set()
+    for part in text.replace(";", ",").split(","):
+        digits = part.strip().lower().removeprefix("0x")
+        if not digits:
+            continue
+        if len(digits) > 4 or any(c not in "0123456789abcdef" for c in digits):
+            raise ValueError(f"not a 16-bit hex status code: {part.strip()!r} (e.g. 0xA900)")
+        codes.add(int(digits, 16))
+    return frozenset(codes)
+
+
 class ExporterSettings(CommonSettings):
     """Every flag of dicom-export."""
 
@@ -58,10 +71,32 @@ class ExporterSettings(CommonSettings):
     )
     nack_permanent_failures: bool = new_flag(
         False,
-        "Nack messages that can never succeed (malformed, source 404) instead of acking them; "
-        "pair with a dead-letter topic.",
+        "Nack messages that can never succeed (malformed, source 404/410, "
+        "--permanent_cstore_statuses) after the retry backoff instead of acking them; pair "
+        "with a dead-letter topic.",
     )
     metrics_port: int = new_flag(9091, METRICS_PORT_HELP)
+    retry_backoff_initial: float = new_flag(
+        1.0,
+        "Seconds a message waits after its first failed attempt before it is retried; doubles "
+        "with each further attempt (with jitter), up to --retry_backoff_max.",
+    )
+    retry_backoff_max: float = new_flag(
+        600.0,
+        "Longest wait (seconds) between two attempts of one message, and longest a message is "
+        "held while the sink is unreachable before it is nacked (at most 600).",
+    )
+    sink_probe_interval: float = new_flag(
+        5.0,
+        "While the sink is unreachable, seconds between probes (one association or one "
+        "request); exports resume after the first probe that gets through.",
+    )
+    permanent_cstore_statuses: str = new_flag(
+        "0xA900,0x0122",
+        "C-STORE (and STOW FailureReason) statuses that can never succeed, hex, "
+        "comma-separated: the message is acked (or nacked with --nack_permanent_failures); "
+        "every other failure is retried. Default 0xA900,0x0122.",
+    )
 
     @field_validator("peer_dimse_aet", "client_aet")
     @classmethod
@@ -73,12 +108,30 @@ class ExporterSettings(CommonSettings):
     def _check_metrics_port(cls, value: int) -> int:
         return valid_metrics_port(value)
 
+    @field_validator("permanent_cstore_statuses")
+    @classmethod
+    def _check_statuses(cls, value: str) -> str:
+        parse_statuses(value)
+        return value
+
+    @field_validator("retry_backoff_initial", "retry_backoff_max", "sink_probe_interval")
+    @classmethod
+    def _positive_seconds(cls, value: float) -> float:
+        if not 0 < value <= 600:
+            raise ValueError("must be more than 0 and at most 600 seconds")
+        return value
+
     @field_validator("max_messages", "max_bytes")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @property
+    def permanent_statuses(self) -> frozenset[int]:
+        """--permanent_cstore_statuses as numbers."""
+        return parse_statuses(self.permanent_cstore_statuses)
 
     @property
     def cstore_sink(self) -> bool:
@@ -157,4 +210,6 @@ class ExporterSettings(CommonSettings):
             problems.append(("project_id", "is required"))
         if not self.subscription_id:
             problems.append(("subscription_id", "is required"))
+        if self.retry_backoff_initial > self.retry_backoff_max:
+            problems.append(("retry_backoff_initial", "must not be more than --retry_backoff_max"))
         return problems + super().cross_check()

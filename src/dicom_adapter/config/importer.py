@@ -130,6 +130,11 @@ class ImporterSettings(CommonSettings):
     disable_cfind: bool = new_flag(False, "Do not offer C-FIND (Study/Patient Root).")
     disable_retrieve: bool = new_flag(False, "Do not offer C-MOVE and C-GET.")
     disable_commitment: bool = new_flag(False, "Do not offer storage commitment.")
+    cstore_answer_deadline: float = new_flag(
+        25.0,
+        "Seconds from the last byte of a C-STORE data set to its response: upstream retries stop "
+        "in time to answer 0xA700 (retry later) before it. More than --upstream_retry_deadline.",
+    )
 
     @field_validator("http_error_codes_to_retry", mode="before")
     @classmethod
@@ -208,6 +213,19 @@ class ImporterSettings(CommonSettings):
                 ("tls_ca_certificates", "needs --tls_certificate and --tls_private_key")
             )
         return problems + super().cross_check()
+
+    def timeout_nesting(self) -> list[tuple[str, str]]:
+        """One problem naming the three flags when they do not nest."""
+        if self.http_timeout < self.upstream_retry_deadline < self.cstore_answer_deadline:
+            return []
+        return [
+            (
+                "cstore_answer_deadline",
+                f"timeouts must nest: --http_timeout ({self.http_timeout:g}) < "
+                f"--upstream_retry_deadline ({self.upstream_retry_deadline:g}) < "
+                f"--cstore_answer_deadline ({self.cstore_answer_deadline:g})",
+            )
+        ]
 
 
 def _check_address(flag: str, url: str) -> list[tuple[str, str]]:

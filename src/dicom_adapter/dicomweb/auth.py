@@ -2,6 +2,8 @@
 
 Google tokens are refreshed in a worker thread (google-auth is blocking) under a lock, ahead
 of expiry, so the event loop never waits on the metadata server. Tokens are never logged.
+A failed refresh is transient (0xA700, retry later): only the DICOMweb server's own 401/403
+means "not authorized".
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dicom_adapter.errors import ConfigError, UpstreamAuthError
+from dicom_adapter.errors import ConfigError, UpstreamUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,10 @@ class GoogleAuth(httpx.Auth):
                         self._credentials.refresh, google.auth.transport.requests.Request()
                     )
                 except google.auth.exceptions.GoogleAuthError as exc:
-                    raise UpstreamAuthError(f"cannot refresh Google credentials: {exc}") from exc
+                    # metadata server or token endpoint blip: retry later, not "not authorized"
+                    raise UpstreamUnavailableError(
+                        f"cannot refresh Google credentials: {exc}"
+                    ) from exc
             return str(self._credentials.token)
 
     async def async_auth_flow(

@@ -1,20 +1,26 @@
 """Async DICOMweb client on one pooled httpx.AsyncClient: STOW-RS, QIDO-RS, WADO-RS, DELETE.
 
 Foreign exceptions (httpx) are translated here into our error tree. Transient failures are
-retried with capped exponential backoff within a deadline, honouring Retry-After.
+retried with capped exponential backoff within a deadline, honouring Retry-After. Under
+`one_deadline()` (a C-STORE: its STOW, DELETE and QIDO) the requests share that deadline and
+every attempt is cut off at it, so the operation ends by it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import dataclasses
 import email.utils
 import json
 import logging
+import os
 import random
 import socket
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from dicom_adapter.dicomweb import multipart
 from dicom_adapter.dicomweb.instances import (
     DEFAULT_MEMORY_LIMIT,
     FetchedInstance,
+    MemoryBudget,
     collect_instances,
 )
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
@@ -40,6 +47,14 @@ QIDO_SAFE = "^*?,-.:_~"
 TRANSIENT_HTTP = frozenset({408, 429})
 DICOM_JSON = "application/dicom+json"
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# Benchmark/diagnostic switch, not a flag: "httpx" makes make_http_client use httpx's own
+# transport instead of ours (read when each client is made, so it reaches subprocesses too).
+TRANSPORT_ENV = "DICOM_ADAPTER_HTTP_TRANSPORT"
+
+# time.monotonic() by which every request of the current operation ends, retries included
+_OPERATION_END: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "dicomweb_operation_end", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,8 @@ def make_http_client(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The one pooled client per upstream, with TCP_NODELAY and explicit timeouts."""
-    if transport is None and not http2 and not _proxies_configured():
+    own = os.environ.get(TRANSPORT_ENV, "asyncio") != "httpx"
+    if transport is None and own and not http2 and not _proxies_configured():
         transport = AsyncioTransport(max_idle=max_connections, max_connections=max_connections)
     transport = transport or httpx.AsyncHTTPTransport(
         http2=http2,
@@ -130,29 +146,61 @@ class DicomwebClient:
         """The pooled HTTP client."""
         return self._http
 
+    @contextlib.contextmanager
+    def one_deadline(self) -> Iterator[None]:
+        """Requests made inside share one retry deadline, starting now (nested: the outer one)."""
+        if _OPERATION_END.get() is not None:
+            yield
+            return
+        token = _OPERATION_END.set(time.monotonic() + self._retry.deadline)
+        try:
+            yield
+        finally:
+            _OPERATION_END.reset(token)
+
     async def _with_retries(
         self, what: str, attempt: Callable[[], Awaitable[httpx.Response]]
     ) -> httpx.Response:
         """Run `attempt` until it gives a non-transient answer or the deadline passes."""
+        response, _tries = await self._attempts(what, attempt)
+        return response
+
+    async def _attempts(
+        self, what: str, attempt: Callable[[], Awaitable[httpx.Response]]
+    ) -> tuple[httpx.Response, int]:
+        """`_with_retries`, also telling how many attempts were made.
+
+        Under `one_deadline()` each attempt is cut off when the deadline passes (an HTTP
+        timeout longer than what is left cannot stretch it). Elsewhere (export, C-FIND,
+        C-MOVE) an attempt that makes progress may run past it: the deadline only decides
+        whether to retry. A credentials refresh that failed is retried too.
+        """
         started = time.monotonic()
+        end = started + self._retry.deadline
+        shared_end = _OPERATION_END.get()  # set: the caller must answer by then
+        if shared_end is not None:
+            end = min(end, shared_end)
         delay = self._retry.first_delay
         tries = 0
         while True:
             tries += 1
             wait: float | None
+            response: httpx.Response | None = None
+            cut_at = None if shared_end is None else max(0.0, end - time.monotonic())
             try:
-                response = await attempt()
-            except httpx.TimeoutException as exc:
+                async with asyncio.timeout(cut_at):
+                    response = await attempt()
+            except (httpx.TimeoutException, TimeoutError) as exc:
                 failure: Exception = exc
-                response = None
             except httpx.TransportError as exc:
                 failure = exc
-                response = None
+            except UpstreamUnavailableError as exc:  # from the auth flow: token refresh failed
+                failure = exc
             except httpx.InvalidURL as exc:
                 raise UpstreamError(f"{what}: invalid URL: {exc}") from exc
             if response is not None:
                 if not self._retry.is_transient(response.status_code):
-                    return response
+                    return response, tries
                 wait = _retry_after(response)
                 reason = f"HTTP {response.status_code}"
             else:
@@ -165,13 +213,13 @@ class DicomwebClient:
             if wait is None:
                 wait = delay * (0.5 + random.random() / 2)
                 delay = min(delay * 2, self._retry.max_delay)
-            elapsed = time.monotonic() - started
-            if elapsed + wait > self._retry.deadline:
+            now = time.monotonic()
+            if now + wait >= end:
                 logger.warning(
-                    "%s failed after %d tries in %.1f s: %s", what, tries, elapsed, reason
+                    "%s failed after %d tries in %.1f s: %s", what, tries, now - started, reason
                 )
                 if response is not None:
-                    return response
+                    return response, tries
                 raise UpstreamUnavailableError(
                     f"{what}: {reason} (after {tries} tries)"
                 ) from failure
@@ -216,14 +264,18 @@ class DicomwebClient:
 
         async def attempt() -> httpx.Response:
             request = self._http.build_request("POST", url, headers=headers, content=body())
-            response = await self._http.send(request)
-            await response.aread()
+            response = await self._http.send(request, stream=True)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()  # also when cut off mid-body: frees the connection
             return response
 
-        response = await self._with_retries("STOW-RS", attempt)
+        response, tries = await self._attempts("STOW-RS", attempt)
         result = parse_stow_response(
             response.status_code, response.headers.get("Content-Type", ""), response.content
         )
+        result = dataclasses.replace(result, attempts=tries)
         if response.status_code >= 300:
             logger.warning(
                 "STOW-RS answered HTTP %d: %s", response.status_code, result.body_excerpt[:200]
@@ -242,8 +294,17 @@ class DicomwebClient:
     async def qido(
         self, url: str, params: Sequence[tuple[str, str]], *, page_size: int = 1000
     ) -> AsyncIterator[dict[str, Any]]:
-        """QIDO-RS, paging with limit/offset until the server returns a short or empty page."""
+        """QIDO-RS, paging with limit/offset until the server returns an empty page.
+
+        A short page does not end the listing: a server may cap `limit` below ours, so only an
+        empty page (or 204) does, at the cost of one extra request per query. A server that
+        ignores `offset` answers the same page again; that repeat is never yielded twice: it
+        ends the listing when the page is not exactly `page_size` long (the server gave us all
+        it has, ignoring our limit or holding fewer), else it is an UpstreamError, because the
+        results beyond the first page cannot be reached and a success would truncate silently.
+        """
         offset = 0
+        previous: list[str] | None = None
         while True:
             page_params = [*params, ("limit", str(page_size)), ("offset", str(offset))]
             full_url = f"{url}?{query_string(page_params)}"
@@ -261,11 +322,21 @@ class DicomwebClient:
                 raise UpstreamError("QIDO-RS: response is not JSON") from exc
             if not isinstance(page, list):
                 raise UpstreamError("QIDO-RS: response is not a JSON array")
+            if not page:
+                return
+            canonical = sorted(json.dumps(item, sort_keys=True) for item in page)
+            if canonical == previous:
+                if len(page) == page_size:
+                    raise UpstreamError(
+                        f"QIDO-RS: server ignores offset; results past the first {page_size}"
+                        " cannot be listed"
+                    )
+                logger.warning("QIDO-RS: server ignores offset; its repeated page ends paging")
+                return
+            previous = canonical
             for item in page:
                 if isinstance(item, dict):
                     yield item
-            if len(page) < page_size:
-                return
             offset += len(page)
 
     async def wado_events(
@@ -313,6 +384,7 @@ class DicomwebClient:
         spool_dir: Path,
         transfer_syntax: str = "*",
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        budget: MemoryBudget | None = None,
     ) -> AsyncIterator[FetchedInstance]:
         """WADO-RS as Part-10 instances, in memory up to `memory_limit` each, else spooled.
 
@@ -321,7 +393,10 @@ class DicomwebClient:
         """
         accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
         return collect_instances(
-            self.wado_events(url, accept=accept), spool_dir=spool_dir, memory_limit=memory_limit
+            self.wado_events(url, accept=accept),
+            spool_dir=spool_dir,
+            memory_limit=memory_limit,
+            budget=budget,
         )
 
     async def retrieve_instance_to(
@@ -355,4 +430,6 @@ def _raise_for_status(what: str, response: httpx.Response) -> None:
         raise UpstreamAuthError(f"{what}: HTTP {code} {detail}".strip())
     if code >= 500 or code in TRANSIENT_HTTP:
         raise UpstreamUnavailableError(f"{what}: HTTP {code} {detail}".strip())
-    raise UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+    error = UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+    error.http_status = code  # e.g. dicom-export acks a source 404/410, retries the rest
+    raise error

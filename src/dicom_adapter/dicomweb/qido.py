@@ -31,6 +31,20 @@ RETRIEVE_AE_TITLE = 0x00080054
 MODALITIES_IN_STUDY = 0x00080061
 STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
+NUMBER_OF_PATIENT_RELATED_STUDIES = 0x00201200
+NUMBER_OF_PATIENT_RELATED_SERIES = 0x00201202
+NUMBER_OF_PATIENT_RELATED_INSTANCES = 0x00201204
+NUMBER_OF_STUDY_RELATED_SERIES = 0x00201206
+NUMBER_OF_STUDY_RELATED_INSTANCES = 0x00201208
+NUMBER_OF_SERIES_RELATED_INSTANCES = 0x00201209
+_PATIENT_COUNT_TAGS = frozenset(
+    {
+        NUMBER_OF_PATIENT_RELATED_STUDIES,
+        NUMBER_OF_PATIENT_RELATED_SERIES,
+        NUMBER_OF_PATIENT_RELATED_INSTANCES,
+    }
+)
+_STUDY_COUNT_TAGS = (NUMBER_OF_STUDY_RELATED_SERIES, NUMBER_OF_STUDY_RELATED_INSTANCES)
 
 _NEVER_SENT = frozenset({QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET})
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -159,6 +173,10 @@ def build_queries(identifier: Dataset, root: QueryRoot, *, fuzzy: bool = False) 
         if tag in _NEVER_SENT:
             continue
         name = _param_name(tag)
+        if level is QueryLevel.PATIENT and tag in _PATIENT_COUNT_TAGS:
+            # no patient resource to give them: counted from the studies' own counts instead
+            includes += [("includefield", f"{study:08X}") for study in _STUDY_COUNT_TAGS]
+            continue
         values = [] if elem.VR == "SQ" else _values(elem)
         if not values or values == ["*"]:  # a lone "*" is universal matching (PS3.4 C.2.2.2.4)
             includes.append(("includefield", f"{tag:08X}"))
@@ -176,6 +194,7 @@ def build_queries(identifier: Dataset, root: QueryRoot, *, fuzzy: bool = False) 
         else:
             raise IdentifierError(f"{name}: multiple values can only be matched for UIDs")
 
+    includes = list(dict.fromkeys(includes))
     path, in_path = _path(level, unique)
     matches = [m for m in matches if m[0] not in in_path]
     if modality_index is not None:
@@ -429,13 +448,72 @@ def patient_key(result: Dataset) -> tuple[str, str]:
     return text("PatientID"), text("IssuerOfPatientID")
 
 
+# ------------------------------------------------------------------------ Number-of-related counts
+
+# The count keys of each level: QIDO-RS gives the study and series ones (PS3.18 10.6.3),
+# nothing gives the patient ones (QIDO has no patient resource): those are counted.
+_LEVEL_COUNTS = {
+    QueryLevel.PATIENT: (
+        NUMBER_OF_PATIENT_RELATED_STUDIES,
+        NUMBER_OF_PATIENT_RELATED_SERIES,
+        NUMBER_OF_PATIENT_RELATED_INSTANCES,
+    ),
+    QueryLevel.STUDY: (NUMBER_OF_STUDY_RELATED_SERIES, NUMBER_OF_STUDY_RELATED_INSTANCES),
+    QueryLevel.SERIES: (NUMBER_OF_SERIES_RELATED_INSTANCES,),
+    QueryLevel.IMAGE: (),
+}
+_PATIENT_IDENTITY_PARAMS = frozenset({"PatientID", "IssuerOfPatientID"})
+_NON_MATCHING_PARAMS = frozenset({"includefield", "fuzzymatching"})
+
+
+def requested_counts(identifier: Dataset, level: QueryLevel) -> frozenset[int]:
+    """The Number-of-related keys of the query level that the identifier asks for."""
+    return frozenset(tag for tag in _LEVEL_COUNTS[level] if tag in identifier)
+
+
+def count_of(result: Dataset, tag: int) -> int | None:
+    """A count attribute of a QIDO result as a non-negative int; None when absent or malformed."""
+    elem = result.get(tag)
+    value = elem.value if isinstance(elem, DataElement) else None
+    if isinstance(value, MultiValue | list):
+        value = value[0] if len(value) == 1 else None
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        return None
+    return count if count >= 0 else None
+
+
+def set_count(result: Dataset, tag: int, count: int) -> None:
+    """Put a computed count into a QIDO result, as the IS value the C-FIND answer carries."""
+    result.add(DataElement(tag, "IS", str(count)))
+
+
+def lists_whole_patients(query: QidoQuery) -> bool:
+    """True when the query matches on patient identity alone: it lists every study of a patient."""
+    return all(
+        name in _PATIENT_IDENTITY_PARAMS or name in _NON_MATCHING_PARAMS for name, _ in query.params
+    )
+
+
+def path_uid(value: object) -> str | None:
+    """The value as a UID that is safe in a URL path, or None."""
+    text = str(value or "").strip(" \x00")
+    return text if _is_unique_uid([text]) else None
+
+
 __all__ = [
     "IdentifierError",
     "QidoQuery",
     "QueryLevel",
     "QueryRoot",
     "build_queries",
+    "count_of",
     "dataset_from_json",
+    "lists_whole_patients",
+    "path_uid",
     "patient_key",
+    "requested_counts",
+    "set_count",
     "shape_response",
 ]

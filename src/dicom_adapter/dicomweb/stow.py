@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicom_adapter.status import Status, is_failure_code, is_warning_code
+
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
@@ -22,6 +24,7 @@ class StowResponse:
     failed: dict[str, int | None] = field(default_factory=dict)  # uid -> FailureReason
     top_warning: int | None = None
     body_excerpt: str = ""
+    attempts: int = 1  # requests sent: more than one means an earlier answer may have been lost
 
 
 def _first_int(element: Any) -> int | None:
@@ -85,3 +88,36 @@ def parse_stow_response(http_status: int, content_type: str, body: bytes) -> Sto
         top_warning=_first_int(dataset.get(WARNING_REASON)),
         body_excerpt=excerpt,
     )
+
+
+def _warning_status(reason: int | None) -> int:
+    if reason is not None and is_warning_code(reason):
+        return reason
+    return Status.SUCCESS
+
+
+def status_for(response: StowResponse, sop_instance_uid: str) -> int:
+    """The C-STORE status for one instance, decided from the STOW body first, then HTTP code.
+
+    Orthanc answers 400 yet stores the good part of a mixed body, and 200 with nothing
+    stored for a malformed one, so the body's sequences outrank the HTTP status.
+    """
+    if sop_instance_uid in response.referenced:
+        reason = response.referenced[sop_instance_uid]
+        return _warning_status(reason if reason is not None else response.top_warning)
+    if sop_instance_uid in response.failed:
+        reason = response.failed[sop_instance_uid]
+        if reason is not None and is_failure_code(reason):
+            return reason
+    code = response.http_status
+    if code < 300:
+        return Status.PROCESSING_FAILURE  # "success" that stored nothing
+    if code == 400:
+        return Status.CANNOT_UNDERSTAND
+    if code in (401, 403):
+        return Status.NOT_AUTHORIZED
+    if code == 409:
+        return Status.PROCESSING_FAILURE
+    if code in (408, 413, 429) or code >= 500:
+        return Status.OUT_OF_RESOURCES
+    return Status.PROCESSING_FAILURE

@@ -17,6 +17,8 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from dicom_adapter.dimse import pdu
 from dicom_adapter.dimse.part10 import DatasetFile, DatasetSource
@@ -34,6 +36,7 @@ from dicom_adapter.dimse.scu import (
 logger = logging.getLogger(__name__)
 
 FILE_READ = 1 << 20
+WRITE_GROUP = 256 << 10  # PDUs handed to the transport at once (it copies them into a buffer)
 MAX_INCOMING_PDU = 16 << 20  # we announce DEFAULT_MAX_PDU; anything far above it is hostile
 
 
@@ -112,6 +115,9 @@ class StoreAssociation:
             raise AssociationRejectedError(
                 f"{where} did not answer the association: {exc!r}"
             ) from exc
+        except BaseException:  # cancelled while negotiating: do not leave the socket open
+            writer.close()
+            raise
         if pdu_type == pdu.A_ASSOCIATE_RJ:
             writer.close()
             raise AssociationRejectedError(f"{where} {pdu.describe_reject(body)}")
@@ -181,6 +187,9 @@ class StoreAssociation:
                 raise AssociationLostError(
                     f"C-STORE to {self._target.called_aet}: {_describe(exc)}"
                 ) from exc
+            except BaseException:  # cancelled mid-operation: the stream is out of step
+                self.abort()
+                raise
             return response
 
     async def _send_dataset(
@@ -189,11 +198,11 @@ class StoreAssociation:
         """The data set's P-DATA-TF PDUs, after the command's (sent with the first chunk)."""
         fragment = self._fragment
         if isinstance(dataset, DatasetFile):
-            with dataset.path.open("rb") as stream:
-                stream.seek(dataset.offset)
-                chunk = stream.read(FILE_READ)
+            stream = await asyncio.to_thread(_open_at, dataset.path, dataset.offset)
+            try:
+                chunk = await asyncio.to_thread(stream.read, FILE_READ)
                 while True:
-                    following = stream.read(FILE_READ) if chunk else b""
+                    following = await asyncio.to_thread(stream.read, FILE_READ) if chunk else b""
                     await self._write_fragments(
                         context_id, chunk, fragment, last=not following, prefix=command
                     )
@@ -201,6 +210,8 @@ class StoreAssociation:
                     if not following:
                         return
                     chunk = following
+            finally:
+                stream.close()  # a read-only file: closing does no I/O worth a thread
         await self._write_fragments(context_id, dataset, fragment, last=True, prefix=command)
 
     async def _write_fragments(
@@ -217,16 +228,24 @@ class StoreAssociation:
         pieces: list[bytes | memoryview] = list(prefix)
         if total == 0 and last:
             pieces.append(pdu.pdv_header(context_id, 0, command=False, last=True))
-        pos = 0
+        pos = grouped = 0
         while pos < total:
             end = min(pos + fragment, total)
             pieces.append(
                 pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total)
             )
             pieces.append(view[pos:end])
+            grouped += end - pos
             pos = end
-        self._writer.writelines(pieces)  # one writev, not two syscalls per PDU
-        async with asyncio.timeout(self._timeouts.network):  # per chunk: big files take long
+            if grouped >= WRITE_GROUP and pos < total:
+                await self._write(pieces)
+                pieces, grouped = [], 0
+        await self._write(pieces)
+
+    async def _write(self, pieces: list[bytes | memoryview]) -> None:
+        """One write of several PDUs (asyncio joins them: a copy, so groups stay small)."""
+        self._writer.writelines(pieces)
+        async with asyncio.timeout(self._timeouts.network):  # per group: big files take long
             await self._writer.drain()
 
     async def _read_response(self, message_id: int) -> StoreResponse:
@@ -281,8 +300,18 @@ class StoreAssociation:
             self._close()
 
     def abort(self) -> None:
-        """A-ABORT and close the socket (safe to call twice)."""
+        """A-ABORT and close the socket (safe to call twice).
+
+        With part of a PDU still unsent (a cancelled or stalled send) no A-ABORT can follow
+        it, and a plain close would wait for a peer that may never read: the connection is
+        reset at once instead.
+        """
         if not self._open:
+            return
+        self._open = False
+        transport = self._writer.transport
+        if transport.get_write_buffer_size():
+            transport.abort()
             return
         with contextlib.suppress(Exception):
             self._writer.write(pdu.abort())
@@ -299,6 +328,17 @@ async def _read_pdu(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     if length > MAX_INCOMING_PDU:
         raise pdu.PduError(f"incoming PDU of {length} bytes is too large")
     return pdu_type, await reader.readexactly(length)
+
+
+def _open_at(path: Path, offset: int) -> BinaryIO:
+    """The file opened for reading at `offset` (run in a thread: open and seek may block)."""
+    stream = path.open("rb")
+    try:
+        stream.seek(offset)
+    except BaseException:
+        stream.close()
+        raise
+    return stream
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,7 +17,9 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dicomweb.instances import MemoryBudget
 from dicom_adapter.dimse.scu import AssociationTarget
+from dicom_adapter.exporter.retry import Backoff
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
 from dicom_adapter.exporter.worker import ExportWorker
@@ -98,7 +100,9 @@ class ExportService:
         source_client = self._client(settings.source_root, google_credentials)
         if settings.stow_sink:
             self._sink = StowSink(
-                self._client(settings.stow_url, google_credentials), settings.stow_url
+                self._client(settings.stow_url, google_credentials),
+                settings.stow_url,
+                permanent_statuses=settings.permanent_statuses,
             )
             where = f"STOW-RS to {settings.stow_url}"
         else:
@@ -108,7 +112,7 @@ class ExportService:
                 host=settings.peer_dimse_ip,
                 port=settings.peer_dimse_port,
             )
-            self._sink = CStoreSink(target)
+            self._sink = CStoreSink(target, permanent_statuses=settings.permanent_statuses)
             where = (
                 f"C-STORE to {settings.peer_dimse_aet}@{settings.peer_dimse_ip}:"
                 f"{settings.peer_dimse_port}"
@@ -121,6 +125,9 @@ class ExportService:
             self._spool,
             nack_permanent_failures=settings.nack_permanent_failures,
             metrics=self.metrics,
+            backoff=Backoff(settings.retry_backoff_initial, settings.retry_backoff_max),
+            probe_interval=settings.sink_probe_interval,
+            budget=MemoryBudget(settings.fetch_memory_budget_bytes),
         )
         self._source = PubSubSource(
             bridge,
@@ -148,11 +155,15 @@ class ExportService:
         """Stop pulling, let in-flight messages finish (grace period), flush acks, close."""
         grace = self._settings.shutdown_grace_period
         self._ready = False  # /readyz answers 503 while draining; /metrics still serves
+        if self.worker is not None:
+            self.worker.stop_holding()  # messages waiting out a backoff are nacked now
         if self._source is not None:
             logger.info("stopping: no new messages; waiting up to %.0f s for running ones", grace)
             # Blocking, and the running callbacks need this loop: wait in a thread.
             await asyncio.to_thread(self._source.stop, grace)
             self._source = None
+        if self.worker is not None:
+            await self.worker.close()
         if self._sink is not None:
             await self._sink.close()
             self._sink = None

@@ -1,8 +1,11 @@
 """Where exported instances go: a DIMSE peer (C-STORE) or a DICOMweb server (STOW-RS).
 
-A sink either returns (the instance is stored) or raises `TransientFailure` (nack: Pub/Sub
-redelivers) or `PermanentFailure` (retrying cannot help). Instances arrive as fetched by
-WADO-RS (`FetchedInstance`: in memory, or spooled when large); the caller discards them.
+A sink either returns (the instance is stored) or raises `PermanentFailure` (retrying cannot
+help: a C-STORE status listed as permanent, by default 0xA900 and 0x0122; for STOW also HTTP
+400), `SinkUnavailable` (the peer cannot be reached at all: the worker's circuit breaker holds
+every export and `probe`s the sink until it answers) or `TransientFailure` (anything else: this
+message backs off and is retried). Instances arrive as fetched by WADO-RS (`FetchedInstance`:
+in memory, or spooled when large); the caller discards them.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+import httpx
+
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import FetchedInstance
+from dicom_adapter.dicomweb.stow import status_for
 from dicom_adapter.dimse.part10 import DatasetSource, FileMeta
 from dicom_adapter.dimse.scu import (
     DEFAULT_MAX_PDU,
@@ -26,7 +32,6 @@ from dicom_adapter.dimse.scu import (
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation, StoreResponse
 from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE, UNCOMPRESSED, uncompressed_for
 from dicom_adapter.errors import AdapterError, UpstreamError
-from dicom_adapter.importer.store import status_for
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
@@ -40,8 +45,20 @@ class TransientFailure(AdapterError):
     retryable = True
 
 
+class SinkUnavailable(TransientFailure):
+    """The sink cannot be reached (connection, association, 5xx/429): nothing will get through."""
+
+
 class PermanentFailure(AdapterError):
     """The instance can never be exported as it is (ack, or nack with a dead-letter topic)."""
+
+
+DEFAULT_PERMANENT_STATUSES = frozenset(
+    {Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, Status.SOP_CLASS_NOT_SUPPORTED}
+)
+"""C-STORE statuses that mean "never": 0xA900 data set does not match SOP class, 0x0122 SOP
+class not supported. Every other failure status is retried (PACS use 0x0110, 0xA7xx and
+0xC0xx for passing trouble)."""
 
 
 Refetch = Callable[[str], Awaitable[FetchedInstance]]
@@ -52,13 +69,17 @@ The caller of a Refetch owns (and discards) the instance it returns.
 
 
 def usable_meta(instance: FetchedInstance) -> FileMeta:
-    """The instance's file meta; PermanentFailure when it had none we could read."""
+    """The instance's file meta; TransientFailure when it had none we could read.
+
+    Not permanent: a proxy's error page or a cut response looks the same, and a message that
+    keeps failing ends in the dead-letter topic instead of being dropped.
+    """
     meta = instance.meta
     if meta is None:
-        raise PermanentFailure(f"fetched instance has no usable file meta: {instance.error}")
+        raise TransientFailure(f"fetched instance has no usable file meta: {instance.error}")
     uids = (meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax)
     if not all(uid.isascii() for uid in uids):  # could never go into a DIMSE command
-        raise PermanentFailure(f"fetched instance has a non-ASCII UID in its file meta: {uids}")
+        raise TransientFailure(f"fetched instance has a non-ASCII UID in its file meta: {uids}")
     return meta
 
 
@@ -68,17 +89,20 @@ class Sink(Protocol):
     async def send(self, instance: FetchedInstance, refetch: Refetch | None = None) -> None:
         """Store `instance`; `refetch` gets it in another transfer syntax if the sink needs it."""
 
+    async def probe(self) -> None:
+        """One cheap reachability check; raises SinkUnavailable while the sink is down."""
+
     async def close(self) -> None:
         """Release connections."""
 
 
-def classify_cstore_status(code: int) -> type[AdapterError] | None:
-    """None when stored (success/warning); else the failure class (0xA7xx = transient)."""
+def classify_cstore_status(
+    code: int, permanent: frozenset[int] = DEFAULT_PERMANENT_STATUSES
+) -> type[AdapterError] | None:
+    """None when stored (success/warning); PermanentFailure for a listed status; else transient."""
     if is_stored(code):
         return None
-    if (code & 0xFF00) == Status.OUT_OF_RESOURCES:
-        return TransientFailure
-    return PermanentFailure
+    return PermanentFailure if code in permanent else TransientFailure
 
 
 class StoreConnection(Protocol):
@@ -119,6 +143,9 @@ class CStoreSink:
     When the peer refuses the instance's transfer syntax but accepts an uncompressed one, the
     instance is fetched again in that syntax through `refetch` (the DICOMweb server transcodes).
     Data sets go out byte for byte on the event loop (`StoreAssociation`); sends are serialized.
+    Once an association cannot be opened the sink fails fast (SinkUnavailable, no connect)
+    until `probe` opens one again, so sends queued behind the lock do not each wait out a
+    connect timeout.
     """
 
     def __init__(
@@ -128,8 +155,11 @@ class CStoreSink:
         timeouts: ScuTimeouts | None = None,
         max_pdu: int = DEFAULT_MAX_PDU,
         opener: Opener | None = None,
+        permanent_statuses: frozenset[int] = DEFAULT_PERMANENT_STATUSES,
     ) -> None:
         self._target = target
+        self._permanent = permanent_statuses
+        self._unreachable: AssociationError | None = None
         self._timeouts = timeouts or ScuTimeouts()
         self._max_pdu = max_pdu
         self._opener = opener or self._open_store_association
@@ -174,7 +204,7 @@ class CStoreSink:
             again_meta = usable_meta(again)
             async with self._lock:
                 if await self._store(again_meta, again) is not None:
-                    raise PermanentFailure(
+                    raise TransientFailure(
                         f"asked for transfer syntax {syntax}, the DICOMweb server sent "
                         f"{again_meta.transfer_syntax}, which the peer does not accept"
                     )
@@ -198,28 +228,33 @@ class CStoreSink:
                 )
             except AssociationLostError as exc:
                 self._assoc = None
-                if fresh:
+                if fresh:  # the peer took the association but not this instance
                     raise TransientFailure(f"C-STORE could not be completed: {exc}") from exc
                 logger.info("the association was lost (%s); reopening it", exc)
                 continue
-            failure = classify_cstore_status(response.status)
+            failure = classify_cstore_status(response.status, self._permanent)
             if failure is None:
                 return None
             await self._drop()  # start afresh after a failure
             comment = f": {response.error_comment}" if response.error_comment else ""
             raise failure(f"C-STORE failed with status 0x{response.status:04X}{comment}")
 
-    @staticmethod
-    def _fallback_syntax(assoc: StoreConnection, meta: FileMeta) -> str:
+    def _fallback_syntax(self, assoc: StoreConnection, meta: FileMeta) -> str:
+        """Refusing every context we can offer for a SOP class is 0x0122 said in negotiation."""
+        unsupported = (
+            PermanentFailure
+            if Status.SOP_CLASS_NOT_SUPPORTED in self._permanent
+            else TransientFailure
+        )
         accepted = assoc.accepted_syntaxes(meta.sop_class_uid)
         if not accepted:
-            raise PermanentFailure(
+            raise unsupported(
                 f"the peer accepts no presentation context for SOP class {meta.sop_class_uid}"
             )
         syntax = uncompressed_for(accepted, meta.transfer_syntax)
         if syntax is not None:
             return syntax
-        raise PermanentFailure(
+        raise unsupported(
             f"the peer accepts SOP class {meta.sop_class_uid} only in transfer syntax "
             f"{', '.join(accepted)}: neither the instance's {meta.transfer_syntax} nor an "
             "uncompressed one it could be transcoded to"
@@ -237,12 +272,20 @@ class CStoreSink:
         assoc = self._assoc
         if assoc is not None and assoc.is_open and key in self._proposed:
             return assoc, False
+        if self._unreachable is not None:
+            raise SinkUnavailable(f"the peer is unreachable: {self._unreachable}")
+        return await self._open(), True
+
+    async def _open(self) -> StoreConnection:
+        """Open an association proposing every wanted pair; SinkUnavailable when it fails."""
         await self._drop()
         contexts, proposed = self._contexts()
         try:
             assoc = await self._opener(self._target, contexts)
         except AssociationError as exc:
-            raise TransientFailure(str(exc)) from exc
+            self._unreachable = exc
+            raise SinkUnavailable(str(exc)) from exc
+        self._unreachable = None
         self._assoc, self._proposed = assoc, proposed
         self.associations_opened += 1
         logger.info(
@@ -252,7 +295,13 @@ class CStoreSink:
             self._target.port,
             len(assoc.accepted),
         )
-        return assoc, True
+        return assoc
+
+    async def probe(self) -> None:
+        """Reachable when an association is open or opens now (it is kept for the next send)."""
+        async with self._lock:
+            if self._assoc is None or not self._assoc.is_open:
+                await self._open()
 
     def _contexts(self) -> tuple[list[RequestedContext], frozenset[tuple[str, str]]]:
         """One context per pair (the peer accepts exactly the file's syntax), most recent first."""
@@ -279,11 +328,27 @@ class CStoreSink:
 
 
 class StowSink:
-    """STOW-RS one instance at a time over the pooled HTTP client."""
+    """STOW-RS one instance at a time over the pooled HTTP client.
 
-    def __init__(self, client: DicomwebClient, stow_url: str) -> None:
+    Permanent: a FailureReason listed as permanent, or HTTP 400 (the server cannot understand
+    the instance) unless its reason says out of resources. Unreachable: connection errors,
+    timeouts, 408, 429, 5xx (after the client's own retries). A 409 or FailureReason 0x0111
+    (duplicate) is a success when a QIDO finds the instance there with the same SOP class: a
+    redelivered message whose first ack was lost. Anything else (401/403, other 409s, a 200
+    that stored nothing) is transient for this message.
+    """
+
+    def __init__(
+        self,
+        client: DicomwebClient,
+        stow_url: str,
+        *,
+        permanent_statuses: frozenset[int] = DEFAULT_PERMANENT_STATUSES,
+    ) -> None:
         self._client = client
         self._url = stow_url
+        self._root = stow_url.rstrip("/").removesuffix("/studies")
+        self._permanent = permanent_statuses
 
     async def send(self, instance: FetchedInstance, refetch: Refetch | None = None) -> None:
         """Store the instance as fetched; it must come back in ReferencedSOPSequence."""
@@ -295,16 +360,49 @@ class StowSink:
             response = await self._client.stow(self._url, [body])
         except UpstreamError as exc:
             if exc.retryable:
-                raise TransientFailure(str(exc)) from exc
-            raise PermanentFailure(str(exc)) from exc
+                raise SinkUnavailable(str(exc)) from exc
+            raise TransientFailure(str(exc)) from exc
         code = status_for(response, meta.sop_instance_uid)
         if is_stored(code):
             return
         http = response.http_status
         message = f"STOW-RS: HTTP {http}, status 0x{int(code):04X}"
-        if http >= 500 or http in (401, 403, 408, 429) or code == Status.OUT_OF_RESOURCES:
-            raise TransientFailure(message)
-        raise PermanentFailure(message)
+        if _http_unavailable(http):
+            raise SinkUnavailable(message)
+        if (http == 409 or code == Status.DUPLICATE_SOP_INSTANCE) and await self._already_there(
+            meta
+        ):
+            logger.info("STOW-RS: %s; the instance is already stored there", message)
+            return
+        if code in self._permanent:
+            raise PermanentFailure(message)
+        if http == 400 and (code & 0xFF00) != Status.OUT_OF_RESOURCES:
+            raise PermanentFailure(message)
+        raise TransientFailure(message)
+
+    async def _already_there(self, meta: FileMeta) -> bool:
+        """True when QIDO finds this SOP Instance UID with the same SOP class at the sink."""
+        params = [("SOPInstanceUID", meta.sop_instance_uid), ("includefield", "00080016")]
+        try:
+            async for match in self._client.qido(f"{self._root}/instances", params, page_size=10):
+                if match.get("00080016", {}).get("Value", [None])[0] == meta.sop_class_uid:
+                    return True
+        except UpstreamError as exc:
+            logger.info("STOW-RS: could not check for a stored duplicate: %s", exc)
+        return False
+
+    async def probe(self) -> None:
+        """One OPTIONS request to the STOW URL: any answer but 408/429/5xx means reachable."""
+        try:
+            response = await self._client.http.request("OPTIONS", self._url)
+        except httpx.HTTPError as exc:
+            raise SinkUnavailable(f"STOW-RS probe: {type(exc).__name__}: {exc}") from exc
+        if _http_unavailable(response.status_code):
+            raise SinkUnavailable(f"STOW-RS probe: HTTP {response.status_code}")
 
     async def close(self) -> None:
         """Nothing to release: the app closes the HTTP client."""
+
+
+def _http_unavailable(code: int) -> bool:
+    return code >= 500 or code in (408, 429)

@@ -73,7 +73,12 @@ class PubSubSource:
     def _callback(self, message: Any) -> None:
         message_id = str(getattr(message, "message_id", ""))
         try:
-            outcome = self._bridge.run(self._worker.handle, message_id, bytes(message.data))
+            outcome = self._bridge.run(
+                self._worker.handle,
+                message_id,
+                bytes(message.data),
+                getattr(message, "delivery_attempt", None),
+            )
         except BaseException:
             logger.warning(
                 "message not handled (shutting down?); nacking",

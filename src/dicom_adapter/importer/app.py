@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.dicomweb.instances import MemoryBudget
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import (
     build_ae,
@@ -27,11 +29,12 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.importer.commitment import CommitmentService
+from dicom_adapter.importer.cstore_spool import CStoreSpool
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
+    AssociationCleanup,
     CFindHandler,
     CStoreHandler,
-    EarlyStores,
     RetrieveHandlers,
 )
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
@@ -58,12 +61,13 @@ class ImportService:
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
-        self._early: EarlyStores | None = None
+        self._spool: CStoreSpool | None = None
         self._registry = MetricsRegistry()
         self.metrics = ImportMetrics(self._registry)
         self.metrics.associations.set_function(self._established_associations)
         self._health: HealthServer | None = None
         self._ready = False
+        self.fetch_budget = MemoryBudget(settings.fetch_memory_budget_bytes)
 
     @property
     def ready(self) -> bool:
@@ -144,8 +148,9 @@ class ImportService:
             dicomweb_root=settings.dicomweb_root,
             overwrite=settings.stow_overwrite,
         )
-        # The handler gives up a little after the last possible upstream attempt ends.
-        store_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
+        # From a data set's last byte to its C-STORE-RSP: the upstream retries end before it.
+        store_timeout = settings.cstore_answer_deadline
+        retrieve_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
         configure_pynetdicom()
         query_services = bool(settings.dicomweb_root)  # not with the deprecated STOW-only pair
         find_on = query_services and not settings.disable_cfind
@@ -163,10 +168,13 @@ class ImportService:
             commitment=commitment_on,
             allowed_calling_aets=settings.allowed_calling_aet_list,
         )
-        self._early = early = EarlyStores(bridge, store)
+        # C-STORE data sets spool in a directory of this run; stale runs' files are swept
+        self._spool = spool = await asyncio.to_thread(CStoreSpool)
+        spool.install()
         metrics = self.metrics
         handlers: list[tuple[Any, Callable[..., Any]]] = [
-            (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, early, metrics=metrics)),
+            (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, metrics=metrics)),
+            (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),
         ]
         sub_operation_timeouts = ScuTimeouts(
             acse=settings.acse_timeout,
@@ -188,9 +196,12 @@ class ImportService:
                 bridge,
                 retrieve_service,
                 aets,
-                timeout=store_timeout + settings.dimse_timeout,
+                timeout=retrieve_timeout + settings.dimse_timeout,
                 mover=InstanceMover(
-                    retrieve_service, timeouts=sub_operation_timeouts, metrics=metrics
+                    retrieve_service,
+                    timeouts=sub_operation_timeouts,
+                    budget=self.fetch_budget,
+                    metrics=metrics,
                 ),
                 cmove_aet=settings.dimse_cmove_aet or settings.dimse_aet,
                 metrics=metrics,
@@ -220,6 +231,7 @@ class ImportService:
             )
         except OSError as exc:
             await http.aclose()
+            await self._close_spool()
             await self._stop_health()
             raise ConfigError(
                 "dimse_port", f"cannot listen on {settings.dimse_port}: {exc.strerror}"
@@ -236,11 +248,6 @@ class ImportService:
         return port
 
     @property
-    def early_stores(self) -> int:
-        """How many uploads started the moment their dataset was complete."""
-        return self._early.count if self._early is not None else 0
-
-    @property
     def active_associations(self) -> list[Any]:
         """The associations being served right now (pynetdicom Association threads)."""
         return list(self._server.active_associations) if self._server is not None else []
@@ -254,7 +261,18 @@ class ImportService:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        await self._close_spool()
         await self._stop_health()
+
+    @property
+    def cstore_spool_dir(self) -> Path | None:
+        """This run's directory for incoming C-STORE data sets (None before start)."""
+        return self._spool.dir if self._spool is not None else None
+
+    async def _close_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await asyncio.to_thread(spool.close)
 
     async def _stop_health(self) -> None:
         health, self._health = self._health, None
@@ -290,14 +308,18 @@ async def _drain(server: Any, bridge: Bridge, grace: float) -> None:
     def established() -> list[Any]:
         return [a for a in server.active_associations if a.is_established]
 
-    for assoc in server.active_associations:
-        if not assoc.is_established:
-            assoc.abort()
+    await _abort_all([a for a in server.active_associations if not a.is_established])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while established() and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    for assoc in established():
-        logger.warning("aborting association still running after the grace period")
-        assoc.abort()
+    late = established()
+    if late:
+        logger.warning("aborting %d association(s) still running after the grace period", len(late))
+    await _abort_all(late)
     await bridge.close(grace=max(0.0, deadline - loop.time()))
+
+
+async def _abort_all(associations: list[Any]) -> None:
+    """pynetdicom's abort() blocks until the association's thread stops: in threads, at once."""
+    await asyncio.gather(*(asyncio.to_thread(assoc.abort) for assoc in associations))

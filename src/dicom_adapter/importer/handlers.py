@@ -5,11 +5,9 @@ They never let an exception escape (pynetdicom would answer a generic 0xC211).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError
+from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
     Fetched,
@@ -65,51 +64,51 @@ def _never_raises(what: str) -> Iterator[None]:
         logger.warning("%s metrics not recorded", what, exc_info=True)
 
 
-class EarlyStores:
-    """Uploads started the moment a C-STORE dataset is complete, before pynetdicom dispatches it.
+class AssociationCleanup:
+    """EVT_CONN_CLOSE: however the association ended, drop its unanswered data sets' files.
 
-    Called from pynetdicom's DUL thread (DatasetCompletionHook); the C-STORE handler then only
-    collects the result. This takes pynetdicom's request dispatch off the critical path of a
-    peer that waits for each response. The upload is the ordinary one: it validates the
-    dataset first and retries as usual.
+    A transfer aborted mid-data-set, or completed but never dispatched, leaves a spool file
+    open; it may not outlive the association.
     """
 
-    def __init__(self, bridge: Bridge, store: StoreService) -> None:
-        self._bridge = bridge
-        self._store = store
-        self._lock = threading.Lock()
-        self._started: dict[Path, concurrent.futures.Future[int]] = {}
-        self.count = 0  # early starts so far (observability and tests)
+    def __init__(self, spool: CStoreSpool) -> None:
+        self._spool = spool
 
-    def completed(self, path: Path) -> None:
-        """DUL thread: the dataset in `path` is complete; start storing it."""
-        future = self._bridge.start(self._store.store_file, path)
-        with self._lock:
-            self._started[path] = future
-            self.count += 1
-
-    def take(self, path: Path) -> concurrent.futures.Future[int] | None:
-        """Handler thread: the store already under way for `path`, if any."""
-        with self._lock:
-            return self._started.pop(path, None)
+    def __call__(self, event: Any) -> None:
+        try:
+            files = self._spool.take_files(getattr(event.assoc, "dul", None))
+            if not files:
+                return
+            removed = discard(files)
+            logger.info(
+                "association ended with %d unanswered C-STORE data sets: %d spool files removed",
+                len(files),
+                removed,
+                extra=association_fields(event),
+            )
+        except Exception:  # never raise in pynetdicom's thread
+            logger.exception("C-STORE spool cleanup failed")
 
 
 class CStoreHandler:
-    """EVT_C_STORE: spooled file → STOW-RS → C-STORE-RSP status."""
+    """EVT_C_STORE: spooled file → STOW-RS → C-STORE-RSP status.
+
+    `timeout` is the answer deadline, counted from the handler's start, which pynetdicom's
+    reactor reaches within about a millisecond of the data set's last byte: past it the
+    upload is cancelled and the peer gets 0xA700 (retry later) while it still listens.
+    """
 
     def __init__(
         self,
         bridge: Bridge,
         store: StoreService,
         timeout: float,
-        early: EarlyStores | None = None,
         *,
         metrics: ImportMetrics | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
         self._timeout = timeout
-        self._early = early
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     def __call__(self, event: Any) -> int:
@@ -132,9 +131,7 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
-            started = self._early.take(path) if self._early is not None else None
-            if started is None:
-                started = self._bridge.start(self._store.store_file, path)
+            started = self._bridge.start(self._store.store_file, path)
             status = self._bridge.result(started, self._timeout)
             if status == Status.SUCCESS:
                 logger.debug("stored instance", extra=fields)
@@ -361,7 +358,9 @@ class RetrieveHandlers:
         )
         progress: MoveProgress | None = None
         cancelled = False
-        updates = self._bridge.iterate(self._mover.move, identifier, root, target)
+        updates = self._bridge.iterate(
+            self._mover.move, identifier, root, target, request.is_cancelled
+        )
         try:
             for batch in updates:
                 if progress is None:
@@ -375,7 +374,7 @@ class RetrieveHandlers:
                     continue
                 for update in batch:
                     progress = update
-                    if request.is_cancelled():
+                    if update.cancelled:  # the mover polls for C-CANCEL, even mid-C-STORE
                         cancelled = True
                         break
                     request.pending(

@@ -13,16 +13,15 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
-from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 
 from dicom_adapter.dicomweb.client import DicomwebClient
-from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance
+from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance, MemoryBudget
 from dicom_adapter.dicomweb.qido import IdentifierError, QueryRoot
 from dicom_adapter.dimse.part10 import FileMeta
 from dicom_adapter.dimse.scu import (
@@ -147,19 +146,35 @@ class RetrieveService:
     async def fetch_one(
         self, index: int, ref: InstanceRef, spool: Path, transfer_syntax: str = "*"
     ) -> Fetched:
-        """WADO-RS one instance into `spool` (original syntax by default); failures reported."""
+        """WADO-RS one instance into `spool` (original syntax by default); failures reported.
+
+        The file is written in threads (a spooling collector with no memory allowance).
+        """
         url = (
             f"{self._root}/studies/{ref.study_uid}/series/{ref.series_uid}"
             f"/instances/{ref.sop_instance_uid}"
         )
-        dest = spool / f"{index:06d}.dcm"
+        first: FetchedInstance | None = None
         try:
-            await self._client.retrieve_instance_to(url, dest, transfer_syntax=transfer_syntax)
-            meta = read_file_meta_info(dest)
-        except (AdapterError, OSError, ValueError) as exc:
+            async for part in self._client.wado_instances(
+                url, spool_dir=spool, transfer_syntax=transfer_syntax, memory_limit=-1
+            ):
+                if first is None:
+                    first = part
+                else:
+                    await part.adiscard()
+        except (AdapterError, OSError) as exc:
+            if first is not None:
+                await first.adiscard()
             logger.warning("WADO-RS of instance failed: %s", exc)
             return Fetched(ref, None, error=str(exc))
-        return Fetched(ref, dest, transfer_syntax=str(meta.get("TransferSyntaxUID", "")))
+        if first is None or first.meta is None or first.path is None:
+            error = "response had no parts" if first is None else first.error or "empty part"
+            if first is not None:
+                await first.adiscard()
+            logger.warning("WADO-RS of instance failed: %s", error)
+            return Fetched(ref, None, error=error)
+        return Fetched(ref, first.path, transfer_syntax=first.meta.transfer_syntax)
 
     async def fetch_samples(self, refs: list[InstanceRef], spool: Path) -> dict[int, Fetched]:
         """The first instance of each SOP class, by position in `refs`."""
@@ -222,6 +237,8 @@ COMMON_SYNTAXES = (
 )
 MAX_REOPENS = 3
 QUEUE_DEPTH = 8
+CANCEL_POLL = 0.05  # how often a running C-MOVE looks for the requester's C-CANCEL
+CANCEL_GRACE = 0.5  # a sub-operation still running this long after C-CANCEL is aborted
 FETCH_CONCURRENCY = 6  # WADO-RS requests in flight at IMAGE level (one per instance)
 
 
@@ -253,11 +270,17 @@ class MoveProgress:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    cancelled: bool = False  # the requester sent C-CANCEL: this is the last update
 
     def snapshot(self) -> MoveProgress:
         """A copy of the counts (the failed UID list is shared: it only grows)."""
         return MoveProgress(
-            self.remaining, self.completed, self.failed, self.warning, self.failed_uids
+            self.remaining,
+            self.completed,
+            self.failed,
+            self.warning,
+            self.failed_uids,
+            self.cancelled,
         )
 
     def fail(self, sop_instance_uid: str) -> None:
@@ -300,6 +323,22 @@ def early_fetch_paths(identifier: Dataset, root: QueryRoot) -> list[str] | None:
     return None
 
 
+async def _watch_cancel(is_cancelled: Callable[[], bool], stop: asyncio.Event) -> None:
+    """Set `stop` once the requester cancels (a dictionary look-up: cheap on the loop)."""
+    while not is_cancelled():
+        await asyncio.sleep(CANCEL_POLL)
+    stop.set()
+
+
+async def _interrupt(stop: asyncio.Event, sending: asyncio.Future[None]) -> None:
+    """After a cancel, give the running sub-operation CANCEL_GRACE, then cancel it (abort)."""
+    await stop.wait()
+    _, running = await asyncio.wait({sending}, timeout=CANCEL_GRACE)
+    if running:
+        logger.info("aborting the sub-operation still running after C-CANCEL")
+        sending.cancel()
+
+
 def fetch_paths(refs: list[InstanceRef], level: str) -> list[str]:
     """WADO-RS paths for listed instances: per study, or per instance at IMAGE level."""
     if level == "IMAGE":
@@ -323,29 +362,39 @@ class InstanceMover:
         *,
         timeouts: ScuTimeouts | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        budget: MemoryBudget | None = None,
         metrics: ImportMetrics | None = None,
     ) -> None:
         self._retrieve = retrieve
         self._timeouts = timeouts or ScuTimeouts()
         self._memory_limit = memory_limit
+        self._budget = budget
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
     async def move(
-        self, identifier: Dataset, root: QueryRoot, destination: MoveDestination
+        self,
+        identifier: Dataset,
+        root: QueryRoot,
+        destination: MoveDestination,
+        is_cancelled: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[list[MoveProgress]]:
         """Yield the progress after listing (remaining = total), then after each sub-operation
         (batched: every update that is ready, so a slow consumer costs one hop per batch).
 
         A study or series is fetched in one WADO-RS request, started together with the QIDO
         listing (Orthanc takes ~130 ms to list 200 instances). Stopping early (closing the
-        generator) cancels the fetches; the association is released, nothing is aborted.
+        generator) cancels the fetches and releases the association. `is_cancelled` (polled
+        on the loop) ends the move with a `cancelled` update; a sub-operation that does not
+        finish within CANCEL_GRACE is aborted with its association, never released half sent.
         """
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-        spool = RetrieveService.new_spool()
+        spool = await asyncio.to_thread(RetrieveService.new_spool)
         queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_DEPTH)
         tasks: list[asyncio.Future[None]] = []
         sender: _Sender | None = None
+        stop = asyncio.Event()
         try:
+            tasks.append(asyncio.ensure_future(_watch_cancel(is_cancelled, stop)))
             early = early_fetch_paths(identifier, root)
             if early is not None:
                 tasks.append(asyncio.ensure_future(self._produce(early, 1, spool, queue)))
@@ -364,8 +413,11 @@ class InstanceMover:
             )
             # Sending runs ahead of the consumer of this generator (a pynetdicom thread
             # answering pending responses): a slow consumer never holds up the next C-STORE.
-            sending = asyncio.ensure_future(self._send_all(refs, queue, sender, progress, updates))
+            sending = asyncio.ensure_future(
+                self._send_all(refs, queue, sender, progress, updates, stop)
+            )
             tasks.append(sending)
+            tasks.append(asyncio.ensure_future(_interrupt(stop, sending)))
             finished = False
             while not finished:
                 batch: list[MoveProgress] = []
@@ -378,7 +430,8 @@ class InstanceMover:
                 finished = update is None
                 if batch:
                     yield batch
-            await sending  # re-raise a bug instead of reporting a short move
+            if not stop.is_set():
+                await sending  # re-raise a bug instead of reporting a short move
         finally:
             for task in tasks:
                 task.cancel()
@@ -386,10 +439,10 @@ class InstanceMover:
             while not queue.empty():
                 leftover = queue.get_nowait()
                 if leftover is not None:
-                    leftover.discard()
+                    await leftover.adiscard()
             if sender is not None:
                 await sender.close()
-            shutil.rmtree(spool, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, spool, ignore_errors=True)
 
     async def _list(self, identifier: Dataset, root: QueryRoot) -> list[InstanceRef]:
         """The QIDO-RS listing, counted (an identifier we cannot translate is no QIDO error)."""
@@ -409,30 +462,40 @@ class InstanceMover:
         sender: _Sender,
         progress: MoveProgress,
         updates: asyncio.Queue[MoveProgress | None],
+        stop: asyncio.Event,
     ) -> None:
-        """Send what arrives (in arrival order); at the end, count what never came as failed."""
+        """Send what arrives (in arrival order); at the end, count what never came as failed.
+
+        Once `stop` is set (C-CANCEL) nothing more is sent and the last update says cancelled.
+        """
         listed = {ref.sop_instance_uid: ref for ref in refs}
         handled: set[str] = set()
         try:
             while (instance := await queue.get()) is not None:
+                if stop.is_set():
+                    await instance.adiscard()
+                    break
                 uid = instance.meta.sop_instance_uid if instance.meta else ""
                 ref = listed.get(uid)
                 if ref is None or uid in handled:  # stored after the listing, or a repeat
-                    instance.discard()
+                    await instance.adiscard()
                     continue
                 handled.add(uid)
                 await sender.handle(ref, instance, progress)
                 updates.put_nowait(progress.snapshot())
-                if sender.unreachable:  # the rest cannot be delivered either: stop fetching
+                if sender.unreachable or stop.is_set():  # stop fetching
                     break
             missing = [ref for ref in refs if ref.sop_instance_uid not in handled]
-            if missing:
+            if missing and not stop.is_set():
                 if not sender.unreachable:
                     logger.warning("%d listed instance(s) did not come with WADO-RS", len(missing))
                 for ref in missing:
                     progress.fail(ref.sop_instance_uid)
                 updates.put_nowait(progress.snapshot())
         finally:
+            if stop.is_set():
+                progress.cancelled = True
+                updates.put_nowait(progress.snapshot())
             updates.put_nowait(None)
 
     async def _produce(
@@ -456,13 +519,20 @@ class InstanceMover:
     async def _fetch_path(self, path: str, spool: Path, queue: asyncio.Queue[_Item]) -> None:
         try:
             async for instance in self._retrieve.client.wado_instances(
-                f"{self._retrieve.root}/{path}", spool_dir=spool, memory_limit=self._memory_limit
+                f"{self._retrieve.root}/{path}",
+                spool_dir=spool,
+                memory_limit=self._memory_limit,
+                budget=self._budget,
             ):
                 if instance.meta is None:
                     logger.warning("WADO-RS part skipped: %s", instance.error)
-                    instance.discard()
+                    await instance.adiscard()
                     continue
-                await queue.put(instance)
+                try:
+                    await queue.put(instance)
+                except BaseException:  # cancelled while the queue was full: still ours
+                    instance.discard()
+                    raise
         except (AdapterError, OSError) as exc:  # OSError: the spool (disk full, ...)
             logger.warning("WADO-RS of %s failed: %s", path, exc)
 
@@ -478,10 +548,11 @@ class InstanceMover:
                 spool_dir=spool,
                 transfer_syntax=syntax,
                 memory_limit=self._memory_limit,
+                budget=self._budget,
             ):
                 if instance.meta is not None and instance.meta.transfer_syntax == syntax:
                     return instance
-                instance.discard()
+                await instance.adiscard()
         except AdapterError as exc:
             logger.warning("WADO-RS refetch as %s failed: %s", syntax, exc)
         return None
@@ -518,8 +589,10 @@ class _Sender:
         metrics.cmove_cstore_requests.inc()
         try:
             code, size = await self._send(ref, instance)
-        finally:
+        except BaseException:  # cancelled: give the memory back now, without awaiting
             instance.discard()
+            raise
+        await instance.adiscard()
         progress.remaining -= 1
         if code is None or not is_stored(code):
             metrics.cmove_cstore_errors.inc()
@@ -585,7 +658,7 @@ class _Sender:
             instance, meta = replacement, replacement.meta
             context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
             if context_id is None:
-                replacement.discard()
+                await replacement.adiscard()
                 return None, 0
         size = max(0, instance.size - meta.dataset_offset)
         try:
@@ -602,7 +675,7 @@ class _Sender:
             return None, 0
         finally:
             if replacement is not None:
-                replacement.discard()
+                replacement.discard()  # sync: this also runs when the send is cancelled
         if not is_stored(response.status):
             logger.warning(
                 "C-STORE sub-operation answered 0x%04X %s",

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
 from dicom_adapter.dicomweb.client import DicomwebClient
-from dicom_adapter.dicomweb.stow import StowResponse
+from dicom_adapter.dicomweb.stow import StowResponse, status_for
 from dicom_adapter.errors import InvalidDatasetError
-from dicom_adapter.status import Status, is_failure_code, is_warning_code
+from dicom_adapter.status import Status, is_warning_code
 
 logger = logging.getLogger(__name__)
 
@@ -57,37 +58,11 @@ def read_identity(path: Path) -> InstanceIdentity:
     )
 
 
-def _warning_status(reason: int | None) -> int:
-    if reason is not None and is_warning_code(reason):
-        return reason
-    return Status.SUCCESS
-
-
-def status_for(response: StowResponse, sop_instance_uid: str) -> int:
-    """The C-STORE status for one instance, decided from the STOW body first, then HTTP code.
-
-    Orthanc answers 400 yet stores the good part of a mixed body, and 200 with nothing
-    stored for a malformed one, so the body's sequences outrank the HTTP status.
-    """
-    if sop_instance_uid in response.referenced:
-        reason = response.referenced[sop_instance_uid]
-        return _warning_status(reason if reason is not None else response.top_warning)
-    if sop_instance_uid in response.failed:
-        reason = response.failed[sop_instance_uid]
-        if reason is not None and is_failure_code(reason):
-            return reason
-    code = response.http_status
-    if code < 300:
-        return Status.PROCESSING_FAILURE  # "success" that stored nothing
-    if code == 400:
-        return Status.CANNOT_UNDERSTAND
-    if code in (401, 403):
-        return Status.NOT_AUTHORIZED
-    if code == 409:
-        return Status.PROCESSING_FAILURE
-    if code in (408, 413, 429) or code >= 500:
-        return Status.OUT_OF_RESOURCES
-    return Status.PROCESSING_FAILURE
+def _already_there(response: StowResponse, sop_instance_uid: str) -> bool:
+    """True when the STOW answer says this instance exists already (409, or 0x0111 for it)."""
+    if response.http_status == 409 and sop_instance_uid not in response.referenced:
+        return True
+    return response.failed.get(sop_instance_uid) == Status.DUPLICATE_SOP_INSTANCE
 
 
 class StoreService:
@@ -106,10 +81,28 @@ class StoreService:
         return await self.store(path, read_identity(path))
 
     async def store(self, path: Path, identity: InstanceIdentity) -> int:
-        """STOW one instance and return the DIMSE status for the C-STORE-RSP."""
+        """STOW one instance and return the DIMSE status for the C-STORE-RSP.
+
+        Every request this makes (retries, overwrite, the existence check) ends within one
+        retry deadline, so the C-STORE is answered before the peer gives up on it.
+        """
+        with self._client.one_deadline():
+            return await self._store(path, identity)
+
+    async def _store(self, path: Path, identity: InstanceIdentity) -> int:
         response = await self._client.stow(self._stow_url, [path])
         status = status_for(response, identity.sop_instance_uid)
-        if response.http_status == 409 and status == Status.PROCESSING_FAILURE and self._overwrite:
+        if response.attempts > 1 and _already_there(response, identity.sop_instance_uid):
+            # an earlier attempt's answer was lost: it may be that attempt which stored it
+            if await self._is_stored(identity):
+                logger.info(
+                    "instance already stored by an earlier attempt whose answer was lost",
+                    extra={"sop_instance_uid": identity.sop_instance_uid},
+                )
+                return Status.SUCCESS
+        elif (
+            response.http_status == 409 and status == Status.PROCESSING_FAILURE and self._overwrite
+        ):
             logger.info(
                 "instance exists upstream; overwriting",
                 extra={"sop_instance_uid": identity.sop_instance_uid},
@@ -131,3 +124,29 @@ class StoreService:
                 extra={"sop_instance_uid": identity.sop_instance_uid},
             )
         return status
+
+    async def _is_stored(self, identity: InstanceIdentity) -> bool:
+        """QIDO-RS by SOP Instance UID: is this instance upstream, with the same SOP class?"""
+        if identity.study_uid and identity.series_uid:
+            url = (
+                f"{self._root}/studies/{identity.study_uid}/series/{identity.series_uid}/instances"
+            )
+        else:
+            url = f"{self._root}/instances"
+        params = [("SOPInstanceUID", identity.sop_instance_uid), ("includefield", "00080016")]
+        async for match in self._client.qido(url, params):
+            if (
+                _json_value(match, "00080018") == identity.sop_instance_uid
+                and _json_value(match, "00080016") == identity.sop_class_uid
+            ):
+                return True
+        return False
+
+
+def _json_value(match: dict[str, Any], tag: str) -> str:
+    """The first value of `tag` in a DICOM JSON object, as a string ("" when absent)."""
+    element = match.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if isinstance(values, list) and values:
+        return str(values[0]).strip()
+    return ""

@@ -516,6 +516,15 @@ class ExportMetrics:
         self.transient_failures = counter(
             "transient_failures", "Messages that failed for now and were nacked for redelivery."
         )
+        self.attempts = counter(
+            "attempts",
+            "Export attempts (WADO-RS fetch, then the sink), counting in-process retries after "
+            "the circuit breaker closed.",
+        )
+        self.breaker_open = registry.gauge(
+            EXPORT_PREFIX + "breaker_open",
+            "1 while exports are held because the sink is unreachable.",
+        )
         self.in_flight = registry.gauge(EXPORT_PREFIX + "in_flight", "Messages being handled now.")
         self.seconds = registry.histogram(
             EXPORT_PREFIX + "seconds", "Time to handle one message, in seconds."

@@ -1,0 +1,170 @@
+"""Where incoming C-STORE data sets are spooled: a directory of this run, left clean.
+
+pynetdicom (STORE_RECV_CHUNKED_DATASET) writes each data set to a NamedTemporaryFile
+(delete=False) in the temp directory from the moment its command set arrives, and deletes it
+only after the C-STORE handler returns. A transfer aborted mid-data-set, or completed but never
+dispatched, would leave the file (and its open descriptor) behind for good.
+
+So the files go to `$TMPDIR/dicom-import-spool/run-<id>/cstore-*.dcm`, one directory per
+running process, each owned through an flock on `run-<id>.lock`. When an association ends the
+files it opened are closed and removed; at startup the directories of runs whose lock is free
+(their process is gone) are swept. Nothing else in the temp directory is ever touched, so
+other programs and other dicom-import processes sharing it are safe.
+
+Hazard: this replaces a private pynetdicom name, `pynetdicom.dimse_messages.NamedTemporaryFile`
+(checked before use; when it is not tempfile's, a WARNING is logged and pynetdicom keeps its
+own behaviour). It belongs with the other hooks in dimse/pynetdicom_hooks.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+logger = logging.getLogger(__name__)
+
+ROOT_NAME = "dicom-import-spool"
+FILE_PREFIX = "cstore-"
+FILE_SUFFIX = ".dcm"
+_HOOKED = "NamedTemporaryFile"  # the name pynetdicom's dimse_messages creates spool files by
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_run(run_dir: Path) -> int:
+    """Remove our spool files in a dead run's directory, then the directory; returns files."""
+    removed = 0
+    if run_dir.is_dir():
+        for path in run_dir.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        try:
+            run_dir.rmdir()
+        except OSError:  # something that is not ours is in there: leave it
+            logger.warning("spool directory %s not removed: it holds other files", run_dir)
+    return removed
+
+
+def sweep(root: Path) -> int:
+    """Remove what runs that are no longer alive left in `root`; returns the files removed."""
+    removed = 0
+    for lock in sorted(root.glob("run-*.lock")):
+        fd = _try_lock(lock)
+        if fd is None:
+            continue  # a live process owns it
+        try:
+            removed += _remove_run(lock.with_suffix(""))
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    for run_dir in sorted(root.glob("run-*")):  # a sweep that died between the two steps
+        if run_dir.is_dir() and not run_dir.with_suffix(".lock").exists():
+            removed += _remove_run(run_dir)
+    return removed
+
+
+class CStoreSpool:
+    """This run's spool directory for pynetdicom's C-STORE files, and their cleanup."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or Path(tempfile.gettempdir()) / ROOT_NAME
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        swept = sweep(self.root)
+        if swept:
+            logger.info("removed %d partial C-STORE files left by an earlier run", swept)
+        run_id = f"run-{os.getpid()}-{secrets.token_hex(4)}"
+        # locked under a temporary name, then renamed: a sweep never sees it unlocked
+        pending = self.root / f".{run_id}.lock"
+        self._lock_fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._lock_path = self.root / f"{run_id}.lock"
+        pending.rename(self._lock_path)
+        self.dir = self.root / run_id
+        self.dir.mkdir(mode=0o700)
+        self._lock = threading.Lock()
+        self._open: dict[threading.Thread, list[IO[bytes]]] = {}  # DUL thread -> its files
+        self._original: Any = None
+
+    def install(self) -> bool:
+        """Make pynetdicom spool C-STORE data sets here; False (one WARNING) if it cannot."""
+        from pynetdicom import dimse_messages
+
+        current = getattr(dimse_messages, _HOOKED, None)
+        if current is not tempfile.NamedTemporaryFile:
+            logger.warning(
+                "pynetdicom hook skipped: dimse_messages.NamedTemporaryFile is not tempfile's; "
+                "aborted C-STOREs may leave files in the temp directory"
+            )
+            return False
+        self._original = current
+        setattr(dimse_messages, _HOOKED, self._create)
+        return True
+
+    def _create(self, *args: Any, **kwargs: Any) -> IO[bytes]:
+        """pynetdicom's DUL thread opens a data set's file: here, and remembered per thread."""
+        kwargs.update(dir=self.dir, prefix=FILE_PREFIX, suffix=FILE_SUFFIX)
+        stream: IO[bytes] = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
+        thread = threading.current_thread()
+        with self._lock:
+            ended = [t for t in self._open if t is not thread and not t.is_alive()]
+            leftovers = [f for t in ended for f in self._open.pop(t)]
+            files = [f for f in self._open.get(thread, []) if not f.closed]  # handled: closed
+            files.append(stream)
+            self._open[thread] = files
+        discard(leftovers)  # associations that ended without telling us
+        return stream
+
+    def take_files(self, dul_thread: Any) -> list[IO[bytes]]:
+        """The files an association's DUL thread opened that are still open (then forgotten)."""
+        with self._lock:
+            files = self._open.pop(dul_thread, [])
+        return [f for f in files if not f.closed]
+
+    def close(self) -> None:
+        """Restore pynetdicom, remove every file and this run's directory and lock."""
+        from pynetdicom import dimse_messages
+
+        if self._original is not None and getattr(dimse_messages, _HOOKED, None) == self._create:
+            setattr(dimse_messages, _HOOKED, self._original)
+        self._original = None
+        with self._lock:
+            files = [f for group in self._open.values() for f in group]
+            self._open.clear()
+        discard(files)
+        _remove_run(self.dir)
+        self._lock_path.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+
+def discard(files: list[IO[bytes]]) -> int:
+    """Close each file and delete it from disk; returns how many were still on disk."""
+    removed = 0
+    for stream in files:
+        path = Path(str(stream.name))
+        with contextlib.suppress(OSError):
+            stream.close()
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

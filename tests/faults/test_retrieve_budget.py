@@ -1,0 +1,140 @@
+"""Fetched instances share one memory budget, and every ending of a C-MOVE gives it back.
+
+In-process importer (tests/component harness) with a scripted DICOMweb upstream; the move
+destination is the pynetdicom storage SCP of tests/component/test_move.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+from pynetdicom import AE
+
+from dicom_adapter.dicomweb import multipart
+from dicom_adapter.dicomweb.instances import MemoryBudget, collect_instances
+from dicom_adapter.status import Status
+from tests.component import conftest as component
+from tests.component import test_move as move
+from tests.component.conftest import RunningImporter
+from tests.component.test_move import (
+    DEST_AET,
+    MOVE_MODEL,
+    MSG_ID,
+    SCU_AET,
+    Archive,
+    Setup,
+    c_move,
+    dictionary_flag,
+    make_study,
+    study_level,
+)
+from tests.rig import free_port
+
+start_importer = component.start_importer  # the fixtures of the component harness
+setup = move.setup
+
+
+def wait_until_returned(importer: RunningImporter, timeout: float = 5.0) -> None:
+    """Poll until the importer's fetch budget is back at zero."""
+    budget = importer.service.fetch_budget
+    deadline = time.monotonic() + timeout
+    while budget.in_use:
+        assert time.monotonic() < deadline, f"{budget.in_use} bytes still reserved"
+        time.sleep(0.02)
+
+
+def test_cancelled_move_gives_the_budget_back(setup: Setup) -> None:
+    instances = make_study(40)
+    importer, destination = setup(Archive(instances))
+    destination.hold_at = 3  # the queue fills behind the held C-STORE
+    budget = importer.service.fetch_budget
+
+    ae = AE(ae_title=SCU_AET)
+    ae.dimse_timeout = 15
+    ae.add_requested_context(MOVE_MODEL)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    statuses: list[Dataset] = []
+    reserved_while_held = 0
+    try:
+        for status, _ in assoc.send_c_move(
+            study_level(instances[0].study), DEST_AET, MOVE_MODEL, msg_id=MSG_ID
+        ):
+            assert "Status" in status, "no C-MOVE response (DIMSE timeout or abort)"
+            statuses.append(status)
+            if status.Status == Status.PENDING and len(statuses) == 2:
+                deadline = time.monotonic() + 5
+                while len(destination.received) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                reserved_while_held = budget.in_use
+                assoc.send_c_cancel(MSG_ID, assoc.accepted_contexts[0].context_id)
+                destination.release.set()
+    finally:
+        destination.release.set()
+        assoc.release()
+
+    assert statuses[-1].Status == Status.CANCEL
+    assert reserved_while_held > 0  # prefetched instances were held in memory
+    wait_until_returned(importer)
+
+
+@pytest.mark.parametrize("ending", ["wado-breaks", "destination-refuses", "destination-down"])
+def test_failed_move_gives_the_budget_back(setup: Setup, ending: str) -> None:
+    instances = make_study(30)
+    flags: tuple[str, ...] = ()
+    if ending == "destination-down":  # nothing listens where the dictionary points
+        flags = (dictionary_flag(free_port()),)
+    statuses = {i.uid: 0xA700 for i in instances} if ending == "destination-refuses" else {}
+    archive = Archive(instances, truncate_after_parts=20 if ending == "wado-breaks" else None)
+    importer, _ = setup(archive, *flags, statuses=statuses)
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status in (
+        Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES,
+        Status.OUT_OF_RESOURCES_SUBOPERATIONS,
+    )
+    assert result.counts()[1] > 0
+    assert importer.service.fetch_budget.peak > 0
+    wait_until_returned(importer)
+
+
+def test_budget_spools_what_does_not_fit_and_is_shared(tmp_path: Path) -> None:
+    part = 600 << 10
+    budget = MemoryBudget(1 << 20)  # room for one part in memory, not two
+
+    async def events(count: int) -> AsyncIterator[multipart.Event]:
+        for n in range(count):
+            yield multipart.PartStart({"content-type": "application/dicom"})
+            for _ in range(part // (64 << 10) + 1):
+                yield multipart.PartData(bytes([n]) * (64 << 10))
+            yield multipart.PartEnd()
+
+    async def main() -> None:
+        kept = [
+            item async for item in collect_instances(events(3), spool_dir=tmp_path, budget=budget)
+        ]
+        assert [item.path is None for item in kept] == [True, False, False]
+        assert 0 < budget.in_use <= budget.limit
+        assert len(list(tmp_path.iterdir())) == 2
+        other = [  # a second fetch at the same time: no room left in memory either
+            item async for item in collect_instances(events(1), spool_dir=tmp_path, budget=budget)
+        ]
+        assert other[0].path is not None
+        kept[0].discard()
+        assert budget.in_use == 0
+        again = [
+            item async for item in collect_instances(events(1), spool_dir=tmp_path, budget=budget)
+        ]
+        assert again[0].path is None and budget.in_use > 0
+        for item in [*kept, *other, *again]:
+            await item.adiscard()
+        assert budget.in_use == 0
+        assert list(tmp_path.iterdir()) == []
+
+    asyncio.run(asyncio.wait_for(main(), 30))
