@@ -111,3 +111,21 @@ def test_hooks_switched_off_for_a_benchmark_are_not_installed(
     assert not route_moves(AE(ae_title="X"), lambda request: None)
     assert not hooks.available(hooks.DUL_WAKE)
     assert hooks.available(hooks.WAITING_SOCKET)
+
+
+def test_changed_spool_file_factory_gives_one_warning_and_pynetdicoms_files(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import dimse_messages
+
+    def someone_elses_factory(*args: object, **kwargs: object) -> object:
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", someone_elses_factory)
+    with caplog.at_level(logging.WARNING):
+        configure_pynetdicom()
+        installed = hooks.install_spool_factory(lambda *a, **k: None)
+    (warning,) = hook_warnings(caplog)
+    assert "spool_files" in warning and "NamedTemporaryFile" in warning
+    assert not installed
+    assert dimse_messages.NamedTemporaryFile is someone_elses_factory  # type: ignore[attr-defined]

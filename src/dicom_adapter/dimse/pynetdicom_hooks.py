@@ -20,6 +20,10 @@ Hooks (name: internal -> what it buys; without it):
   it, pynetdicom's `send_msg`.
 - server_registry: `ae._servers` -> `ae.shutdown()` stops our server too; without it, only
   our own shutdown does.
+- spool_files: `pynetdicom.dimse_messages.NamedTemporaryFile` -> C-STORE data sets spool in
+  this run's directory, so an association's unanswered files can be removed when it ends
+  (importer/cstore_spool.py); without it, pynetdicom's files in $TMPDIR (an aborted transfer
+  may leave its file behind).
 
 For benchmarks only: DICOM_ADAPTER_HOOKS_OFF=name,name switches hooks off (hook on vs off).
 Removed after measuring less than 3 % (README, Performance notes): the `time` stand-in of the
@@ -32,6 +36,7 @@ import contextlib
 import inspect
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -54,6 +59,7 @@ DUL_WAKE = "dul_wake"
 REACTOR_RESUME = "reactor_resume"
 PENDING_P_DATA = "pending_p_data"
 SERVER_REGISTRY = "server_registry"
+SPOOL_FILES = "spool_files"
 
 
 def _params(function: Any) -> list[str]:
@@ -102,6 +108,13 @@ def _check_server_registry() -> bool:
     return _init_sets(ApplicationEntity, "_servers")
 
 
+def _check_spool_files() -> bool:
+    from pynetdicom import dimse_messages
+
+    factory = getattr(dimse_messages, "NamedTemporaryFile", None)
+    return factory is tempfile.NamedTemporaryFile or factory is _spool_factory
+
+
 @dataclass(frozen=True)
 class Hook:
     """One internal: its shape check and what is used without it."""
@@ -148,6 +161,12 @@ HOOKS: tuple[Hook, ...] = (
         "ApplicationEntity._servers",
         "ae.shutdown() does not stop the server",
         _check_server_registry,
+    ),
+    Hook(
+        SPOOL_FILES,
+        "pynetdicom.dimse_messages.NamedTemporaryFile",
+        "C-STORE data sets spool in $TMPDIR; an aborted transfer may leave its file",
+        _check_spool_files,
     ),
 )
 
@@ -198,6 +217,8 @@ def reset() -> None:
     with _lock:
         _available.clear()
     _unroute_moves()
+    if _spool_factory is not None:
+        restore_spool_factory(_spool_factory)
 
 
 def _pynetdicom_version() -> str:
@@ -338,3 +359,32 @@ def unregistered_shutdown(shutdown: Callable[[], None]) -> None:
     """Run pynetdicom's server shutdown, tolerating a server that was never registered."""
     with contextlib.suppress(ValueError, AttributeError):
         shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# spool_files
+
+_spool_factory: Any = None
+
+
+def install_spool_factory(factory: Callable[..., Any]) -> bool:
+    """pynetdicom creates each C-STORE spool file with `factory` (NamedTemporaryFile's API)."""
+    global _spool_factory
+    if not available(SPOOL_FILES):
+        return False
+    from pynetdicom import dimse_messages
+
+    setattr(dimse_messages, "NamedTemporaryFile", factory)  # noqa: B010 - a private name
+    _spool_factory = factory
+    return True
+
+
+def restore_spool_factory(factory: Callable[..., Any]) -> None:
+    """Undo install_spool_factory(factory), if it is still the one installed."""
+    global _spool_factory
+    from pynetdicom import dimse_messages
+
+    if getattr(dimse_messages, "NamedTemporaryFile", None) is factory:
+        setattr(dimse_messages, "NamedTemporaryFile", tempfile.NamedTemporaryFile)  # noqa: B010
+    if _spool_factory is factory:
+        _spool_factory = None

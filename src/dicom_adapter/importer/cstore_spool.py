@@ -11,9 +11,8 @@ files it opened are closed and removed; at startup the directories of runs whose
 (their process is gone) are swept. Nothing else in the temp directory is ever touched, so
 other programs and other dicom-import processes sharing it are safe.
 
-Hazard: this replaces a private pynetdicom name, `pynetdicom.dimse_messages.NamedTemporaryFile`
-(checked before use; when it is not tempfile's, a WARNING is logged and pynetdicom keeps its
-own behaviour). It belongs with the other hooks in dimse/pynetdicom_hooks.py.
+Hazard: this needs a private pynetdicom name, hook spool_files in dimse/pynetdicom_hooks.py
+(checked at startup; without it, one WARNING and pynetdicom keeps its own files).
 """
 
 from __future__ import annotations
@@ -28,12 +27,13 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+from dicom_adapter.dimse import pynetdicom_hooks as hooks
+
 logger = logging.getLogger(__name__)
 
 ROOT_NAME = "dicom-import-spool"
 FILE_PREFIX = "cstore-"
 FILE_SUFFIX = ".dcm"
-_HOOKED = "NamedTemporaryFile"  # the name pynetdicom's dimse_messages creates spool files by
 
 
 def _try_lock(path: Path) -> int | None:
@@ -102,22 +102,12 @@ class CStoreSpool:
         self.dir.mkdir(mode=0o700)
         self._lock = threading.Lock()
         self._open: dict[threading.Thread, list[IO[bytes]]] = {}  # DUL thread -> its files
-        self._original: Any = None
+        self._installed = False
 
     def install(self) -> bool:
-        """Make pynetdicom spool C-STORE data sets here; False (one WARNING) if it cannot."""
-        from pynetdicom import dimse_messages
-
-        current = getattr(dimse_messages, _HOOKED, None)
-        if current is not tempfile.NamedTemporaryFile:
-            logger.warning(
-                "pynetdicom hook skipped: dimse_messages.NamedTemporaryFile is not tempfile's; "
-                "aborted C-STOREs may leave files in the temp directory"
-            )
-            return False
-        self._original = current
-        setattr(dimse_messages, _HOOKED, self._create)
-        return True
+        """Make pynetdicom spool C-STORE data sets here; False if the hook is unavailable."""
+        self._installed = hooks.install_spool_factory(self._create)
+        return self._installed
 
     def _create(self, *args: Any, **kwargs: Any) -> IO[bytes]:
         """pynetdicom's DUL thread opens a data set's file: here, and remembered per thread."""
@@ -141,11 +131,9 @@ class CStoreSpool:
 
     def close(self) -> None:
         """Restore pynetdicom, remove every file and this run's directory and lock."""
-        from pynetdicom import dimse_messages
-
-        if self._original is not None and getattr(dimse_messages, _HOOKED, None) == self._create:
-            setattr(dimse_messages, _HOOKED, self._original)
-        self._original = None
+        if self._installed:
+            hooks.restore_spool_factory(self._create)
+            self._installed = False
         with self._lock:
             files = [f for group in self._open.values() for f in group]
             self._open.clear()
