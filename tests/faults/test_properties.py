@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import json
 import re
 import struct
 from io import BytesIO
@@ -29,6 +30,7 @@ from dicom_adapter.dicomweb.qido import (
     dataset_from_json,
     shape_response,
 )
+from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
 from dicom_adapter.dimse import pdu
 
 # A few seconds in all; each example is tiny, the deadline only catches a runaway.
@@ -485,3 +487,43 @@ def test_one_bad_upstream_attribute_spoils_only_itself() -> None:
     answer = shape_response(result, identifier, QueryLevel.STUDY)
     assert encode(answer, True, True) is not None
     assert (answer.PatientID, answer.Rows, answer.Modality) == ("P1", None, "")
+
+
+# ------------------------------------------------------------------------------- STOW-RS
+
+_stow_json = st.recursive(
+    st.one_of(
+        _json_scalar,
+        st.sampled_from(["00081199", "00081198", "00081155", "00081196", "00081197", "Value"]),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["00081199", "00081198", "00081155", "00081196", "00081197", "Value"])
+            | st.text(max_size=4),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=25,
+)
+
+
+@FAST
+@given(
+    st.integers(100, 599),
+    st.sampled_from(["application/dicom+json", "text/html", ""]),
+    st.binary(max_size=200) | _stow_json.map(lambda obj: json.dumps(obj).encode()),
+)
+@example(200, "application/dicom+json", b"[" * 100_000)  # found: RecursionError escaped
+def test_stow_response_parsing_never_raises(status: int, content_type: str, body: bytes) -> None:
+    """Whatever an upstream answers a STOW-RS with: a StowResponse, never an exception."""
+    response = parse_stow_response(status, content_type, body)
+    assert isinstance(response, StowResponse) and response.http_status == status
+    assert len(response.body_excerpt) <= 300
+
+
+def test_stow_answer_nested_too_deep_keeps_its_http_status() -> None:
+    """A 503 whose body nests deeper than json can parse still reads as a 503 (-> 0xA700)."""
+    response = parse_stow_response(503, "application/dicom+json", b'{"a":' * 50_000)
+    assert (response.http_status, response.referenced, response.failed) == (503, {}, {})

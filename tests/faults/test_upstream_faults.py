@@ -249,11 +249,24 @@ FIND_FAULTS = [
     (Fault.TRUNCATED_CHUNKED, 0),
     (Fault.RESET_MID_RESPONSE, 1),
     (Fault.HANG, 1),
+    pytest.param(
+        Fault.EMPTY_200,
+        1,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="dicomweb/client.py DicomwebClient.qido reads a 200 with an empty body as an "
+            "empty page ('json.loads(...) if response.content.strip() else []'), so a break "
+            "mid-way ends the C-FIND in success with fewer matches; only 204 or [] mean none "
+            "(owner: client.py QIDO paging, point 6)",
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("fault", "pass_first"), FIND_FAULTS, ids=[f"{f}-after-{n}" for f, n in FIND_FAULTS]
+    ("fault", "pass_first"),
+    FIND_FAULTS,
+    ids=lambda v: str(v) if isinstance(v, Fault) else f"after-{v}",
 )
 def test_find_through_a_broken_upstream_fails(
     rig: Rig, find_studies: list[str], fault: Fault, pass_first: int
