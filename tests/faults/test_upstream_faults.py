@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
@@ -40,6 +40,15 @@ class Rig:
     proxy: FaultProxy
     importer: Importer
     data: Path
+    baseline: dict[str, int] = field(default_factory=dict)  # importer's fds and threads
+
+
+def process_resources(importer: Importer) -> dict[str, int]:
+    """Open file descriptors and threads of the importer process."""
+    assert importer.proc is not None
+    proc = Path(f"/proc/{importer.proc.pid}")
+    threads = len(list((proc / "task").iterdir()))
+    return {"fds": len(list((proc / "fd").iterdir())), "threads": threads}
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,10 @@ def rig(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             log_dir=data / "logs",
         ) as importer,
     ):
-        yield Rig(orthanc, proxy, importer, data)
+        rig = Rig(orthanc, proxy, importer, data)
+        assert_serves_normally(rig)  # warm: pooled connection and worker threads exist
+        rig.baseline.update(process_resources(importer))
+        yield rig
         print(f"--- importer log tail ({importer.log_path}) ---")
         print(importer.log_text()[-6000:])
 
@@ -281,3 +293,12 @@ def test_find_through_a_broken_upstream_fails(
     rig.proxy.clear()
     answers, final = find(rig.importer)
     assert final == Status.SUCCESS and len(answers) == len(find_studies)
+
+
+def test_faults_leave_no_connections_or_threads_behind(rig: Rig) -> None:
+    """Runs last: after every scenario above, the importer holds what it held before them."""
+    assert_serves_normally(rig)
+    now = process_resources(rig.importer)
+    print(f"importer resources: baseline {rig.baseline}, after the faults {now}")
+    assert now["fds"] <= rig.baseline["fds"] + 4, (rig.baseline, now)
+    assert now["threads"] <= rig.baseline["threads"] + 4, (rig.baseline, now)
