@@ -21,7 +21,7 @@ from pynetdicom import AE
 
 from dicom_adapter.status import Status, is_failure_code, is_stored
 from tests.faults.fault_proxy import FORWARDED, Fault, FaultProxy
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series
+from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
 
 HTTP_TIMEOUT = 1.0  # one HTTP step
 RETRY_DEADLINE = 3.0  # transient failures are retried this long
@@ -170,6 +170,21 @@ def test_empty_200_is_not_a_success(rig: Rig) -> None:
     assert_serves_normally(rig)
 
 
+def test_dcmsend_through_lost_responses(rig: Rig) -> None:
+    """DCMTK's dcmsend, as a modality sends: Orthanc stored, the answers were lost, retried."""
+    rig.proxy.set(Fault.RESET_MID_RESPONSE, times=3)
+    paths = new_instances(rig, 4)
+    sent = dcmsend("127.0.0.1", rig.importer.port, rig.importer.aet, paths, extra=["-d"])
+    statuses = parse_dcmsend_debug(sent.stdout + sent.stderr)
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    outcomes = [Outcome(uid, statuses.get(uid), 0.0) for uid in uids]
+    assert_success_only_if_stored(rig.orthanc, outcomes)
+    assert sum(s.fault is Fault.RESET_MID_RESPONSE for s in rig.proxy.log) == 3
+    assert [o.status for o in outcomes] == [Status.SUCCESS] * 4, sent.stderr[-2000:]
+    assert sent.returncode == 0
+    assert_serves_normally(rig)
+
+
 # Faults that last: every instance is answered with a failure, in time.
 LASTING_FAULTS = [
     Fault.UNAVAILABLE,
@@ -205,13 +220,12 @@ def find_studies(rig: Rig) -> list[str]:
     """Two studies of one patient in Orthanc, one CT and one MR (sent to Orthanc directly)."""
     folder = rig.data / "find"
     uids = []
-    for index, modality in enumerate(("CT", "MR")):
+    for modality in ("CT", "MR"):
         [path] = generate_ct_series(folder / modality, 1, rows=8, cols=8, patient_id=FIND_PATIENT)
         ds = dcmread(path)
         ds.Modality = modality
         ds.save_as(path)
         uids.append(str(ds.StudyInstanceUID))
-        assert index == len(uids) - 1
     sent = dcmsend("127.0.0.1", rig.orthanc.dicom_port, rig.orthanc.aet, [folder])
     assert sent.returncode == 0, sent.stderr
     return uids
