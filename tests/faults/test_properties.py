@@ -7,6 +7,7 @@ makes them hang, hold more than a fixed amount, or raise anything but their own 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
@@ -16,6 +17,7 @@ import struct
 from io import BytesIO
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset
@@ -32,6 +34,8 @@ from dicom_adapter.dicomweb.qido import (
 )
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
 from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse.scu import AssociationRejectedError, AssociationTarget, RequestedContext
+from dicom_adapter.dimse.store_scu import StoreAssociation
 
 # A few seconds in all; each example is tiny, the deadline only catches a runaway.
 FAST = settings(
@@ -266,6 +270,30 @@ def test_pdu_encoders_only_their_error(
         assert 0 < max_pdu < 8
     else:
         assert fragment % 2 == 0 and 0 < fragment <= (max_pdu - 6 if max_pdu else 1 << 20)
+
+
+def test_non_ascii_sop_class_from_upstream_is_a_clean_rejection() -> None:
+    """A SOP class UID with non-ASCII (from a broken upstream's QIDO) ends the outgoing
+    association as AssociationRejectedError with the socket closed, not a UnicodeEncodeError."""
+
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # until the SCU closes its end
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            target = AssociationTarget("ME", "PEER", "127.0.0.1", port)
+            contexts = [RequestedContext("1.2.840.\u00e9", ("1.2.840.10008.1.2",))]
+            with pytest.raises(AssociationRejectedError):
+                await StoreAssociation.open(target, contexts)
+            await asyncio.wait_for(closed.wait(), 10)
+
+    asyncio.run(main())
 
 
 @FAST

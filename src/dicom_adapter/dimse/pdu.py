@@ -72,7 +72,7 @@ def _ascii(text: str, what: str) -> bytes:
     try:
         return text.encode("ascii")
     except UnicodeEncodeError:
-        raise PduError(f"{what} {text!r} is not ASCII") from None
+        raise PduError(f"{what} {text[:80]!r} is not ASCII") from None
 
 
 def _ae_field(aet: str) -> bytes:
