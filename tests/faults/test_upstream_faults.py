@@ -23,8 +23,8 @@ from dicom_adapter.status import Status, is_failure_code, is_stored
 from tests.faults.fault_proxy import FORWARDED, Fault, FaultProxy
 from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
 
-HTTP_TIMEOUT = 1.0  # one HTTP step
-RETRY_DEADLINE = 3.0  # transient failures are retried this long
+HTTP_TIMEOUT = 1.5  # one HTTP step
+RETRY_DEADLINE = 4.0  # transient failures are retried this long
 # A C-STORE that meets a lasting fault is answered within this many seconds.
 ANSWER_BOUND = RETRY_DEADLINE + HTTP_TIMEOUT + 2.0
 PENDING = (0xFF00, 0xFF01)
