@@ -268,6 +268,8 @@ def _element(group: int, elem: int, value: bytes) -> bytes:
 
 def _ui(uid: str) -> bytes:
     raw = _ascii(uid, "UID")
+    if len(raw) > 64:  # PS3.5 6.2: peers reject (pynetdicom aborts on) a longer UID
+        raise PduError(f"UID {uid[:80]!r} is longer than 64 characters")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
