@@ -34,6 +34,7 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation, StoreResponse
+from dicom_adapter.errors import InvalidDatasetError
 from tests.rig import StoreSCP, free_port, generate_ct_series
 
 T = TypeVar("T")
@@ -323,6 +324,26 @@ def test_custom_statuses_and_move_originator(start_scp: StartScp, series: list[I
     assert scp.datasets == [s.dataset for s in series[:3]]
     assert scp.accepted == [CALLING]  # one association for all three
     assert scp.released.wait(WAIT)
+
+
+def test_unencodable_uid_fails_that_instance_only(
+    start_scp: StartScp, series: list[Instance]
+) -> None:
+    """A SOP Instance UID from upstream that no C-STORE-RQ can carry (too long) fails that
+    instance before anything is sent; the association stays open for the next one."""
+    scp = start_scp(lambda event: 0x0000)
+
+    async def main() -> tuple[bool, StoreResponse]:
+        assoc = await _open(scp.target())
+        with pytest.raises(InvalidDatasetError):
+            await assoc.c_store(1, CTImageStorage, "1." * 40, b"")
+        still_open = assoc.is_open
+        response = await _store(assoc, series[0])
+        await assoc.release()
+        return still_open, response
+
+    assert _run(main()) == (True, StoreResponse(0x0000))
+    assert [r.AffectedSOPInstanceUID for r in scp.requests] == [series[0].meta.sop_instance_uid]
 
 
 @pytest.mark.parametrize("max_pdu", [4096, 4097])

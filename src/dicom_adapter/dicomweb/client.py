@@ -316,7 +316,7 @@ class DicomwebClient:
             if response.status_code == 204:
                 return
             _raise_for_status("QIDO-RS", response)
-            try:
+            try:  # a 200 with a zero-length payload means zero matches (PS3.18, CP-2473)
                 page = json.loads(response.content) if response.content.strip() else []
             except ValueError as exc:
                 raise UpstreamError("QIDO-RS: response is not JSON") from exc

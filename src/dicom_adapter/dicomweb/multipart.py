@@ -279,6 +279,11 @@ class MultipartParser:
         self._header_scan = 0
 
     @property
+    def buffered(self) -> int:
+        """Bytes held back between feeds: at most a header section or a split delimiter."""
+        return len(self._buf)
+
+    @property
     def done(self) -> bool:
         """Whether the close delimiter has been seen."""
         return self._state is _State.DONE

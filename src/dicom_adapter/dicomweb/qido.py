@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,18 @@ _FLOAT_VRS = frozenset({"FL", "FD"})
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC"})
 _TEXT_VRS_ALL = _TEXT_VRS | {"UI", "UR", "UT", "IS", "DS"}
 _KNOWN_VRS = _BINARY_VRS | _INT_VRS | _FLOAT_VRS | _TEXT_VRS_ALL | {"AT", "SQ"}
+# Written in the default repertoire whatever SpecificCharacterSet says (PS3.5 6.1.2.3)
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+# What each binary number VR can hold; a value outside cannot be encoded.
+_INT_RANGES = {
+    "US": (0, 2**16 - 1),
+    "SS": (-(2**15), 2**15 - 1),
+    "UL": (0, 2**32 - 1),
+    "SL": (-(2**31), 2**31 - 1),
+    "UV": (0, 2**64 - 1),
+    "SV": (-(2**63), 2**63 - 1),
+}
+_FL_MAX = 3.4028234663852886e38
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 # A UID we are willing to put in a URL path: digits and dots only, at most 64 characters.
 _PATH_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -271,9 +284,21 @@ def _at_tag(item: Any) -> BaseTag:
 
 
 def _number(item: Any, vr: str) -> Any:
-    """One numeric value; IS/DS may arrive as JSON numbers or strings."""
+    """One numeric value, encodable in its VR; IS/DS may arrive as JSON numbers or strings."""
+    value = _parse_number(item, vr)
+    bounds = _INT_RANGES.get(vr)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{value} does not fit {vr}")
+    if vr == "FL" and math.isfinite(value) and abs(value) > _FL_MAX:
+        raise ValueError(f"{value} does not fit FL")
+    return value
+
+
+def _parse_number(item: Any, vr: str) -> Any:
     if isinstance(item, bool):
         raise TypeError("boolean is not a DICOM number")
+    if isinstance(item, str) and not item.isascii():
+        raise ValueError("number is not ASCII")
     if vr == "DS":
         if isinstance(item, float):
             return DSfloat(item, auto_format=True)
@@ -302,14 +327,17 @@ def _convert_values(values: list[Any], vr: str) -> Any:
     elif vr == "AT":
         converted = [_at_tag(item) for item in values]
     elif vr in _INT_VRS or vr in _FLOAT_VRS or vr in ("IS", "DS"):
-        converted = [None if item is None else _number(item, vr) for item in values]
-        converted = ["" if item is None and vr in ("IS", "DS") else item for item in converted]
+        if None in values and vr not in ("IS", "DS"):
+            raise ValueError(f"null in a {vr} value")  # a binary number has no empty value
+        converted = ["" if item is None else _number(item, vr) for item in values]
     elif vr in _BINARY_VRS:
         raise TypeError(f"{vr} values must be InlineBinary or BulkDataURI")
     else:
         if not all(item is None or isinstance(item, str | int | float) for item in values):
             raise TypeError("string value is not a scalar")
         converted = ["" if item is None else str(item) for item in values]
+        if vr in _ASCII_VRS and not all(text.isascii() for text in converted):
+            raise ValueError(f"{vr} value is not ASCII")
     if not converted:
         return empty_value_for_VR(vr)
     return converted[0] if len(converted) == 1 else converted
@@ -332,7 +360,10 @@ def _element_from_json(tag: int, body: Mapping[str, Any]) -> DataElement:
         value = None  # we cannot fetch bulk data here; answer the key empty
     else:
         value = empty_value_for_VR(vr)
-    return DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE)
+    elem = DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE)
+    if vr != elem.VR:  # pydicom retyped a known tag sent as UN: its value no longer fits
+        raise ValueError(f"{vr} value of a tag whose VR is {elem.VR}")
+    return elem
 
 
 def dataset_from_json(obj: Mapping[str, Any]) -> Dataset:

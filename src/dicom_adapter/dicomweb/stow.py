@@ -65,7 +65,7 @@ def parse_stow_response(http_status: int, content_type: str, body: bytes) -> Sto
     if body.strip() and ("json" in content_type.lower() or body.lstrip()[:1] in (b"{", b"[")):
         try:
             dataset = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
             dataset = None
     if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict):
         dataset = dataset[0]

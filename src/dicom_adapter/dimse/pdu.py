@@ -62,11 +62,21 @@ def parse_pdu_header(head: bytes) -> tuple[int, int]:
 
 
 def _item(item_type: int, body: bytes) -> bytes:
+    if len(body) > 0xFFFF:
+        raise PduError(f"item 0x{item_type:02X} of {len(body)} bytes exceeds 65535")
     return _ITEM.pack(item_type, 0, len(body)) + body
 
 
+def _ascii(text: str, what: str) -> bytes:
+    """Text for the wire; AE titles and UIDs may come from peers or upstreams, so checked."""
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError:
+        raise PduError(f"{what} {text[:80]!r} is not ASCII") from None
+
+
 def _ae_field(aet: str) -> bytes:
-    raw = aet.encode("ascii")
+    raw = _ascii(aet, "AE title")
     if not 0 < len(raw) <= 16:
         raise PduError(f"AE title {aet!r} must be 1 to 16 characters")
     return raw.ljust(16, b" ")
@@ -89,8 +99,8 @@ def associate_rq(
     for cx in contexts:
         if not (1 <= cx.context_id <= 255 and cx.context_id % 2 == 1):
             raise PduError(f"presentation context ID {cx.context_id} is not odd in 1..255")
-        sub = [_item(0x30, cx.abstract_syntax.encode("ascii"))]
-        sub += [_item(0x40, ts.encode("ascii")) for ts in cx.transfer_syntaxes]
+        sub = [_item(0x30, _ascii(cx.abstract_syntax, "abstract syntax"))]
+        sub += [_item(0x40, _ascii(ts, "transfer syntax")) for ts in cx.transfer_syntaxes]
         items.append(_item(0x20, bytes([cx.context_id, 0, 0, 0]) + b"".join(sub)))
     user = [
         _item(0x51, struct.pack(">I", max_pdu)),
@@ -257,7 +267,9 @@ def _element(group: int, elem: int, value: bytes) -> bytes:
 
 
 def _ui(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+    raw = _ascii(uid, "UID")
+    if len(raw) > 64:  # PS3.5 6.2: peers reject (pynetdicom aborts on) a longer UID
+        raise PduError(f"UID {uid[:80]!r} is longer than 64 characters")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
@@ -284,7 +296,7 @@ def c_store_rq(
         _element(0x0000, 0x1000, _ui(sop_instance_uid)),
     ]
     if move_originator_aet:
-        aet = move_originator_aet.encode("ascii")
+        aet = _ascii(move_originator_aet, "move originator AE title")
         elements.append(_element(0x0000, 0x1030, aet + b" " if len(aet) % 2 else aet))
     if move_originator_message_id is not None:
         elements.append(_element(0x0000, 0x1031, _us(move_originator_message_id)))

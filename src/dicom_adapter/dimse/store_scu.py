@@ -32,6 +32,7 @@ from dicom_adapter.dimse.scu import (
     RequestedContext,
     ScuTimeouts,
 )
+from dicom_adapter.errors import InvalidDatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +171,16 @@ class StoreAssociation:
                 raise AssociationLostError("the association is closed")
             self._message_id = self._message_id % 0xFFFF + 1
             message_id = self._message_id
-            command = pdu.c_store_rq(
-                message_id,
-                sop_class_uid,
-                sop_instance_uid,
-                move_originator_aet=move_originator_aet,
-                move_originator_message_id=move_originator_message_id,
-            )
+            try:  # nothing sent yet: a UID we cannot encode fails this instance only
+                command = pdu.c_store_rq(
+                    message_id,
+                    sop_class_uid,
+                    sop_instance_uid,
+                    move_originator_aet=move_originator_aet,
+                    move_originator_message_id=move_originator_message_id,
+                )
+            except pdu.PduError as exc:
+                raise InvalidDatasetError(f"C-STORE-RQ cannot be encoded: {exc}") from exc
             try:
                 head = pdu.pdv_header(context_id, len(command), command=True, last=True)
                 await self._send_dataset(context_id, dataset, [head + command])

@@ -33,7 +33,7 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.store_scu import StoreAssociation
 from dicom_adapter.dimse.syntaxes import UNCOMPRESSED, uncompressed_for
-from dicom_adapter.errors import AdapterError
+from dicom_adapter.errors import AdapterError, InvalidDatasetError
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
@@ -670,7 +670,7 @@ class _Sender:
                 move_originator_aet=self._destination.originator_aet,
                 move_originator_message_id=self._destination.originator_message_id,
             )
-        except AssociationError as exc:
+        except (AssociationError, InvalidDatasetError) as exc:
             logger.warning("C-STORE sub-operation failed: %s", exc)
             return None, 0
         finally:
