@@ -1,6 +1,7 @@
 """Hostile DIMSE input (issue 8, points 1 and 3): the port stays bounded and answers its peers.
 
-One dicom-import subprocess (so RSS, threads and open files are its own) in front of Orthanc.
+One dicom-import subprocess per test (so RSS, threads and open files are its own) in front of
+the fault suite's Orthanc (conftest.py).
 Invariant of every scenario: a normal C-ECHO, and a C-STORE where cheap, is answered within
 2 s during and after the attack.
 """
@@ -26,12 +27,6 @@ MAX_PENDING = 64
 ANSWER_WITHIN = 2.0
 CLAIM = (4 << 30) - 1  # a PDU header claiming 4 GiB (the largest length there is)
 CLAIMING_CONNECTIONS = 20
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    with Orthanc(workdir=tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
 
 
 @pytest.fixture
