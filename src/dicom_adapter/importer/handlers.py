@@ -128,6 +128,7 @@ class CStoreHandler:
 
     def _handle(self, event: Any) -> int:
         fields = association_fields(event)
+        path: Path | None = None
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
@@ -137,14 +138,25 @@ class CStoreHandler:
                 logger.debug("stored instance", extra=fields)
             return status
         except AdapterError as exc:
-            logger.error("C-STORE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
+            if _cleaned_up(path):
+                logger.info("C-STORE not handled: its association already ended", extra=fields)
+            else:
+                logger.error("C-STORE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
             return int(exc.status)
         except TimeoutError:
             logger.error("C-STORE timed out waiting for the upstream", extra=fields)
             return int(Status.OUT_OF_RESOURCES)
         except Exception:
-            logger.exception("C-STORE failed unexpectedly", extra=fields)
+            if _cleaned_up(path):
+                logger.info("C-STORE not handled: its association already ended", extra=fields)
+            else:
+                logger.exception("C-STORE failed unexpectedly", extra=fields)
             return int(Status.PROCESSING_FAILURE)
+
+
+def _cleaned_up(path: Path | None) -> bool:
+    """True once AssociationCleanup removed the data set's file: nobody awaits the answer."""
+    return path is not None and not path.exists()
 
 
 class CFindHandler:
