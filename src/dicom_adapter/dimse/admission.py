@@ -15,7 +15,6 @@ import logging
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -23,107 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicom_adapter.dimse import pdu
+
 logger = logging.getLogger(__name__)
 
-MAX_ASSOCIATE_RQ = 65536  # bytes after the header; 128 contexts of long UIDs fit in ~20 KiB
-MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
-MAX_TRANSFER_SYNTAXES = 64  # per presentation context
-MAX_UID = 64
 LINGER = 1.0  # seconds a refused peer gets to read our A-ABORT / A-ASSOCIATE-RJ
 LINGER_BYTES = 65536
 READ_CHUNK = 16384
-
-_HEAD = struct.Struct(">BBI")
-_ITEM = struct.Struct(">BBH")
-
-
-def abort_pdu(reason: int = 0) -> bytes:
-    """A-ABORT from the service provider (source 2) with `reason` (PS3.8 9.3.8)."""
-    return _HEAD.pack(0x07, 0, 4) + bytes((0, 0, 2, reason))
-
-
-def reject_pdu(result: int, source: int, reason: int) -> bytes:
-    """A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
-    return _HEAD.pack(0x03, 0, 4) + bytes((0, result, source, reason))
-
-
-REJECT_PERMANENT = reject_pdu(1, 1, 1)  # permanent, service user, no reason given
-ABORT_UNEXPECTED_PDU = abort_pdu(1)  # unrecognized PDU
-ABORT_UNEXPECTED_PARAMETER = abort_pdu(2)  # (also: a PDU longer than allowed)
-ABORT_INVALID_PARAMETER = abort_pdu(6)
-
-
-class Refusal(Exception):
-    """Why an A-ASSOCIATE-RQ is refused, and the PDU that says so to the peer."""
-
-    def __init__(self, reason: str, answer: bytes) -> None:
-        super().__init__(reason)
-        self.answer = answer
-
-
-def _items(body: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    """(item type, value start, value end) of the items in body[start:end]."""
-    found: list[tuple[int, int, int]] = []
-    pos = start
-    while pos < end:
-        if pos + 4 > end:
-            raise Refusal("truncated item header", ABORT_INVALID_PARAMETER)
-        item_type, _, length = _ITEM.unpack_from(body, pos)
-        if pos + 4 + length > end:
-            raise Refusal(f"item 0x{item_type:02X} runs past its end", ABORT_INVALID_PARAMETER)
-        found.append((item_type, pos + 4, pos + 4 + length))
-        pos += 4 + length
-    return found
-
-
-def _check_uid(body: bytes, start: int, end: int, what: str) -> None:
-    if end - start > MAX_UID:
-        raise Refusal(f"{what} longer than {MAX_UID} characters", REJECT_PERMANENT)
-    raw = body[start:end].rstrip(b"\0")
-    if not raw or any(c not in b"0123456789." for c in raw):
-        raise Refusal(f"{what} is not a UID", REJECT_PERMANENT)
-
-
-def _check_ae_title(raw: bytes, what: str) -> None:
-    raw = raw.rstrip(b"\0 ")  # some implementations pad with NUL instead of spaces
-    if any(c < 0x20 or c > 0x7E or c == 0x5C for c in raw) or not raw.strip(b" "):
-        raise Refusal(f"{what} is not an AE title", REJECT_PERMANENT)
-
-
-def check_associate_rq(body: bytes) -> None:
-    """Refusal unless `body` (after the 6-byte header) is a sane A-ASSOCIATE-RQ.
-
-    Structure (every item inside its parent, fixed fields present) and bounds (AE titles,
-    UID lengths, at most 128 presentation contexts); the rest is pynetdicom's job.
-    """
-    if len(body) < 68:
-        raise Refusal("shorter than its fixed fields", ABORT_INVALID_PARAMETER)
-    _check_ae_title(body[4:20], "called AE title")
-    _check_ae_title(body[20:36], "calling AE title")
-    contexts = 0
-    for item_type, start, end in _items(body, 68, len(body)):
-        if item_type == 0x10:
-            _check_uid(body, start, end, "application context name")
-        elif item_type == 0x20:
-            contexts += 1
-            if contexts > MAX_CONTEXTS:
-                raise Refusal(f"more than {MAX_CONTEXTS} presentation contexts", REJECT_PERMANENT)
-            if end - start < 4:
-                raise Refusal("truncated presentation context", ABORT_INVALID_PARAMETER)
-            syntaxes = 0
-            for sub_type, sub_start, sub_end in _items(body, start + 4, end):
-                if sub_type == 0x30:
-                    _check_uid(body, sub_start, sub_end, "abstract syntax")
-                elif sub_type == 0x40:
-                    syntaxes += 1
-                    if syntaxes > MAX_TRANSFER_SYNTAXES:
-                        raise Refusal("too many transfer syntaxes", REJECT_PERMANENT)
-                    _check_uid(body, sub_start, sub_end, "transfer syntax")
-        elif item_type == 0x50:
-            for sub_type, sub_start, sub_end in _items(body, start, end):
-                if sub_type == 0x52:
-                    _check_uid(body, sub_start, sub_end, "implementation class UID")
-        # other item types: pynetdicom decides (PS3.8 leaves room for new ones)
 
 
 @dataclass(eq=False)
@@ -144,7 +49,7 @@ class PendingAssociations:
     """Connections that have not sent their A-ASSOCIATE-RQ yet; one thread, bounded.
 
     `admit` (accept thread) never blocks. A connection whose whole A-ASSOCIATE-RQ passed
-    `check_associate_rq` goes to `handoff(sock, address, pdu_bytes)` (in this thread, with the
+    `pdu.check_associate_rq` goes to `handoff(sock, address, pdu_bytes)` (in this thread, with the
     socket blocking again), which starts the pynetdicom association.
     """
 
@@ -307,7 +212,7 @@ class PendingAssociations:
             self._want(entry, selectors.EVENT_READ)
         while True:
             buffer = entry.buffer
-            needed = 6 if len(buffer) < 6 else 6 + _HEAD.unpack_from(buffer)[2]
+            needed = 6 if len(buffer) < 6 else 6 + pdu.parse_pdu_header(bytes(buffer[:6]))[1]
             try:
                 chunk = sock.recv(min(needed - len(buffer), READ_CHUNK))
             except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
@@ -328,22 +233,24 @@ class PendingAssociations:
             buffer += chunk
             if len(buffer) == 6 and not self._header_ok(entry):
                 return
-            if len(buffer) >= 6 and len(buffer) == 6 + _HEAD.unpack_from(buffer)[2]:
+            if len(buffer) >= 6 and len(buffer) == 6 + pdu.parse_pdu_header(bytes(buffer[:6]))[1]:
                 self._complete(entry)
                 return
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return  # wait for the selector: more bytes will come
 
     def _header_ok(self, entry: _Pending) -> bool:
-        pdu_type, _, length = _HEAD.unpack_from(entry.buffer)
-        if pdu_type != 0x01:
-            self._refuse(entry, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", abort_pdu(1))
+        pdu_type, length = pdu.parse_pdu_header(bytes(entry.buffer))
+        if pdu_type != pdu.A_ASSOCIATE_RQ:
+            self._refuse(
+                entry, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", pdu.ABORT_UNEXPECTED_PDU
+            )
             return False
-        if length > MAX_ASSOCIATE_RQ:
+        if length > pdu.MAX_ASSOCIATE_RQ:
             self._refuse(
                 entry,
-                f"A-ASSOCIATE-RQ of {length} bytes (at most {MAX_ASSOCIATE_RQ})",
-                ABORT_UNEXPECTED_PARAMETER,
+                f"A-ASSOCIATE-RQ of {length} bytes (at most {pdu.MAX_ASSOCIATE_RQ})",
+                pdu.ABORT_UNEXPECTED_PARAMETER,
             )
             return False
         return True
@@ -351,8 +258,8 @@ class PendingAssociations:
     def _complete(self, entry: _Pending) -> None:
         data = bytes(entry.buffer)
         try:
-            check_associate_rq(data[6:])
-        except Refusal as refusal:
+            pdu.check_associate_rq(data[6:])
+        except pdu.Refusal as refusal:
             self._refuse(entry, f"A-ASSOCIATE-RQ refused: {refusal}", refusal.answer)
             return
         self._pending.pop(entry.sock, None)

@@ -208,9 +208,94 @@ def release_rp() -> bytes:
     return pdu_header(A_RELEASE_RP, 4) + bytes(4)
 
 
-def abort() -> bytes:
-    """A-ABORT from the service user (source 0), no reason."""
-    return pdu_header(A_ABORT, 4) + bytes(4)
+def abort(source: int = 0, reason: int = 0) -> bytes:
+    """A-ABORT (PS3.8 9.3.8): from the service user (source 0, no reason) unless told."""
+    return pdu_header(A_ABORT, 4) + bytes((0, 0, source, reason))
+
+
+def associate_rj(result: int, source: int, reason: int) -> bytes:
+    """A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+    return pdu_header(A_ASSOCIATE_RJ, 4) + bytes((0, result, source, reason))
+
+
+# What the SCP answers an A-ASSOCIATE-RQ it will not hand to pynetdicom
+MAX_ASSOCIATE_RQ = 65536  # bytes after the header; 128 contexts of long UIDs fit in ~20 KiB
+MAX_RQ_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
+MAX_TRANSFER_SYNTAXES = 64  # per presentation context
+REJECT_PERMANENT = associate_rj(1, 1, 1)  # permanent, service user, no reason given
+ABORT_UNEXPECTED_PDU = abort(2, 1)  # provider: unrecognized PDU
+ABORT_UNEXPECTED_PARAMETER = abort(2, 2)  # provider (also: a PDU longer than allowed)
+ABORT_INVALID_PARAMETER = abort(2, 6)
+
+
+class Refusal(PduError):
+    """Why an A-ASSOCIATE-RQ is refused, and the PDU that says so to the peer."""
+
+    def __init__(self, reason: str, answer: bytes) -> None:
+        super().__init__(reason)
+        self.answer = answer
+
+
+def _rq_items(body: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+    """`_items`, with a malformed item refused by A-ABORT (invalid parameter value)."""
+    try:
+        yield from _items(body, start)
+    except Refusal:
+        raise
+    except PduError as exc:
+        raise Refusal(str(exc), ABORT_INVALID_PARAMETER) from None
+
+
+def _check_uid(value: bytes, what: str) -> None:
+    if len(value) > 64:
+        raise Refusal(f"{what} longer than 64 characters", REJECT_PERMANENT)
+    raw = value.rstrip(b"\0")
+    if not raw or any(c not in b"0123456789." for c in raw):
+        raise Refusal(f"{what} is not a UID", REJECT_PERMANENT)
+
+
+def _check_ae_title(raw: bytes, what: str) -> None:
+    raw = raw.rstrip(b"\0 ")  # some implementations pad with NUL instead of spaces
+    if any(c < 0x20 or c > 0x7E or c == 0x5C for c in raw) or not raw.strip(b" "):
+        raise Refusal(f"{what} is not an AE title", REJECT_PERMANENT)
+
+
+def check_associate_rq(body: bytes) -> None:
+    """Refusal unless `body` (after the 6-byte header) is a sane A-ASSOCIATE-RQ.
+
+    Structure (every item inside its parent, fixed fields present) and bounds (AE titles,
+    UID lengths, at most 128 presentation contexts); the rest is pynetdicom's job.
+    """
+    if len(body) < 68:
+        raise Refusal("shorter than its fixed fields", ABORT_INVALID_PARAMETER)
+    _check_ae_title(body[4:20], "called AE title")
+    _check_ae_title(body[20:36], "calling AE title")
+    contexts = 0
+    for item_type, value in _rq_items(body, 68):
+        if item_type == 0x10:
+            _check_uid(value, "application context name")
+        elif item_type == 0x20:
+            contexts += 1
+            if contexts > MAX_RQ_CONTEXTS:
+                raise Refusal(
+                    f"more than {MAX_RQ_CONTEXTS} presentation contexts", REJECT_PERMANENT
+                )
+            if len(value) < 4:
+                raise Refusal("truncated presentation context", ABORT_INVALID_PARAMETER)
+            syntaxes = 0
+            for sub_type, sub_value in _rq_items(value, 4):
+                if sub_type == 0x30:
+                    _check_uid(sub_value, "abstract syntax")
+                elif sub_type == 0x40:
+                    syntaxes += 1
+                    if syntaxes > MAX_TRANSFER_SYNTAXES:
+                        raise Refusal("too many transfer syntaxes", REJECT_PERMANENT)
+                    _check_uid(sub_value, "transfer syntax")
+        elif item_type == 0x50:
+            for sub_type, sub_value in _rq_items(value, 0):
+                if sub_type == 0x52:
+                    _check_uid(sub_value, "implementation class UID")
+        # other item types: pynetdicom decides (PS3.8 leaves room for new ones)
 
 
 def pdv_header(context_id: int, fragment_length: int, *, command: bool, last: bool) -> bytes:

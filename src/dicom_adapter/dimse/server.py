@@ -197,7 +197,7 @@ READ_CHUNK = 1 << 20  # the most one recv() asks for: a buffer grows by what arr
 
 def pdu_bound(max_pdu_size: int) -> int:
     """The longest PDU body we read: what we negotiated, never less than an A-ASSOCIATE-RQ."""
-    return max(max_pdu_size or UNLIMITED_PDU, admission.MAX_ASSOCIATE_RQ)
+    return max(max_pdu_size or UNLIMITED_PDU, pdu.MAX_ASSOCIATE_RQ)
 
 
 class _WaitingAssociationSocket(AssociationSocket):
@@ -272,7 +272,7 @@ class _WaitingAssociationSocket(AssociationSocket):
         sock = self.socket
         with contextlib.suppress(OSError, ValueError):
             if sock is not None:
-                sock.sendall(admission.ABORT_UNEXPECTED_PARAMETER)
+                sock.sendall(pdu.ABORT_UNEXPECTED_PARAMETER)
                 sock.shutdown(socket.SHUT_RDWR)
 
 

@@ -1,4 +1,4 @@
-"""The A-ASSOCIATE-RQ check of the pre-negotiation stage (pure, no sockets)."""
+"""The A-ASSOCIATE-RQ check (dimse/pdu.py) of the pre-negotiation stage (pure, no sockets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicom_adapter.dimse.admission import (
+from dicom_adapter.dimse.pdu import (
     REJECT_PERMANENT,
     Refusal,
     check_associate_rq,
