@@ -239,6 +239,14 @@ def test_half_open_connections_neither_take_slots_nor_burn_cpu(
     assert_back_to_baseline(pid, baseline)
 
 
+def metric(importer: Importer, name: str) -> float:
+    """The value of dicomadapter_import_<name> on /metrics (unlabelled)."""
+    text = http_get(importer.metrics_url + "/metrics").text
+    prefix = f"dicomadapter_import_{name} "
+    (line,) = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(line.removeprefix(prefix))
+
+
 def test_pending_bound_drops_the_oldest_first(importer: Importer) -> None:
     extra = 16
     held = [connect(importer) for _ in range(MAX_PENDING + extra)]
@@ -246,6 +254,9 @@ def test_pending_bound_drops_the_oldest_first(importer: Importer) -> None:
         # the oldest `extra` are closed at once, long before --acse_timeout
         assert all(closed_by_peer(sock, ACSE_TIMEOUT / 2) for sock in held[:extra])
         assert not closed_by_peer(held[-1], 0.1)
+        # an operator sees it: how many wait, how many were dropped
+        assert wait_until(lambda: metric(importer, "pending_associations") == MAX_PENDING, 5.0)
+        assert metric(importer, "pending_dropped_total") == extra
         assert_echo_in_time(importer)
     finally:
         for sock in held:

@@ -232,6 +232,8 @@ def test_import_and_export_metric_names() -> None:
     expected |= {(f"dicomadapter_export_{n}_total", "counter") for n in java_export}
     expected |= {
         ("dicomadapter_import_associations", "gauge"),
+        ("dicomadapter_import_pending_associations", "gauge"),
+        ("dicomadapter_import_pending_dropped_total", "counter"),
         ("dicomadapter_import_cstore_seconds", "histogram"),
         ("dicomadapter_import_cfind_seconds", "histogram"),
         ("dicomadapter_import_cmove_seconds", "histogram"),

@@ -53,8 +53,16 @@ class PendingAssociations:
     socket blocking again), which starts the pynetdicom association.
     """
 
-    def __init__(self, handoff: Handoff, *, limit: int, timeout: float) -> None:
+    def __init__(
+        self,
+        handoff: Handoff,
+        *,
+        limit: int,
+        timeout: float,
+        on_drop: Callable[[], None] = lambda: None,
+    ) -> None:
         self._handoff = handoff
+        self._on_drop = on_drop  # a connection closed because the pending set was full
         self.limit = max(1, limit)
         self.timeout = timeout
         self._selector = selectors.DefaultSelector()
@@ -150,6 +158,7 @@ class PendingAssociations:
             while len(self._pending) >= self.limit:
                 oldest = next(iter(self._pending.values()))
                 self.dropped += 1
+                self._on_drop()
                 logger.info(
                     "closing connection from %s: %d connections have not finished "
                     "association negotiation (--max_pending_associations); oldest dropped",

@@ -524,6 +524,7 @@ def start_server(
     *,
     ssl_context: ssl.SSLContext | None = None,
     max_pending: int = 64,
+    on_pending_drop: Callable[[], None] = lambda: None,
 ) -> Any:
     """Start listening in its own thread (as pynetdicom's non-blocking start_server does).
 
@@ -547,7 +548,10 @@ def start_server(
     if hooks.available(hooks.WAITING_SOCKET):  # the stage needs its socket to replay
         server.tuner = tuner
         server.pending = admission.PendingAssociations(
-            server._start_association, limit=max_pending, timeout=acse_timeout
+            server._start_association,
+            limit=max_pending,
+            timeout=acse_timeout,
+            on_drop=on_pending_drop,
         )
         server.pending.start()
     server.accept_heartbeat = time.monotonic()

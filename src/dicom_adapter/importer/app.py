@@ -65,6 +65,7 @@ class ImportService:
         self._registry = MetricsRegistry()
         self.metrics = ImportMetrics(self._registry)
         self.metrics.associations.set_function(self._established_associations)
+        self.metrics.pending_associations.set_function(self._pending_connections)
         self._health: HealthServer | None = None
         self._ready = False
         self.fetch_budget = MemoryBudget(settings.fetch_memory_budget_bytes)
@@ -94,6 +95,10 @@ class ImportService:
 
     def _established_associations(self) -> int:
         return sum(1 for assoc in self.active_associations if assoc.is_established)
+
+    def _pending_connections(self) -> int:
+        pending = getattr(self._server, "pending", None)
+        return len(pending) if pending is not None else 0
 
     async def start(self) -> int:
         """Build the clients, start listening; returns the bound DIMSE port."""
@@ -228,6 +233,7 @@ class ImportService:
                 handlers,
                 ssl_context=tls,
                 max_pending=settings.max_pending_associations,
+                on_pending_drop=metrics.pending_dropped.inc,
             )
         except OSError as exc:
             await http.aclose()

@@ -490,6 +490,14 @@ class ImportMetrics:
         self.associations = registry.gauge(
             IMPORT_PREFIX + "associations", "DIMSE associations open right now."
         )
+        self.pending_associations = registry.gauge(
+            IMPORT_PREFIX + "pending_associations",
+            "Connections still negotiating an association (holding no association slot).",
+        )
+        self.pending_dropped = counter(
+            "pending_dropped",
+            "Negotiating connections closed because --max_pending_associations were waiting.",
+        )
         self.cstore_seconds = latency("cstore_seconds", "C-STORE handling time in seconds.")
         self.cfind_seconds = latency("cfind_seconds", "C-FIND handling time in seconds.")
         self.cmove_seconds = latency("cmove_seconds", "C-MOVE handling time in seconds.")
