@@ -31,11 +31,10 @@ from tests.integration.test_import_find import (
     PATIENT_ROOT_FIND,
     STUDY_COUNTS,
     STUDY_ROOT_FIND,
-    c_find,
     identifier,
     write_dataset,
 )
-from tests.rig import Importer, Orthanc, dcmsend
+from tests.rig import Importer, Orthanc, c_find, dcmsend
 
 QUERIES: dict[str, tuple[str, Callable[[], Dataset]]] = {
     "study, one patient": (

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pydicom import dcmread
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_retrieve import DEST_AET, TIMEOUT, timed_move
-from tests.rig import Importer, Orthanc, StoreSCP, dcmsend, generate_ct_series
+from tests.rig import Importer, Orthanc, StoreSCP, dcmsend, generate_ct_series, proc_status
 
 OFF_ENV = "DICOM_ADAPTER_HOOKS_OFF"  # read by dicom_adapter.dimse.pynetdicom_hooks
 STORE_HOOKS = ("reactor_clock", "waiting_socket", "dul_wake", "dataset_completion")
@@ -61,8 +60,7 @@ def timed_store(importer: Importer, folder: Path, expected: int, orthanc: Orthan
 def cpu_seconds(importer: Importer) -> float:
     """User + system CPU seconds the importer process has used so far."""
     assert importer.proc is not None
-    stat = Path(f"/proc/{importer.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_status(importer.proc.pid).cpu_seconds
 
 
 def measured(importer: Importer, action: Callable[[], float]) -> tuple[float, float]:

@@ -11,7 +11,6 @@ Usage: python bench/bench_hostile_dimse.py
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import sys
@@ -20,20 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.rig import Importer, Orthanc, echo
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmRSS (KiB), Threads, open files and CPU ticks of `pid`."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "Threads"):
-            fields[key] = int(value.split()[0])
-    fields["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    fields["cpu_ticks"] = int(stat[11]) + int(stat[12])
-    return fields
+from tests.rig import Importer, Orthanc, echo, proc_status
 
 
 def echo_ms(importer: Importer) -> float:
@@ -54,12 +40,12 @@ def main() -> int:
         assert importer.proc is not None
         pid = importer.proc.pid
         echo_ms(importer)
-        print("baseline", status(pid), flush=True)
+        print("baseline", proc_status(pid), flush=True)
         claims = [connect(importer) for _ in range(20)]
         for sock in claims:
             sock.sendall(struct.pack(">BBI", 0x01, 0, (4 << 30) - 1) + b"\0\1\0\0")
         time.sleep(0.5)  # measuring window
-        print("20 x 4 GiB claims:", status(pid), "echo ms", echo_ms(importer), flush=True)
+        print("20 x 4 GiB claims:", proc_status(pid), "echo ms", echo_ms(importer), flush=True)
         for sock in claims:
             sock.close()
         half = b"\x01\x00\x00\x00\x01\x00" + b"\x00\x01\x00\x00" + importer.aet.encode().ljust(16)
@@ -68,10 +54,10 @@ def main() -> int:
             sock = connect(importer)
             sock.sendall(half)
             held.append(sock)
-        print("200 half-open:", status(pid), "echo ms", echo_ms(importer), flush=True)
-        before = status(pid)["cpu_ticks"]
+        print("200 half-open:", proc_status(pid), "echo ms", echo_ms(importer), flush=True)
+        before = proc_status(pid).cpu_seconds
         time.sleep(3.0)  # measuring window
-        spent = (status(pid)["cpu_ticks"] - before) / os.sysconf("SC_CLK_TCK")
+        spent = proc_status(pid).cpu_seconds - before
         print(f"CPU while they idle: {spent / 3.0:.1%}", flush=True)
         for sock in held:
             sock.close()
@@ -87,7 +73,7 @@ def main() -> int:
             time.sleep(0.1)
         print(f"flood: {connects} connects in 3 s; echo ms {latencies}", flush=True)
         time.sleep(1.0)  # let closed connections go
-        print("after", status(pid), flush=True)
+        print("after", proc_status(pid), flush=True)
     return 0
 
 

@@ -48,7 +48,7 @@ from tests.rig import (
     StoreSCP,
     dcmsend,
     generate_ct_series,
-    process_cpu_seconds,
+    proc_status,
     run_dcmtk,
 )
 
@@ -212,9 +212,9 @@ def main() -> int:
                     print(f"rep {rep}: move direct  {direct[-1]:.2f} s", flush=True)
                 else:
                     importer = importers[which]
-                    used = process_cpu_seconds(pid_of(importer))
+                    used = proc_status(pid_of(importer)).cpu_seconds
                     seconds = timed_move(importer.port, importer.aet, study_uid, scp, count)
-                    used = process_cpu_seconds(pid_of(importer)) - used
+                    used = proc_status(pid_of(importer)).cpu_seconds - used
                     adapter[which].append(seconds)
                     move_cpu[which].append(used)
                     print(
@@ -254,9 +254,9 @@ def main() -> int:
                     qido.append(qido_once(client, study_uid))
                 else:
                     pid = pids[which]
-                    used = process_cpu_seconds(pid)
+                    used = proc_status(pid).cpu_seconds
                     cfind[which].append(cfind_once(assocs[which], study_uid))
-                    find_cpu[which] += process_cpu_seconds(pid) - used
+                    find_cpu[which] += proc_status(pid).cpu_seconds - used
         first = transports[0]
         added = [c - q for c, q in zip(cfind[first], qido, strict=True)]
         print(

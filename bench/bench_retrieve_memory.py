@@ -43,6 +43,7 @@ from tests.rig import (
     echo,
     free_port,
     generate_ct_series,
+    proc_status,
 )
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -81,14 +82,6 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM of a running process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
 
 
 def one_move(port: int, aet: str, study_uid: str, expected: int) -> float:
@@ -159,7 +152,7 @@ def main() -> int:
             )
         )
         assert importer.proc is not None
-        baseline = peak_rss_mb(importer.proc.pid)
+        baseline = proc_status(importer.proc.pid).peak_rss_kib / 1024
 
         started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.moves) as pool:
@@ -169,7 +162,7 @@ def main() -> int:
             ]
             seconds = [move.result() for move in moves]
         wall = time.perf_counter() - started
-        peak = peak_rss_mb(importer.proc.pid)
+        peak = proc_status(importer.proc.pid).peak_rss_kib / 1024
 
     moved = args.moves * mb
     verdict = "OK" if peak < TARGET_MB else "OVER TARGET"

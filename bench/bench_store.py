@@ -31,19 +31,11 @@ from tests.rig import (
     Orthanc,
     dcmsend,
     generate_ct_series,
-    process_cpu_seconds,
+    proc_status,
     write_large_instance,
 )
 
 from dicom_adapter.dicomweb.client import TRANSPORT_ENV
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a running process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
 
 
 def timed_send(port: int, aet: str, folder: Path, expected: int, orthanc: Orthanc) -> float:
@@ -69,10 +61,10 @@ def run_adapter(folder: Path, count: int, transport: str = "asyncio") -> tuple[f
     env = {TRANSPORT_ENV: transport}
     with Orthanc() as orthanc, Importer(orthanc.dicomweb_url, env=env) as importer:
         assert importer.proc is not None
-        cpu = process_cpu_seconds(importer.proc.pid)
+        cpu = proc_status(importer.proc.pid).cpu_seconds
         elapsed = timed_send(importer.port, importer.aet, folder, count, orthanc)
-        cpu = process_cpu_seconds(importer.proc.pid) - cpu
-        return elapsed, peak_rss_mb(importer.proc.pid), cpu
+        cpu = proc_status(importer.proc.pid).cpu_seconds - cpu
+        return elapsed, proc_status(importer.proc.pid).peak_rss_kib / 1024, cpu
 
 
 def main() -> int:

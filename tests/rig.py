@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -1112,7 +1113,50 @@ def store_jpeg_instance(orthanc: Orthanc, folder: Path, patient_id: str) -> Data
     return ds
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a running process has used so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@dataclass(frozen=True)
+class ProcStatus:
+    """What /proc says about a running process: memory, threads, open files, CPU used so far."""
+
+    rss_kib: int  # VmRSS
+    peak_rss_kib: int  # VmHWM: the high-water mark of the whole process life
+    threads: int
+    fds: int
+    cpu_seconds: float  # user + system, all threads
+
+
+def proc_status(pid: int) -> ProcStatus:
+    """One reading of /proc/<pid>/{status,stat,fd}, the only place tests and benches parse them."""
+    status: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "Threads"):
+            status[key] = int(value.split()[0])
+    # after "(comm)", which may itself contain spaces and parentheses
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return ProcStatus(
+        rss_kib=status["VmRSS"],
+        peak_rss_kib=status["VmHWM"],
+        threads=status["Threads"],
+        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        cpu_seconds=(int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"),
+    )
+
+
+def c_find(port: int, aet: str, sop_class: str, identifier: Dataset) -> list[Dataset]:
+    """Every pending C-FIND answer of one query; fails unless the final status is success."""
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    assert assoc.is_established
+    answers: list[Dataset] = []
+    try:
+        for status, answer in assoc.send_c_find(identifier, sop_class):
+            assert status, "no C-FIND response"
+            if status.Status == 0xFF00:  # pending: one more match
+                assert answer is not None
+                answers.append(answer)
+            else:
+                assert status.Status == 0x0000, f"final status 0x{status.Status:04X}"
+    finally:
+        assoc.release()
+    return answers

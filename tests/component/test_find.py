@@ -14,6 +14,7 @@ from pynetdicom import AE
 
 from dicom_adapter.importer import find as find_module
 from dicom_adapter.status import Status
+from tests import rig
 from tests.component.conftest import RunningImporter
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -205,21 +206,7 @@ def patient_json(row: tuple[str, str, str, str, int]) -> dict[str, object]:
 
 
 def c_find(importer: RunningImporter, identifier: Dataset, sop_class: str) -> list[Dataset]:
-    ae = AE(ae_title="FINDSCU")
-    ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
-    assert assoc.is_established
-    answers: list[Dataset] = []
-    try:
-        for status, answer in assoc.send_c_find(identifier, sop_class):
-            if status.Status == Status.PENDING:
-                assert answer is not None
-                answers.append(answer)
-            else:
-                assert status.Status == Status.SUCCESS, f"final status 0x{status.Status:04X}"
-    finally:
-        assoc.release()
-    return answers
+    return rig.c_find(importer.port, importer.aet, sop_class, identifier)
 
 
 def patient_query(**keys: str) -> Dataset:

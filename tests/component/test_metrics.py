@@ -13,18 +13,18 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 
 from dicom_adapter.status import Status
-from tests.component.conftest import RunningImporter
-from tests.component.test_find import find, paged_studies
-from tests.component.test_move import (
+from tests.component.conftest import (
     CT_BOTH,
     Archive,
     Destination,
+    RunningImporter,
     c_move,
     dataset_bytes,
     dictionary_flag,
     make_study,
     study_level,
 )
+from tests.component.test_find import find, paged_studies
 from tests.component.test_store_status import JSON, c_store, make_ct, stow_json
 from tests.rig import VERIFICATION, http_get, scrape_metrics
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import fcntl
-import os
 import time
 from pathlib import Path
 
-from tests.rig import Importer, echo, generate_ct_series, interrupt_c_store
+from tests.rig import Importer, echo, generate_ct_series, interrupt_c_store, proc_status
 
 HOST = "127.0.0.1"
 ROOT = "dicom-import-spool"
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def spooled_files(tmpdir: Path) -> list[Path]:
@@ -32,14 +27,14 @@ def test_aborted_transfers_leave_no_file_and_no_descriptor(tmp_path: Path) -> No
     ) as importer:
         assert importer.proc is not None
         pid = importer.proc.pid
-        baseline = open_fds(pid)
+        baseline = proc_status(pid).fds
         for i in range(50):  # half end with an A-ABORT, half with the connection just closed
             interrupt_c_store(HOST, importer.port, importer.aet, instance, 40_000, abort=i % 2 == 0)
         deadline = time.monotonic() + 10
-        while spooled_files(tmpdir) or open_fds(pid) > baseline:
+        while spooled_files(tmpdir) or proc_status(pid).fds > baseline:
             assert time.monotonic() < deadline, (
                 f"left behind: {spooled_files(tmpdir)[:3]} (of {len(spooled_files(tmpdir))}), "
-                f"{open_fds(pid)} descriptors open, {baseline} at the start"
+                f"{proc_status(pid).fds} descriptors open, {baseline} at the start"
             )
             time.sleep(0.1)
         assert echo(HOST, importer.port, importer.aet, timeout=2)

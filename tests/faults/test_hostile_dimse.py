@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.rig import Importer, Orthanc, echo, generate_ct_series, http_get, send_file
+from tests.rig import (
+    Importer,
+    Orthanc,
+    ProcStatus,
+    echo,
+    generate_ct_series,
+    http_get,
+    proc_status,
+    send_file,
+)
 
 ACSE_TIMEOUT = 2.0
 MAX_ASSOCIATIONS = 4
@@ -64,19 +73,6 @@ def assert_store_in_time(importer: Importer, folder: Path) -> None:
     )
     assert status == 0x0000, f"C-STORE answered {status!r}"
     assert took < ANSWER_WITHIN, f"C-STORE took {took:.2f} s"
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS (KiB), Threads, open file descriptors and CPU ticks of a process."""
-    fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "Threads"):
-            fields[key] = int(value.split()[0])
-    fields["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    fields["cpu_ticks"] = int(stat[11]) + int(stat[12])  # utime + stime
-    return fields
 
 
 def pid_of(importer: Importer) -> int:
@@ -159,13 +155,13 @@ def associate_rq(
 def test_pdu_claiming_4_gib_is_aborted_without_allocating(importer: Importer) -> None:
     pid = pid_of(importer)
     assert_echo_in_time(importer)  # warm: the first association loads code
-    before = proc_status(pid)["VmRSS"]
+    before = proc_status(pid).rss_kib
     sockets = [connect(importer) for _ in range(CLAIMING_CONNECTIONS)]
     try:
         for sock in sockets:
             sock.sendall(struct.pack(">BBI", 0x01, 0, CLAIM) + b"\x00\x01\x00\x00")
         answers = [first_pdu_type(sock, 5.0) for sock in sockets]
-        peak = proc_status(pid)["VmRSS"]
+        peak = proc_status(pid).rss_kib
     finally:
         for sock in sockets:
             sock.close()
@@ -173,7 +169,7 @@ def test_pdu_claiming_4_gib_is_aborted_without_allocating(importer: Importer) ->
     assert answers.count(0x07) >= CLAIMING_CONNECTIONS // 2, answers
     assert peak - before < 20 * 1024, f"RSS grew by {(peak - before) // 1024} MiB"
     assert_echo_in_time(importer)
-    assert proc_status(pid)["VmRSS"] - before < 20 * 1024
+    assert proc_status(pid).rss_kib - before < 20 * 1024
 
 
 def test_pdu_longer_than_negotiated_is_aborted_after_association(importer: Importer) -> None:
@@ -224,12 +220,12 @@ def test_half_open_connections_neither_take_slots_nor_burn_cpu(
         assert http_get(importer.metrics_url + "/readyz").status_code == 200
         # and every one is closed once --acse_timeout has passed
         waited_from = time.monotonic()
-        ticks_before = proc_status(pid)["cpu_ticks"]
+        cpu_before = proc_status(pid).cpu_seconds
         assert all(closed_by_peer(sock, ACSE_TIMEOUT + 3.0) for sock in stalled)
         assert time.monotonic() - waited_from < ACSE_TIMEOUT + 3.0
         time.sleep(1.0)  # a measuring window: what dead connections cost (main spun at 170 %)
         elapsed = time.monotonic() - waited_from
-        cpu = (proc_status(pid)["cpu_ticks"] - ticks_before) / os.sysconf("SC_CLK_TCK")
+        cpu = proc_status(pid).cpu_seconds - cpu_before
         assert cpu / elapsed < 0.25, f"{cpu:.2f} s of CPU in {elapsed:.2f} s"
     finally:
         for sock in stalled:
@@ -355,14 +351,15 @@ def test_readyz_turns_not_ready_when_every_slot_is_taken(importer: Importer) -> 
     assert http_get(importer.metrics_url + "/healthz").status_code == 200
 
 
-def assert_back_to_baseline(pid: int, baseline: dict[str, int]) -> None:
+def assert_back_to_baseline(pid: int, baseline: ProcStatus) -> None:
     """RSS, threads and open files return to within 10 % of `baseline` (polled, 10 s)."""
 
     def back() -> bool:
         now = proc_status(pid)
-        return all(
-            now[key] <= baseline[key] * 1.1 + slack
-            for key, slack in (("VmRSS", 0), ("Threads", 1), ("fds", 1))
+        return (
+            now.rss_kib <= baseline.rss_kib * 1.1
+            and now.threads <= baseline.threads * 1.1 + 1
+            and now.fds <= baseline.fds * 1.1 + 1
         )
 
     assert wait_until(back, 10.0, 0.2), f"baseline {baseline}, now {proc_status(pid)}"

@@ -1,7 +1,7 @@
 """Fetched instances share one memory budget, and every ending of a C-MOVE gives it back.
 
 In-process importer (tests/component harness) with a scripted DICOMweb upstream; the move
-destination is the pynetdicom storage SCP of tests/component/test_move.py.
+destination is the pynetdicom storage SCP of the C-MOVE harness in tests/component/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,23 +12,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
-from pynetdicom import AE
 
 from dicom_adapter.dicomweb import multipart
 from dicom_adapter.dicomweb.instances import MemoryBudget, collect_instances
 from dicom_adapter.status import Status
 from tests.component import conftest as component
-from tests.component import test_move as move
-from tests.component.conftest import RunningImporter
-from tests.component.test_move import (
-    DEST_AET,
-    MOVE_MODEL,
-    MSG_ID,
-    SCU_AET,
+from tests.component.conftest import (
     Archive,
+    RunningImporter,
     Setup,
     c_move,
+    cancel_at_second_pending,
     dictionary_flag,
     make_study,
     study_level,
@@ -36,7 +30,7 @@ from tests.component.test_move import (
 from tests.rig import free_port
 
 start_importer = component.start_importer  # the fixtures of the component harness
-setup = move.setup
+setup = component.setup
 
 
 def wait_until_returned(importer: RunningImporter, timeout: float = 5.0) -> None:
@@ -54,29 +48,16 @@ def test_cancelled_move_gives_the_budget_back(setup: Setup) -> None:
     destination.hold_at = 3  # the queue fills behind the held C-STORE
     budget = importer.service.fetch_budget
 
-    ae = AE(ae_title=SCU_AET)
-    ae.dimse_timeout = 15
-    ae.add_requested_context(MOVE_MODEL)
-    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
-    assert assoc.is_established
-    statuses: list[Dataset] = []
     reserved_while_held = 0
-    try:
-        for status, _ in assoc.send_c_move(
-            study_level(instances[0].study), DEST_AET, MOVE_MODEL, msg_id=MSG_ID
-        ):
-            assert "Status" in status, "no C-MOVE response (DIMSE timeout or abort)"
-            statuses.append(status)
-            if status.Status == Status.PENDING and len(statuses) == 2:
-                deadline = time.monotonic() + 5
-                while len(destination.received) < 3 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                reserved_while_held = budget.in_use
-                assoc.send_c_cancel(MSG_ID, assoc.accepted_contexts[0].context_id)
-                destination.release.set()
-    finally:
-        destination.release.set()
-        assoc.release()
+
+    def note_reserved() -> None:
+        nonlocal reserved_while_held
+        deadline = time.monotonic() + 5
+        while len(destination.received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reserved_while_held = budget.in_use
+
+    statuses = cancel_at_second_pending(importer, destination, instances[0].study, note_reserved)
 
     assert statuses[-1].Status == Status.CANCEL
     assert reserved_while_held > 0  # prefetched instances were held in memory

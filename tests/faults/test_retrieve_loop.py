@@ -17,13 +17,18 @@ from pynetdicom import AE, _config
 
 from dicom_adapter.status import Status
 from tests.component import conftest as component
-from tests.component import test_move as move
-from tests.component.conftest import RunningImporter
-from tests.component.test_move import Archive, Setup, c_move, make_study, study_level
+from tests.component.conftest import (
+    Archive,
+    RunningImporter,
+    Setup,
+    c_move,
+    make_study,
+    study_level,
+)
 from tests.component.test_store_status import JSON, make_ct, stow_json
 
 start_importer = component.start_importer  # the fixtures of the component harness
-setup = move.setup
+setup = component.setup
 
 SLOW = 0.1  # seconds a callback may hold the loop
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 
@@ -21,7 +21,15 @@ from pynetdicom import AE
 
 from dicom_adapter.status import Status, is_failure_code, is_stored
 from tests.faults.fault_proxy import FORWARDED, Fault, FaultProxy
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
+from tests.rig import (
+    Importer,
+    Orthanc,
+    ProcStatus,
+    dcmsend,
+    generate_ct_series,
+    parse_dcmsend_debug,
+    proc_status,
+)
 
 HTTP_TIMEOUT = 1.5  # one HTTP step
 RETRY_DEADLINE = 4.0  # transient failures are retried this long
@@ -40,15 +48,7 @@ class Rig:
     proxy: FaultProxy
     importer: Importer
     data: Path
-    baseline: dict[str, int] = field(default_factory=dict)  # importer's fds and threads
-
-
-def process_resources(importer: Importer) -> dict[str, int]:
-    """Open file descriptors and threads of the importer process."""
-    assert importer.proc is not None
-    proc = Path(f"/proc/{importer.proc.pid}")
-    threads = len(list((proc / "task").iterdir()))
-    return {"fds": len(list((proc / "fd").iterdir())), "threads": threads}
+    baseline: ProcStatus | None = None  # the importer once warm
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def rig(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     ):
         rig = Rig(orthanc, proxy, importer, data)
         assert_serves_normally(rig)  # warm: pooled connection and worker threads exist
-        rig.baseline.update(process_resources(importer))
-        yield rig
+        assert importer.proc is not None
+        yield replace(rig, baseline=proc_status(importer.proc.pid))
         print(f"--- importer log tail ({importer.log_path}) ---")
         print(importer.log_text()[-6000:])
 
@@ -303,7 +303,8 @@ def test_find_through_a_broken_upstream_fails(
 def test_faults_leave_no_connections_or_threads_behind(rig: Rig) -> None:
     """Runs last: after every scenario above, the importer holds what it held before them."""
     assert_serves_normally(rig)
-    now = process_resources(rig.importer)
+    assert rig.importer.proc is not None and rig.baseline is not None
+    now = proc_status(rig.importer.proc.pid)
     print(f"importer resources: baseline {rig.baseline}, after the faults {now}")
-    assert now["fds"] <= rig.baseline["fds"] + 4, (rig.baseline, now)
-    assert now["threads"] <= rig.baseline["threads"] + 4, (rig.baseline, now)
+    assert now.fds <= rig.baseline.fds + 4, (rig.baseline, now)
+    assert now.threads <= rig.baseline.threads + 4, (rig.baseline, now)

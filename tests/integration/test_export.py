@@ -28,6 +28,7 @@ from tests.rig import (
     free_port,
     generate_ct_series,
     http_get,
+    proc_status,
     scrape_metrics,
     store_jpeg_instance,
 )
@@ -192,13 +193,6 @@ def test_permanent_failures_are_acked_and_logged(
     assert scp.received_uids() == set(good.values())
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (/proc/<pid>/stat fields 14 and 15)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may contain spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 OUTAGE_SECONDS = float(os.environ.get("EXPORT_OUTAGE_SECONDS", "8"))
 """Sink outage of the storm test; the issue's figure is 30 s (EXPORT_OUTAGE_SECONDS=30)."""
 
@@ -226,7 +220,7 @@ def test_sink_outage_causes_no_retry_storm(
         assert exporter.proc is not None
         pid = exporter.proc.pid
         outage_started = time.monotonic()
-        cpu_before = cpu_seconds(pid)
+        cpu_before = proc_status(pid).cpu_seconds
         sent = publish(pubsub, source, source.uids[:20])
         pubsub.wait_until(
             lambda: all(pubsub.deliveries(m) >= 1 for m in list(sent)[:16]),
@@ -234,7 +228,7 @@ def test_sink_outage_causes_no_retry_storm(
             "the first messages delivered",
         )
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - outage_started)))  # the outage
-        cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - outage_started)
+        cpu = (proc_status(pid).cpu_seconds - cpu_before) / (time.monotonic() - outage_started)
         assert pubsub.acked(sub) == set()
         deliveries_during = {m: pubsub.deliveries(m) for m in sent}
         with StoreSCP(tmp_path / "scp", aet=SCP_AET, port=port, probe=False) as scp:

@@ -16,7 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
-from tests.rig import Importer, Orthanc, dcmsend, run_dcmtk
+from tests.rig import Importer, Orthanc, c_find, dcmsend, run_dcmtk
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -111,25 +111,6 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, Im
         assert sent.returncode == 0, sent.stderr
         with Importer(orthanc.dicomweb_url, aet="ADAPTER", log_dir=work) as importer:
             yield orthanc, importer
-
-
-def c_find(port: int, aet: str, sop_class: str, identifier: Dataset) -> list[Dataset]:
-    ae = AE(ae_title="FINDSCU")
-    ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
-    assert assoc.is_established
-    answers: list[Dataset] = []
-    try:
-        for status, answer in assoc.send_c_find(identifier, sop_class):
-            assert status, "no C-FIND response"
-            if status.Status == Status.PENDING:
-                assert answer is not None
-                answers.append(answer)
-            else:
-                assert status.Status == Status.SUCCESS, f"final status 0x{status.Status:04X}"
-    finally:
-        assoc.release()
-    return answers
 
 
 def values(answers: list[Dataset], keys: list[str]) -> list[tuple[str, ...]]:
