@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import gzip
+import json
 import random
 import re
 import time
@@ -1017,3 +1018,62 @@ def test_wado_instances_in_memory_spooled_and_unusable(tmp_path: Path) -> None:
     assert got[2][0] == ""
     assert "DICM" in got[2][3]  # the unusable part says why
     assert list(tmp_path.iterdir()) == []  # spool files are gone after discard()
+
+
+# --------------------------------------------------------------------------------------------
+# Answers we hold in memory are bounded: a broken server or proxy cannot grow our RSS
+
+
+async def endless(chunk: bytes = b"[" + b" " * 65535) -> AsyncIterator[bytes]:
+    """A body that never ends (64 KiB at a time)."""
+    while True:
+        yield chunk
+
+
+@pytest.mark.parametrize("operation", ["qido", "stow", "delete", "wado-error"])
+def test_endless_answer_is_cut_at_the_bound(
+    operation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_RESPONSE_BODY", 1 << 20)
+    status = 503 if operation == "wado-error" else 200
+    served: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        served.append(request.method)
+        return httpx.Response(status, content=endless())
+
+    path = write_file(tmp_path, "a.dcm", fake_part10(1, 100))
+
+    async def use(client: DicomwebClient) -> None:
+        if operation == "qido":
+            async for _ in client.qido(f"{ROOT}/studies", []):
+                pass
+        elif operation == "stow":
+            await client.stow(STOW_URL, [path])
+        elif operation == "delete":
+            await client.delete(f"{ROOT}/studies/1")
+        else:
+            async for _ in client.wado_events(f"{ROOT}/studies/1"):
+                pass
+
+    async def bounded(client: DicomwebClient) -> None:
+        await asyncio.wait_for(use(client), 10.0)  # before the bound: read until memory ran out
+
+    with pytest.raises(UpstreamError, match="longer than 1048576 bytes"):
+        run_with_client(handler, bounded)
+    assert len(served) == 1  # an oversized answer is not retried
+
+
+def test_bounded_read_keeps_status_headers_and_decoded_body() -> None:
+    """A gzip-encoded QIDO page still reads as JSON through the bounded read."""
+    body = gzip.compress(json.dumps([{"0020000D": {"vr": "UI", "Value": [UID]}}]).encode())
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        page = body if request.url.params["offset"] == "0" else gzip.compress(b"[]")
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"}
+        return httpx.Response(200, headers=headers, content=chunked(page, 5))
+
+    async def use(client: DicomwebClient) -> list[dict[str, Any]]:
+        return [item async for item in client.qido(f"{ROOT}/studies", [])]
+
+    assert run_with_client(handler, use) == [{"0020000D": {"vr": "UI", "Value": [UID]}}]

@@ -43,6 +43,10 @@ from dicom_adapter.status import Status
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
+# The most of a non-WADO answer (QIDO page, STOW response, error body) we hold: far above any
+# real one (1000 QIDO results are a few MB), so a broken server or proxy cannot grow our memory.
+MAX_RESPONSE_BODY = 64 << 20
+_DECODED_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 QIDO_SAFE = "^*?,-.:_~"
 TRANSIENT_HTTP = frozenset({408, 429})
 DICOM_JSON = "application/dicom+json"
@@ -158,6 +162,10 @@ class DicomwebClient:
         finally:
             _OPERATION_END.reset(token)
 
+    async def _send_bounded(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send `request` and read its answer, at most MAX_RESPONSE_BODY bytes of it."""
+        return await _bounded(await self._http.send(request, stream=True), what)
+
     async def _with_retries(
         self, what: str, attempt: Callable[[], Awaitable[httpx.Response]]
     ) -> httpx.Response:
@@ -264,12 +272,7 @@ class DicomwebClient:
 
         async def attempt() -> httpx.Response:
             request = self._http.build_request("POST", url, headers=headers, content=body())
-            response = await self._http.send(request, stream=True)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()  # also when cut off mid-body: frees the connection
-            return response
+            return await self._send_bounded(request, "STOW-RS")
 
         response, tries = await self._attempts("STOW-RS", attempt)
         result = parse_stow_response(
@@ -286,7 +289,7 @@ class DicomwebClient:
         """DELETE a resource (used to overwrite an instance on 409 Conflict)."""
 
         async def attempt() -> httpx.Response:
-            return await self._http.delete(url)
+            return await self._send_bounded(self._http.build_request("DELETE", url), "DELETE")
 
         response = await self._with_retries("DELETE", attempt)
         _raise_for_status("DELETE", response)
@@ -310,7 +313,8 @@ class DicomwebClient:
             full_url = f"{url}?{query_string(page_params)}"
 
             async def attempt(full_url: str = full_url) -> httpx.Response:
-                return await self._http.get(full_url, headers={"Accept": DICOM_JSON})
+                request = self._http.build_request("GET", full_url, headers={"Accept": DICOM_JSON})
+                return await self._send_bounded(request, "QIDO-RS")
 
             response = await self._with_retries("QIDO-RS", attempt)
             if response.status_code == 204:
@@ -347,14 +351,14 @@ class DicomwebClient:
         async def attempt() -> httpx.Response:
             request = self._http.build_request("GET", url, headers=wado_headers(accept))
             response = await self._http.send(request, stream=True)
-            if self._retry.is_transient(response.status_code):
-                await response.aread()  # error bodies are small; keeps the answer readable
+            if self._retry.is_transient(response.status_code):  # keeps the answer readable
+                return await _bounded(response, "WADO-RS")
             return response
 
         response = await self._with_retries("WADO-RS", attempt)
         try:
             if response.status_code >= 300:
-                await response.aread()
+                response = await _bounded(response, "WADO-RS")
             _raise_for_status("WADO-RS", response)
             try:
                 boundary = multipart.boundary_from_content_type(
@@ -419,6 +423,34 @@ class DicomwebClient:
         if headers is None:
             raise UpstreamError("WADO-RS: response had no parts")
         return headers
+
+
+async def _bounded(response: httpx.Response, what: str) -> httpx.Response:
+    """The streamed `response`, read (at most MAX_RESPONSE_BODY bytes) and closed.
+
+    Closed however the read ends (also when cut off mid-body), which frees the connection.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BODY:
+                raise UpstreamError(
+                    f"{what}: HTTP {response.status_code} answer longer than "
+                    f"{MAX_RESPONSE_BODY} bytes"
+                )
+            chunks.append(chunk)
+    finally:
+        await response.aclose()
+    headers = [
+        (key, value)
+        for key, value in response.headers.multi_items()
+        if key.lower() not in _DECODED_HEADERS  # the body below is already decoded
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
+    )
 
 
 def _raise_for_status(what: str, response: httpx.Response) -> None:
