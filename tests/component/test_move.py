@@ -10,11 +10,13 @@ import io
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -123,6 +125,27 @@ def test_series_not_found_fails_every_sub_operation(setup: Setup) -> None:
     assert result.failed_uids() == sorted(i.uid for i in instances)
     assert destination.received == []
     assert len(wado_requests(importer)) == 1  # a 404 is not retried
+
+
+def test_instance_with_an_unencodable_sop_class_fails_alone(setup: Setup) -> None:
+    """An upstream instance whose SOP Class UID no association item can carry (over 64
+    characters) fails by itself; proposing it first would have failed the association, and
+    with it every other instance of the move."""
+    instances = make_study(3)
+    bad = instances[0]
+    ds = dcmread(io.BytesIO(bad.stored))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1." * 40)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    instances[0] = replace(bad, stored=buffer.getvalue())
+    importer, destination = setup(Archive(instances))
+
+    result = c_move(importer, study_level(bad.study))
+
+    assert result.status == Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+    assert result.counts() == (2, 1, 0)
+    assert result.failed_uids() == [bad.uid]
+    assert set(destination.by_uid()) == {instances[1].uid, instances[2].uid}
 
 
 @pytest.mark.parametrize("count", [3, 12])  # 12: more than the send queue holds

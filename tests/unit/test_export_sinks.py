@@ -340,12 +340,25 @@ def test_unusable_meta_is_transient() -> None:
         asyncio.run(sink_for(FakePeer()).send(instance))
 
 
-def test_non_ascii_uid_is_transient() -> None:
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sop_instance_uid": "1.2.\ufffd"},  # undecodable bytes
+        {"sop_instance_uid": "1." * 40},  # longer than 64 characters
+        {"sop_class_uid": "1." * 40},  # would fail the association for every message
+    ],
+)
+def test_uid_no_dimse_message_can_carry_is_transient(changes: dict[str, str]) -> None:
     instance = fetched(CT, "1.2.3.1", EXPLICIT_VR_LE)
     assert instance.meta is not None
-    instance.meta = replace(instance.meta, sop_instance_uid="1.2.\ufffd")  # undecodable bytes
+    meta = instance.meta
+    instance.meta = replace(
+        meta,
+        sop_class_uid=changes.get("sop_class_uid", meta.sop_class_uid),
+        sop_instance_uid=changes.get("sop_instance_uid", meta.sop_instance_uid),
+    )
     peer = FakePeer()
-    with pytest.raises(TransientFailure, match="non-ASCII UID"):
+    with pytest.raises(TransientFailure, match="UID no DIMSE message can carry"):
         asyncio.run(sink_for(peer).send(instance))
     assert peer.stored == []
 

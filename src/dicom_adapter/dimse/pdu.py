@@ -358,6 +358,15 @@ def _ui(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def encodable_uid(uid: str) -> bool:
+    """True when `uid` can go into a DIMSE command or association item (ASCII, <= 64 chars)."""
+    try:
+        _ui(uid)
+    except PduError:
+        return False
+    return True
+
+
 def _us(value: int) -> bytes:
     return struct.pack("<H", value)
 

@@ -20,6 +20,7 @@ import httpx
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import FetchedInstance
 from dicom_adapter.dicomweb.stow import status_for
+from dicom_adapter.dimse import pdu
 from dicom_adapter.dimse.part10 import DatasetSource, FileMeta
 from dicom_adapter.dimse.scu import (
     DEFAULT_MAX_PDU,
@@ -78,8 +79,8 @@ def usable_meta(instance: FetchedInstance) -> FileMeta:
     if meta is None:
         raise TransientFailure(f"fetched instance has no usable file meta: {instance.error}")
     uids = (meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax)
-    if not all(uid.isascii() for uid in uids):  # could never go into a DIMSE command
-        raise TransientFailure(f"fetched instance has a non-ASCII UID in its file meta: {uids}")
+    if not all(pdu.encodable_uid(uid) for uid in uids):  # could never go into a DIMSE message
+        raise TransientFailure(f"fetched instance has a UID no DIMSE message can carry: {uids}")
     return meta
 
 

@@ -23,6 +23,7 @@ from pydicom.multival import MultiValue
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance, MemoryBudget
 from dicom_adapter.dicomweb.qido import IdentifierError, QueryRoot
+from dicom_adapter.dimse import pdu
 from dicom_adapter.dimse.part10 import FileMeta
 from dicom_adapter.dimse.scu import (
     MAX_CONTEXTS,
@@ -645,6 +646,10 @@ class _Sender:
         """The C-STORE status (None when it could not be sent) and the data set's size."""
         meta = instance.meta
         if meta is None:
+            return None, 0
+        if not (pdu.encodable_uid(meta.sop_class_uid) and pdu.encodable_uid(meta.transfer_syntax)):
+            # this instance only: proposing it would make the association fail for all the rest
+            logger.warning("instance with a UID no DIMSE message can carry: %s", meta)
             return None, 0
         assoc = await self._association(meta)
         if assoc is None:
