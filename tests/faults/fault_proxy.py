@@ -52,6 +52,7 @@ class Fault(StrEnum):
     HUGE_HEADERS = "huge-headers"  # forwarded; the answer behind 1 MiB of header lines
     GARBAGE_STATUS = "garbage-status"  # a status line that is not HTTP, then close
     EMPTY_200 = "empty-200"  # 200 with an empty body, not forwarded
+    FORBIDDEN = "403"  # 403 with a short body, not forwarded (a permanent refusal)
 
 
 # Faults whose request reaches Orthanc (it may have stored the instance) before the fault.
@@ -222,6 +223,8 @@ class FaultProxy:
             writer.write(
                 _simple(429, b"Too Many Requests", b"slow down", extra=[(b"Retry-After", b"1")])
             )
+        elif fault is Fault.FORBIDDEN:
+            writer.write(_simple(403, b"Forbidden", b"fault proxy: forbidden"))
         elif fault is Fault.EMPTY_200:
             writer.write(
                 _simple(200, b"OK", b"", extra=[(b"Content-Type", b"application/dicom+json")])

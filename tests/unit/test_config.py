@@ -492,6 +492,10 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
         ),
         (["--dimse_aet=ABCDEFGHIJKLMNOPQ", f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
         ([f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
+        (
+            [*BASE, "--persistent_file_storage_location=gs://bucket/prefix"],
+            "persistent_file_storage_location",
+        ),
     ],
 )
 def test_script_bad_config_one_line_exit_2(args: list[str], flag: str) -> None:
@@ -524,3 +528,36 @@ def test_metrics_port_default_range_and_env() -> None:
     for bad in ("-2", "65536", "abc"):
         error = config_error([*BASE, f"--metrics_port={bad}"])
         assert error.flag == "metrics_port", bad
+
+
+# --------------------------------------------------------------------------------------------
+# the durable spool (issue 9)
+
+
+def test_local_spool_flags_are_supported(tmp_path: Path) -> None:
+    settings = parse(
+        [
+            *BASE,
+            f"--persistent_file_storage_location={tmp_path}",
+            "--auto_ack_cstore",
+            "--persistent_file_upload_retry_amount=3",
+            "--min_upload_delay=10",
+            "--max_waiting_time_between_uploads=80",
+        ]
+    )
+    assert settings.persistent_file_storage_location == str(tmp_path)
+    assert settings.auto_ack_cstore
+    assert settings.spool_upload_concurrency == 4
+    assert settings.spool_free_space_headroom == 1 << 30
+
+
+def test_gs_spool_is_not_supported_yet() -> None:
+    error = config_error([*BASE, "--persistent_file_storage_location=gs://bucket/prefix"])
+    assert error.flag == "persistent_file_storage_location"
+    assert "not supported yet" in str(error)
+
+
+def test_auto_ack_needs_a_spool() -> None:
+    error = config_error([*BASE, "--auto_ack_cstore"])
+    assert error.flag == "auto_ack_cstore"
+    assert "--persistent_file_storage_location" in str(error)

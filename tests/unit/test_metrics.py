@@ -226,6 +226,7 @@ def test_import_and_export_metric_names() -> None:
         "commitment_requests",
         "commitment_errors",
         "commitment_qidors_errors",
+        "cstore_backup_errors",
     ]
     java_export = ["started", "total_requests", "total_errors", "total_bytes"]
     expected = {(f"dicomadapter_import_{n}_total", "counter") for n in java_import}
@@ -237,6 +238,8 @@ def test_import_and_export_metric_names() -> None:
         ("dicomadapter_import_cstore_seconds", "histogram"),
         ("dicomadapter_import_cfind_seconds", "histogram"),
         ("dicomadapter_import_cmove_seconds", "histogram"),
+        ("dicomadapter_import_spool_depth", "gauge"),
+        ("dicomadapter_import_spool_oldest_age_seconds", "gauge"),
         ("dicomadapter_export_permanent_failures_total", "counter"),
         ("dicomadapter_export_transient_failures_total", "counter"),
         ("dicomadapter_export_in_flight", "gauge"),

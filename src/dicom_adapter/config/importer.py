@@ -76,19 +76,27 @@ class ImporterSettings(CommonSettings):
     fuzzy_matching: bool = Field(
         False, description="Ask the DICOMweb server for fuzzy person-name matching in C-FIND."
     )
-    persistent_file_storage_location: str = later_flag(
-        "", "Spool directory (or gs://bucket/folder) for durable store-and-forward."
+    persistent_file_storage_location: str = Field(
+        "",
+        description="Spool directory for durable store-and-forward: every C-STORE is fsynced "
+        "there before anything else, uploaded from there, kept until stored (gs:// not yet).",
     )
     gcs_backup_project_id: str = later_flag("", "Google Cloud project of the gs:// spool.")
-    persistent_file_upload_retry_amount: int = later_flag(
-        0, "Upload retries for spooled instances."
+    persistent_file_upload_retry_amount: int = Field(
+        0, description="Upload retries for spooled instances before they move to failed/."
     )
-    auto_ack_cstore: bool = later_flag(
-        False, "Answer C-STORE success once the instance is safely spooled."
+    auto_ack_cstore: bool = Field(
+        False,
+        description="Answer C-STORE success once the instance is fsynced in the spool; "
+        "upload in the background (needs --persistent_file_storage_location).",
     )
-    min_upload_delay: int = later_flag(100, "Minimum delay before a spooled upload retry (ms).")
-    max_waiting_time_between_uploads: int = later_flag(
-        5000, "Maximum delay between spooled upload retries (ms)."
+    min_upload_delay: int = Field(
+        100, description="Minimum delay before a spooled upload retry (ms)."
+    )
+    max_waiting_time_between_uploads: int = Field(
+        5000,
+        description="Maximum delay between spooled upload retries (ms); the delay doubles "
+        "from --min_upload_delay up to it.",
     )
     http_error_codes_to_retry: Annotated[frozenset[int], NoDecode] = Field(
         frozenset(),
@@ -130,6 +138,12 @@ class ImporterSettings(CommonSettings):
     disable_cfind: bool = new_flag(False, "Do not offer C-FIND (Study/Patient Root).")
     disable_retrieve: bool = new_flag(False, "Do not offer C-MOVE and C-GET.")
     disable_commitment: bool = new_flag(False, "Do not offer storage commitment.")
+    spool_upload_concurrency: int = new_flag(4, "STOW-RS requests in flight for spooled instances.")
+    spool_free_space_headroom: int = new_flag(
+        1 << 30,
+        "Bytes that must stay free on the spool's volume; below it new C-STOREs get 0xA700 "
+        "and /readyz answers not-ready.",
+    )
     cstore_answer_deadline: float = new_flag(
         25.0,
         "Seconds from the last byte of a C-STORE data set to its response: upstream retries stop "
@@ -212,6 +226,13 @@ class ImporterSettings(CommonSettings):
             problems.append(
                 ("tls_ca_certificates", "needs --tls_certificate and --tls_private_key")
             )
+        location = self.persistent_file_storage_location
+        if location.startswith("gs://"):
+            problems.append(
+                ("persistent_file_storage_location", "gs:// spools are not supported yet")
+            )
+        if self.auto_ack_cstore and not location:
+            problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))
         return problems + super().cross_check()
 
     def timeout_nesting(self) -> list[tuple[str, str]]:

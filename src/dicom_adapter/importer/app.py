@@ -36,11 +36,14 @@ from dicom_adapter.importer.handlers import (
     CFindHandler,
     CStoreHandler,
     RetrieveHandlers,
+    SpoolIntake,
 )
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.uploader import SpoolUploader
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class ImportService:
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
         self._spool: CStoreSpool | None = None
+        self._local_spool: LocalSpool | None = None
+        self._uploader: SpoolUploader | None = None
         self._registry = MetricsRegistry()
         self.metrics = ImportMetrics(self._registry)
         self.metrics.associations.set_function(self._established_associations)
@@ -77,7 +82,10 @@ class ImportService:
         /readyz: Kubernetes stops sending new peers to a pod whose slots are all taken.
         """
         server = self._server
-        return self._ready and server is not None and server.free_slots() > 0
+        if not (self._ready and server is not None and server.free_slots() > 0):
+            return False
+        local = self._local_spool
+        return local is None or local.has_room()
 
     @property
     def live(self) -> bool:
@@ -173,12 +181,22 @@ class ImportService:
             commitment=commitment_on,
             allowed_calling_aets=settings.allowed_calling_aet_list,
         )
-        # C-STORE data sets spool in a directory of this run; stale runs' files are swept
-        self._spool = spool = await asyncio.to_thread(CStoreSpool)
-        spool.install()
         metrics = self.metrics
+        intake = (
+            await self._open_local_spool(store)
+            if settings.persistent_file_storage_location
+            else None
+        )
+        # C-STORE data sets spool in a directory of this run; stale runs' files are swept
+        # (inside the durable spool when there is one: a rename moves a file into its queue)
+        incoming = intake.spool.incoming if intake is not None else None
+        self._spool = spool = await asyncio.to_thread(CStoreSpool, incoming)
+        spool.install()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
-            (evt.EVT_C_STORE, CStoreHandler(bridge, store, store_timeout, metrics=metrics)),
+            (
+                evt.EVT_C_STORE,
+                CStoreHandler(bridge, store, store_timeout, metrics=metrics, intake=intake),
+            ),
             (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),
         ]
         sub_operation_timeouts = ScuTimeouts(
@@ -236,6 +254,7 @@ class ImportService:
                 on_pending_drop=metrics.pending_dropped.inc,
             )
         except OSError as exc:
+            await self._stop_uploader()
             await http.aclose()
             await self._close_spool()
             await self._stop_health()
@@ -264,11 +283,48 @@ class ImportService:
         if self._server is not None and self._bridge is not None:
             await _drain(self._server, self._bridge, self._settings.shutdown_grace_period)
             self._server = None
+        await self._stop_uploader()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
         await self._close_spool()
         await self._stop_health()
+
+    async def _open_local_spool(self, store: StoreService) -> SpoolIntake:
+        """The durable spool and its uploader, which starts with what earlier runs left."""
+        settings = self._settings
+        local = await asyncio.to_thread(
+            LocalSpool,
+            Path(settings.persistent_file_storage_location),
+            headroom_bytes=settings.spool_free_space_headroom,
+        )
+        self.metrics.spool_depth.set_function(local.depth)
+        self.metrics.spool_oldest_age.set_function(local.oldest_age)
+        uploader = SpoolUploader(
+            local,
+            store,
+            self.metrics,
+            concurrency=settings.spool_upload_concurrency,
+            retries=settings.persistent_file_upload_retry_amount,
+            min_delay=settings.min_upload_delay / 1000,
+            max_delay=settings.max_waiting_time_between_uploads / 1000,
+            retry_codes=settings.http_error_codes_to_retry,
+        )
+        self._local_spool, self._uploader = local, uploader
+        await uploader.start()
+        logger.info(
+            "spool %s: C-STORE %s",
+            local.root,
+            "acknowledged once fsynced, uploaded in the background"
+            if settings.auto_ack_cstore
+            else "answered after its STOW-RS",
+        )
+        return SpoolIntake(local, uploader, auto_ack=settings.auto_ack_cstore)
+
+    async def _stop_uploader(self) -> None:
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:
+            await uploader.stop()
 
     @property
     def cstore_spool_dir(self) -> Path | None:

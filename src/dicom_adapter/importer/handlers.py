@@ -38,8 +38,10 @@ from dicom_adapter.importer.move import (
     MoveProgress,
     RetrieveService,
 )
-from dicom_adapter.importer.store import StoreService
+from dicom_adapter.importer.store import StoreService, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status, is_failure_code, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,15 @@ class AssociationCleanup:
             logger.exception("C-STORE spool cleanup failed")
 
 
+class SpoolIntake:
+    """With --persistent_file_storage_location: where C-STORE data sets go once received."""
+
+    def __init__(self, spool: LocalSpool, uploader: SpoolUploader, *, auto_ack: bool) -> None:
+        self.spool = spool
+        self.uploader = uploader
+        self.auto_ack = auto_ack
+
+
 class CStoreHandler:
     """EVT_C_STORE: spooled file → STOW-RS → C-STORE-RSP status.
 
@@ -105,23 +116,29 @@ class CStoreHandler:
         timeout: float,
         *,
         metrics: ImportMetrics | None = None,
+        intake: SpoolIntake | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
         self._timeout = timeout
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
+        self._intake = intake
 
     def __call__(self, event: Any) -> int:
         started = time.perf_counter()
         with _never_raises("C-STORE"):
             self._metrics.cstore_requests.inc()
+        size = 0
+        with _never_raises("C-STORE"):
+            # the received Part-10 file: one stat, no second read of the file per C-STORE
+            # (before handling: with a spool, the handler moves the file)
+            size = event.dataset_path.stat().st_size
         status = self._handle(event)
         with _never_raises("C-STORE"):
             metrics = self._metrics
             metrics.cstore_seconds.observe(time.perf_counter() - started)
             if is_stored(status):
-                # the spooled Part-10 file: one stat, no second read of the file per C-STORE
-                metrics.cstore_bytes.inc(event.dataset_path.stat().st_size)
+                metrics.cstore_bytes.inc(size)
             else:
                 metrics.cstore_errors.inc()
         return status
@@ -132,6 +149,9 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
+            if self._intake is not None:
+                received, path = path, None  # moved into the spool: absence says nothing
+                return self._spooled(self._intake, received, fields)
             started = self._bridge.start(self._store.store_file, path)
             status = self._bridge.result(started, self._timeout)
             if status == Status.SUCCESS:
@@ -152,6 +172,35 @@ class CStoreHandler:
             else:
                 logger.exception("C-STORE failed unexpectedly", extra=fields)
             return int(Status.PROCESSING_FAILURE)
+
+    def _spooled(self, intake: SpoolIntake, path: Path, fields: dict[str, str]) -> int:
+        """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
+
+        Nothing is acknowledged that is not durable: a volume below the headroom, or a failed
+        fsync or rename, answers 0xA700 (retry later).
+        """
+        spool = intake.spool
+        if not spool.has_room():
+            logger.warning(
+                "spool volume below its headroom (%d bytes free): C-STORE refused with 0xA700",
+                spool.free_bytes(),
+                extra=fields,
+            )
+            return int(Status.OUT_OF_RESOURCES)
+        identity = read_identity(path)
+        try:
+            queued = spool.commit(path, identity.sop_instance_uid)
+        except OSError as exc:
+            logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
+            return int(Status.OUT_OF_RESOURCES)
+        if intake.auto_ack:
+            intake.uploader.enqueue_threadsafe(queued)
+            return int(Status.SUCCESS)
+        started = self._bridge.start(intake.uploader.upload_now, queued, identity)
+        status = self._bridge.result(started, self._timeout)
+        if status == Status.SUCCESS:
+            logger.debug("stored instance", extra=fields)
+        return status
 
 
 def _cleaned_up(path: Path | None) -> bool:

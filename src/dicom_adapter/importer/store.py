@@ -32,6 +32,15 @@ class InstanceIdentity:
     series_uid: str
 
 
+@dataclass(frozen=True)
+class StoreOutcome:
+    """A STOW-RS result: the DIMSE status, plus the HTTP answer for a failed-area reason file."""
+
+    status: int
+    http_status: int = 0
+    body_excerpt: str = ""
+
+
 _LAST_IDENTITY_TAG = 0x0020000E  # SeriesInstanceUID: nothing after it is needed
 
 
@@ -87,19 +96,40 @@ class StoreService:
         retry deadline, so the C-STORE is answered before the peer gives up on it.
         """
         with self._client.one_deadline():
-            return await self._store(path, identity)
+            return (await self._store(path, identity)).status
 
-    async def _store(self, path: Path, identity: InstanceIdentity) -> int:
+    async def store_outcome(
+        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
+    ) -> StoreOutcome:
+        """`store` with the HTTP answer, for spooled instances (their uploader logs failures).
+
+        `may_exist`: a 409/0x0111 is checked upstream first (an earlier run may have stored it).
+        """
+        with self._client.one_deadline():
+            return await self._store(
+                path, identity, may_exist=may_exist and not self._overwrite, failure_level=None
+            )
+
+    async def _store(
+        self,
+        path: Path,
+        identity: InstanceIdentity,
+        *,
+        may_exist: bool = False,
+        failure_level: int | None = logging.ERROR,
+    ) -> StoreOutcome:
         response = await self._client.stow(self._stow_url, [path])
         status = status_for(response, identity.sop_instance_uid)
-        if response.attempts > 1 and _already_there(response, identity.sop_instance_uid):
+        if (response.attempts > 1 or may_exist) and _already_there(
+            response, identity.sop_instance_uid
+        ):
             # an earlier attempt's answer was lost: it may be that attempt which stored it
             if await self._is_stored(identity):
                 logger.info(
                     "instance already stored by an earlier attempt whose answer was lost",
                     extra={"sop_instance_uid": identity.sop_instance_uid},
                 )
-                return Status.SUCCESS
+                return StoreOutcome(Status.SUCCESS, response.http_status)
         elif (
             response.http_status == 409 and status == Status.PROCESSING_FAILURE and self._overwrite
         ):
@@ -114,7 +144,8 @@ class StoreService:
             response = await self._client.stow(self._stow_url, [path])
             status = status_for(response, identity.sop_instance_uid)
         if status != Status.SUCCESS:
-            level = logging.WARNING if is_warning_code(status) else logging.ERROR
+            failed = failure_level if failure_level is not None else logging.DEBUG
+            level = logging.WARNING if is_warning_code(status) else failed
             logger.log(
                 level,
                 "STOW-RS of instance gave HTTP %d -> C-STORE status 0x%04X%s",
@@ -123,7 +154,7 @@ class StoreService:
                 f" ({response.body_excerpt[:160]!r})" if response.body_excerpt else "",
                 extra={"sop_instance_uid": identity.sop_instance_uid},
             )
-        return status
+        return StoreOutcome(status, response.http_status, response.body_excerpt)
 
     async def _is_stored(self, identity: InstanceIdentity) -> bool:
         """QIDO-RS by SOP Instance UID: is this instance upstream, with the same SOP class?"""

@@ -501,6 +501,17 @@ class ImportMetrics:
         self.cstore_seconds = latency("cstore_seconds", "C-STORE handling time in seconds.")
         self.cfind_seconds = latency("cfind_seconds", "C-FIND handling time in seconds.")
         self.cmove_seconds = latency("cmove_seconds", "C-MOVE handling time in seconds.")
+        self.cstore_backup_errors = counter(
+            "cstore_backup_errors",
+            "Spooled instances that exhausted their upload retries (moved to failed/).",
+        )
+        self.spool_depth = registry.gauge(
+            IMPORT_PREFIX + "spool_depth", "Instances waiting in the spool's queue/."
+        )
+        self.spool_oldest_age = registry.gauge(
+            IMPORT_PREFIX + "spool_oldest_age_seconds",
+            "Seconds since the oldest instance waiting in the spool's queue/ arrived.",
+        )
 
 
 class ExportMetrics:

@@ -1,0 +1,1 @@
+"""Durable store-and-forward: C-STORE data sets kept on disk until STOW-RS stored them."""

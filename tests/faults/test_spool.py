@@ -1,0 +1,189 @@
+"""The durable spool (--persistent_file_storage_location): what was acknowledged is delivered.
+
+Real processes: dcmsend -> dicom-import (subprocess) -> fault proxy or nothing -> Orthanc.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from collections.abc import Callable
+from itertools import count
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicom_adapter.status import Status
+from tests.faults.fault_proxy import Fault, FaultProxy
+from tests.rig import (
+    Importer,
+    Orthanc,
+    dcmsend,
+    free_port,
+    generate_ct_series,
+    http_get,
+    parse_dcmsend_debug,
+    scrape_metrics,
+)
+
+N = 12
+DELIVERY_TIMEOUT = 20.0
+_series = count()
+
+
+def spool_args(spool: Path, *extra: str) -> list[str]:
+    """Fast retries, so a test waits seconds, not minutes, for the upstream to come back."""
+    return [
+        f"--persistent_file_storage_location={spool}",
+        "--persistent_file_upload_retry_amount=1000",
+        "--min_upload_delay=50",
+        "--max_waiting_time_between_uploads=300",
+        "--http_timeout=1",
+        "--upstream_retry_deadline=1.5",
+        *extra,
+    ]
+
+
+def new_instances(tmp_path: Path, n: int) -> dict[str, Path]:
+    """`n` small CT instances of a new series: SOP Instance UID -> file."""
+    index = next(_series)
+    paths = generate_ct_series(tmp_path / f"series-{index}", n, rows=16, cols=16, seed=index)
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+
+
+def send(importer: Importer, instances: dict[str, Path]) -> dict[str, int]:
+    """dcmsend the files over one association: SOP Instance UID -> status the sender saw."""
+    sent = dcmsend("127.0.0.1", importer.port, importer.aet, instances.values(), extra=["-d"])
+    return parse_dcmsend_debug(sent.stdout + sent.stderr)
+
+
+def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def assert_all_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
+    """Every instance reaches Orthanc, with the data set that was sent (elements and pixels)."""
+    poll(
+        lambda: all(orthanc.find_instance(uid) is not None for uid in instances),
+        DELIVERY_TIMEOUT,
+        "every acknowledged instance in Orthanc",
+    )
+    for uid, path in instances.items():
+        orthanc_id = orthanc.find_instance(uid)
+        assert orthanc_id is not None
+        stored = dcmread(io.BytesIO(orthanc.instance_file(orthanc_id)))
+        sent = dcmread(path)
+        assert stored == sent, f"{uid}: the stored data set differs from the one sent"
+        assert stored.PixelData == sent.PixelData
+
+
+def queued(spool: Path) -> list[Path]:
+    return sorted((spool / "queue").glob("*.dcm"))
+
+
+def test_auto_ack_while_upstream_unavailable_then_all_delivered(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Upstream answers 503: the sender sees only successes; once it is back, all arrive."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, N)
+    with (
+        FaultProxy("127.0.0.1", orthanc.http_port) as proxy,
+        Importer(
+            proxy.url + "/dicom-web",
+            *spool_args(spool, "--auto_ack_cstore"),
+            log_dir=tmp_path / "logs",
+        ) as importer,
+    ):
+        proxy.set(Fault.UNAVAILABLE)
+        statuses = send(importer, instances)
+        assert statuses == dict.fromkeys(instances, Status.SUCCESS)
+        assert all(orthanc.find_instance(uid) is None for uid in instances)
+        assert len(queued(spool)) == N  # durable, waiting for the upstream
+        proxy.clear()
+        assert_all_in_orthanc(orthanc, instances)
+        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        metrics = scrape_metrics(importer.metrics_url)
+        assert metrics["dicomadapter_import_spool_depth"] == 0
+        assert metrics["dicomadapter_import_cstore_backup_errors_total"] == 0
+
+
+def test_kill_9_with_queued_instances_loses_nothing(orthanc: Orthanc, tmp_path: Path) -> None:
+    """kill -9 while acknowledged instances wait (upstream down); a restart delivers them."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, N)
+    nowhere = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens: connection refused
+    first = Importer(nowhere, *spool_args(spool, "--auto_ack_cstore"), log_dir=tmp_path / "l1")
+    with first:
+        statuses = send(first, instances)
+        assert statuses == dict.fromkeys(instances, Status.SUCCESS)
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert len(queued(spool)) == N
+    assert all(orthanc.find_instance(uid) is None for uid in instances)
+    with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
+        assert_all_in_orthanc(orthanc, instances)
+        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+
+
+def test_permanently_refused_instance_lands_in_failed_with_its_reason(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """A 403 is not retried: failed/ holds the instance and a JSON reason; counted once."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, 1)
+    [uid] = instances
+    with (
+        FaultProxy("127.0.0.1", orthanc.http_port) as proxy,
+        Importer(
+            proxy.url + "/dicom-web",
+            *spool_args(spool, "--auto_ack_cstore"),
+            log_dir=tmp_path / "logs",
+        ) as importer,
+    ):
+        proxy.set(Fault.FORBIDDEN)
+        assert send(importer, instances) == {uid: Status.SUCCESS}
+        poll(lambda: bool(list((spool / "failed").glob("*.json"))), 10.0, "a reason file")
+        [failed] = (spool / "failed").glob("*.dcm")
+        [note] = (spool / "failed").glob("*.json")
+        assert note.name == failed.name + ".json"
+        assert dcmread(failed).SOPInstanceUID == uid
+        reason = json.loads(note.read_text())
+        assert reason["http_status"] == 403
+        assert reason["sop_instance_uid"] == uid
+        assert "forbidden" in reason["body_excerpt"]
+        assert reason["attempts"] == 1
+        assert not queued(spool)
+        poll(
+            lambda: (
+                scrape_metrics(importer.metrics_url)[
+                    "dicomadapter_import_cstore_backup_errors_total"
+                ]
+                == 1
+            ),
+            5.0,
+            "cstore_backup_errors 1",
+        )
+        errors = [r for r in importer.log_records() if r.get("severity") == "ERROR"]
+        assert ["not uploaded" in str(r["message"]) for r in errors] == [True], errors
+
+
+def test_no_headroom_refuses_with_a700_and_is_not_ready(orthanc: Orthanc, tmp_path: Path) -> None:
+    """Below the free-space headroom: 0xA700, nothing acknowledged or queued, /readyz 503."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, 3)
+    with Importer(
+        orthanc.dicomweb_url,
+        *spool_args(spool, "--auto_ack_cstore", f"--spool_free_space_headroom={1 << 60}"),
+        log_dir=tmp_path / "logs",
+    ) as importer:
+        assert send(importer, instances) == dict.fromkeys(instances, Status.OUT_OF_RESOURCES)
+        assert not queued(spool)
+        assert not list((spool / "incoming").rglob("*.dcm"))
+        assert http_get(importer.metrics_url + "/readyz").status_code == 503
+    assert all(orthanc.find_instance(uid) is None for uid in instances)
