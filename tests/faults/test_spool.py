@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable
 from itertools import count
@@ -187,3 +188,47 @@ def test_no_headroom_refuses_with_a700_and_is_not_ready(orthanc: Orthanc, tmp_pa
         assert not list((spool / "incoming").rglob("*.dcm"))
         assert http_get(importer.metrics_url + "/readyz").status_code == 503
     assert all(orthanc.find_instance(uid) is None for uid in instances)
+
+
+def test_kill_9_before_the_answer_in_synchronous_mode_loses_nothing(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Without auto-ack the C-STORE waits for its STOW; a crash meanwhile keeps the instance."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, 1)
+    [uid] = instances
+    with FaultProxy("127.0.0.1", orthanc.http_port) as proxy:
+        proxy.set(Fault.HANG)  # the STOW never answers: the C-STORE stays unanswered
+        first = Importer(
+            proxy.url + "/dicom-web",
+            *spool_args(spool, "--cstore_answer_deadline=20", "--upstream_retry_deadline=15"),
+            log_dir=tmp_path / "l1",
+        )
+        with first:
+            sender = threading.Thread(target=send, args=(first, instances), daemon=True)
+            sender.start()
+            poll(lambda: len(queued(spool)) == 1, 10.0, "the instance in queue/")
+            poll(lambda: len(proxy.log) > 0, 10.0, "its STOW at the upstream")
+            assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+            sender.join(30)
+    assert orthanc.find_instance(uid) is None
+    with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
+        assert_all_in_orthanc(orthanc, instances)
+        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+
+
+def test_synchronous_mode_with_a_spool_answers_after_the_stow(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Without auto-ack: success only once stored, and the STOW's failure reaches the sender."""
+    spool = tmp_path / "spool"
+    stored, refused = new_instances(tmp_path, 2), new_instances(tmp_path, 1)
+    with (
+        FaultProxy("127.0.0.1", orthanc.http_port) as proxy,
+        Importer(proxy.url + "/dicom-web", *spool_args(spool), log_dir=tmp_path / "l") as importer,
+    ):
+        assert send(importer, stored) == dict.fromkeys(stored, Status.SUCCESS)
+        assert all(orthanc.find_instance(uid) is not None for uid in stored)
+        proxy.set(Fault.FORBIDDEN)
+        assert send(importer, refused) == dict.fromkeys(refused, Status.NOT_AUTHORIZED)
+        assert not queued(spool)  # the sender was told; it owns the retry
