@@ -1,0 +1,108 @@
+"""The local spool's areas and the uploader's retry rules, with a stand-in for STOW-RS."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.rig import generate_ct_series
+
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
+from dicom_adapter.errors import UpstreamUnavailableError
+from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.uploader import SpoolUploader
+from dicom_adapter.status import Status
+
+A700 = StoreOutcome(Status.OUT_OF_RESOURCES, 503, "busy")
+
+
+class ScriptedStore(StoreService):
+    """Answers each upload attempt with the next scripted outcome (an exception is raised)."""
+
+    def __init__(self, script: list[StoreOutcome | Exception]) -> None:
+        client = DicomwebClient(httpx.AsyncClient(), RetryPolicy(deadline=1.0))
+        super().__init__(client, stow_url="http://x/studies", dicomweb_root="", overwrite=False)
+        self.script = script
+        self.calls: list[tuple[float, bool]] = []
+
+    async def store_outcome(
+        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
+    ) -> StoreOutcome:
+        self.calls.append((time.monotonic(), may_exist))
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+def spool_with(tmp_path: Path, n: int) -> LocalSpool:
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    for path in generate_ct_series(spool.incoming, n, rows=4, cols=4):
+        spool.commit(path, path.stem)
+    return spool
+
+
+async def run_until(spool: LocalSpool, store: ScriptedStore, retries: int) -> ImportMetrics:
+    metrics = ImportMetrics(MetricsRegistry())
+    uploader = SpoolUploader(
+        spool, store, metrics, concurrency=2, retries=retries, min_delay=0.02, max_delay=0.05
+    )
+    await uploader.start()
+    try:
+        deadline = time.monotonic() + 5
+        while spool.queued() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        await uploader.stop()
+    return metrics
+
+
+def test_commit_renames_into_queue_in_arrival_order(tmp_path: Path) -> None:
+    spool = spool_with(tmp_path, 3)
+    assert [p.parent for p in spool.queued()] == [spool.queue] * 3
+    assert not list(spool.incoming.glob("*.dcm"))
+    assert spool.depth() == 3
+    assert 0 <= spool.oldest_age() < 60
+
+
+def test_transient_failures_retry_with_growing_delays_then_deliver(tmp_path: Path) -> None:
+    spool = spool_with(tmp_path, 1)
+    store = ScriptedStore(
+        [A700, UpstreamUnavailableError("refused"), A700, StoreOutcome(Status.SUCCESS)]
+    )
+    metrics = asyncio.run(run_until(spool, store, retries=5))
+    assert not spool.queued() and not list(spool.failed.iterdir())
+    times = [t for t, _ in store.calls]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(store.calls) == 4
+    assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.05  # doubles, then capped
+    assert all(may_exist for _, may_exist in store.calls)  # 409 is checked upstream
+    assert metrics.cstore_backup_errors.value() == 0
+
+
+def test_retries_exhausted_move_to_failed_with_a_reason(tmp_path: Path) -> None:
+    spool = spool_with(tmp_path, 1)
+    store = ScriptedStore([A700])
+    metrics = asyncio.run(run_until(spool, store, retries=2))
+    assert len(store.calls) == 3  # the first attempt and 2 retries
+    [note] = spool.failed.glob("*.json")
+    reason = json.loads(note.read_text())
+    assert (reason["http_status"], reason["attempts"], reason["body_excerpt"]) == (503, 3, "busy")
+    assert reason["dimse_status"] == "0xA700"
+    assert metrics.cstore_backup_errors.value() == 1
+
+
+@pytest.mark.parametrize("status", [Status.NOT_AUTHORIZED, Status.PROCESSING_FAILURE])
+def test_permanent_refusal_is_not_retried(tmp_path: Path, status: Status) -> None:
+    spool = spool_with(tmp_path, 1)
+    store = ScriptedStore([StoreOutcome(status, 403, "no")])
+    asyncio.run(run_until(spool, store, retries=5))
+    assert len(store.calls) == 1
+    assert len(list(spool.failed.glob("*.dcm"))) == 1
