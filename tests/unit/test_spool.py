@@ -13,7 +13,7 @@ import pytest
 from tests.rig import generate_ct_series
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
-from dicom_adapter.errors import UpstreamUnavailableError
+from dicom_adapter.errors import ConfigError, UpstreamUnavailableError
 from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
@@ -106,3 +106,11 @@ def test_permanent_refusal_is_not_retried(tmp_path: Path, status: Status) -> Non
     asyncio.run(run_until(spool, store, retries=5))
     assert len(store.calls) == 1
     assert len(list(spool.failed.glob("*.dcm"))) == 1
+
+
+def test_one_process_owns_a_spool(tmp_path: Path) -> None:
+    owner = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    with pytest.raises(ConfigError, match="in use by another dicom-import"):
+        LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    owner.close()
+    LocalSpool(tmp_path / "spool", headroom_bytes=0).close()

@@ -325,6 +325,9 @@ class ImportService:
         uploader, self._uploader = self._uploader, None
         if uploader is not None:
             await uploader.stop()
+        local, self._local_spool = self._local_spool, None
+        if local is not None:
+            local.close()
 
     @property
     def cstore_spool_dir(self) -> Path | None:

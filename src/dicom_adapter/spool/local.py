@@ -7,11 +7,14 @@
 - failed/: instances that exhausted their upload retries, each with `<name>.json` giving the
   last HTTP status, a body excerpt, the attempts and timestamps.
 Only renames move an instance between areas (one filesystem): there is never a second copy.
+One dicom-import process owns a spool (flock on `DIR/.owner.lock`): two would upload and move
+the same files.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import json
 import os
@@ -20,6 +23,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from dicom_adapter.errors import ConfigError
 
 INCOMING = "incoming"
 QUEUE = "queue"
@@ -61,10 +66,26 @@ class LocalSpool:
         self.queue = root / QUEUE
         self.failed = root / FAILED
         self.headroom_bytes = headroom_bytes
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(root / ".owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise ConfigError(
+                "persistent_file_storage_location",
+                f"{root} is in use by another dicom-import process",
+            ) from None
         for area in (self.incoming, self.queue, self.failed):
-            area.mkdir(mode=0o700, parents=True, exist_ok=True)
+            area.mkdir(mode=0o700, exist_ok=True)
         fsync_dir(root)
         self._serial = itertools.count()
+
+    def close(self) -> None:
+        """Give up ownership (what is queued stays for the next owner)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def free_bytes(self) -> int:
         """Bytes an unprivileged writer may still use on the spool's volume."""
