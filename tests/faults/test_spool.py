@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from tests.rig import (
     Importer,
     Orthanc,
     dcmsend,
+    dcmtk_env,
+    dcmtk_tool,
     free_port,
     generate_ct_series,
     http_get,
@@ -232,3 +235,49 @@ def test_synchronous_mode_with_a_spool_answers_after_the_stow(
         proxy.set(Fault.FORBIDDEN)
         assert send(importer, refused) == dict.fromkeys(refused, Status.NOT_AUTHORIZED)
         assert not queued(spool)  # the sender was told; it owns the retry
+
+
+def test_kill_9_during_dcmsend_every_acknowledged_instance_arrives(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """kill -9 mid-transfer (uploads under way too); a restart delivers every success sent."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, 120)
+    first = Importer(
+        orthanc.dicomweb_url, *spool_args(spool, "--auto_ack_cstore"), log_dir=tmp_path / "l1"
+    )
+    with first:
+        out = tmp_path / "dcmsend.log"
+        with out.open("w") as log:
+            sender = subprocess.Popen(
+                [
+                    dcmtk_tool("dcmsend"),
+                    "-d",
+                    "-aet",
+                    "DCMSEND",
+                    "-aec",
+                    first.aet,
+                    "127.0.0.1",
+                    str(first.port),
+                    *(str(p) for p in instances.values()),
+                ],
+                env=dcmtk_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                poll(
+                    lambda: out.read_text(errors="replace").count("C-STORE RSP") >= 20,
+                    20.0,
+                    "20 answers",
+                )
+                assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+            finally:
+                sender.wait(30)
+    statuses = parse_dcmsend_debug(out.read_text(errors="replace"))
+    acknowledged = {uid: p for uid, p in instances.items() if statuses.get(uid) == Status.SUCCESS}
+    assert 20 <= len(acknowledged) < len(instances), "the kill came too late to test anything"
+    with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
+        assert_all_in_orthanc(orthanc, acknowledged)
+        poll(lambda: not queued(spool), 5.0, "an empty queue/")
