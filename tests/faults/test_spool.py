@@ -34,6 +34,7 @@ from tests.rig import (
 
 N = 12
 DELIVERY_TIMEOUT = 20.0
+OUTAGE = 3.5  # seconds the upstream answers 503: more than 2 x --upstream_retry_deadline
 _series = count()
 
 
@@ -110,6 +111,9 @@ def test_auto_ack_while_upstream_unavailable_then_all_delivered(
         assert statuses == dict.fromkeys(instances, Status.SUCCESS)
         assert all(orthanc.find_instance(uid) is None for uid in instances)
         assert len(queued(spool)) == N  # durable, waiting for the upstream
+        # the outage outlasts two upload attempts (each gives up after --upstream_retry_deadline)
+        time.sleep(OUTAGE)
+        assert len(queued(spool)) == N and not list((spool / "failed").iterdir())
         proxy.clear()
         assert_all_in_orthanc(orthanc, instances)
         poll(lambda: not queued(spool), 5.0, "an empty queue/")
