@@ -536,6 +536,21 @@ def test_a_local_spool_lives_on_a_claim_per_replica_of_a_statefulset() -> None:
         assert hpa["spec"]["scaleTargetRef"]["kind"] != "StatefulSet"
 
 
+def test_the_spool_statefulset_runs_the_same_pod_as_the_deployment_plus_the_queue() -> None:
+    """Probes, security, resources, env and spreading cannot drift between the two variants."""
+    [(_, _, deployment)] = [m for m in workloads() if m[1].name == "import-deployment.yaml"]
+    [(_, _, statefulset)] = [m for m in workloads() if m[1] == SPOOL]
+    template = json.loads(json.dumps(statefulset["spec"]["template"]))
+    [container] = template["spec"]["containers"]
+    container["args"] = [
+        a for a in container["args"] if str(a).split("=")[0].removeprefix("--") not in PENDING_FLAGS
+    ]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "spool-queue"]
+    assert template == deployment["spec"]["template"]
+    assert statefulset["spec"]["selector"] == deployment["spec"]["selector"]
+    assert statefulset["spec"]["replicas"] == deployment["spec"]["replicas"]
+
+
 def test_the_statefulset_has_a_headless_governing_service() -> None:
     for where, path, workload in objects("StatefulSet"):
         name = workload["spec"]["serviceName"]
