@@ -22,13 +22,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import Field, create_model
 
 from dicom_adapter.aets import parse_aet_dictionary
 from dicom_adapter.config.common import CommonSettings
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.config.importer import ImporterSettings
-from dicom_adapter.config.parse import flag_status, parse_settings
+from dicom_adapter.config.parse import parse_settings
 from dicom_adapter.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,9 +38,8 @@ SPOOL = DEPLOY / "import-spool-statefulset.yaml"
 # Alternatives to import-deployment.yaml, not in the standard kustomization.
 VARIANTS = (SIDECAR, SPOOL)
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
-# Flags of the spool variant that the parser may still refuse as "not supported yet" (issue 9
-# makes them work on another branch); see container_settings.
-PENDING_FLAGS = frozenset({"persistent_file_storage_location", "auto_ack_cstore"})
+# The flags that make the spool variant differ from the Deployment.
+SPOOL_FLAGS = frozenset({"persistent_file_storage_location", "auto_ack_cstore"})
 
 # 1.30: the oldest minor these manifests promise to work on (autoscaling/v2, policy/v1 and
 # every field used here are GA there); the newest the package has schemas for catches
@@ -146,43 +144,13 @@ IMPORT_CONTAINERS = [c for c in CONTAINERS if c.image.script == "dicom-import"]
 
 
 def container_settings(container: Obj, image: Image) -> CommonSettings:
-    """Parse the container's args with the real parser, over the environment it would see.
-
-    While the spool flags are still refused as "not supported yet" (a refusal that comes after
-    their syntax and values were checked), parse again with only that refusal lifted: every
-    other check of the real parser still applies, and once the flags are supported the first
-    parse succeeds and the fallback is never taken.
-    """
+    """Parse the container's args with the real parser, over the environment it would see."""
     environ = dict(dockerfile_env(image.dockerfile))
     environ.update({e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e})
     argv = [str(arg) for arg in container.get("args", [])]
-    try:
-        return parse_settings(
-            image.model, argv, prog=image.script, description="deploy", environ=environ
-        )
-    except ConfigError as exc:
-        fields = image.model.model_fields
-        if exc.flag not in PENDING_FLAGS or flag_status(fields[exc.flag]) != "not supported yet":
-            raise
     return parse_settings(
-        with_flags_supported(image.model, PENDING_FLAGS),
-        argv,
-        prog=image.script,
-        description="deploy",
-        environ=environ,
+        image.model, argv, prog=image.script, description="deploy", environ=environ
     )
-
-
-def with_flags_supported(
-    model: type[CommonSettings], names: frozenset[str]
-) -> type[CommonSettings]:
-    """A subclass of the settings model in which these flags are no longer "not supported yet"."""
-    overrides: dict[str, Any] = {
-        name: (info.annotation, Field(info.default, description=info.description))
-        for name, info in model.model_fields.items()
-        if name in names
-    }
-    return create_model(model.__name__, __base__=model, **overrides)
 
 
 def metrics_port(settings: CommonSettings) -> int:
@@ -543,7 +511,7 @@ def test_the_spool_statefulset_runs_the_same_pod_as_the_deployment_plus_the_queu
     template = json.loads(json.dumps(statefulset["spec"]["template"]))
     [container] = template["spec"]["containers"]
     container["args"] = [
-        a for a in container["args"] if str(a).split("=")[0].removeprefix("--") not in PENDING_FLAGS
+        a for a in container["args"] if str(a).split("=")[0].removeprefix("--") not in SPOOL_FLAGS
     ]
     container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "spool-queue"]
     assert template == deployment["spec"]["template"]
@@ -577,7 +545,7 @@ def test_the_statefulset_has_a_headless_governing_service() -> None:
     ],
 )
 def test_the_spool_variants_args_still_meet_every_parser_check(bad: str) -> None:
-    """The "not supported yet" fallback of container_settings lifts that refusal only."""
+    """Bad values next to the spool flags are still refused by the real parser."""
     [c] = [c for c in IMPORT_CONTAINERS if c.path == SPOOL]
     container = dict(c.container, args=[*c.container["args"], bad])
     with pytest.raises(ConfigError):
