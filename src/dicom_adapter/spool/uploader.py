@@ -19,12 +19,15 @@ from dicom_adapter.status import Status, is_stored
 logger = logging.getLogger(__name__)
 
 BODY_EXCERPT_CHARS = 500
+RESCAN_SECONDS = 1.0  # how often queue/ is checked for items put there by `dicom-spool requeue`
 
 
 @dataclass
 class _Item:
     path: Path
     attempts: int = 0
+    waiting: bool = False  # a retry timer holds it
+    study_uid: str = ""
     first_try: float = field(default_factory=time.time)
 
 
@@ -62,12 +65,15 @@ class SpoolUploader:
         self._workers: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._known: set[str] = set()  # names in queue/ this uploader already handles
+        self._rescan_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Queue what earlier runs left in queue/ (replay), start the workers; returns it."""
         self._loop = asyncio.get_running_loop()
         left = await asyncio.to_thread(self._spool.queued)
         for path in left:
+            self._known.add(path.name)
             self._queue.put_nowait(_Item(path))
         if left:
             logger.info("replaying %d spooled instances left by an earlier run", len(left))
@@ -75,6 +81,7 @@ class SpoolUploader:
             asyncio.create_task(self._work(), name=f"spool-upload-{i}")
             for i in range(self._concurrency)
         ]
+        self._rescan_task = asyncio.create_task(self._rescan(), name="spool-rescan")
         return len(left)
 
     async def stop(self) -> None:
@@ -82,18 +89,23 @@ class SpoolUploader:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        for task in self._workers:
+        tasks = [*self._workers, *([self._rescan_task] if self._rescan_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._workers:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._workers = []
+        self._workers, self._rescan_task = [], None
 
     def enqueue_threadsafe(self, path: Path) -> None:
         """Queue a committed instance for upload (from a pynetdicom thread)."""
         if self._loop is None:
             raise RuntimeError("uploader not started")
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, _Item(path))
+        self._loop.call_soon_threadsafe(self._adopt, path)
+
+    def _adopt(self, path: Path) -> None:
+        self._known.add(path.name)
+        self._queue.put_nowait(_Item(path))
 
     async def upload_now(self, path: Path, identity: InstanceIdentity) -> int:
         """Synchronous mode: one STOW for the waiting C-STORE; the file leaves queue/ after it.
@@ -101,10 +113,31 @@ class SpoolUploader:
         Whatever the answer, the sender is told it and owns any retry; only a crash before
         the answer leaves the file in queue/ for the next run to upload.
         """
+        self._known.add(path.name)  # the rescan must not upload it a second time
         try:
             return await self._store.store(path, identity)
         finally:
             self._spool.delivered(path)
+            self._known.discard(path.name)
+
+    async def _rescan(self) -> None:
+        """Adopt files that appeared in queue/ unannounced (requeued by an operator).
+
+        A file must be unknown on two scans in a row: one committed by a receiving thread
+        is announced within microseconds, so it is never taken twice.
+        """
+        unannounced: set[str] = set()
+        while True:
+            await asyncio.sleep(RESCAN_SECONDS)
+            seen: set[str] = set()
+            for path in await asyncio.to_thread(self._spool.queued):
+                if path.name in self._known:
+                    continue
+                if path.name in unannounced:
+                    self._adopt(path)
+                else:
+                    seen.add(path.name)
+            unannounced = seen
 
     async def _work(self) -> None:
         while True:
@@ -114,11 +147,15 @@ class SpoolUploader:
             except Exception:
                 logger.exception("spooled upload of %s failed unexpectedly", item.path.name)
                 self._retry_or_fail(item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True)
+            if not item.waiting:
+                self._known.discard(item.path.name)
 
     async def _attempt(self, item: _Item) -> None:
         item.attempts += 1
+        item.waiting = False
         try:
             identity = await asyncio.to_thread(read_identity, item.path)
+            item.study_uid = identity.study_uid
         except InvalidDatasetError as exc:
             if not item.path.exists():  # an operator removed it
                 return
@@ -137,7 +174,8 @@ class SpoolUploader:
         self._retry_or_fail(item, outcome, retry=transient)
 
     def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
-        if retry and item.attempts <= self._retries:
+        item.waiting = retry and item.attempts <= self._retries
+        if item.waiting:
             delay = min(self._max_delay, self._min_delay * 2 ** (item.attempts - 1))
             loop = asyncio.get_running_loop()
             timer: asyncio.TimerHandle | None = None
@@ -152,6 +190,7 @@ class SpoolUploader:
             return
         reason = {
             "sop_instance_uid": item.path.stem.split("-", 2)[-1],
+            "study_instance_uid": item.study_uid or None,
             "dimse_status": f"0x{outcome.status:04X}",
             "http_status": outcome.http_status,
             "body_excerpt": outcome.body_excerpt[:BODY_EXCERPT_CHARS],
