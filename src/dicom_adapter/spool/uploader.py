@@ -146,7 +146,13 @@ class SpoolUploader:
                 await self._attempt(item)
             except Exception:
                 logger.exception("spooled upload of %s failed unexpectedly", item.path.name)
-                self._retry_or_fail(item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True)
+                try:
+                    await self._retry_or_fail(
+                        item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True
+                    )
+                except OSError:  # failed/ not writable: it stays in queue/ for the next run
+                    logger.exception("spooled instance %s left in queue/", item.path.name)
+                    item.waiting = False
             if not item.waiting:
                 self._known.discard(item.path.name)
 
@@ -159,7 +165,7 @@ class SpoolUploader:
         except InvalidDatasetError as exc:
             if not item.path.exists():  # an operator removed it
                 return
-            self._retry_or_fail(item, StoreOutcome(int(exc.status), 0, str(exc)), retry=False)
+            await self._retry_or_fail(item, StoreOutcome(int(exc.status), 0, str(exc)), retry=False)
             return
         try:
             outcome = await self._store.store_outcome(item.path, identity, may_exist=True)
@@ -171,9 +177,9 @@ class SpoolUploader:
         transient = (
             outcome.status == Status.OUT_OF_RESOURCES or outcome.http_status in self._retry_codes
         )
-        self._retry_or_fail(item, outcome, retry=transient)
+        await self._retry_or_fail(item, outcome, retry=transient)
 
-    def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
+    async def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
         item.waiting = retry and item.attempts <= self._retries
         if item.waiting:
             delay = min(self._max_delay, self._min_delay * 2 ** (item.attempts - 1))
@@ -199,7 +205,8 @@ class SpoolUploader:
             "failed_at": _iso(time.time()),
         }
         try:
-            target = self._spool.fail(item.path, reason)
+            # rename, reason file and two fsyncs: off the event loop
+            target = await asyncio.to_thread(self._spool.fail, item.path, reason)
         except FileNotFoundError:
             return  # an operator removed it meanwhile
         logger.error(
