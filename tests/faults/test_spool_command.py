@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.test_spool import (
+from tests.faults.spool_rig import (
     assert_all_in_orthanc,
     new_instances,
     poll,

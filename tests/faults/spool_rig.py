@@ -1,0 +1,73 @@
+"""Helpers of the spool fault tests (tests/faults/test_spool*.py): dicom-import with a spool
+and fast retries, new instances, dcmsend with the statuses the sender saw, delivery checks."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from itertools import count
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
+
+DELIVERY_TIMEOUT = 20.0
+
+
+_series = count()
+
+
+def spool_args(spool: Path, *extra: str) -> list[str]:
+    """Fast retries, so a test waits seconds, not minutes, for the upstream to come back."""
+    return [
+        f"--persistent_file_storage_location={spool}",
+        "--persistent_file_upload_retry_amount=1000",
+        "--min_upload_delay=50",
+        "--max_waiting_time_between_uploads=300",
+        "--http_timeout=1",
+        "--upstream_retry_deadline=1.5",
+        *extra,
+    ]
+
+
+def new_instances(tmp_path: Path, n: int) -> dict[str, Path]:
+    """`n` small CT instances of a new series: SOP Instance UID -> file."""
+    index = next(_series)
+    paths = generate_ct_series(tmp_path / f"series-{index}", n, rows=16, cols=16, seed=index)
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+
+
+def send(importer: Importer, instances: dict[str, Path]) -> dict[str, int]:
+    """dcmsend the files over one association: SOP Instance UID -> status the sender saw."""
+    sent = dcmsend("127.0.0.1", importer.port, importer.aet, instances.values(), extra=["-d"])
+    return parse_dcmsend_debug(sent.stdout + sent.stderr)
+
+
+def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def assert_all_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
+    """Every instance reaches Orthanc, with the data set that was sent (elements and pixels)."""
+    poll(
+        lambda: all(orthanc.find_instance(uid) is not None for uid in instances),
+        DELIVERY_TIMEOUT,
+        "every acknowledged instance in Orthanc",
+    )
+    for uid, path in instances.items():
+        orthanc_id = orthanc.find_instance(uid)
+        assert orthanc_id is not None
+        stored = dcmread(io.BytesIO(orthanc.instance_file(orthanc_id)))
+        sent = dcmread(path)
+        assert stored == sent, f"{uid}: the stored data set differs from the one sent"
+        assert stored.PixelData == sent.PixelData
+
+
+def queued(spool: Path) -> list[Path]:
+    return sorted((spool / "queue").glob("*.dcm"))
