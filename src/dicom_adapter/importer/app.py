@@ -39,6 +39,7 @@ from dicom_adapter.importer.handlers import (
     SpoolIntake,
 )
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
+from dicom_adapter.importer.prepare import build_preparation
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
@@ -195,7 +196,14 @@ class ImportService:
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (
                 evt.EVT_C_STORE,
-                CStoreHandler(bridge, store, store_timeout, metrics=metrics, intake=intake),
+                CStoreHandler(
+                    bridge,
+                    store,
+                    store_timeout,
+                    metrics=metrics,
+                    intake=intake,
+                    prepare=build_preparation([]),  # issue 10: redaction, then transcoding
+                ),
             ),
             (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),
         ]

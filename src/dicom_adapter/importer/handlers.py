@@ -38,6 +38,7 @@ from dicom_adapter.importer.move import (
     MoveProgress,
     RetrieveService,
 )
+from dicom_adapter.importer.prepare import Preparation
 from dicom_adapter.importer.store import StoreService, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
@@ -117,12 +118,14 @@ class CStoreHandler:
         *,
         metrics: ImportMetrics | None = None,
         intake: SpoolIntake | None = None,
+        prepare: Preparation | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
         self._timeout = timeout
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
         self._intake = intake
+        self._prepare = prepare
 
     def __call__(self, event: Any) -> int:
         started = time.perf_counter()
@@ -149,6 +152,8 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
+            if self._prepare is not None:
+                self._prepare(path)
             if self._intake is not None:
                 received, path = path, None  # moved into the spool: absence says nothing
                 return self._spooled(self._intake, received, fields)

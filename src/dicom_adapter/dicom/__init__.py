@@ -1,0 +1,1 @@
+"""Format level, no networking: Part-10 files, transfer syntaxes, redaction, transcoding."""
