@@ -999,8 +999,10 @@ class StoreSCP:
         fork: bool = False,
         probe: bool = True,
         options: Sequence[str] = (),
+        tls: Pki | None = None,
     ) -> None:
         self.options = list(options)  # more storescp options, e.g. --abort-after
+        self.tls = tls  # DICOM TLS with the PKI's server certificate; clients must show theirs
         self.folder = folder
         self.aet = aet
         self.port = port or free_port()
@@ -1013,6 +1015,9 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [dcmtk_tool("storescp"), *(["--fork"] if self.fork else []), "-aet", self.aet]
         args += ["+xa" if self.accept == "all" else "+xi", "-od", str(self.folder), *self.options]
+        if self.tls is not None:
+            pki = self.tls
+            args += ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca)]
         self.proc = subprocess.Popen(
             [*args, str(self.port)],
             env=dcmtk_env(),
@@ -1023,7 +1028,7 @@ class StoreSCP:
         )
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT
-            while self.probe and not echo("127.0.0.1", self.port, self.aet, timeout=2.0):
+            while self.probe and not self._answers_echo():
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
                 if time.monotonic() > deadline:
@@ -1041,6 +1046,14 @@ class StoreSCP:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def _answers_echo(self) -> bool:
+        if self.tls is None:
+            return echo("127.0.0.1", self.port, self.aet, timeout=2.0)
+        pki = self.tls
+        args = ["echoscu", "-to", "2", "-aec", self.aet, "+tls", str(pki.client_key)]
+        args += [str(pki.client_cert), "+cf", str(pki.ca), "127.0.0.1", str(self.port)]
+        return run_dcmtk(args, timeout=10).returncode == 0
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it if it lingers."""
@@ -1160,3 +1173,60 @@ def c_find(port: int, aet: str, sop_class: str, identifier: Dataset) -> list[Dat
     finally:
         assoc.release()
     return answers
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA, a server certificate (localhost, 127.0.0.1), a client one, and a stranger."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path  # self-signed: not from the CA
+    stranger_key: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _issue(folder: Path, name: str, subject: str, ca: tuple[Path, Path], san: str) -> None:
+    key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+        "-subj", subject,
+    )  # fmt: skip
+    ext = folder / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n")
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+    )  # fmt: skip
+
+
+def make_pki(folder: Path) -> Pki:
+    """Create the certificates with the openssl command line in `folder`."""
+    d = folder
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"),
+        "-out", str(d / "ca.crt"), "-days", "2", "-subj", "/CN=dicom-adapter test CA",
+    )  # fmt: skip
+    ca = (d / "ca.crt", d / "ca.key")
+    _issue(d, "server", "/CN=localhost", ca, "IP:127.0.0.1,DNS:localhost")
+    _issue(d, "client", "/CN=MODALITY", ca, "DNS:modality.test")
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "stranger.key"),
+        "-out", str(d / "stranger.crt"), "-days", "2", "-subj", "/CN=stranger",
+    )  # fmt: skip
+    return Pki(
+        ca=d / "ca.crt",
+        server_cert=d / "server.crt",
+        server_key=d / "server.key",
+        client_cert=d / "client.crt",
+        client_key=d / "client.key",
+        stranger_cert=d / "stranger.crt",
+        stranger_key=d / "stranger.key",
+    )

@@ -1,12 +1,14 @@
-"""AET dictionary (SPEC §1.8): JSON array of {"name", "host", "port"}; parse, validate, look up."""
+"""AET dictionary (SPEC §1.8): JSON array of {"name", "host", "port"[, "tls"]}; parse, look up."""
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.errors import ConfigError
 
 
@@ -17,6 +19,7 @@ class Peer:
     name: str
     host: str
     port: int
+    tls: bool = False  # associations to it use DICOM TLS (--outgoing_tls_* flags)
 
 
 class AetDictionary:
@@ -24,6 +27,14 @@ class AetDictionary:
 
     def __init__(self, peers: list[Peer]) -> None:
         self._peers = {p.name: p for p in peers}
+        self.tls_context: ssl.SSLContext | None = None  # for peers with "tls": true
+
+    def target(self, peer: Peer, calling_aet: str) -> AssociationTarget:
+        """Where and how to associate with `peer` (over DICOM TLS when its entry says so)."""
+        if peer.tls and self.tls_context is None:
+            raise RuntimeError(f"{peer.name} needs DICOM TLS but no client context was built")
+        tls = self.tls_context if peer.tls else None
+        return AssociationTarget(calling_aet, peer.name, peer.host, peer.port, tls=tls)
 
     def get(self, aet: str) -> Peer | None:
         """The peer registered for `aet`, or None."""
@@ -31,6 +42,11 @@ class AetDictionary:
 
     def __len__(self) -> int:
         return len(self._peers)
+
+    @property
+    def any_tls(self) -> bool:
+        """True when some peer is reached over DICOM TLS."""
+        return any(peer.tls for peer in self._peers.values())
 
     @property
     def names(self) -> list[str]:
@@ -67,10 +83,13 @@ def parse_aet_dictionary(text: str, flag: str) -> AetDictionary:
             port = int(port)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError(flag, f'{where}: "port" must be a number from 1 to 65535')
+        tls = entry.get("tls", False)
+        if not isinstance(tls, bool):
+            raise ConfigError(flag, f'{where}: "tls" must be true or false')
         if name.strip() in seen:
             raise ConfigError(flag, f"{where}: duplicate AE title")
         seen.add(name.strip())
-        peers.append(Peer(name=name.strip(), host=host.strip(), port=port))
+        peers.append(Peer(name=name.strip(), host=host.strip(), port=port, tls=tls))
     return AetDictionary(peers)
 
 

@@ -28,6 +28,7 @@ from tests.rig import (
     free_port,
     generate_ct_series,
     http_get,
+    make_pki,
     proc_status,
     scrape_metrics,
     store_jpeg_instance,
@@ -412,3 +413,25 @@ def test_peer_without_the_original_syntax_gets_it_uncompressed(
     # Orthanc's and pydicom's JPEG decoders (and colour conversion) may differ by a few levels.
     difference = np.abs(pixels.astype(np.int16) - expected.astype(np.int16))
     assert float(difference.mean()) < 2.0
+
+
+def test_cstore_sink_over_dicom_tls(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    sub = subscription(pubsub, "tls")
+    uids = source.uids[:5]
+    with StoreSCP(tmp_path / "scp", aet=SCP_AET, tls=pki) as scp:
+        tls = [
+            "--peer_dimse_tls",
+            f"--outgoing_tls_ca_certificates={pki.ca}",
+            f"--outgoing_tls_certificate={pki.client_cert}",
+            f"--outgoing_tls_private_key={pki.client_key}",
+        ]
+        args = exporter_args(orthanc, sub, *cstore_sink(scp.port), *tls)
+        with Exporter(tmp_path / "export.log", args, pubsub.host):
+            sent = publish(pubsub, source, uids)
+            pubsub.wait_until(
+                lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
+            )
+        assert {str(ds.SOPInstanceUID) for ds in scp.received()} == set(uids)

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,66 +14,19 @@ from pydicom import dcmread
 from tests.rig import (
     Importer,
     Orthanc,
+    Pki,
     generate_ct_series,
     importer_binary,
+    make_pki,
     run_dcmtk,
 )
 
 AET = "TLSADAPTER"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path  # self-signed: not from the CA
-    stranger_key: Path
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def issue(folder: Path, name: str, subject: str, ca: tuple[Path, Path], san: str) -> None:
-    key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-        "-subj", subject,
-    )  # fmt: skip
-    ext = folder / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n")
-    openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"),
-        "-out", str(d / "ca.crt"), "-days", "2", "-subj", "/CN=dicom-adapter test CA",
-    )  # fmt: skip
-    ca = (d / "ca.crt", d / "ca.key")
-    issue(d, "server", "/CN=localhost", ca, "IP:127.0.0.1,DNS:localhost")
-    issue(d, "client", "/CN=MODALITY", ca, "DNS:modality.test")
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "stranger.key"),
-        "-out", str(d / "stranger.crt"), "-days", "2", "-subj", "/CN=stranger",
-    )  # fmt: skip
-    return Pki(
-        ca=d / "ca.crt",
-        server_cert=d / "server.crt",
-        server_key=d / "server.key",
-        client_cert=d / "client.crt",
-        client_key=d / "client.key",
-        stranger_cert=d / "stranger.crt",
-        stranger_key=d / "stranger.key",
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

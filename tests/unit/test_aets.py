@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,24 @@ def test_errors_name_their_source(tmp_path: Path) -> None:
     assert from_env.value.flag == "ENV_AETS_JSON"
     assert str(from_env.value).startswith("ENV_AETS_JSON:")
     assert 'not "ip"' in str(from_env.value)
+
+
+def test_tls_entries_get_the_client_context_and_others_do_not() -> None:
+    aets = parse_aet_dictionary(
+        '[{"name": "SECURE", "host": "h", "port": 2762, "tls": true},'
+        ' {"name": "PLAIN", "host": "h", "port": 104}]',
+        "aet_dictionary_inline",
+    )
+    assert aets.any_tls
+    secure, plain = aets.get("SECURE"), aets.get("PLAIN")
+    assert secure is not None and plain is not None
+    with pytest.raises(RuntimeError):  # a TLS peer is never reached in the clear
+        aets.target(secure, "ADAPTER")
+    aets.tls_context = ssl.create_default_context()
+    assert aets.target(secure, "ADAPTER").tls is aets.tls_context
+    assert aets.target(plain, "ADAPTER").tls is None
+
+
+def test_tls_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match='"tls" must be true or false'):
+        parse_aet_dictionary('[{"name": "X", "host": "h", "port": 1, "tls": "yes"}]', "f")

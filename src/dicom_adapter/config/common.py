@@ -65,6 +65,30 @@ class CommonSettings(BaseSettings):
         "MiB that WADO-RS-fetched instances (C-MOVE prefetch, export fetches) may hold in memory "
         "together, process-wide; instances beyond it are spooled to disk.",
     )
+    outgoing_tls_ca_certificates: str = new_flag(
+        "",
+        'PEM CA certificates that outgoing DICOM TLS peers (AET entries with "tls": true, '
+        "--peer_dimse_tls) must chain to; empty: the system's trust store.",
+    )
+    outgoing_tls_certificate: str = new_flag(
+        "", "PEM client certificate for outgoing DICOM TLS peers that require one."
+    )
+    outgoing_tls_private_key: str = new_flag("", "PEM private key of --outgoing_tls_certificate.")
+    outgoing_tls_check_hostname: bool = new_flag(
+        True,
+        "Outgoing DICOM TLS: the peer's certificate must name the host (or IP) we connect to; "
+        "false still verifies the chain.",
+    )
+
+    @property
+    def outgoing_tls_options(self) -> dict[str, Any]:
+        """Keyword arguments of dimse.scu.client_tls_context from the --outgoing_tls_* flags."""
+        return {
+            "ca_certificates": self.outgoing_tls_ca_certificates,
+            "certificate": self.outgoing_tls_certificate,
+            "private_key": self.outgoing_tls_private_key,
+            "check_hostname": self.outgoing_tls_check_hostname,
+        }
 
     @property
     def fetch_memory_budget_bytes(self) -> int:

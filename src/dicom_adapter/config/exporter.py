@@ -39,6 +39,9 @@ class ExporterSettings(CommonSettings):
     peer_dimse_ip: str = Field("", description="Host or IP of the C-STORE sink.")
     peer_dimse_port: int = Field(0, ge=0, le=65535, description="Port of the C-STORE sink.")
     client_aet: str = Field("EXPORTADAPTER", description="Our calling AE title for C-STORE.")
+    peer_dimse_tls: bool = new_flag(
+        False, "C-STORE to the sink over DICOM TLS (see --outgoing_tls_ca_certificates)."
+    )
     peer_dicomweb_address: str = Field(
         "", description="DICOMweb root of the STOW-RS sink; STOW-RS goes to <root>/studies."
     )
@@ -202,6 +205,8 @@ class ExporterSettings(CommonSettings):
             problems.append((missing, "the deprecated pair needs both flags set"))
         else:
             problems.extend(check_http_url("peer_dicomweb_addr", self.peer_dicomweb_addr))
+        if self.peer_dimse_tls and not self.cstore_sink:
+            problems.append(("peer_dimse_tls", "DICOM TLS needs the C-STORE sink (--peer_dimse_*)"))
         if not self.dicomweb_addr:
             problems.append(("dicomweb_addr", "is required"))
         else:

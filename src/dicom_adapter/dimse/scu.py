@@ -8,15 +8,16 @@ connection, rejection, abort, no accepted context) become `AssociationError`s he
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE, build_context, build_role, evt
 
 from dicom_adapter.dimse.server import release_connection, tune_connection
-from dicom_adapter.errors import AdapterError
+from dicom_adapter.errors import AdapterError, ConfigError
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,44 @@ class AssociationTarget:
     called_aet: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False)  # DICOM TLS when set
+
+
+def client_tls_context(
+    ca_certificates: str = "",
+    certificate: str = "",
+    private_key: str = "",
+    *,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    """The context for outgoing DICOM TLS (TLS 1.2+, the peer's chain always verified).
+
+    Raises ConfigError naming the flag whose file cannot be used.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        if ca_certificates:
+            context.load_verify_locations(ca_certificates)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("outgoing_tls_ca_certificates", f"cannot load: {exc}") from exc
+    if bool(certificate) != bool(private_key):
+        missing = "outgoing_tls_private_key" if certificate else "outgoing_tls_certificate"
+        raise ConfigError(
+            missing, "a client certificate needs both --outgoing_tls_certificate and its key"
+        )
+    if certificate:
+        try:
+            context.load_cert_chain(certificate, private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "outgoing_tls_certificate", f"cannot load the certificate and private key: {exc}"
+            ) from exc
+    return context
 
 
 def open_association(
@@ -112,6 +151,7 @@ def open_association(
             max_pdu=max_pdu_size,
             ext_neg=roles or None,
             evt_handlers=handlers,
+            tls_args=(target.tls, target.host) if target.tls is not None else None,
         )
     except OSError as exc:
         raise PeerUnreachableError(f"cannot connect to {where}: {exc}") from exc

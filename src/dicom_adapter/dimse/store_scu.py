@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,16 @@ class StoreAssociation:
         ]
         try:
             async with asyncio.timeout(timeouts.connection):
-                reader, writer = await asyncio.open_connection(target.host, target.port)
+                reader, writer = await asyncio.open_connection(
+                    target.host,
+                    target.port,
+                    ssl=target.tls,
+                    server_hostname=target.host if target.tls is not None else None,
+                )
+        except ssl.SSLError as exc:  # reached, but the TLS handshake failed: say why
+            raise AssociationRejectedError(
+                f"TLS handshake with {where} failed: {exc.reason or exc}"
+            ) from exc
         except (OSError, TimeoutError) as exc:
             raise PeerUnreachableError(f"cannot connect to {where}: {exc!r}") from exc
         sock = writer.get_extra_info("socket")

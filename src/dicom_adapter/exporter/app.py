@@ -18,7 +18,7 @@ from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
-from dicom_adapter.dimse.scu import AssociationTarget
+from dicom_adapter.dimse.scu import AssociationTarget, client_tls_context
 from dicom_adapter.exporter.retry import Backoff
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
@@ -111,11 +111,16 @@ class ExportService:
                 called_aet=settings.peer_dimse_aet,
                 host=settings.peer_dimse_ip,
                 port=settings.peer_dimse_port,
+                tls=(
+                    client_tls_context(**settings.outgoing_tls_options)
+                    if settings.peer_dimse_tls
+                    else None
+                ),
             )
             self._sink = CStoreSink(target, permanent_statuses=settings.permanent_statuses)
             where = (
                 f"C-STORE to {settings.peer_dimse_aet}@{settings.peer_dimse_ip}:"
-                f"{settings.peer_dimse_port}"
+                f"{settings.peer_dimse_port}{' over DICOM TLS' if settings.peer_dimse_tls else ''}"
             )
         self._spool = Path(tempfile.mkdtemp(prefix="dicom-export-"))
         self.worker = ExportWorker(

@@ -18,7 +18,7 @@ from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
-from dicom_adapter.dimse.scu import ScuTimeouts
+from dicom_adapter.dimse.scu import ScuTimeouts, client_tls_context
 from dicom_adapter.dimse.server import (
     build_ae,
     configure_pynetdicom,
@@ -116,6 +116,8 @@ class ImportService:
         aets = load_aet_dictionary(
             settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
         )
+        if aets.any_tls:  # loaded before anything starts: a bad file is a startup error
+            aets.tls_context = client_tls_context(**settings.outgoing_tls_options)
         tls = (  # loaded before anything starts: a bad file is a startup error (exit 2)
             server_tls_context(
                 settings.tls_certificate, settings.tls_private_key, settings.tls_ca_certificates

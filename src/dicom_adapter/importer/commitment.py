@@ -22,7 +22,6 @@ from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dimse.scu import (
     AssociationError,
-    AssociationTarget,
     RequestedContext,
     ScuTimeouts,
     associate,
@@ -354,9 +353,7 @@ class CommitmentService:
 
     def _send_report(self, peer: Peer, result: CommitmentResult) -> int:
         """Blocking: one association, one N-EVENT-REPORT; returns the requester's status."""
-        target = AssociationTarget(
-            calling_aet=self._aet, called_aet=peer.name, host=peer.host, port=peer.port
-        )
+        target = self._aets.target(peer, self._aet)
         context = RequestedContext(
             STORAGE_COMMITMENT_PUSH_MODEL, _REPORT_SYNTAXES, scu_role=False, scp_role=True
         )

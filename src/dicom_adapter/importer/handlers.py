@@ -18,7 +18,6 @@ from pydicom import Dataset, dcmread
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicomweb.qido import QueryRoot
-from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.dimse.server import (
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_RETRIEVE,
@@ -418,7 +417,7 @@ class RetrieveHandlers:
             QueryRoot.PATIENT if request.sop_class_uid in PATIENT_ROOT_RETRIEVE else QueryRoot.STUDY
         )
         target = MoveDestination(
-            AssociationTarget(self._cmove_aet, destination, peer.host, peer.port),
+            self._aets.target(peer, self._cmove_aet),
             originator_aet=fields.get("calling_aet", ""),
             originator_message_id=request.message_id,
         )
