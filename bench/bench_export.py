@@ -8,6 +8,9 @@ mode is not serialized on one association at a time; the same sink serves both m
 Alternating the order per repetition, two consumers deliver the same N messages:
 
   (a) reuse       -- `dicom-export` as it is (C-STORE sink keeping one association open);
+  (a4) pool4      -- `dicom-export --peer_max_associations=4` (up to 4 associations at once);
+  (d) dcmsend     -- DCMTK dcmsend of the same files from disk to a fresh storescp (one
+      association): what the sink takes when nothing has to be fetched;
   (b) per-message -- BASELINE emulating the Java adapter, because `dicom-export` has no flag
       for one association per message: this script run as a subprocess
       (`--baseline-consumer`), with the real google-cloud-pubsub SubscriberClient (flow
@@ -22,7 +25,8 @@ Alternating the order per repetition, two consumers deliver the same N messages:
 Each measurement: start the consumer, deliver one warm-up message (not timed), then publish
 the N instance paths and time from the first publish until all N are acked (polling
 `server.acked(sub)`); storescp must then hold all N+1 files. Reports median seconds,
-messages/s and the ratio (a)/(b) in messages/s. Targets: ratio >= 3.0 and (a) >= 100 msg/s.
+messages/s and the ratio (a)/(b) in messages/s. Targets: ratio >= 3.0 and (a) >= 100 msg/s;
+(a4) >= 0.8 x (d) and (a4) >= 5 x (b) (issue 12).
 
 Usage: python bench/bench_export.py [--messages 200] [--reps 3]
 """
@@ -71,6 +75,8 @@ CLIENT_AET = "EXPORTADAPTER"
 MAX_MESSAGES = 16  # dicom-export's default flow control, used by the baseline too
 TARGET_RATIO = 3.0
 TARGET_RATE = 100.0
+TARGET_POOL_VS_DCMSEND = 0.8  # --peer_max_associations=4 against dcmsend from disk
+TARGET_POOL_VS_PER_MESSAGE = 5.0
 DELIVERY_TIMEOUT = 600.0
 READY_TIMEOUT = 60.0
 ACK_POLL = 0.01
@@ -85,7 +91,9 @@ BASELINE = (
 # Processes
 
 
-def exporter_command(dicomweb_url: str, sub: str, scp_port: int) -> list[str]:
+def exporter_command(
+    dicomweb_url: str, sub: str, scp_port: int, associations: int = 1
+) -> list[str]:
     return [
         str(Path(sys.executable).with_name("dicom-export")),
         f"--dicomweb_addr={dicomweb_url}",
@@ -97,6 +105,7 @@ def exporter_command(dicomweb_url: str, sub: str, scp_port: int) -> list[str]:
         "--peer_dimse_ip=127.0.0.1",
         f"--peer_dimse_port={scp_port}",
         f"--client_aet={CLIENT_AET}",
+        f"--peer_max_associations={associations}",
         "--metrics_port=0",  # served as in production, on any free port (never the default)
     ]
 
@@ -271,8 +280,8 @@ class Bench:
         spool.mkdir(parents=True)
         url = self.orthanc.dicomweb_url
         with StoreSCP(run_dir / "scp", aet=SCP_AET, fork=True) as scp:
-            if mode == "reuse":
-                command = exporter_command(url, sub, scp.port)
+            if mode in ("reuse", "pool4"):
+                command = exporter_command(url, sub, scp.port, 4 if mode == "pool4" else 1)
                 ready = "dicom-export pulling"
             else:
                 command = baseline_command(url, sub, scp.port, spool)
@@ -312,9 +321,21 @@ class Bench:
                 raise TimeoutError(f"not all messages acked within {DELIVERY_TIMEOUT} s")
             time.sleep(ACK_POLL)
 
+    def run_dcmsend(self, files: list[Path]) -> float:
+        """Seconds for dcmsend to send the same files from disk to a fresh storescp."""
+        self.runs += 1
+        run_dir = self.work / f"dcmsend-{self.runs}"
+        with StoreSCP(run_dir / "scp", aet=SCP_AET, fork=True) as scp:
+            started = time.perf_counter()
+            result = dcmsend("127.0.0.1", scp.port, SCP_AET, files, timeout=1800)
+            elapsed = time.perf_counter() - started
+            if result.returncode != 0 or scp.count() != len(files):
+                raise RuntimeError(f"dcmsend baseline failed: {result.stderr[-2000:]}")
+        return elapsed
+
     @staticmethod
     def associations(mode: str, log: str) -> int:
-        if mode == "reuse":
+        if mode in ("reuse", "pool4"):
             return log.count("association opened")
         for line in log.splitlines():
             if line.startswith("baseline stopped: associations="):
@@ -364,12 +385,16 @@ def main() -> int:
         server = stack.enter_context(PubSubServer())
         bench = Bench(orthanc, server, work, instance_paths(files))
 
-        seconds: dict[str, list[float]] = {"reuse": [], "per_message": []}
-        assocs: dict[str, list[int]] = {"reuse": [], "per_message": []}
+        modes = ("reuse", "pool4", "per_message", "dcmsend")
+        seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        assocs: dict[str, list[int]] = {mode: [] for mode in modes}
         for rep in range(args.reps):
-            order = ("reuse", "per_message") if rep % 2 == 0 else ("per_message", "reuse")
+            order = modes if rep % 2 == 0 else tuple(reversed(modes))
             for mode in order:
-                elapsed, opened = bench.run(mode)
+                if mode == "dcmsend":
+                    elapsed, opened = bench.run_dcmsend(files[1:]), 1
+                else:
+                    elapsed, opened = bench.run(mode)
                 seconds[mode].append(elapsed)
                 assocs[mode].append(opened)
                 print(
@@ -380,9 +405,15 @@ def main() -> int:
 
     reuse_s = statistics.median(seconds["reuse"])
     per_message_s = statistics.median(seconds["per_message"])
+    pool_s = statistics.median(seconds["pool4"])
+    dcmsend_s = statistics.median(seconds["dcmsend"])
     reuse_rate = args.messages / reuse_s
     per_message_rate = args.messages / per_message_s
+    pool_rate = args.messages / pool_s
+    dcmsend_rate = args.messages / dcmsend_s
     ratio = reuse_rate / per_message_rate
+    pool_vs_dcmsend = pool_rate / dcmsend_rate
+    pool_vs_per_message = pool_rate / per_message_rate
     results: dict[str, object] = {
         "messages": args.messages,
         "reps": args.reps,
@@ -400,14 +431,30 @@ def main() -> int:
         "throughput_ratio": round(ratio, 3),
         "target_ratio": TARGET_RATIO,
         "target_reuse_msg_per_s": TARGET_RATE,
+        "pool4_seconds": [round(s, 3) for s in seconds["pool4"]],
+        "pool4_associations": assocs["pool4"],
+        "pool4_msg_per_s": round(pool_rate, 1),
+        "dcmsend_from_disk_seconds": [round(s, 3) for s in seconds["dcmsend"]],
+        "dcmsend_from_disk_inst_per_s": round(dcmsend_rate, 1),
+        "pool4_vs_dcmsend_ratio": round(pool_vs_dcmsend, 3),
+        "pool4_vs_per_message_ratio": round(pool_vs_per_message, 3),
+        "target_pool4_vs_dcmsend": TARGET_POOL_VS_DCMSEND,
+        "target_pool4_vs_per_message": TARGET_POOL_VS_PER_MESSAGE,
     }
     print(json.dumps(results, indent=2))
-    ok = ratio >= TARGET_RATIO and reuse_rate >= TARGET_RATE
+    ok = (
+        ratio >= TARGET_RATIO
+        and reuse_rate >= TARGET_RATE
+        and pool_vs_dcmsend >= TARGET_POOL_VS_DCMSEND
+        and pool_vs_per_message >= TARGET_POOL_VS_PER_MESSAGE
+    )
     print(
         "targets met"
         if ok
         else f"TARGETS MISSED: ratio >= {TARGET_RATIO} (got {ratio:.2f}), "
-        f"reuse >= {TARGET_RATE:.0f} msg/s (got {reuse_rate:.1f})"
+        f"reuse >= {TARGET_RATE:.0f} msg/s (got {reuse_rate:.1f}), pool4/dcmsend >= "
+        f"{TARGET_POOL_VS_DCMSEND} (got {pool_vs_dcmsend:.2f}), pool4/per-message >= "
+        f"{TARGET_POOL_VS_PER_MESSAGE} (got {pool_vs_per_message:.2f})"
     )
     return 0 if ok else 1
 

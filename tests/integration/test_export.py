@@ -435,3 +435,20 @@ def test_cstore_sink_over_dicom_tls(
                 lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
             )
         assert {str(ds.SOPInstanceUID) for ds in scp.received()} == set(uids)
+
+
+def test_several_associations_to_the_sink(
+    orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    sub = subscription(pubsub, "pool")
+    with StoreSCP(tmp_path / "scp", aet=SCP_AET, fork=True) as scp:
+        args = exporter_args(orthanc, sub, *cstore_sink(scp.port), "--peer_max_associations=4")
+        with Exporter(tmp_path / "export.log", args, pubsub.host) as exporter:
+            sent = publish(pubsub, source, source.uids)
+            pubsub.wait_until(
+                lambda: pubsub.acked(sub) == set(sent), DELIVERY_TIMEOUT, "all messages acked"
+            )
+            assert exporter.stop() == 0
+            opened = [r for r in exporter.log_records() if "association opened" in r["message"]]
+        assert 1 < len(opened) <= 4, "overlapping sends use up to 4 associations"
+        assert {str(ds.SOPInstanceUID) for ds in scp.received()} == set(source.uids)

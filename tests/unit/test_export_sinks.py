@@ -33,6 +33,7 @@ from dicom_adapter.exporter.sinks import (
     DEFAULT_PERMANENT_STATUSES,
     VERIFICATION,
     CStoreSink,
+    CStoreSinkPool,
     PermanentFailure,
     SinkUnavailable,
     StoreConnection,
@@ -452,6 +453,53 @@ def test_unreachable_peer_fails_fast_until_a_probe_gets_through() -> None:
     assert sink.associations_opened == 1
     assert peer.connects == 3
     assert len(peer.stored) == 1
+
+
+def test_pool_uses_one_association_until_sends_overlap() -> None:
+    peers = [FakePeer(), FakePeer(), FakePeer()]
+    pool = CStoreSinkPool([sink_for(peer) for peer in peers])
+
+    async def main() -> None:
+        for i in range(4):  # one after the other: the most recently used association again
+            await pool.send(fetched(CT, f"1.2.3.{i}", EXPLICIT_VR_LE))
+        assert pool.associations_opened == 1
+        # five at once over three associations: no association carries two at a time
+        # (FakePeer asserts it), every instance is stored once
+        await asyncio.gather(
+            *(pool.send(fetched(CT, f"1.2.4.{i}", EXPLICIT_VR_LE)) for i in range(5))
+        )
+        await pool.close()
+
+    asyncio.run(main())
+    assert pool.associations_opened == 3
+    stored = sorted(uid for peer in peers for _, uid, _ in peer.stored)
+    assert stored == sorted([f"1.2.3.{i}" for i in range(4)] + [f"1.2.4.{i}" for i in range(5)])
+    assert all(assoc.released for peer in peers for assoc in peer.associations)
+
+
+def test_pool_fails_fast_once_any_member_finds_the_peer_down() -> None:
+    peers = [FakePeer(), FakePeer()]
+    pool = CStoreSinkPool([sink_for(peer) for peer in peers])
+    for peer in peers:
+        peer.unreachable = True
+
+    async def main() -> None:
+        with pytest.raises(SinkUnavailable, match="cannot connect"):
+            await pool.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+        for _ in range(5):
+            with pytest.raises(SinkUnavailable):
+                await pool.send(fetched(CT, "1.2.3.1", EXPLICIT_VR_LE))
+        assert sum(peer.connects for peer in peers) == 1  # the other member never tried
+        for peer in peers:
+            peer.unreachable = False
+        await pool.probe()
+        await asyncio.gather(
+            *(pool.send(fetched(CT, f"1.2.5.{i}", EXPLICIT_VR_LE)) for i in range(2))
+        )
+
+    asyncio.run(main())
+    assert sum(len(peer.stored) for peer in peers) == 2
+    assert pool.associations_opened == 2  # the member that failed first reconnects too
 
 
 def test_lost_reused_association_is_reopened_once() -> None:

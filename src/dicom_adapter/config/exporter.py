@@ -39,6 +39,11 @@ class ExporterSettings(CommonSettings):
     peer_dimse_ip: str = Field("", description="Host or IP of the C-STORE sink.")
     peer_dimse_port: int = Field(0, ge=0, le=65535, description="Port of the C-STORE sink.")
     client_aet: str = Field("EXPORTADAPTER", description="Our calling AE title for C-STORE.")
+    peer_max_associations: int = new_flag(
+        1,
+        "C-STORE sink: associations used at the same time (many PACS limit associations per "
+        "calling AE title; raise it only as far as the sink allows).",
+    )
     peer_dimse_tls: bool = new_flag(
         False, "C-STORE to the sink over DICOM TLS (see --outgoing_tls_ca_certificates)."
     )
@@ -124,7 +129,7 @@ class ExporterSettings(CommonSettings):
             raise ValueError("must be more than 0 and at most 600 seconds")
         return value
 
-    @field_validator("max_messages", "max_bytes")
+    @field_validator("max_messages", "max_bytes", "peer_max_associations")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -205,6 +210,14 @@ class ExporterSettings(CommonSettings):
             problems.append((missing, "the deprecated pair needs both flags set"))
         else:
             problems.extend(check_http_url("peer_dicomweb_addr", self.peer_dicomweb_addr))
+        if self.peer_max_associations > self.max_messages:
+            problems.append(
+                (
+                    "peer_max_associations",
+                    f"more than --max_messages ({self.max_messages}): the extra associations "
+                    "could never be used",
+                )
+            )
         if self.peer_dimse_tls and not self.cstore_sink:
             problems.append(("peer_dimse_tls", "DICOM TLS needs the C-STORE sink (--peer_dimse_*)"))
         if not self.dicomweb_addr:

@@ -20,7 +20,7 @@ from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http
 from dicom_adapter.dicomweb.instances import MemoryBudget
 from dicom_adapter.dimse.scu import AssociationTarget, client_tls_context
 from dicom_adapter.exporter.retry import Backoff
-from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
+from dicom_adapter.exporter.sinks import CStoreSink, CStoreSinkPool, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
 from dicom_adapter.exporter.worker import ExportWorker
 from dicom_adapter.observability.http import HealthServer, serve_health
@@ -117,10 +117,16 @@ class ExportService:
                     else None
                 ),
             )
-            self._sink = CStoreSink(target, permanent_statuses=settings.permanent_statuses)
+            self._sink = CStoreSinkPool(
+                [
+                    CStoreSink(target, permanent_statuses=settings.permanent_statuses)
+                    for _ in range(settings.peer_max_associations)
+                ]
+            )
             where = (
                 f"C-STORE to {settings.peer_dimse_aet}@{settings.peer_dimse_ip}:"
                 f"{settings.peer_dimse_port}{' over DICOM TLS' if settings.peer_dimse_tls else ''}"
+                f", up to {settings.peer_max_associations} association(s)"
             )
         self._spool = Path(tempfile.mkdtemp(prefix="dicom-export-"))
         self.worker = ExportWorker(

@@ -304,6 +304,10 @@ class CStoreSink:
             if self._assoc is None or not self._assoc.is_open:
                 await self._open()
 
+    def forget_failure(self) -> None:
+        """The peer was reached by another association: the next send may try to connect."""
+        self._unreachable = None
+
     def _contexts(self) -> tuple[list[RequestedContext], frozenset[tuple[str, str]]]:
         """One context per pair (the peer accepts exactly the file's syntax), most recent first."""
         pairs: dict[tuple[str, str], None] = {}
@@ -326,6 +330,58 @@ class CStoreSink:
         """Release the association."""
         async with self._lock:
             await self._drop()
+
+
+class CStoreSinkPool:
+    """Up to `size` associations to one peer (--peer_max_associations), each a CStoreSink.
+
+    A send takes the most recently used idle association (so a light load keeps using one and
+    the others open only when sends overlap) and gives it back after. Once any of them finds
+    the peer unreachable, every send fails fast (SinkUnavailable) until `probe` reaches it.
+    """
+
+    def __init__(self, sinks: Sequence[CStoreSink]) -> None:
+        if not sinks:
+            raise ValueError("a pool needs at least one sink")
+        self._sinks = list(sinks)
+        self._idle: asyncio.LifoQueue[CStoreSink] = asyncio.LifoQueue()
+        for sink in reversed(self._sinks):
+            self._idle.put_nowait(sink)
+        self._down: SinkUnavailable | None = None
+
+    @property
+    def associations_opened(self) -> int:
+        """Associations opened so far by all members."""
+        return sum(sink.associations_opened for sink in self._sinks)
+
+    async def send(self, instance: FetchedInstance, refetch: Refetch | None = None) -> None:
+        """Send on an idle association (waiting for one when all are busy)."""
+        if self._down is not None:
+            raise SinkUnavailable(str(self._down))
+        sink = await self._idle.get()
+        try:
+            await sink.send(instance, refetch)
+        except SinkUnavailable as exc:
+            self._down = exc
+            raise
+        finally:
+            self._idle.put_nowait(sink)
+
+    async def probe(self) -> None:
+        """Reachable when one member's association is open or opens now."""
+        sink = await self._idle.get()
+        try:
+            await sink.probe()
+        finally:
+            self._idle.put_nowait(sink)
+        self._down = None
+        for member in self._sinks:
+            member.forget_failure()
+
+    async def close(self) -> None:
+        """Release every association."""
+        for sink in self._sinks:
+            await sink.close()
 
 
 class StowSink:
