@@ -129,3 +129,26 @@ def test_changed_spool_file_factory_gives_one_warning_and_pynetdicoms_files(
     assert "spool_files" in warning and "NamedTemporaryFile" in warning
     assert not installed
     assert dimse_messages.NamedTemporaryFile is someone_elses_factory  # type: ignore[attr-defined]
+
+
+def test_no_reactor_wait_inside_the_reactor_thread() -> None:
+    """A C-GET handler sends its C-STOREs from the association's own (reactor) thread.
+
+    The reactor cannot resume while it runs our handler, so waiting for it would only run
+    out the timeout on every sub-operation (C-GET took one second per instance).
+    """
+    configure_pynetdicom()
+    returned = threading.Event()
+
+    class Reactor(threading.Thread):  # stands in for pynetdicom's Association (a Thread)
+        _reactor_checkpoint = threading.Event()
+        _is_paused = True  # paused "around" the request the handler serves
+
+        def run(self) -> None:
+            hooks.wait_for_reactor_resume(self, timeout=3600.0)
+            returned.set()
+
+    Reactor._reactor_checkpoint.set()
+    reactor = Reactor(daemon=True)
+    reactor.start()
+    assert returned.wait(30.0), "waited for a resume that cannot happen"

@@ -316,8 +316,10 @@ def wait_for_reactor_resume(assoc: Any, timeout: float = 1.0) -> None:
     in that moment is not protected, and the reactor can take its response off the queue
     ("Received unexpected C-STORE service message"), leaving the sender to wait out the
     DIMSE timeout. Back-to-back sends on a busy process hit this; wait for the resume first.
+    Not from the reactor's own thread (a C-GET handler sends its sub-operations there): the
+    reactor cannot resume while we run in it, so the wait would only run out its timeout.
     """
-    if not available(REACTOR_RESUME):
+    if not available(REACTOR_RESUME) or threading.current_thread() is assoc:
         return
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     if checkpoint is None or not checkpoint.is_set():
