@@ -89,7 +89,7 @@ def test_each_destination_retried_on_its_own_until_all_are_complete(
                 assert scp.received_uids() == set(ct)  # not the unmatched MG ones
                 for received in scp.files():
                     stored = dcmread(received)
-                    assert stored.file_meta.SourceApplicationEntityTitle.strip() == "ROUTER"
+                    assert str(stored.file_meta.SourceApplicationEntityTitle).strip() == "ROUTER"
                     sent = dcmread(ct[str(stored.SOPInstanceUID)])
                     assert stored.PixelData == sent.PixelData
                     assert stored.PatientName == sent.PatientName
