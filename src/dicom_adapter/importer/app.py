@@ -424,7 +424,8 @@ class ImportService:
         self._local_spool, self._uploader = local, uploader
         await uploader.start()
         destinations = None
-        if len(self._routing):
+        # also without routing rules: queues an earlier run's rules left are still uploaded
+        if len(self._routing) or await asyncio.to_thread(recorded_destinations, local.root):
             destinations = await self._open_destination_spools(local, uploader, store)
         logger.info(
             "spool %s: C-STORE %s",
