@@ -425,7 +425,8 @@ class ImportService:
         await uploader.start()
         destinations = None
         # also without routing rules: queues an earlier run's rules left are still uploaded
-        if len(self._routing) or await asyncio.to_thread(recorded_destinations, local.root):
+        left = await asyncio.to_thread(recorded_destinations, local.root)
+        if len(self._routing) > 0 or left:
             destinations = await self._open_destination_spools(local, uploader, store)
         logger.info(
             "spool %s: C-STORE %s",
