@@ -12,6 +12,7 @@ Usage: python bench/bench_routing_read.py [--iterations 2000] [--reps 5]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,9 @@ def main() -> None:
         ]
         for text in ("Modality=MG", "Modality=MG&StudyDescription=Scr*", "Modality=MG&Rows=512"):
             tags = sorted({c.tag for c in parse_filter(text)[1]})
-            cases.append((f"filter {text!r}", lambda tags=tags: read_filter_attributes(path, tags)))
+            cases.append(
+                (f"filter {text!r}", functools.partial(read_filter_attributes, path, tags))
+            )
         print(f"{path.stat().st_size} byte CT instance, {args.iterations} reads x {args.reps}")
         for name, fn in cases:
             print(f"{name:55s} {per_call_us(fn, args.iterations, args.reps):8.1f} us")
