@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.rig import Importer, Orthanc, StoreSCP, free_port
 
 N_CT = 4
 N_MG = 2
+OUTAGE = 3.5  # seconds both destinations stay down: more than 2 x --upstream_retry_deadline
 
 
 def relabel_mg(instances: dict[str, Path]) -> None:
@@ -72,8 +74,12 @@ def test_each_destination_retried_on_its_own_until_all_are_complete(
                 DELIVERY_TIMEOUT,
                 "the unmatched instances at --dicomweb_address",
             )
+            # both stay down for more than two upload attempts of each (every DICOMweb attempt
+            # gives up after --upstream_retry_deadline, every DIMSE one at once): nothing fails
+            time.sleep(OUTAGE)
             assert len(queued(spool, "web")) == N_CT
             assert len(queued(spool, "dimse")) == N_CT
+            assert not list(spool.glob("**/failed/*.dcm"))
             assert not any(orthanc.find_instance(uid) for uid in ct)
 
             command.main(["status", f"--persistent_file_storage_location={spool}"])
@@ -110,3 +116,45 @@ def test_each_destination_retried_on_its_own_until_all_are_complete(
     # every link is gone: nothing queued or failed anywhere, the received files were removed
     assert not list(spool.glob("**/queue/*.dcm"))
     assert not list(spool.glob("**/failed/*.dcm"))
+
+
+def test_a_refusing_dimse_destination_fails_alone(orthanc: Orthanc, tmp_path: Path) -> None:
+    """A peer that accepts only Implicit VR LE refuses an Explicit VR LE instance for good
+    (0x0122 in negotiation, no transcoding): it lands in that destination's failed/ with a
+    reason; the DICOMweb destination still gets it."""
+    spool = tmp_path / "spool"
+    instances = new_instances(tmp_path, 2)
+    with StoreSCP(tmp_path / "scp", aet="IMPLICIT", accept="implicit", fork=True) as scp:
+        routes = [
+            {"filter": "", "name": "IMPLICIT", "host": "127.0.0.1", "port": scp.port},
+            {"filter": "", "dicomweb_destination": orthanc.dicomweb_url},
+        ]
+        with Importer(
+            f"http://127.0.0.1:{free_port()}/dicom-web",  # the default: never used here
+            *spool_args(
+                spool,
+                "--auto_ack_cstore",
+                "--send_to_all_matching_destinations",
+                f"--destination_config_inline={json.dumps(routes)}",
+            ),
+            log_dir=tmp_path / "logs",
+        ) as importer:
+            assert send(importer, instances) == dict.fromkeys(instances, Status.SUCCESS)
+            poll(
+                lambda: all(orthanc.find_instance(uid) for uid in instances),
+                DELIVERY_TIMEOUT,
+                "the instances at the DICOMweb destination",
+            )
+            [dimse_dir] = (spool / "dest").glob("dimse-*")
+            poll(
+                lambda: len(list((dimse_dir / "failed").glob("*.dcm"))) == 2,
+                DELIVERY_TIMEOUT,
+                "both instances in the DIMSE destination's failed/",
+            )
+            assert scp.count() == 0
+            for note in (dimse_dir / "failed").glob("*.json"):
+                reason = json.loads(note.read_text())
+                assert reason["dimse_status"] == "0x0122"
+                assert "accepts no context" in reason["body_excerpt"]
+                assert reason["attempts"] == 1  # permanent: not retried
+    assert not list(spool.glob("**/queue/*.dcm"))
