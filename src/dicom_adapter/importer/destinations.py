@@ -265,10 +265,11 @@ class DestinationSpools:
         queues = [self._queues[d] for d in destinations] or [self.default]
         fsync_file(path)
         uid = _UNSAFE.sub("_", sop_instance_uid)
+        name = f"{time.time_ns()}-{next(self._serial)}-{uid}{SUFFIX}"  # one name in every queue
         done: list[tuple[DestinationQueue, Path]] = []
         try:
             for queue in queues:
-                done.append((queue, self._link(path, queue.spool.queue, uid)))
+                done.append((queue, self._link(path, queue.spool.queue, name, uid)))
         except BaseException:
             for _, linked in done:  # not acknowledged: nothing may stay queued
                 linked.unlink(missing_ok=True)
@@ -278,13 +279,14 @@ class DestinationSpools:
         path.unlink()
         return done
 
-    def _link(self, path: Path, queue: Path, uid: str) -> Path:
+    def _link(self, path: Path, queue: Path, name: str, uid: str) -> Path:
+        target = queue / name
         while True:
-            target = queue / f"{time.time_ns()}-{next(self._serial)}-{uid}{SUFFIX}"
             try:
                 os.link(path, target)
                 return target
-            except FileExistsError:
+            except FileExistsError:  # taken (by another writer's clock): a new name
+                target = queue / f"{time.time_ns()}-{next(self._serial)}-{uid}{SUFFIX}"
                 continue
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
