@@ -363,8 +363,10 @@ def test_read_filter_attributes_not_dicom(tmp_path: Path) -> None:
 # the console script: one stderr line, exit 2
 
 
-def run_import(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "100"}
+def run_import(
+    *args: str, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "100", **(extra_env or {})}
     if "PYTHONPATH" in os.environ:  # a worktree's sources over the installed package
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run(
@@ -377,6 +379,7 @@ def run_import(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+ENV = "ENV_DESTINATION_CONFIG_JSON"
 BASE = ["--dimse_aet=ADAPTER", "--dicomweb_address=http://127.0.0.1:9/dicom-web"]
 
 
@@ -409,3 +412,11 @@ def test_script_refuses_bad_routing_with_one_line(args: list[str], expected: str
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"dicom-import: {expected}")
+
+
+def test_script_reads_env_destination_config_json() -> None:
+    rules = json.dumps([{"filter": "Modality=CT", "name": "PACS", "host": "h", "port": 1}])
+    result = run_import(*BASE, "--dimse_port=0", "--metrics_port=-1", extra_env={ENV: rules})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"dicom-import: {ENV}: entry 0 (filter 'Modality=CT'): DIMSE")
