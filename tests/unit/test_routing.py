@@ -102,11 +102,43 @@ def test_filter_keyword_and_hex_tag() -> None:
     aet, conditions = parse_filter("Modality=MG&00081030=Screening*")
     assert aet is None
     assert conditions == (
-        Condition(MODALITY, ("MG",)),
-        Condition(STUDY_DESCRIPTION, ("Screening*",)),
+        Condition(MODALITY, ("MG",), "CS"),
+        Condition(STUDY_DESCRIPTION, ("Screening*",), "LO"),
     )
-    # hex digits in lower case are tags too
-    assert parse_filter("0008103e=x")[1] == (Condition(0x0008103E, ("x",)),)
+    # hex digits in lower case are tags too; a private tag has no dictionary VR
+    assert parse_filter("0008103e=x")[1] == (Condition(0x0008103E, ("x",), "LO"),)
+    assert parse_filter("00091001=x")[1] == (Condition(0x00091001, ("x",), ""),)
+
+
+@pytest.mark.parametrize(
+    ("vr", "pattern", "value", "expected"),
+    [
+        ("DA", "20240101-20241231", "20240615", True),
+        ("DA", "20240101-20241231", "20240101", True),
+        ("DA", "20240101-20241231", "20241231", True),
+        ("DA", "20240101-20241231", "20250101", False),
+        ("DA", "20240101-", "20991231", True),
+        ("DA", "20240101-", "20231231", False),
+        ("DA", "-20240101", "19700101", True),
+        ("DA", "-20240101", "20240102", False),
+        ("TM", "1000-1300", "1259", True),
+        ("TM", "1000-1300", "130059.5", True),  # the upper bound covers its whole minute
+        ("TM", "1000-1300", "1301", False),
+        ("TM", "1000-1300", "095959", False),
+        ("TM", "10:00-13", "13:45", True),
+    ],
+)
+def test_date_and_time_ranges(vr: str, pattern: str, value: str, expected: bool) -> None:
+    tag = {"DA": 0x00080020, "TM": 0x00080030}[vr]  # StudyDate, StudyTime
+    [condition] = parse_filter(f"{'StudyDate' if vr == 'DA' else 'StudyTime'}={pattern}")[1]
+    assert condition == Condition(tag, (pattern,), vr)
+    assert condition.matches([value]) is expected
+
+
+def test_a_hyphen_is_literal_outside_dates_and_times() -> None:
+    [condition] = parse_filter("StudyDescription=A-B")[1]
+    assert condition.matches(["A-B"])
+    assert not condition.matches(["AB"])
 
 
 def test_ae_title_matches_calling_aet_exactly() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
@@ -88,6 +88,7 @@ class Condition:
 
     tag: int
     patterns: tuple[str, ...]
+    vr: str = ""  # the dictionary VR: DA and TM values also match ranges (`from-to`)
 
     def matches(self, values: Sequence[str] | None) -> bool:
         """C-FIND matching: any pattern against any value; an absent/empty value matches only
@@ -96,7 +97,35 @@ class Condition:
             return True
         if not values:
             return False
-        return any(wildcard_match(p, v) for p in self.patterns for v in values)
+        return any(self._one(p, v) for p in self.patterns for v in values)
+
+    def _one(self, pattern: str, value: str) -> bool:
+        if self.vr in _RANGE_VRS and pattern.count("-") == 1:
+            return range_match(self.vr, pattern, value)
+        return wildcard_match(pattern, value)
+
+
+_RANGE_VRS = frozenset({"DA", "TM"})
+
+
+def _range_key(vr: str, text: str, *, ceil: bool) -> str:
+    """A DA or TM value as a fixed-width string that sorts in time order; `ceil` fills the
+    missing precision of an upper bound with its maximum (`13` -> 13:59:59.999999)."""
+    text = text.strip().replace(":", "") if vr == "TM" else text.strip().replace(".", "")
+    if vr == "DA":
+        return text
+    whole, _, fraction = text.partition(".")
+    fill = "9" if ceil else "0"
+    return whole.ljust(6, fill) + "." + fraction.ljust(6, fill)
+
+
+def range_match(vr: str, pattern: str, value: str) -> bool:
+    """C-FIND range matching of a DA or TM value: `from-to`, `from-` or `-to`, inclusive."""
+    low, high = pattern.split("-")
+    key = _range_key(vr, value, ceil=False)
+    if low and key < _range_key(vr, low, ceil=False):
+        return False
+    return not high or key <= _range_key(vr, high, ceil=True)
 
 
 def wildcard_match(pattern: str, value: str) -> bool:
@@ -166,7 +195,8 @@ def parse_filter(text: str) -> tuple[str | None, tuple[Condition, ...]]:
         tag = parse_tag(key)
         if tag >= PIXEL_DATA:
             raise ValueError(f"{key!r}: filters read only the attributes before PixelData")
-        conditions.append(Condition(tag, tuple(value.split("\\"))))
+        vr = dictionary_VR(tag) if dictionary_has_tag(tag) else ""
+        conditions.append(Condition(tag, tuple(value.split("\\")), vr))
     return calling_aet, tuple(conditions)
 
 
