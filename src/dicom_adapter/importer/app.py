@@ -155,8 +155,15 @@ class ImportService:
         )
         if len(aets):
             logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
+        location = settings.persistent_file_storage_location
+        left_in_spool = (  # queues of destinations earlier rules named are uploaded too
+            await asyncio.to_thread(recorded_destinations, Path(location)) if location else []
+        )
         google_credentials = await credentials_if_needed(
-            [settings.stow_url, *(d.stow_url for d in routing.destinations if d.stow_url)],
+            [
+                settings.stow_url,
+                *(d.stow_url for d in [*routing.destinations, *left_in_spool] if d.stow_url),
+            ],
             static_auth=bool(settings.dicomweb_bearer_token or settings.dicomweb_basic_auth),
             force_google=False,
             scopes=settings.oauth_scopes,
