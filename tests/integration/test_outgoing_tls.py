@@ -149,3 +149,24 @@ def test_bad_outgoing_tls_configuration_stops_startup(
     assert result.returncode == 2, result.stderr
     assert named in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_routed_dimse_destination_over_tls(
+    orthanc: Orthanc, tls_scp: StoreSCP, pki: Pki, tmp_path: Path
+) -> None:
+    files = generate_ct_series(tmp_path / "ct", 3, rows=32, cols=32, patient_id="TLSROUTE")
+    config = json.dumps(
+        [{"filter": "", "name": "TLSSCP", "host": "127.0.0.1", "port": tls_scp.port, "tls": True}]
+    )
+    with Importer(
+        orthanc.dicomweb_url,
+        f"--destination_config_inline={config}",
+        "--send_to_all_matching_destinations",
+        f"--persistent_file_storage_location={tmp_path / 'spool'}",
+        *client_flags(pki, pki.ca),
+        log_dir=tmp_path,
+    ) as importer:
+        sent = dcmsend("127.0.0.1", importer.port, importer.aet, files)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+    received = {str(ds.SOPInstanceUID) for ds in tls_scp.received()}
+    assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}

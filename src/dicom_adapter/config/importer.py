@@ -66,10 +66,14 @@ class ImporterSettings(CommonSettings):
     redact_remove_list: str = later_flag("", "Tags to remove during C-STORE, comma-separated.")
     redact_keep_list: str = later_flag("", "Tags to keep during C-STORE, comma-separated.")
     redact_filter_profile: str = later_flag("", "Redaction profile (CHC_BASIC).")
-    destination_config_path: str = later_flag(
-        "", "Path to a JSON array of routing rules {filter, dicomweb_destination | name/host/port}."
+    destination_config_path: str = Field(
+        "",
+        description="Path to a JSON array of routing rules {filter, dicomweb_destination | "
+        "name/host/port}; unmatched instances go to --dicomweb_address.",
     )
-    destination_config_inline: str = later_flag("", "Routing rules as inline JSON.")
+    destination_config_inline: str = Field(
+        "", description="Routing rules as inline JSON (takes precedence over the file)."
+    )
     store_compress_to_transfer_syntax: str = later_flag(
         "", "Transfer syntax UID to transcode instances to during C-STORE."
     )
@@ -102,8 +106,11 @@ class ImporterSettings(CommonSettings):
         frozenset(),
         description="Extra HTTP status codes (below 500) to retry, comma-separated.",
     )
-    send_to_all_matching_destinations: bool = later_flag(
-        False, "Send to every matching destination, not only the first."
+    send_to_all_matching_destinations: bool = Field(
+        False,
+        description="Send to every matching destination (STOW-RS and DIMSE), not only the "
+        "first; each is delivered and retried on its own (needs "
+        "--persistent_file_storage_location).",
     )
     stow_http2: bool = Field(False, description="Use HTTP/2 for STOW-RS (false by default).")
     stow_overwrite: bool = Field(
@@ -233,6 +240,10 @@ class ImporterSettings(CommonSettings):
             )
         if self.auto_ack_cstore and not location:
             problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))
+        if self.send_to_all_matching_destinations and not location:
+            problems.append(
+                ("send_to_all_matching_destinations", "needs --persistent_file_storage_location")
+            )
         return problems + super().cross_check()
 
     def timeout_nesting(self) -> list[tuple[str, str]]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pynetdicom import evt
@@ -18,7 +20,7 @@ from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
-from dicom_adapter.dimse.scu import ScuTimeouts, client_tls_context
+from dicom_adapter.dimse.scu import AssociationTarget, ScuTimeouts, client_tls_context
 from dicom_adapter.dimse.server import (
     build_ae,
     configure_pynetdicom,
@@ -30,6 +32,13 @@ from dicom_adapter.dimse.server import (
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.importer.commitment import CommitmentService
 from dicom_adapter.importer.cstore_spool import CStoreSpool
+from dicom_adapter.importer.destinations import (
+    DestinationQueue,
+    DestinationSpools,
+    DimseStore,
+    Router,
+    recorded_destinations,
+)
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
     AssociationCleanup,
@@ -40,7 +49,8 @@ from dicom_adapter.importer.handlers import (
 )
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.prepare import build_preparation
-from dicom_adapter.importer.store import StoreService
+from dicom_adapter.importer.routing import Destination, RoutingTable, load_destination_config
+from dicom_adapter.importer.store import InstanceStore, StoreService
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
@@ -75,6 +85,13 @@ class ImportService:
         self._health: HealthServer | None = None
         self._ready = False
         self.fetch_budget = MemoryBudget(settings.fetch_memory_budget_bytes)
+        self._routing = RoutingTable([], send_to_all=False)
+        self._dest_clients: dict[str, DicomwebClient] = {}  # one pooled client per host
+        self._outgoing_tls_context: ssl.SSLContext | None = None
+        self._dimse_stores: list[DimseStore] = []
+        self._dest_uploaders: list[SpoolUploader] = []
+        self._dest_local_spools: list[LocalSpool] = []
+        self._google_credentials: Any = None
 
     @property
     def ready(self) -> bool:
@@ -117,7 +134,20 @@ class ImportService:
             settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
         )
         if aets.any_tls:  # loaded before anything starts: a bad file is a startup error
-            aets.tls_context = client_tls_context(**settings.outgoing_tls_options)
+            aets.tls_context = self._outgoing_tls()
+        self._routing = routing = load_destination_config(
+            settings.destination_config_inline,
+            settings.destination_config_path,
+            self._environ,
+            send_to_all=settings.send_to_all_matching_destinations,
+        )
+        if len(routing) and settings.persistent_file_storage_location.startswith("gs://"):
+            raise ConfigError(
+                "persistent_file_storage_location",
+                "destination routing needs a local spool directory (gs:// not yet)",
+            )
+        if any(d.tls for d in routing.destinations):  # bad files: a startup error
+            self._outgoing_tls()
         tls = (  # loaded before anything starts: a bad file is a startup error (exit 2)
             server_tls_context(
                 settings.tls_certificate, settings.tls_private_key, settings.tls_ca_certificates
@@ -131,8 +161,15 @@ class ImportService:
         )
         if len(aets):
             logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
+        location = settings.persistent_file_storage_location
+        left_in_spool = (  # queues of destinations earlier rules named are uploaded too
+            await asyncio.to_thread(recorded_destinations, Path(location)) if location else []
+        )
         google_credentials = await credentials_if_needed(
-            [settings.stow_url],
+            [
+                settings.stow_url,
+                *(d.stow_url for d in [*routing.destinations, *left_in_spool] if d.stow_url),
+            ],
             static_auth=bool(settings.dicomweb_bearer_token or settings.dicomweb_basic_auth),
             force_google=False,
             scopes=settings.oauth_scopes,
@@ -164,6 +201,15 @@ class ImportService:
             dicomweb_root=settings.dicomweb_root,
             overwrite=settings.stow_overwrite,
         )
+        self._google_credentials = google_credentials
+        self._dest_clients = {_host_key(settings.stow_url): client}
+        if len(routing):
+            logger.info(
+                "routing: %d rules (%s); unmatched instances go to %s",
+                len(routing),
+                "every match" if routing.send_to_all else "first match wins",
+                settings.stow_url,
+            )
         # From a data set's last byte to its C-STORE-RSP: the upstream retries end before it.
         store_timeout = settings.cstore_answer_deadline
         retrieve_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
@@ -205,6 +251,8 @@ class ImportService:
                     metrics=metrics,
                     intake=intake,
                     prepare=build_preparation([]),  # issue 10: redaction, then transcoding
+                    router=Router(routing) if len(routing) else None,
+                    stores=None if intake is not None else self._web_stores(routing.destinations),
                 ),
             ),
             (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),
@@ -265,6 +313,7 @@ class ImportService:
             )
         except OSError as exc:
             await self._stop_uploader()
+            await self._close_destinations()
             await http.aclose()
             await self._close_spool()
             await self._stop_health()
@@ -294,11 +343,83 @@ class ImportService:
             await _drain(self._server, self._bridge, self._settings.shutdown_grace_period)
             self._server = None
         await self._stop_uploader()
+        await self._close_destinations()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
         await self._close_spool()
         await self._stop_health()
+
+    def _web_store(self, destination: Destination) -> StoreService:
+        """STOW-RS to a routed destination, over the pooled client of its host."""
+        settings = self._settings
+        key = _host_key(destination.stow_url)
+        client = self._dest_clients.get(key)
+        if client is None:
+            http = make_http_client(
+                timeout=settings.http_timeout,
+                http2=settings.stow_http2,
+                auth=choose_auth(
+                    destination.stow_url,
+                    bearer_token=settings.dicomweb_bearer_token,
+                    basic_auth=settings.dicomweb_basic_auth,
+                    google_credentials=self._google_credentials,
+                ),
+                max_connections=max(8, settings.max_associations * 2),
+                transport=self._transport,
+            )
+            client = self._dest_clients[key] = DicomwebClient(
+                http,
+                RetryPolicy(
+                    deadline=settings.upstream_retry_deadline,
+                    extra_codes=settings.http_error_codes_to_retry,
+                ),
+            )
+        return StoreService(
+            client,
+            stow_url=destination.stow_url,
+            dicomweb_root=destination.stow_url.removesuffix("/studies"),
+            overwrite=settings.stow_overwrite,
+        )
+
+    def _web_stores(self, destinations: list[Destination]) -> dict[Destination, StoreService]:
+        return {d: self._web_store(d) for d in destinations if not d.is_dimse}
+
+    def _outgoing_tls(self) -> ssl.SSLContext:
+        """The client context for DICOM TLS peers, built once from the --outgoing_tls_* flags."""
+        if self._outgoing_tls_context is None:
+            self._outgoing_tls_context = client_tls_context(**self._settings.outgoing_tls_options)
+        return self._outgoing_tls_context
+
+    def _destination_store(self, destination: Destination) -> InstanceStore:
+        if not destination.is_dimse:
+            return self._web_store(destination)
+        settings = self._settings
+        dimse = DimseStore(
+            AssociationTarget(
+                settings.dimse_cmove_aet or settings.dimse_aet,
+                destination.aet,
+                destination.host,
+                destination.port,
+                tls=self._outgoing_tls() if destination.tls else None,
+            ),
+            ScuTimeouts(
+                acse=settings.acse_timeout,
+                dimse=settings.dimse_timeout,
+                network=settings.network_timeout,
+            ),
+        )
+        self._dimse_stores.append(dimse)
+        return dimse
+
+    async def _close_destinations(self) -> None:
+        stores, self._dimse_stores = self._dimse_stores, []
+        for dimse in stores:
+            await dimse.close()
+        clients, self._dest_clients = self._dest_clients, {}
+        for client in clients.values():
+            if client.http is not self._http:
+                await client.http.aclose()
 
     async def _open_local_spool(self, store: StoreService) -> SpoolIntake:
         """The durable spool and its uploader, which starts with what earlier runs left."""
@@ -322,6 +443,11 @@ class ImportService:
         )
         self._local_spool, self._uploader = local, uploader
         await uploader.start()
+        destinations = None
+        # also without routing rules: queues an earlier run's rules left are still uploaded
+        left = await asyncio.to_thread(recorded_destinations, local.root)
+        if len(self._routing) > 0 or left:
+            destinations = await self._open_destination_spools(local, uploader, store)
         logger.info(
             "spool %s: C-STORE %s",
             local.root,
@@ -329,9 +455,61 @@ class ImportService:
             if settings.auto_ack_cstore
             else "answered after its STOW-RS",
         )
-        return SpoolIntake(local, uploader, auto_ack=settings.auto_ack_cstore)
+        return SpoolIntake(
+            local, uploader, auto_ack=settings.auto_ack_cstore, destinations=destinations
+        )
+
+    def _spool_uploader(self, local: LocalSpool, store: InstanceStore) -> SpoolUploader:
+        settings = self._settings
+        return SpoolUploader(
+            local,
+            store,
+            self.metrics,
+            concurrency=settings.spool_upload_concurrency,
+            retries=settings.persistent_file_upload_retry_amount,
+            min_delay=settings.min_upload_delay / 1000,
+            max_delay=settings.max_waiting_time_between_uploads / 1000,
+            retry_codes=settings.http_error_codes_to_retry,
+        )
+
+    async def _open_destination_spools(
+        self, local: LocalSpool, uploader: SpoolUploader, store: StoreService
+    ) -> DestinationSpools:
+        """One queue and uploader per destination: configured ones, plus any an earlier run
+        recorded in the spool (a changed config must not strand acknowledged instances)."""
+        root = local.root
+        spools = DestinationSpools(DestinationQueue(None, local, uploader, store))
+        configured = self._routing.destinations
+        recorded = await asyncio.to_thread(recorded_destinations, root)
+        for destination in dict.fromkeys([*configured, *recorded]):
+            dest_spool = await asyncio.to_thread(
+                DestinationSpools.open_spool,
+                root,
+                destination,
+                headroom_bytes=self._settings.spool_free_space_headroom,
+            )
+            dest_store = self._destination_store(destination)
+            dest_uploader = self._spool_uploader(dest_spool, dest_store)
+            spools.add(DestinationQueue(destination, dest_spool, dest_uploader, dest_store))
+            self._dest_uploaders.append(dest_uploader)
+            self._dest_local_spools.append(dest_spool)
+            await dest_uploader.start()
+            if destination not in configured:
+                logger.warning(
+                    "spool holds a queue for %s, which is no longer configured: uploading it",
+                    destination.describe(),
+                )
+        self.metrics.spool_depth.set_function(spools.depth)
+        self.metrics.spool_oldest_age.set_function(spools.oldest_age)
+        return spools
 
     async def _stop_uploader(self) -> None:
+        uploaders, self._dest_uploaders = self._dest_uploaders, []
+        for dest_uploader in uploaders:
+            await dest_uploader.stop()
+        dest_spools, self._dest_local_spools = self._dest_local_spools, []
+        for dest_spool in dest_spools:
+            dest_spool.close()
         uploader, self._uploader = self._uploader, None
         if uploader is not None:
             await uploader.stop()
@@ -369,6 +547,12 @@ async def run(settings: ImporterSettings, environ: Mapping[str, str]) -> int:
         await service.stop()
     logger.info("dicom-import stopped")
     return 0
+
+
+def _host_key(url: str) -> str:
+    """scheme://host:port of a URL: destinations on one host share a pooled client."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
 
 
 async def _drain(server: Any, bridge: Bridge, grace: float) -> None:

@@ -28,6 +28,7 @@ from dicom_adapter.dimse.server import (
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError
 from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
+from dicom_adapter.importer.destinations import DestinationSpools, Router
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
     Fetched,
@@ -38,7 +39,8 @@ from dicom_adapter.importer.move import (
     RetrieveService,
 )
 from dicom_adapter.importer.prepare import Preparation
-from dicom_adapter.importer.store import StoreService, read_identity
+from dicom_adapter.importer.routing import Destination
+from dicom_adapter.importer.store import InstanceIdentity, StoreService, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -95,10 +97,18 @@ class AssociationCleanup:
 class SpoolIntake:
     """With --persistent_file_storage_location: where C-STORE data sets go once received."""
 
-    def __init__(self, spool: LocalSpool, uploader: SpoolUploader, *, auto_ack: bool) -> None:
+    def __init__(
+        self,
+        spool: LocalSpool,
+        uploader: SpoolUploader,
+        *,
+        auto_ack: bool,
+        destinations: DestinationSpools | None = None,
+    ) -> None:
         self.spool = spool
         self.uploader = uploader
         self.auto_ack = auto_ack
+        self.destinations = destinations  # with routing: one queue per destination
 
 
 class CStoreHandler:
@@ -118,9 +128,13 @@ class CStoreHandler:
         metrics: ImportMetrics | None = None,
         intake: SpoolIntake | None = None,
         prepare: Preparation | None = None,
+        router: Router | None = None,
+        stores: dict[Destination, StoreService] | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
+        self._router = router  # destinations from the attributes as received
+        self._stores = stores or {}  # without a spool: single mode's STOW-RS destinations
         self._timeout = timeout
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
         self._intake = intake
@@ -151,12 +165,19 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
+            # routing reads the attributes as received: before redaction and transcoding
+            chosen = (
+                self._router.destinations(path, fields["calling_aet"])
+                if self._router is not None
+                else []
+            )
             if self._prepare is not None:
                 self._prepare(path)
             if self._intake is not None:
                 received, path = path, None  # moved into the spool: absence says nothing
-                return self._spooled(self._intake, received, fields)
-            started = self._bridge.start(self._store.store_file, path)
+                return self._spooled(self._intake, received, fields, chosen)
+            store = self._stores[chosen[0]] if chosen else self._store
+            started = self._bridge.start(store.store_file, path)
             status = self._bridge.result(started, self._timeout)
             if status == Status.SUCCESS:
                 logger.debug("stored instance", extra=fields)
@@ -177,7 +198,13 @@ class CStoreHandler:
                 logger.exception("C-STORE failed unexpectedly", extra=fields)
             return int(Status.PROCESSING_FAILURE)
 
-    def _spooled(self, intake: SpoolIntake, path: Path, fields: dict[str, str]) -> int:
+    def _spooled(
+        self,
+        intake: SpoolIntake,
+        path: Path,
+        fields: dict[str, str],
+        chosen: list[Destination] | None = None,
+    ) -> int:
         """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
 
         Nothing is acknowledged that is not durable: a volume below the headroom, or a failed
@@ -192,6 +219,10 @@ class CStoreHandler:
             )
             return int(Status.OUT_OF_RESOURCES)
         identity = read_identity(path)
+        if intake.destinations is not None:
+            return self._fanned_out(
+                intake, intake.destinations, path, identity, fields, chosen or []
+            )
         try:
             queued = spool.commit(path, identity.sop_instance_uid)
         except OSError as exc:
@@ -201,6 +232,31 @@ class CStoreHandler:
             intake.uploader.enqueue_threadsafe(queued)
             return int(Status.SUCCESS)
         started = self._bridge.start(intake.uploader.upload_now, queued, identity)
+        status = self._bridge.result(started, self._timeout)
+        if status == Status.SUCCESS:
+            logger.debug("stored instance", extra=fields)
+        return status
+
+    def _fanned_out(
+        self,
+        intake: SpoolIntake,
+        destinations: DestinationSpools,
+        path: Path,
+        identity: InstanceIdentity,
+        fields: dict[str, str],
+        chosen: list[Destination],
+    ) -> int:
+        """Routing with a spool: linked into each chosen destination's queue (default: queue/)."""
+        try:
+            targets = destinations.commit(path, identity.sop_instance_uid, chosen)
+        except OSError as exc:
+            logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
+            return int(Status.OUT_OF_RESOURCES)
+        if intake.auto_ack:
+            for queue, queued in targets:
+                queue.uploader.enqueue_threadsafe(queued)
+            return int(Status.SUCCESS)
+        started = self._bridge.start(destinations.upload_now, targets, identity)
         status = self._bridge.result(started, self._timeout)
         if status == Status.SUCCESS:
             logger.debug("stored instance", extra=fields)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
@@ -181,3 +181,15 @@ def _json_value(match: dict[str, Any], tag: str) -> str:
     if isinstance(values, list) and values:
         return str(values[0]).strip()
     return ""
+
+
+class InstanceStore(Protocol):
+    """What an uploader needs of a destination (StoreService for STOW-RS, DimseStore)."""
+
+    async def store(self, path: Path, identity: InstanceIdentity) -> int:
+        """Store one instance; the DIMSE status."""
+
+    async def store_outcome(
+        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
+    ) -> StoreOutcome:
+        """Store one spooled instance; the status plus details for a failed-area reason."""

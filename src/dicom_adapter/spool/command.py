@@ -26,6 +26,7 @@ from pydicom.tag import BaseTag
 from dicom_adapter.spool.local import FAILED, INCOMING, QUEUE, SUFFIX, arrival_ns, fsync_dir
 
 PROG = "dicom-spool"
+DEST_AREA = "dest"  # importer/destinations.py: one spool directory per routed destination
 SHOWN_FAILED = 5
 _STUDY_UID_TAG = 0x0020000D
 
@@ -131,6 +132,16 @@ def status(root: Path) -> int:
     print(f"queue: {len(queued)} instances{oldest_q}")
     print(f"failed: {len(failed)} instances{oldest_f}")
     print(f"incoming: {_tree_bytes(root / INCOMING)} bytes")
+    dest_area = root / DEST_AREA
+    routed = sorted(d for d in dest_area.iterdir() if d.is_dir()) if dest_area.is_dir() else []
+    for directory in routed:  # routed destinations' queues
+        depth = sum(1 for _ in (directory / QUEUE).glob("*" + SUFFIX))
+        stuck = sum(1 for _ in (directory / FAILED).glob("*" + SUFFIX))
+        print(
+            f"destination {directory.name} ({_destination_text(directory)}): "
+            f"queue {depth}, failed {stuck} (dicom-spool ... "
+            f"--persistent_file_storage_location={directory})"
+        )
     for item in failed[:SHOWN_FAILED]:
         why = item.reason
         print(
@@ -140,6 +151,19 @@ def status(root: Path) -> int:
             f"{_one_line(why.get('body_excerpt', 'no reason file'))}"
         )
     return 0
+
+
+def _destination_text(directory: Path) -> str:
+    """What destination.json names: the STOW-RS URL or AET@host:port."""
+    try:
+        data = json.loads((directory / "destination.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown"
+    if isinstance(data, dict) and "dicomweb_destination" in data:
+        return str(data["dicomweb_destination"])
+    if isinstance(data, dict):
+        return f"{data.get('name')}@{data.get('host')}:{data.get('port')}"
+    return "unknown"
 
 
 def _selected(root: Path, study_uid: str | None) -> list[FailedItem]:

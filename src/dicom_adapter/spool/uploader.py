@@ -11,7 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_adapter.errors import AdapterError, InvalidDatasetError
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService, read_identity
+from dicom_adapter.importer.store import (
+    InstanceIdentity,
+    InstanceStore,
+    StoreOutcome,
+    read_identity,
+)
 from dicom_adapter.observability.metrics import ImportMetrics
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.status import Status, is_stored
@@ -44,7 +49,7 @@ class SpoolUploader:
     def __init__(
         self,
         spool: LocalSpool,
-        store: StoreService,
+        store: InstanceStore,
         metrics: ImportMetrics,
         *,
         concurrency: int,

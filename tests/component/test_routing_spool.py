@@ -1,0 +1,87 @@
+"""Routing with the spool, upstream scripted: every matching destination without auto-ack, and
+queues left by an earlier configuration still uploaded after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from dicom_adapter.status import Status
+from tests.component.conftest import RunningImporter
+from tests.component.test_store_status import JSON, c_store, make_ct, stow_json
+
+FAST = ["--http_timeout=0.5", "--upstream_retry_deadline=1", "--cstore_answer_deadline=5"]
+
+
+def stored(uid: str) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(200, headers=JSON, content=stow_json([(uid, None)]))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_every_match_without_auto_ack_answers_after_all_destinations(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    routes = [
+        {"filter": "Modality=MG", "dicomweb_destination": "http://a.test/dicom-web"},
+        {"filter": "AETitle=MODALITY", "dicomweb_destination": "http://b.test/dw/studies"},
+        {"filter": "Modality=CT", "dicomweb_destination": "http://c.test/dicom-web"},
+    ]
+    importer = start_importer(
+        f"--destination_config_inline={json.dumps(routes)}",
+        "--send_to_all_matching_destinations",
+        f"--persistent_file_storage_location={tmp_path / 'spool'}",
+        *FAST,
+    )
+    ds = make_ct()
+    ds.Modality = "MG"
+    importer.upstream.responder = stored(str(ds.SOPInstanceUID))
+    assert c_store(importer, ds) == Status.SUCCESS
+    urls = sorted(str(r.url) for r in importer.upstream.requests)
+    assert urls == ["http://a.test/dicom-web/studies", "http://b.test/dw/studies"]
+
+    # one destination refuses: the sender is told (it owns the retry without auto-ack)
+    again = make_ct()
+    again.Modality = "MG"
+    uid = str(again.SOPInstanceUID)
+    importer.upstream.responder = lambda request: (
+        httpx.Response(403, text="no") if request.url.host == "b.test" else stored(uid)(request)
+    )
+    assert c_store(importer, again) == Status.NOT_AUTHORIZED
+    assert not list((tmp_path / "spool").glob("**/queue/*.dcm"))
+
+
+def test_queue_of_a_destination_no_longer_configured_is_still_uploaded(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    routes = [{"filter": "Modality=MG", "dicomweb_destination": "http://mg.test/dicom-web"}]
+    first = start_importer(
+        f"--destination_config_inline={json.dumps(routes)}",
+        f"--persistent_file_storage_location={spool}",
+        "--auto_ack_cstore",
+        "--persistent_file_upload_retry_amount=100",
+        *FAST,
+    )
+    first.upstream.responder = lambda request: httpx.Response(503, text="down")
+    ds = make_ct()
+    ds.Modality = "MG"
+    assert c_store(first, ds) == Status.SUCCESS  # acknowledged: durable in the spool
+    wait_for(lambda: bool(first.upstream.requests))
+    asyncio.run_coroutine_threadsafe(first.service.stop(), first.loop).result(30)
+    [left] = spool.glob("dest/*/queue/*.dcm")
+
+    second = start_importer(f"--persistent_file_storage_location={spool}", *FAST)  # no routes
+    second.upstream.responder = stored(str(ds.SOPInstanceUID))
+    wait_for(lambda: not left.exists())
+    assert [str(r.url) for r in second.upstream.requests] == ["http://mg.test/dicom-web/studies"]
