@@ -212,3 +212,34 @@ def test_c_move_to_an_unknown_destination_names_the_fix(
 
     assert result.status == Status.MOVE_DESTINATION_UNKNOWN
     assert result.final.ErrorComment == "destination NOWHERE not in the AET dictionary"
+
+
+def test_spooled_c_store_refused_by_google_shows_the_comment(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    message, comment = GOOGLE_403["role"]
+    importer = start_importer(
+        f"--persistent_file_storage_location={tmp_path}", "--spool_free_space_headroom=0"
+    )
+    importer.upstream.responder = forbidden(message)
+    ds = make_ct()
+
+    rsp = store(importer, ds, ds.SOPClassUID)
+
+    assert rsp.Status == Status.NOT_AUTHORIZED
+    assert rsp.ErrorComment == comment
+
+
+def test_c_store_into_a_full_spool_says_so(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    importer = start_importer(
+        f"--persistent_file_storage_location={tmp_path}", f"--spool_free_space_headroom={1 << 60}"
+    )
+    ds = make_ct()
+
+    rsp = store(importer, ds, ds.SOPClassUID)
+
+    assert rsp.Status == Status.OUT_OF_RESOURCES
+    assert rsp.ErrorComment == "adapter spool volume full"
+    assert importer.upstream.requests == []

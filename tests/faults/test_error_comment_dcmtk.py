@@ -1,7 +1,7 @@
 """What the operator sees in DCMTK's debug output when the upstream refuses us (issue 11.3).
 
 dicom-import runs as a subprocess against a tiny HTTP server that answers every request with
-Google's 403 body; `dcmsend -d` and `findscu -d` must print the ErrorComment.
+Google's 403 body; `dcmsend -d`, `findscu -d` and `movescu -d` must print the ErrorComment.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Importer, generate_ct_series, parse_dcmsend_debug, run_dcmtk
+from tests.rig import Importer, free_port, generate_ct_series, parse_dcmsend_debug, run_dcmtk
 
 SCOPES = "Request had insufficient authentication scopes."
 SHOWN = "Http_403, PERMISSION_DENIED, Request had insufficient authentica"
@@ -65,7 +65,9 @@ def importer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Importer]:
     address = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
     logs = tmp_path_factory.mktemp("logs")
     try:
-        with Importer(address, "--log_format=text", log_dir=logs) as running:
+        destination = [{"name": "MOVESCU", "host": "127.0.0.1", "port": free_port()}]
+        flags = ("--log_format=text", f"--aet_dictionary_inline={json.dumps(destination)}")
+        with Importer(address, *flags, log_dir=logs) as running:
             yield running
     finally:
         server.shutdown()
@@ -101,6 +103,21 @@ def test_findscu_debug_shows_the_error_comment(importer: Importer) -> None:
         ],
         60,
     )
+
+    output = result.stdout + result.stderr
+    assert "DIMSE Status                  : 0x0124" in output
+    assert error_comments(output) == [SHOWN], output
+
+
+def test_movescu_debug_shows_the_error_comment(importer: Importer) -> None:
+    result = run_dcmtk(
+        [
+            "movescu", "-d", "-S", "-aec", importer.aet, "-aem", "MOVESCU",
+            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3.4",
+            "127.0.0.1", str(importer.port),
+        ],
+        60,
+    )  # fmt: skip
 
     output = result.stdout + result.stderr
     assert "DIMSE Status                  : 0x0124" in output

@@ -216,10 +216,10 @@ class CStoreHandler:
             intake.uploader.enqueue_threadsafe(queued)
             return int(Status.SUCCESS), ""
         started = self._bridge.start(intake.uploader.upload_now, queued, identity)
-        status = self._bridge.result(started, self._timeout)
-        if status == Status.SUCCESS:
+        outcome = self._bridge.result(started, self._timeout)
+        if outcome.status == Status.SUCCESS:
             logger.debug("stored instance", extra=fields)
-        return status, f"DICOMweb upload failed (0x{status:04X})"
+        return outcome.status, outcome.comment
 
 
 def _cleaned_up(path: Path | None) -> bool:

@@ -90,9 +90,7 @@ class StoreService:
 
     async def store_file(self, path: Path) -> StoreOutcome:
         """Validate the received dataset, then store it (raises InvalidDatasetError first)."""
-        identity = read_identity(path)
-        with self._client.one_deadline():
-            return await self._store(path, identity)
+        return await self.store_answer(path, read_identity(path))
 
     async def store(self, path: Path, identity: InstanceIdentity) -> int:
         """STOW one instance and return the DIMSE status for the C-STORE-RSP.
@@ -100,8 +98,12 @@ class StoreService:
         Every request this makes (retries, overwrite, the existence check) ends within one
         retry deadline, so the C-STORE is answered before the peer gives up on it.
         """
+        return (await self.store_answer(path, identity)).status
+
+    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
+        """`store` with the outcome: the status and, for a failure, its ErrorComment."""
         with self._client.one_deadline():
-            return (await self._store(path, identity)).status
+            return await self._store(path, identity)
 
     async def store_outcome(
         self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
