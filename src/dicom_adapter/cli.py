@@ -41,13 +41,24 @@ Service = Callable[[S, dict[str, str]], Coroutine[Any, Any, int]]
 
 
 def _wants_check(argv: Sequence[str]) -> bool:
-    """--check given (looked at before parsing: a parse failure is then a FAIL line)."""
-    values = [
-        a.partition("=")[2].lower() if "=" in a else "true"
-        for a in argv
-        if a.split("=")[0] == "--check"
-    ]
-    return bool(values) and values[-1] not in ("false", "0", "no")
+    """--check given (looked at before parsing: a parse failure is then a FAIL line).
+
+    Accepts what the parser accepts: `--check`, `--check=BOOL` and `--check BOOL`.
+    """
+    wanted = False
+    for index, arg in enumerate(argv):
+        name, has_value, value = arg.partition("=")
+        if name != "--check":
+            continue
+        following = argv[index + 1].lower() if index + 1 < len(argv) else ""
+        if not has_value and following in _BOOL_WORDS:
+            value = following
+        wanted = value.lower() not in _FALSE_WORDS if (has_value or value) else True
+    return wanted
+
+
+_FALSE_WORDS = frozenset({"false", "f", "0", "no", "n", "off"})  # as pydantic reads bools
+_BOOL_WORDS = _FALSE_WORDS | {"true", "t", "1", "yes", "y", "on"}
 
 
 def _run(
