@@ -234,7 +234,9 @@ def test_c_store_into_a_full_spool_says_so(
     start_importer: Callable[..., RunningImporter], tmp_path: Path
 ) -> None:
     importer = start_importer(
-        f"--persistent_file_storage_location={tmp_path}", f"--spool_free_space_headroom={1 << 60}"
+        f"--persistent_file_storage_location={tmp_path}",
+        f"--spool_free_space_headroom={1 << 60}",
+        "--shutdown_grace_period=0.5",
     )
     ds = make_ct()
 

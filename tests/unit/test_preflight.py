@@ -127,3 +127,5 @@ def test_flag_problem_is_a_fail_line(capsys: pytest.CaptureFixture[str]) -> None
 def test_without_check_a_flag_problem_is_still_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_import(["--check=false", "--dimse_aet=ADAPTER"]) == 2
     assert "dicomweb_address: is required" in capsys.readouterr().err
+    assert run_import(["--check", "false", "--dimse_aet=ADAPTER"]) == 2
+    assert "dicomweb_address: is required" in capsys.readouterr().err
