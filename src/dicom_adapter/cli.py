@@ -37,23 +37,56 @@ def _fail(prog: str, exc: ConfigError) -> int:
     return 2
 
 
+Service = Callable[[S, dict[str, str]], Coroutine[Any, Any, int]]
+
+
+def _wants_check(argv: Sequence[str]) -> bool:
+    """--check given (looked at before parsing: a parse failure is then a FAIL line).
+
+    Accepts what the parser accepts: `--check`, `--check=BOOL` and `--check BOOL`.
+    """
+    wanted = False
+    for index, arg in enumerate(argv):
+        name, has_value, value = arg.partition("=")
+        if name != "--check":
+            continue
+        following = argv[index + 1].lower() if index + 1 < len(argv) else ""
+        if not has_value and following in _BOOL_WORDS:
+            value = following
+        wanted = value.lower() not in _FALSE_WORDS if (has_value or value) else True
+    return wanted
+
+
+_FALSE_WORDS = frozenset({"false", "f", "0", "no", "n", "off"})  # as pydantic reads bools
+_BOOL_WORDS = _FALSE_WORDS | {"true", "t", "1", "yes", "y", "on"}
+
+
 def _run(
     prog: str,
     model: type[S],
     description: str,
     argv: Sequence[str],
-    service: Callable[[S, dict[str, str]], Coroutine[Any, Any, int]],
+    service: Service[S],
+    check: Service[S],
 ) -> int:
-    """Parse flags (one stderr line + exit 2 on error), configure logging once, run on uvloop."""
+    """Parse flags (one stderr line + exit 2 on error), configure logging once, run on uvloop.
+
+    With --check the checks run instead of the service, and a flag problem is one FAIL line.
+    """
     try:
         settings = parse_settings(model, argv, prog=prog, description=description)
     except ConfigError as exc:
+        if _wants_check(argv):
+            from dicom_adapter.preflight import flags_failed
+
+            print(flags_failed(exc).line)
+            return 1
         return _fail(prog, exc)
     configure_logging(verbose=settings.verbose, log_format=settings.log_format)
     for note in deprecation_notes(settings):
         logging.getLogger("dicom_adapter").warning(note)
     try:
-        return uvloop.run(service(settings, dict(os.environ)))
+        return uvloop.run((check if settings.check else service)(settings, dict(os.environ)))
     except ConfigError as exc:
         return _fail(prog, exc)
 
@@ -65,9 +98,17 @@ def import_main(argv: Sequence[str] | None = None) -> None:
 
 def run_import(argv: Sequence[str]) -> int:
     """dicom-import without sys.exit, for tests."""
+    from dicom_adapter import preflight
     from dicom_adapter.importer import app
 
-    return _run("dicom-import", ImporterSettings, IMPORT_DESCRIPTION, argv, app.run)
+    return _run(
+        "dicom-import",
+        ImporterSettings,
+        IMPORT_DESCRIPTION,
+        argv,
+        app.run,
+        preflight.run_import_check,
+    )
 
 
 def export_main(argv: Sequence[str] | None = None) -> None:
@@ -77,6 +118,14 @@ def export_main(argv: Sequence[str] | None = None) -> None:
 
 def run_export(argv: Sequence[str]) -> int:
     """dicom-export without sys.exit, for tests."""
+    from dicom_adapter import preflight
     from dicom_adapter.exporter import app
 
-    return _run("dicom-export", ExporterSettings, EXPORT_DESCRIPTION, argv, app.run)
+    return _run(
+        "dicom-export",
+        ExporterSettings,
+        EXPORT_DESCRIPTION,
+        argv,
+        app.run,
+        preflight.run_export_check,
+    )

@@ -97,7 +97,9 @@ def test_parse_json_without_json_content_type() -> None:
 def test_parse_non_json_body() -> None:
     raw = b"<html><body>502 Bad Gateway</body></html>"
     parsed = parse_stow_response(502, "text/html", raw)
-    assert parsed == StowResponse(http_status=502, body_excerpt=raw.decode())
+    assert parsed == StowResponse(
+        http_status=502, body_excerpt=raw.decode(), http_comment="Http_502, Bad Gateway"
+    )
 
 
 def test_parse_broken_json_body() -> None:

@@ -60,6 +60,11 @@ class CommonSettings(BaseSettings):
     shutdown_grace_period: float = new_flag(
         30.0, "Seconds to let running work finish after SIGTERM before aborting it."
     )
+    check: bool = new_flag(
+        False,
+        "Verify the configuration instead of serving (DICOMweb reachable and authorized, "
+        "peers, spool, TLS, subscription): one line per check, exit 0 when none failed.",
+    )
     fetch_memory_budget: int = new_flag(
         256,
         "MiB that WADO-RS-fetched instances (C-MOVE prefetch, export fetches) may hold in memory "

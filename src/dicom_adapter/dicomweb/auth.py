@@ -73,7 +73,8 @@ class GoogleAuth(httpx.Auth):
                 except google.auth.exceptions.GoogleAuthError as exc:
                     # metadata server or token endpoint blip: retry later, not "not authorized"
                     raise UpstreamUnavailableError(
-                        f"cannot refresh Google credentials: {exc}"
+                        f"cannot refresh Google credentials: {exc}",
+                        comment="cannot refresh Google credentials",
                     ) from exc
             return str(self._credentials.token)
 

@@ -35,6 +35,7 @@ from dicom_adapter.dicomweb.instances import (
     MemoryBudget,
     collect_instances,
 )
+from dicom_adapter.dicomweb.problem import http_error_comment
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
 from dicom_adapter.dicomweb.transport import AsyncioTransport
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
@@ -205,7 +206,9 @@ class DicomwebClient:
             except UpstreamUnavailableError as exc:  # from the auth flow: token refresh failed
                 failure = exc
             except httpx.InvalidURL as exc:
-                raise UpstreamError(f"{what}: invalid URL: {exc}") from exc
+                raise UpstreamError(
+                    f"{what}: invalid URL: {exc}", comment="invalid DICOMweb URL"
+                ) from exc
             if response is not None:
                 if not self._retry.is_transient(response.status_code):
                     return response, tries
@@ -229,7 +232,7 @@ class DicomwebClient:
                 if response is not None:
                     return response, tries
                 raise UpstreamUnavailableError(
-                    f"{what}: {reason} (after {tries} tries)"
+                    f"{what}: {reason} (after {tries} tries)", comment=failure_cause(failure)
                 ) from failure
             logger.info("%s: %s; retrying in %.2f s", what, reason, wait)
             await asyncio.sleep(wait)
@@ -365,7 +368,9 @@ class DicomwebClient:
                     response.headers.get("Content-Type", "")
                 )
             except multipart.MultipartError as exc:
-                raise UpstreamError(f"WADO-RS: {exc}") from exc
+                raise UpstreamError(
+                    f"WADO-RS: {exc}", comment="WADO-RS answer is not multipart"
+                ) from exc
             parser = multipart.MultipartParser(boundary)
             try:
                 async for chunk in response.aiter_bytes():  # as read: re-chunking copies
@@ -375,9 +380,14 @@ class DicomwebClient:
                         break
                 parser.close()
             except multipart.MultipartError as exc:
-                raise UpstreamError(f"WADO-RS: malformed multipart body: {exc}") from exc
+                raise UpstreamError(
+                    f"WADO-RS: malformed multipart body: {exc}",
+                    comment="WADO-RS answer is malformed multipart",
+                ) from exc
             except httpx.TransportError as exc:
-                raise UpstreamUnavailableError(f"WADO-RS: transfer failed: {exc}") from exc
+                raise UpstreamUnavailableError(
+                    f"WADO-RS: transfer failed: {exc}", comment=failure_cause(exc)
+                ) from exc
         finally:
             await response.aclose()
 
@@ -453,15 +463,38 @@ async def _bounded(response: httpx.Response, what: str) -> httpx.Response:
     )
 
 
+def failure_cause(exc: BaseException) -> str:
+    """What went wrong reaching the upstream, in an operator's words (for ErrorComment)."""
+    if isinstance(exc, UpstreamError):
+        return exc.comment
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return "timeout"
+    text = str(exc).lower()
+    if isinstance(exc, httpx.ConnectError):
+        if "refused" in text:
+            return "connection refused"
+        if any(sign in text for sign in ("name or service", "name resolution", "nodename")):
+            return "DICOMweb host not found"
+        return "cannot connect to DICOMweb server"
+    if isinstance(exc, httpx.TransportError):
+        return "connection to DICOMweb server lost"
+    return "DICOMweb server unreachable"
+
+
 def _raise_for_status(what: str, response: httpx.Response) -> None:
     code = response.status_code
     if code < 300:
         return
-    detail = response.text[:200] if not response.is_stream_consumed or response.content else ""
+    body = response.content if not response.is_stream_consumed or response.content else b""
+    detail = body.decode("utf-8", "replace")[:200]
+    message = f"{what}: HTTP {code} {detail}".strip()
+    comment = http_error_comment(code, body)
+    error: UpstreamError
     if code in (401, 403):
-        raise UpstreamAuthError(f"{what}: HTTP {code} {detail}".strip())
-    if code >= 500 or code in TRANSIENT_HTTP:
-        raise UpstreamUnavailableError(f"{what}: HTTP {code} {detail}".strip())
-    error = UpstreamError(f"{what}: HTTP {code} {detail}".strip(), status=Status.PROCESSING_FAILURE)
+        error = UpstreamAuthError(message, comment=comment)
+    elif code >= 500 or code in TRANSIENT_HTTP:
+        error = UpstreamUnavailableError(message, comment=comment)
+    else:
+        error = UpstreamError(message, status=Status.PROCESSING_FAILURE, comment=comment)
     error.http_status = code  # e.g. dicom-export acks a source 404/410, retries the rest
     raise error

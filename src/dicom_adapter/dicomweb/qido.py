@@ -162,7 +162,9 @@ def _elements(identifier: Dataset) -> list[DataElement]:
     try:
         return list(identifier)
     except Exception as exc:
-        raise IdentifierError(f"identifier cannot be decoded: {exc}") from exc
+        raise IdentifierError(
+            f"identifier cannot be decoded: {exc}", comment="identifier cannot be decoded"
+        ) from exc
 
 
 def build_queries(identifier: Dataset, root: QueryRoot, *, fuzzy: bool = False) -> list[QidoQuery]:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicom_adapter.dicomweb.problem import http_error_comment
 from dicom_adapter.status import Status, is_failure_code, is_warning_code
 
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -25,6 +26,7 @@ class StowResponse:
     top_warning: int | None = None
     body_excerpt: str = ""
     attempts: int = 1  # requests sent: more than one means an earlier answer may have been lost
+    http_comment: str = ""  # ErrorComment for a failed HTTP answer (`Http_403, ...`)
 
 
 def _first_int(element: Any) -> int | None:
@@ -61,6 +63,7 @@ def _items(dataset: dict[str, Any], tag: str) -> list[dict[str, Any]]:
 def parse_stow_response(http_status: int, content_type: str, body: bytes) -> StowResponse:
     """Parse a DICOM JSON STOW response; anything unparsable yields empty sequences."""
     excerpt = " ".join(body[:600].decode("utf-8", "replace").split())[:300]
+    comment = http_error_comment(http_status, body) if http_status >= 300 else ""
     dataset: Any = None
     if body.strip() and ("json" in content_type.lower() or body.lstrip()[:1] in (b"{", b"[")):
         try:
@@ -70,7 +73,7 @@ def parse_stow_response(http_status: int, content_type: str, body: bytes) -> Sto
     if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict):
         dataset = dataset[0]
     if not isinstance(dataset, dict):
-        return StowResponse(http_status=http_status, body_excerpt=excerpt)
+        return StowResponse(http_status=http_status, body_excerpt=excerpt, http_comment=comment)
     referenced: dict[str, int | None] = {}
     for item in _items(dataset, REFERENCED_SOP_SEQUENCE):
         uid = _first_str(item.get(REFERENCED_SOP_INSTANCE_UID))
@@ -87,6 +90,7 @@ def parse_stow_response(http_status: int, content_type: str, body: bytes) -> Sto
         failed=failed,
         top_warning=_first_int(dataset.get(WARNING_REASON)),
         body_excerpt=excerpt,
+        http_comment=comment,
     )
 
 
@@ -121,3 +125,13 @@ def status_for(response: StowResponse, sop_instance_uid: str) -> int:
     if code in (408, 413, 429) or code >= 500:
         return Status.OUT_OF_RESOURCES
     return Status.PROCESSING_FAILURE
+
+
+def failure_comment(response: StowResponse, sop_instance_uid: str) -> str:
+    """The ErrorComment for an instance `status_for` did not call stored."""
+    if response.http_comment:
+        return response.http_comment
+    reason = response.failed.get(sop_instance_uid)
+    if reason is not None:
+        return f"Http_{response.http_status}, STOW-RS FailureReason 0x{reason:04X}"
+    return f"Http_{response.http_status}, STOW-RS answer names no stored instance"

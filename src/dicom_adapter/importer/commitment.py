@@ -27,7 +27,7 @@ from dicom_adapter.dimse.scu import (
     associate,
 )
 from dicom_adapter.dimse.server import STORAGE_COMMITMENT_PUSH_MODEL
-from dicom_adapter.errors import AdapterError
+from dicom_adapter.errors import AdapterError, error_comment, lo_text
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status
 
@@ -37,7 +37,6 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Ins
 REQUEST_STORAGE_COMMITMENT = 1  # N-ACTION Action Type ID
 EVENT_ALL_COMMITTED = 1  # N-EVENT-REPORT Event Type IDs
 EVENT_SOME_FAILED = 2
-ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 
 _SOP_CLASS_UID = "00080016"
 _SOP_INSTANCE_UID = "00080018"
@@ -103,7 +102,10 @@ def parse_action_information(info: Dataset) -> tuple[str, tuple[ReferencedInstan
     except CommitmentRequestError:
         raise
     except Exception as exc:  # pydicom decoding errors surface lazily, on access
-        raise CommitmentRequestError(f"cannot decode Action Information: {exc}") from exc
+        raise CommitmentRequestError(
+            f"cannot decode Action Information: {exc}",
+            comment="cannot decode Action Information",
+        ) from exc
     return transaction_uid, tuple(instances)
 
 
@@ -167,7 +169,7 @@ def _json_uid(item: dict[str, Any], tag: str) -> str | None:
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
-    status.ErrorComment = comment[:ERROR_COMMENT_MAX]
+    status.ErrorComment = lo_text(comment)
     return status
 
 
@@ -247,10 +249,10 @@ class CommitmentService:
             return int(Status.SUCCESS), None
         except AdapterError as exc:
             logger.error("storage commitment request refused: %s", exc, extra=fields)
-            return _status(Status.PROCESSING_FAILURE, str(exc)), None
-        except Exception:
+            return _status(Status.PROCESSING_FAILURE, error_comment(exc)), None
+        except Exception as exc:
             logger.exception("storage commitment request failed unexpectedly", extra=fields)
-            return int(Status.PROCESSING_FAILURE), None
+            return _status(Status.PROCESSING_FAILURE, error_comment(exc)), None
 
     # ------------------------------------------------------------------ event loop
 

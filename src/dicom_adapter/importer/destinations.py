@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dicom_adapter.dimse.part10 import DatasetFile, FileMeta, NeedMoreData, read_file_meta
@@ -33,7 +33,7 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation
 from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE
-from dicom_adapter.errors import InvalidDatasetError
+from dicom_adapter.errors import InvalidDatasetError, lo_text
 from dicom_adapter.importer.routing import Destination, RoutingTable, read_filter_attributes
 from dicom_adapter.importer.store import InstanceIdentity, InstanceStore, StoreOutcome
 from dicom_adapter.spool.local import SUFFIX, LocalSpool, fsync_dir, fsync_file
@@ -86,6 +86,14 @@ class DimseStore:
     async def store(self, path: Path, identity: InstanceIdentity) -> int:
         """One C-STORE; its status."""
         return (await self.store_outcome(path, identity)).status
+
+    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
+        """One C-STORE for a waiting sender: the failure's cause is its ErrorComment."""
+        outcome = await self.store_outcome(path, identity)
+        if is_stored(outcome.status):
+            return outcome
+        comment = lo_text(f"{self._target.called_aet}: {outcome.body_excerpt}")
+        return replace(outcome, comment=comment)
 
     async def store_outcome(
         self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
@@ -307,13 +315,13 @@ class DestinationSpools:
 
     async def upload_now(
         self, targets: Sequence[tuple[DestinationQueue, Path]], identity: InstanceIdentity
-    ) -> int:
-        """Without auto-ack: upload to each destination at once; the worst status answers."""
-        statuses = await asyncio.gather(
+    ) -> StoreOutcome:
+        """Without auto-ack: upload to each destination at once; the worst outcome answers."""
+        outcomes = await asyncio.gather(
             *(queue.uploader.upload_now(path, identity) for queue, path in targets)
         )
-        failures = [s for s in statuses if not is_stored(s)]
+        failures = [o for o in outcomes if not is_stored(o.status)]
         if failures:
             return failures[0]
-        warnings = [s for s in statuses if s != Status.SUCCESS]
-        return warnings[0] if warnings else Status.SUCCESS
+        warnings = [o for o in outcomes if o.status != Status.SUCCESS]
+        return warnings[0] if warnings else StoreOutcome(Status.SUCCESS)

@@ -26,7 +26,7 @@ from dicom_adapter.dimse.server import (
     spooled,
 )
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
-from dicom_adapter.errors import AdapterError
+from dicom_adapter.errors import AdapterError, error_comment, lo_text
 from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
 from dicom_adapter.importer.destinations import DestinationSpools, Router
 from dicom_adapter.importer.find import FindService
@@ -57,6 +57,19 @@ def association_fields(event: Any) -> dict[str, str]:
     except AttributeError:
         calling = ""
     return {"association": str(getattr(assoc, "name", "")), "calling_aet": calling}
+
+
+def status_answer(code: int, comment: str = "") -> int | Dataset:
+    """A handler's status: the code, with ErrorComment (0000,0902) when it is a failure.
+
+    pynetdicom copies a returned Status data set's elements into the response.
+    """
+    if not comment or not is_failure_code(code):
+        return int(code)
+    answer = Dataset()
+    answer.Status = int(code)
+    answer.ErrorComment = lo_text(comment)
+    return answer
 
 
 @contextlib.contextmanager
@@ -140,7 +153,7 @@ class CStoreHandler:
         self._intake = intake
         self._prepare = prepare
 
-    def __call__(self, event: Any) -> int:
+    def __call__(self, event: Any) -> int | Dataset:
         started = time.perf_counter()
         with _never_raises("C-STORE"):
             self._metrics.cstore_requests.inc()
@@ -149,7 +162,7 @@ class CStoreHandler:
             # the received Part-10 file: one stat, no second read of the file per C-STORE
             # (before handling: with a spool, the handler moves the file)
             size = event.dataset_path.stat().st_size
-        status = self._handle(event)
+        status, comment = self._handle(event)
         with _never_raises("C-STORE"):
             metrics = self._metrics
             metrics.cstore_seconds.observe(time.perf_counter() - started)
@@ -157,9 +170,10 @@ class CStoreHandler:
                 metrics.cstore_bytes.inc(size)
             else:
                 metrics.cstore_errors.inc()
-        return status
+        return status_answer(status, comment)
 
-    def _handle(self, event: Any) -> int:
+    def _handle(self, event: Any) -> tuple[int, str]:
+        """The C-STORE status and, for a failure, its ErrorComment."""
         fields = association_fields(event)
         path: Path | None = None
         try:
@@ -178,25 +192,25 @@ class CStoreHandler:
                 return self._spooled(self._intake, received, fields, chosen)
             store = self._stores[chosen[0]] if chosen else self._store
             started = self._bridge.start(store.store_file, path)
-            status = self._bridge.result(started, self._timeout)
-            if status == Status.SUCCESS:
+            outcome = self._bridge.result(started, self._timeout)
+            if outcome.status == Status.SUCCESS:
                 logger.debug("stored instance", extra=fields)
-            return status
+            return outcome.status, outcome.comment
         except AdapterError as exc:
             if _cleaned_up(path):
                 logger.info("C-STORE not handled: its association already ended", extra=fields)
             else:
                 logger.error("C-STORE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
-            return int(exc.status)
+            return int(exc.status), error_comment(exc)
         except TimeoutError:
             logger.error("C-STORE timed out waiting for the upstream", extra=fields)
-            return int(Status.OUT_OF_RESOURCES)
-        except Exception:
+            return int(Status.OUT_OF_RESOURCES), "timeout waiting for the DICOMweb server"
+        except Exception as exc:
             if _cleaned_up(path):
                 logger.info("C-STORE not handled: its association already ended", extra=fields)
             else:
                 logger.exception("C-STORE failed unexpectedly", extra=fields)
-            return int(Status.PROCESSING_FAILURE)
+            return int(Status.PROCESSING_FAILURE), error_comment(exc)
 
     def _spooled(
         self,
@@ -204,7 +218,7 @@ class CStoreHandler:
         path: Path,
         fields: dict[str, str],
         chosen: list[Destination] | None = None,
-    ) -> int:
+    ) -> tuple[int, str]:
         """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
 
         Nothing is acknowledged that is not durable: a volume below the headroom, or a failed
@@ -217,7 +231,7 @@ class CStoreHandler:
                 spool.free_bytes(),
                 extra=fields,
             )
-            return int(Status.OUT_OF_RESOURCES)
+            return int(Status.OUT_OF_RESOURCES), "adapter spool volume full"
         identity = read_identity(path)
         if intake.destinations is not None:
             return self._fanned_out(
@@ -227,15 +241,15 @@ class CStoreHandler:
             queued = spool.commit(path, identity.sop_instance_uid)
         except OSError as exc:
             logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
-            return int(Status.OUT_OF_RESOURCES)
+            return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
             intake.uploader.enqueue_threadsafe(queued)
-            return int(Status.SUCCESS)
+            return int(Status.SUCCESS), ""
         started = self._bridge.start(intake.uploader.upload_now, queued, identity)
-        status = self._bridge.result(started, self._timeout)
-        if status == Status.SUCCESS:
+        outcome = self._bridge.result(started, self._timeout)
+        if outcome.status == Status.SUCCESS:
             logger.debug("stored instance", extra=fields)
-        return status
+        return outcome.status, outcome.comment
 
     def _fanned_out(
         self,
@@ -245,22 +259,22 @@ class CStoreHandler:
         identity: InstanceIdentity,
         fields: dict[str, str],
         chosen: list[Destination],
-    ) -> int:
+    ) -> tuple[int, str]:
         """Routing with a spool: linked into each chosen destination's queue (default: queue/)."""
         try:
             targets = destinations.commit(path, identity.sop_instance_uid, chosen)
         except OSError as exc:
             logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
-            return int(Status.OUT_OF_RESOURCES)
+            return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
             for queue, queued in targets:
                 queue.uploader.enqueue_threadsafe(queued)
-            return int(Status.SUCCESS)
+            return int(Status.SUCCESS), ""
         started = self._bridge.start(destinations.upload_now, targets, identity)
-        status = self._bridge.result(started, self._timeout)
-        if status == Status.SUCCESS:
+        outcome = self._bridge.result(started, self._timeout)
+        if outcome.status == Status.SUCCESS:
             logger.debug("stored instance", extra=fields)
-        return status
+        return outcome.status, outcome.comment
 
 
 def _cleaned_up(path: Path | None) -> bool:
@@ -278,15 +292,16 @@ class CFindHandler:
         self._find = find
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
-    def __call__(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def __call__(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         started = time.perf_counter()
         with _never_raises("C-FIND"):
             self._metrics.cfind_requests.inc()
         final: int | None = None
         try:
             for status, answer in self._answers(event):
-                if status != Status.PENDING:
-                    final = status
+                code = status if isinstance(status, int) else int(status.Status)
+                if code != Status.PENDING:
+                    final = code
                 yield status, answer
         finally:
             with _never_raises("C-FIND"):
@@ -296,7 +311,7 @@ class CFindHandler:
                 elif final is not None and is_failure_code(final):
                     self._metrics.cfind_errors.inc()
 
-    def _answers(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def _answers(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         fields = association_fields(event)
         try:
             sop_class = str(event.request.AffectedSOPClassUID)
@@ -320,10 +335,10 @@ class CFindHandler:
             yield int(Status.SUCCESS), None
         except AdapterError as exc:
             logger.error("C-FIND failed: %s -> 0x%04X", exc, exc.status, extra=fields)
-            yield int(exc.status), None
-        except Exception:
+            yield status_answer(exc.status, error_comment(exc)), None
+        except Exception as exc:
             logger.exception("C-FIND failed unexpectedly", extra=fields)
-            yield int(Status.PROCESSING_FAILURE), None
+            yield status_answer(Status.PROCESSING_FAILURE, error_comment(exc)), None
 
 
 _UNCOMPRESSED = {*UNCOMPRESSED, EXPLICIT_VR_BE}  # pynetdicom converts between these
@@ -435,10 +450,10 @@ class RetrieveHandlers:
         final: int = Status.PROCESSING_FAILURE
         try:
             final = self._run_move(request, fields)
-        except Exception:
+        except Exception as exc:
             logger.exception("C-MOVE failed unexpectedly", extra=fields)
             with contextlib.suppress(Exception):
-                request.respond(Status.PROCESSING_FAILURE)
+                request.respond(Status.PROCESSING_FAILURE, error_comment=error_comment(exc))
         finally:
             with _never_raises("C-MOVE"):
                 self._count_move(final, time.perf_counter() - started)
@@ -459,13 +474,16 @@ class RetrieveHandlers:
         peer = self._aets.get(destination)
         if peer is None:
             logger.error("C-MOVE to unknown destination %r", destination, extra=fields)
-            request.respond(Status.MOVE_DESTINATION_UNKNOWN)
+            request.respond(
+                Status.MOVE_DESTINATION_UNKNOWN,
+                error_comment=lo_text(f"destination {destination} not in the AET dictionary"),
+            )
             return Status.MOVE_DESTINATION_UNKNOWN
         try:
             identifier = request.identifier()
         except Exception as exc:
             logger.error("C-MOVE identifier cannot be decoded: %s", exc, extra=fields)
-            request.respond(Status.CANNOT_UNDERSTAND)
+            request.respond(Status.CANNOT_UNDERSTAND, error_comment="identifier cannot be decoded")
             return Status.CANNOT_UNDERSTAND
         if self._mover is None:
             raise RuntimeError("RetrieveHandlers was built without an InstanceMover")
@@ -508,11 +526,11 @@ class RetrieveHandlers:
                     break
         except AdapterError as exc:  # listing failed (the mover handles later failures)
             logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
-            request.respond(exc.status)
+            request.respond(exc.status, error_comment=error_comment(exc))
             return exc.status
         except TimeoutError:
             logger.error("C-MOVE timed out", extra=fields)
-            request.respond(Status.OUT_OF_RESOURCES)
+            request.respond(Status.OUT_OF_RESOURCES, error_comment="timeout")
             return Status.OUT_OF_RESOURCES
         finally:
             close = getattr(updates, "close", None)
@@ -548,6 +566,7 @@ class RetrieveHandlers:
             failed=progress.failed,
             warning=progress.warning,
             failed_uids=progress.failed_uids if status != Status.SUCCESS else (),
+            error_comment=progress.cause if is_failure_code(status) else "",
         )
         return status
 
@@ -561,11 +580,11 @@ class RetrieveHandlers:
             except AdapterError as exc:
                 logger.error("C-GET failed: %s -> 0x%04X", exc, exc.status, extra=fields)
                 yield 1
-                yield int(exc.status), None
+                yield status_answer(exc.status, error_comment(exc)), None
                 return
             except TimeoutError:
                 yield 1
-                yield int(Status.OUT_OF_RESOURCES), None
+                yield status_answer(Status.OUT_OF_RESOURCES, "timeout listing the instances"), None
                 return
             logger.info("C-GET of %d instances", len(refs), extra=fields)
             send_spooled_files(event.assoc)

@@ -34,7 +34,7 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.store_scu import StoreAssociation
 from dicom_adapter.dimse.syntaxes import UNCOMPRESSED, uncompressed_for
-from dicom_adapter.errors import AdapterError, InvalidDatasetError
+from dicom_adapter.errors import AdapterError, InvalidDatasetError, lo_text
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
@@ -272,6 +272,7 @@ class MoveProgress:
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
     cancelled: bool = False  # the requester sent C-CANCEL: this is the last update
+    cause: str = ""  # why the first sub-operation failed (the final ErrorComment)
 
     def snapshot(self) -> MoveProgress:
         """A copy of the counts (the failed UID list is shared: it only grows)."""
@@ -282,6 +283,7 @@ class MoveProgress:
             self.warning,
             self.failed_uids,
             self.cancelled,
+            self.cause,
         )
 
     def fail(self, sop_instance_uid: str) -> None:
@@ -492,6 +494,7 @@ class InstanceMover:
                     logger.warning("%d listed instance(s) did not come with WADO-RS", len(missing))
                 for ref in missing:
                     progress.fail(ref.sop_instance_uid)
+                progress.cause = progress.cause or "instances not returned by WADO-RS"
                 updates.put_nowait(progress.snapshot())
         finally:
             if stop.is_set():
@@ -599,6 +602,8 @@ class _Sender:
             metrics.cmove_cstore_errors.inc()
             progress.failed += 1
             progress.failed_uids.append(ref.sop_instance_uid)
+            if not progress.cause:
+                progress.cause = self._cause(code)
         else:
             metrics.cmove_cstore_bytes.inc(size)
             if is_warning_code(code):
@@ -636,6 +641,14 @@ class _Sender:
             len(self._assoc.accepted),
         )
         return self._assoc
+
+    def _cause(self, code: int | None) -> str:
+        """Why a sub-operation failed, for the final response's ErrorComment."""
+        if self._unreachable:
+            return lo_text(f"destination: {self._unreachable}")
+        if code is not None:
+            return f"destination answered C-STORE 0x{code:04X}"
+        return "instance could not be sent to the destination"
 
     @property
     def unreachable(self) -> str:

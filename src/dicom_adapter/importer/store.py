@@ -12,9 +12,9 @@ from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
 from dicom_adapter.dicomweb.client import DicomwebClient
-from dicom_adapter.dicomweb.stow import StowResponse, status_for
+from dicom_adapter.dicomweb.stow import StowResponse, failure_comment, status_for
 from dicom_adapter.errors import InvalidDatasetError
-from dicom_adapter.status import Status, is_warning_code
+from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class StoreOutcome:
     status: int
     http_status: int = 0
     body_excerpt: str = ""
+    comment: str = ""  # ErrorComment when the instance was not stored
 
 
 _LAST_IDENTITY_TAG = 0x0020000E  # SeriesInstanceUID: nothing after it is needed
@@ -54,7 +55,9 @@ def read_identity(path: Path) -> InstanceIdentity:
         with path.open("rb") as stream:
             ds = read_partial(stream, stop_when=_past_identity, specific_tags=_IDENTITY_TAGS)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-        raise InvalidDatasetError(f"dataset cannot be parsed: {exc}") from exc
+        raise InvalidDatasetError(
+            f"dataset cannot be parsed: {exc}", comment="dataset cannot be parsed"
+        ) from exc
     values = {key: str(ds.get(key, "") or "").strip() for key in _IDENTITY_KEYWORDS}
     for tag in ("SOPClassUID", "SOPInstanceUID"):
         if not values[tag]:
@@ -85,9 +88,9 @@ class StoreService:
         self._root = dicomweb_root or stow_url.rstrip("/").removesuffix("/studies")
         self._overwrite = overwrite
 
-    async def store_file(self, path: Path) -> int:
+    async def store_file(self, path: Path) -> StoreOutcome:
         """Validate the received dataset, then store it (raises InvalidDatasetError first)."""
-        return await self.store(path, read_identity(path))
+        return await self.store_answer(path, read_identity(path))
 
     async def store(self, path: Path, identity: InstanceIdentity) -> int:
         """STOW one instance and return the DIMSE status for the C-STORE-RSP.
@@ -95,8 +98,12 @@ class StoreService:
         Every request this makes (retries, overwrite, the existence check) ends within one
         retry deadline, so the C-STORE is answered before the peer gives up on it.
         """
+        return (await self.store_answer(path, identity)).status
+
+    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
+        """`store` with the outcome: the status and, for a failure, its ErrorComment."""
         with self._client.one_deadline():
-            return (await self._store(path, identity)).status
+            return await self._store(path, identity)
 
     async def store_outcome(
         self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
@@ -154,7 +161,8 @@ class StoreService:
                 f" ({response.body_excerpt[:160]!r})" if response.body_excerpt else "",
                 extra={"sop_instance_uid": identity.sop_instance_uid},
             )
-        return StoreOutcome(status, response.http_status, response.body_excerpt)
+        comment = "" if is_stored(status) else failure_comment(response, identity.sop_instance_uid)
+        return StoreOutcome(status, response.http_status, response.body_excerpt, comment)
 
     async def _is_stored(self, identity: InstanceIdentity) -> bool:
         """QIDO-RS by SOP Instance UID: is this instance upstream, with the same SOP class?"""
@@ -188,6 +196,9 @@ class InstanceStore(Protocol):
 
     async def store(self, path: Path, identity: InstanceIdentity) -> int:
         """Store one instance; the DIMSE status."""
+
+    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
+        """Store one instance for a waiting C-STORE; the status and its ErrorComment."""
 
     async def store_outcome(
         self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False

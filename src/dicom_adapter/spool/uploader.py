@@ -112,7 +112,7 @@ class SpoolUploader:
         self._known.add(path.name)
         self._queue.put_nowait(_Item(path))
 
-    async def upload_now(self, path: Path, identity: InstanceIdentity) -> int:
+    async def upload_now(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
         """Synchronous mode: one STOW for the waiting C-STORE; the file leaves queue/ after it.
 
         Whatever the answer, the sender is told it and owns any retry; only a crash before
@@ -120,7 +120,7 @@ class SpoolUploader:
         """
         self._known.add(path.name)  # the rescan must not upload it a second time
         try:
-            return await self._store.store(path, identity)
+            return await self._store.store_answer(path, identity)
         finally:
             self._spool.delivered(path)
             self._known.discard(path.name)
