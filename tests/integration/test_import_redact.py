@@ -16,9 +16,10 @@ from pydicom.sequence import Sequence
 
 from dicom_adapter.dicom.redact import chc_basic_tags, java_uid
 from tests.integration.conftest import StartImporter
-from tests.rig import Orthanc, dcmsend, free_port, generate_ct_series
+from tests.rig import Orthanc, dcmsend, free_port, generate_ct_series, send_file
 
 CHC_BASIC_FLAG = "--redact_filter_profile=CHC_BASIC"
+CANNOT_UNDERSTAND = 0xC000
 DELIVERY_TIMEOUT = 30.0
 PHI = ("PatientName", "PatientID", "PatientBirthDate", "ReferringPhysicianName", "StudyDate")
 
@@ -110,6 +111,13 @@ def test_chc_basic_redacts_what_orthanc_stores(
     sent = dcmsend("127.0.0.1", importer.port, importer.aet, [tmp_path / "sent"])
     assert sent.returncode == 0, sent.stderr
     _assert_in_orthanc_redacted(orthanc, originals)
+    # an instance that cannot be redacted (pixel data cut short) is refused, never forwarded
+    broken = _with_nested_phi(tmp_path / "broken", "BROKEN", count=1)[0]
+    path = next((tmp_path / "broken").iterdir())
+    path.write_bytes(path.read_bytes()[:-100])
+    assert send_file("127.0.0.1", importer.port, importer.aet, path) == CANNOT_UNDERSTAND
+    assert orthanc.find_instance(str(broken.SOPInstanceUID)) is None
+    assert orthanc.find_instance(java_uid(broken.SOPInstanceUID)) is None
 
 
 def test_the_spool_holds_the_redacted_file(

@@ -316,3 +316,21 @@ def test_bad_redaction_flags_stop_startup(argv: list[str], flag: str, named: str
     assert info.value.flag == flag
     assert named in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_step_does_not_resurrect_a_file_its_association_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "cstore-1.dcm"
+    _instance(path)
+    assert CHC_BASIC is not None
+    redact_file = Redactor.redact_file
+
+    def cleaned_up_meanwhile(self: Redactor, source: Path, target: Path) -> None:
+        redact_file(self, source, target)
+        source.unlink()  # what AssociationCleanup does when the peer aborts
+
+    monkeypatch.setattr(Redactor, "redact_file", cleaned_up_meanwhile)
+    with pytest.raises(FileNotFoundError):
+        RedactionStep(CHC_BASIC)(path)
+    assert list(tmp_path.iterdir()) == []

@@ -321,9 +321,12 @@ class RedactionStep:
         self.redactor = redactor
 
     def __call__(self, path: Path) -> None:
-        sibling = path.with_name(path.name + ".redacting")
+        # named like the received file (prefix and suffix): a crashed run's sweep removes it
+        sibling = path.with_name(f"{path.stem}.redacting{path.suffix}")
         try:
             self.redactor.redact_file(path, sibling)
+            if not path.exists():  # the association ended meanwhile and its cleanup removed it
+                raise FileNotFoundError(f"{path} was removed while it was being redacted")
             os.replace(sibling, path)
         finally:
             sibling.unlink(missing_ok=True)
