@@ -48,6 +48,7 @@ def redact_ms_per_instance(folder: Path) -> float:
     target = folder.parent / "redacted.dcm"
     times: list[float] = []
     for path in sorted(folder.iterdir()):
+        target.unlink(missing_ok=True)  # a new file each time, as in the C-STORE path
         started = time.perf_counter()
         redactor.redact_file(path, target)
         times.append(time.perf_counter() - started)
