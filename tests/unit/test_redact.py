@@ -22,6 +22,7 @@ from pydicom.uid import (
 )
 from tests.rig import write_large_instance
 
+from dicom_adapter.cli import run_import
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import parse_settings
 from dicom_adapter.dicom.redact import (
@@ -334,3 +335,20 @@ def test_step_does_not_resurrect_a_file_its_association_cleaned_up(
     with pytest.raises(FileNotFoundError):
         RedactionStep(CHC_BASIC)(path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--redact_keep_list=PatientID", "--redact_filter_profile=CHC_BASIC"],
+        ["--redact_remove_list=PatientName,NoSuchKeyword"],
+    ],
+)
+def test_cli_stops_with_one_line_and_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("REDACT_REMOVE_LIST", "REDACT_KEEP_LIST", "REDACT_FILTER_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_import([*BASE, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dicom-import: --redact_") and err.count("\n") == 1
