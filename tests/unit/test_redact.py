@@ -277,6 +277,10 @@ def test_step_refuses_what_it_cannot_parse_and_leaves_no_sibling(tmp_path: Path)
     with pytest.raises(InvalidDatasetError):
         RedactionStep(CHC_BASIC)(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["received.dcm"]
+    path.write_bytes(b"not DICOM at all")
+    with pytest.raises(InvalidDatasetError):
+        RedactionStep(CHC_BASIC)(path)
+    assert path.read_bytes() == b"not DICOM at all"
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
@@ -190,8 +191,9 @@ class Redactor:
                 self._redact_streaming(src, head, bulk_at, target)
         except InvalidDatasetError:
             raise
-        except (ValueError, KeyError, TypeError, EOFError, struct.error, AttributeError) as exc:
-            raise InvalidDatasetError(f"dataset cannot be redacted: {exc}") from exc
+        except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, struct.error) as exc:
+            # the type only: a parser message may quote a value (patient data)
+            raise InvalidDatasetError(f"dataset cannot be redacted ({type(exc).__name__})") from exc
 
     def _redact_in_memory(self, source: Path, target: Path) -> None:
         ds = dcmread(source)
