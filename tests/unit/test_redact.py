@@ -210,7 +210,16 @@ def test_emptied_compressed_pixel_data_makes_it_explicit_vr_little_endian(
     assert out.Rows == original.Rows
 
 
-@pytest.mark.parametrize("name", ["JPEG2000.dcm", "MR_small_RLE.dcm", "CT_small.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "JPEG2000.dcm",
+        "MR_small_RLE.dcm",
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",  # Explicit VR Big Endian
+        "SC_rgb_jpeg.dcm",  # says explicit VR, holds implicit VR elements
+    ],
+)
 def test_kept_pixel_data_is_copied_unchanged(name: str, tmp_path: Path) -> None:
     source = get_testdata_file(name)
     assert source is not None

@@ -185,18 +185,29 @@ class Redactor:
                 head = dcmread(src, stop_before_pixels=True)
                 bulk_at = src.tell()
                 syntax = UID(str(head.file_meta.get("TransferSyntaxUID", "")))
-                if syntax.is_deflated:  # the offsets are in the inflated stream: no copying
+                # deflated: the offsets are in the inflated stream; mis-encoded: pydicom has to
+                # re-encode every element. Both are read whole, pixel data included.
+                if syntax.is_deflated or _misencoded(head):
                     self._redact_in_memory(source, target)
                     return
                 self._redact_streaming(src, head, bulk_at, target)
         except InvalidDatasetError:
             raise
-        except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, struct.error) as exc:
+        except (
+            InvalidDicomError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,  # pydicom: required file meta elements missing
+            EOFError,
+            struct.error,
+        ) as exc:
             # the type only: a parser message may quote a value (patient data)
             raise InvalidDatasetError(f"dataset cannot be redacted ({type(exc).__name__})") from exc
 
     def _redact_in_memory(self, source: Path, target: Path) -> None:
         ds = dcmread(source)
+        ds.walk(lambda _ds, _elem: None)  # every element decoded, written in the declared syntax
         self.redact_dataset(ds)
         emptied = PIXEL_DATA in ds and not ds[PIXEL_DATA].value
         self.redact_meta(ds.file_meta, emptied)
@@ -240,6 +251,12 @@ class Redactor:
                 out.write(_encode(tail, implicit=implicit, little=little, charset=charset))
 
 
+def _misencoded(head: Dataset) -> bool:
+    """True when an explicit VR file holds implicit VR elements (pydicom reads them anyway)."""
+    implicit, _ = head.original_encoding
+    return not implicit and any(element.VR is None for element in head.elements())
+
+
 @dataclass(frozen=True)
 class _Bulk:
     """Where the pixel data element is in the file: [start, end), its tag, VR, value length."""
@@ -261,11 +278,12 @@ def _bulk_element(src: BinaryIO, start: int, *, implicit: bool, little: bool) ->
     group, element = struct.unpack(order + "HH", header[:4])
     tag = (group << 16) | element
     vr: str | None = None
-    if implicit:
+    vr_bytes = header[4:6]
+    if implicit or not (vr_bytes.isalpha() and vr_bytes.isupper()):
+        # implicit, or an "explicit" file whose element is implicit (pydicom reads those too)
         (length,) = struct.unpack(order + "I", header[4:8])
         position = start + 8
     else:
-        vr_bytes = header[4:6]
         vr = vr_bytes.decode("ascii")
         if vr_bytes in _LONG_LENGTH_VRS:
             (length,) = struct.unpack(order + "I", src.read(4))
