@@ -12,7 +12,8 @@ well); a keep list also keeps what storing and decoding the instance needs (KEEP
 data set's group length attributes (retired; stale once values are emptied) are dropped.
 
 Memory: the attributes before PixelData (and any after it) are parsed; the pixel data element
-is copied from file to file in 1 MiB chunks, never held in memory.
+is copied from file to file in 1 MiB chunks, never held in memory. Only a Deflated file, or an
+explicit VR file holding implicit VR elements, is read whole (one instance in memory).
 """
 
 from __future__ import annotations
