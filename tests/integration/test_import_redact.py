@@ -108,6 +108,8 @@ def test_chc_basic_redacts_what_orthanc_stores(
 ) -> None:
     originals = _with_nested_phi(tmp_path / "sent", "SYNC")
     importer = start_importer(CHC_BASIC_FLAG)
+    messages = [record.get("message") for record in importer.log_records()]
+    assert "C-STORE redaction on: profile CHC_BASIC of 286 tags" in messages
     sent = dcmsend("127.0.0.1", importer.port, importer.aet, [tmp_path / "sent"])
     assert sent.returncode == 0, sent.stderr
     _assert_in_orthanc_redacted(orthanc, originals)

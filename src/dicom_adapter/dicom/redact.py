@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_adapter.errors import InvalidDatasetError
+
+logger = logging.getLogger(__name__)
 
 CHC_BASIC = "CHC_BASIC"
 # Java's TagFilterProfile enum: its unspecified value loads CHC_BASIC too.
@@ -378,4 +381,8 @@ def redactor_from_flags(remove_list: str, keep_list: str, profile: str) -> Redac
 def redaction_step(remove_list: str, keep_list: str, profile: str) -> RedactionStep | None:
     """The preparation step for the configured redaction, or None when redaction is off."""
     redactor = redactor_from_flags(remove_list, keep_list, profile)
-    return RedactionStep(redactor) if redactor is not None else None
+    if redactor is None:
+        return None
+    kind = "keep list" if redactor.keep else ("profile CHC_BASIC" if profile else "remove list")
+    logger.info("C-STORE redaction on: %s of %d tags", kind, len(redactor.tags))
+    return RedactionStep(redactor)
