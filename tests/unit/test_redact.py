@@ -220,6 +220,7 @@ def test_emptied_compressed_pixel_data_makes_it_explicit_vr_little_endian(
         "SC_rgb_jpeg.dcm",  # says explicit VR, holds implicit VR elements
     ],
 )
+@pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR:UserWarning")
 def test_kept_pixel_data_is_copied_unchanged(name: str, tmp_path: Path) -> None:
     source = get_testdata_file(name)
     assert source is not None
