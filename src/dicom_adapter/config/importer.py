@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import NoDecode
 
 from dicom_adapter.config.common import (
@@ -19,7 +20,12 @@ from dicom_adapter.config.common import (
     valid_aet,
     valid_metrics_port,
 )
-from dicom_adapter.dicom.redact import CHC_BASIC, PROFILES, parse_tag_list
+from dicom_adapter.dicom.redact import (
+    CHC_BASIC,
+    PROFILES,
+    RedactionConfigError,
+    parse_tag_list,
+)
 
 GOOGLE_HOST = "healthcare.googleapis.com"
 GOOGLE_DICOMWEB = re.compile(
@@ -181,14 +187,19 @@ class ImporterSettings(CommonSettings):
     @field_validator("redact_remove_list", "redact_keep_list")
     @classmethod
     def _check_tag_list(cls, value: str) -> str:
-        parse_tag_list(value)  # an unknown tag stops startup, named
+        try:
+            parse_tag_list(value)  # an unknown tag stops startup, named
+        except RedactionConfigError as exc:
+            raise PydanticCustomError("redaction", str(exc)) from None
         return value
 
     @field_validator("redact_filter_profile")
     @classmethod
     def _check_profile(cls, value: str) -> str:
         if value.strip() and value.strip() not in PROFILES:
-            raise ValueError(f"unknown profile {value.strip()!r} (known: {CHC_BASIC})")
+            raise PydanticCustomError(
+                "redaction", f"unknown profile {value.strip()!r} (known: {CHC_BASIC})"
+            )
         return value.strip()
 
     @field_validator("metrics_port")
