@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import NoDecode
 
 from dicom_adapter.config.common import (
@@ -18,6 +19,12 @@ from dicom_adapter.config.common import (
     new_flag,
     valid_aet,
     valid_metrics_port,
+)
+from dicom_adapter.dicom.redact import (
+    CHC_BASIC,
+    PROFILES,
+    RedactionConfigError,
+    parse_tag_list,
 )
 
 GOOGLE_HOST = "healthcare.googleapis.com"
@@ -63,9 +70,19 @@ class ImporterSettings(CommonSettings):
     aet_dictionary_inline: str = Field(
         "", description="The AET dictionary as inline JSON (takes precedence over the file)."
     )
-    redact_remove_list: str = later_flag("", "Tags to remove during C-STORE, comma-separated.")
-    redact_keep_list: str = later_flag("", "Tags to keep during C-STORE, comma-separated.")
-    redact_filter_profile: str = later_flag("", "Redaction profile (CHC_BASIC).")
+    redact_remove_list: str = Field(
+        "",
+        description="Tags (keywords or 8 hex digits, comma-separated) whose values are emptied "
+        "during C-STORE, at any depth; the instance UIDs are replaced.",
+    )
+    redact_keep_list: str = Field(
+        "",
+        description="Tags (keywords or 8 hex digits, comma-separated) kept during C-STORE; every "
+        "other value is emptied, at any depth; the instance UIDs are replaced.",
+    )
+    redact_filter_profile: str = Field(
+        "", description="Redaction profile: CHC_BASIC (the Java adapter's remove list)."
+    )
     destination_config_path: str = Field(
         "",
         description="Path to a JSON array of routing rules {filter, dicomweb_destination | "
@@ -174,6 +191,24 @@ class ImporterSettings(CommonSettings):
             return codes
         return value
 
+    @field_validator("redact_remove_list", "redact_keep_list")
+    @classmethod
+    def _check_tag_list(cls, value: str) -> str:
+        try:
+            parse_tag_list(value)  # an unknown tag stops startup, named
+        except RedactionConfigError as exc:
+            raise PydanticCustomError("redaction", str(exc)) from None
+        return value
+
+    @field_validator("redact_filter_profile")
+    @classmethod
+    def _check_profile(cls, value: str) -> str:
+        if value.strip() and value.strip() not in PROFILES:
+            raise PydanticCustomError(
+                "redaction", f"unknown profile {value.strip()!r} (known: {CHC_BASIC})"
+            )
+        return value.strip()
+
     @field_validator("metrics_port")
     @classmethod
     def _check_metrics_port(cls, value: int) -> int:
@@ -243,6 +278,15 @@ class ImporterSettings(CommonSettings):
         if self.send_to_all_matching_destinations and not location:
             problems.append(
                 ("send_to_all_matching_destinations", "needs --persistent_file_storage_location")
+            )
+        redaction = [self.redact_remove_list, self.redact_keep_list, self.redact_filter_profile]
+        if sum(1 for value in redaction if value.strip()) > 1:
+            problems.append(
+                (
+                    "redact_filter_profile" if self.redact_filter_profile else "redact_keep_list",
+                    "only one of --redact_remove_list, --redact_keep_list, "
+                    "--redact_filter_profile may be set",
+                )
             )
         return problems + super().cross_check()
 

@@ -17,6 +17,7 @@ from pynetdicom import evt
 from dicom_adapter.aets import load_aet_dictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.dicom.redact import redaction_step
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
@@ -250,7 +251,15 @@ class ImportService:
                     store_timeout,
                     metrics=metrics,
                     intake=intake,
-                    prepare=build_preparation([]),  # issue 10: redaction, then transcoding
+                    prepare=build_preparation(  # issue 10: redaction, then transcoding
+                        [
+                            redaction_step(
+                                settings.redact_remove_list,
+                                settings.redact_keep_list,
+                                settings.redact_filter_profile,
+                            ),
+                        ]
+                    ),
                     router=Router(routing) if len(routing) else None,
                     stores=None if intake is not None else self._web_stores(routing.destinations),
                 ),
