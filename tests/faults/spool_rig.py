@@ -32,10 +32,10 @@ def spool_args(spool: Path, *extra: str) -> list[str]:
     ]
 
 
-def new_instances(tmp_path: Path, n: int) -> dict[str, Path]:
-    """`n` small CT instances of a new series: SOP Instance UID -> file."""
+def new_instances(tmp_path: Path, n: int, side: int = 16) -> dict[str, Path]:
+    """`n` CT instances (side x side 16-bit pixels) of a new series: SOP Instance UID -> file."""
     index = next(_series)
-    paths = generate_ct_series(tmp_path / f"series-{index}", n, rows=16, cols=16, seed=index)
+    paths = generate_ct_series(tmp_path / f"series-{index}", n, rows=side, cols=side, seed=index)
     return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
 
 
@@ -71,3 +71,30 @@ def assert_all_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
 
 def queued(spool: Path) -> list[Path]:
     return sorted((spool / "queue").glob("*.dcm"))
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The data set of a Part-10 file, byte for byte: what follows the file meta group.
+
+    The meta group is the receiver's own (pynetdicom writes it), so it is not compared.
+    """
+    assert part10[128:132] == b"DICM", "not a Part-10 file"
+    tag, vr = part10[132:136], part10[136:138]
+    assert tag == b"\x02\x00\x00\x00" and vr == b"UL", "no (0002,0000) group length first"
+    return part10[144 + int.from_bytes(part10[140:144], "little") :]
+
+
+def assert_identical_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
+    """Every instance reaches Orthanc with the data set bytes that were sent, unchanged."""
+    poll(
+        lambda: all(orthanc.find_instance(uid) is not None for uid in instances),
+        DELIVERY_TIMEOUT,
+        "every acknowledged instance in Orthanc",
+    )
+    differ = []
+    for uid, path in instances.items():
+        orthanc_id = orthanc.find_instance(uid)
+        assert orthanc_id is not None
+        if dataset_bytes(orthanc.instance_file(orthanc_id)) != dataset_bytes(path.read_bytes()):
+            differ.append(uid)
+    assert not differ, f"{len(differ)} stored data sets differ from the files sent: {differ[:3]}"

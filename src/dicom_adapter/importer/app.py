@@ -203,6 +203,7 @@ class ImportService:
                     metrics=metrics,
                     intake=intake,
                     prepare=build_preparation([]),  # issue 10: redaction, then transcoding
+                    unwritten=spool.unwritten,
                 ),
             ),
             (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),
@@ -305,6 +306,7 @@ class ImportService:
             LocalSpool,
             Path(settings.persistent_file_storage_location),
             headroom_bytes=settings.spool_free_space_headroom,
+            max_bytes=settings.spool_max_bytes,
         )
         self.metrics.spool_depth.set_function(local.depth)
         self.metrics.spool_oldest_age.set_function(local.oldest_age)

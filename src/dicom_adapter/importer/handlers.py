@@ -6,6 +6,7 @@ They never let an exception escape (pynetdicom would answer a generic 0xC211).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shutil
 import time
@@ -28,7 +29,7 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError
-from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
+from dicom_adapter.importer.cstore_spool import CStoreSpool, ReceivingFile, discard
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
     Fetched,
@@ -119,6 +120,7 @@ class CStoreHandler:
         metrics: ImportMetrics | None = None,
         intake: SpoolIntake | None = None,
         prepare: Preparation | None = None,
+        unwritten: Callable[[Path], ReceivingFile | None] | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
@@ -126,6 +128,8 @@ class CStoreHandler:
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
         self._intake = intake
         self._prepare = prepare
+        # a data set whose file could not be written whole (ENOSPC while receiving)
+        self._unwritten = unwritten
 
     def __call__(self, event: Any) -> int:
         started = time.perf_counter()
@@ -152,6 +156,14 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
+            unwritten = self._unwritten(path) if self._unwritten is not None else None
+            if unwritten is not None:
+                logger.error(
+                    "C-STORE data set not written (%s) -> 0xA700", unwritten.error, extra=fields
+                )
+                if self._intake is not None:
+                    self._intake.spool.refused(unwritten.received)
+                return int(Status.OUT_OF_RESOURCES)
             if self._prepare is not None:
                 self._prepare(path)
             if self._intake is not None:
@@ -181,22 +193,22 @@ class CStoreHandler:
     def _spooled(self, intake: SpoolIntake, path: Path, fields: dict[str, str]) -> int:
         """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
 
-        Nothing is acknowledged that is not durable: a volume below the headroom, or a failed
-        fsync or rename, answers 0xA700 (retry later).
+        Nothing is acknowledged that is not durable: a volume below the headroom, a spool at
+        its byte cap, or a failed fsync or rename (ENOSPC) answers 0xA700 (retry later).
         """
         spool = intake.spool
-        if not spool.has_room():
-            logger.warning(
-                "spool volume below its headroom (%d bytes free): C-STORE refused with 0xA700",
-                spool.free_bytes(),
-                extra=fields,
-            )
+        size = path.stat().st_size
+        refusal = spool.refusal(size)
+        if refusal is not None:
+            logger.warning("%s: C-STORE refused with 0xA700", refusal, extra=fields)
             return int(Status.OUT_OF_RESOURCES)
         identity = read_identity(path)
         try:
             queued = spool.commit(path, identity.sop_instance_uid)
         except OSError as exc:
             logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                spool.refused(size)
             return int(Status.OUT_OF_RESOURCES)
         if intake.auto_ack:
             intake.uploader.enqueue_threadsafe(queued)
