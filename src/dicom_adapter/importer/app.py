@@ -191,7 +191,10 @@ class ImportService:
         # C-STORE data sets spool in a directory of this run; stale runs' files are swept
         # (inside the durable spool when there is one: a rename moves a file into its queue)
         incoming = intake.spool.incoming if intake is not None else None
-        self._spool = spool = await asyncio.to_thread(CStoreSpool, incoming)
+        counter = intake.spool.add_incoming if intake is not None else None
+        self._spool = spool = await asyncio.to_thread(
+            lambda: CStoreSpool(incoming, on_bytes=counter)
+        )
         spool.install()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (

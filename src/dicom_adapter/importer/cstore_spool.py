@@ -28,7 +28,7 @@ import os
 import secrets
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,13 +94,20 @@ class ReceivingFile:
     partial file is closed and truncated at once, so a full volume gets its space back.
     """
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], on_bytes: Callable[[int], None] | None = None) -> None:
         self._stream = stream
         self.name = str(stream.name)
         self.error: OSError | None = None
         self.received = 0  # bytes of the data set received so far (written or not)
         self.file = self  # pynetdicom flushes `.file` after every fragment
         self._closed = False
+        self._on_bytes = on_bytes  # told the bytes this file holds while it is open
+        self._counted = 0
+
+    def _count(self, delta: int) -> None:
+        if self._on_bytes is not None and delta:
+            self._counted += delta
+            self._on_bytes(delta)
 
     @property
     def closed(self) -> bool:
@@ -113,6 +120,8 @@ class ReceivingFile:
                 self._stream.write(data)
             except OSError as exc:
                 self._failed(exc)
+            else:
+                self._count(len(data))
         return len(data)
 
     def flush(self) -> None:
@@ -123,7 +132,9 @@ class ReceivingFile:
                 self._failed(exc)
 
     def close(self) -> None:
+        """Closed: renamed into queue/ (counted there) or about to be deleted."""
         self._closed = True
+        self._count(-self._counted)
         try:
             self._stream.close()
         except OSError as exc:
@@ -132,6 +143,7 @@ class ReceivingFile:
 
     def _failed(self, exc: OSError) -> None:
         self.error = exc
+        self._count(-self._counted)
         logger.warning("C-STORE data set not written (%s): it will be refused with 0xA700", exc)
         with contextlib.suppress(OSError):  # the buffered rest fails again; the fd still closes
             self._stream.close()
@@ -142,7 +154,10 @@ class ReceivingFile:
 class CStoreSpool:
     """This run's spool directory for pynetdicom's C-STORE files, and their cleanup."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(
+        self, root: Path | None = None, *, on_bytes: Callable[[int], None] | None = None
+    ) -> None:
+        self._on_bytes = on_bytes  # told the bytes of data sets being written (the spool's cap)
         self.root = root or Path(tempfile.gettempdir()) / ROOT_NAME
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         swept = sweep(self.root)
@@ -169,7 +184,10 @@ class CStoreSpool:
     def _create(self, *args: Any, **kwargs: Any) -> ReceivingFile:
         """pynetdicom's DUL thread opens a data set's file: here, and remembered per thread."""
         kwargs.update(dir=self.dir, prefix=FILE_PREFIX, suffix=FILE_SUFFIX)
-        stream = ReceivingFile(tempfile.NamedTemporaryFile(*args, **kwargs))  # noqa: SIM115
+        stream = ReceivingFile(
+            tempfile.NamedTemporaryFile(*args, **kwargs),  # noqa: SIM115
+            self._on_bytes,
+        )
         thread = threading.current_thread()
         with self._lock:
             ended = [t for t in self._open if t is not thread and not t.is_alive()]

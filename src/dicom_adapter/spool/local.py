@@ -11,10 +11,11 @@ One dicom-import process owns a spool (flock on `DIR/.owner.lock`): two would up
 the same files.
 
 Backpressure: a C-STORE is admitted only while the volume keeps its free-space headroom and,
-with a byte cap, while the spool's bytes (incoming/ + queue/ + failed/) stay under it. Those
-bytes are a counter kept by commit/delivered/fail (no directory walk per C-STORE), measured
-by one walk at start and walked again at most every RECOUNT_SECONDS while over the cap (an
-operator's `dicom-spool purge` is seen that way).
+with a byte cap, while the spool's bytes stay under it: queue/ + failed/, a counter kept by
+commit/delivered/fail (no directory walk per C-STORE), measured by one walk at start and
+walked again at most every RECOUNT_SECONDS while over the cap (an operator's `dicom-spool
+purge` is seen that way); plus incoming/, counted as the data sets are written
+(`add_incoming`, from importer/cstore_spool.py).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class LocalSpool:
         self.headroom_bytes = headroom_bytes
         self.max_bytes = max(0, max_bytes)  # 0: no cap
         self._bytes_lock = threading.Lock()
-        self._bytes = 0
+        self._bytes = 0  # queue/ + failed/
+        self._incoming = 0  # data sets being received
         self._counted_at = 0.0
         self._wanted = 0  # bytes of the last refused instance: not ready until they would fit
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -133,15 +135,20 @@ class LocalSpool:
 
     @property
     def used_bytes(self) -> int:
-        """The spool's bytes as counted (incoming/ + queue/ + failed/ at the last walk, + moves)."""
-        return self._bytes
+        """The spool's bytes as counted: queue/ + failed/, and incoming/ being written."""
+        return self._bytes + self._incoming
+
+    def add_incoming(self, delta: int) -> None:
+        """Bytes written to (or dropped from) incoming/ by a data set being received."""
+        with self._bytes_lock:
+            self._incoming = max(0, self._incoming + delta)
 
     def recount(self) -> int:
-        """Walk the three areas and reset the byte counter to what is on disk; returns it.
+        """Walk queue/ and failed/ and reset their byte counter to what is on disk; returns it.
 
         Moves during the walk may be counted twice or missed: the next walk corrects them.
         """
-        total = sum(tree_bytes(area) for area in (self.incoming, self.queue, self.failed))
+        total = tree_bytes(self.queue) + tree_bytes(self.failed)
         with self._bytes_lock:
             self._bytes = total
             self._counted_at = time.monotonic()
@@ -168,8 +175,9 @@ class LocalSpool:
         free = self.free_bytes()
         if free < self.headroom_bytes:
             reason = f"spool volume below its headroom ({free} bytes free)"
-        elif self._over_cap(size):
-            reason = f"spool at its byte cap ({self._bytes} of {self.max_bytes} bytes used)"
+        # incoming/ holds this data set too when it is counted there (spool_files hook)
+        elif self._over_cap(max(self._incoming, size)):
+            reason = f"spool at its byte cap ({self.used_bytes} of {self.max_bytes} bytes used)"
         else:
             self._wanted = 0
             return None
