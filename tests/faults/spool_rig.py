@@ -4,6 +4,7 @@ and fast retries, new instances, dcmsend with the statuses the sender saw, deliv
 from __future__ import annotations
 
 import io
+import subprocess
 import time
 from collections.abc import Callable
 from itertools import count
@@ -11,7 +12,15 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
+from tests.rig import (
+    ORTHANC_BINARY,
+    Importer,
+    Orthanc,
+    dcmsend,
+    dcmtk_env,
+    generate_ct_series,
+    parse_dcmsend_debug,
+)
 
 DELIVERY_TIMEOUT = 20.0
 
@@ -98,3 +107,31 @@ def assert_identical_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) ->
         if dataset_bytes(orthanc.instance_file(orthanc_id)) != dataset_bytes(path.read_bytes()):
             differ.append(uid)
     assert not differ, f"{len(differ)} stored data sets differ from the files sent: {differ[:3]}"
+
+
+class RestartableOrthanc(Orthanc):
+    """An Orthanc that can be stopped and started again on the same ports with its data.
+
+    Needs a given `workdir` (Orthanc.stop would remove its own temporary one).
+    """
+
+    def halt(self, timeout: float = 15.0) -> None:
+        """Stop the Orthanc process (SIGTERM): its ports refuse connections until `resume`."""
+        assert self.proc is not None, "not running"
+        self.proc.terminate()
+        self.proc.wait(timeout)
+        self.proc = None
+
+    def resume(self) -> None:
+        """Start Orthanc again with the same configuration (ports, storage, index)."""
+        assert self.proc is None, "already running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC_BINARY), str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dcmtk_env(),  # the rig's local environment (TCP_NODELAY=1, no proxies)
+                cwd=self.workdir,
+            )
+        self._wait_ready()

@@ -105,6 +105,7 @@ class LocalSpool:
         self._bytes = 0  # queue/ + failed/
         self._incoming = 0  # data sets being received
         self._counted_at = 0.0
+        self._walking = False
         self._wanted = 0  # bytes of the last refused instance: not ready until they would fit
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = os.open(root / ".owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -158,13 +159,28 @@ class LocalSpool:
         with self._bytes_lock:
             self._bytes = max(0, self._bytes + delta)
 
-    def _over_cap(self, extra: int) -> bool:
-        """True when `extra` more bytes would pass the cap (walks again when due)."""
+    def _over_cap(self, extra: int, *, walk_here: bool) -> bool:
+        """True when `extra` more bytes would pass the cap; walks again when due.
+
+        `walk_here`: walk before answering (a pynetdicom thread); else in a thread of its
+        own (/readyz runs on the event loop: a walk of a long queue must not block it).
+        """
         if not self.max_bytes or self._bytes + extra <= self.max_bytes:
             return False
-        if time.monotonic() - self._counted_at >= RECOUNT_SECONDS:
-            self.recount()
+        with self._bytes_lock:
+            due = not self._walking and time.monotonic() - self._counted_at >= RECOUNT_SECONDS
+            self._walking = self._walking or due
+        if due and walk_here:
+            self._walk()
+        elif due:
+            threading.Thread(target=self._walk, name="spool-recount", daemon=True).start()
         return self._bytes + extra > self.max_bytes
+
+    def _walk(self) -> None:
+        try:
+            self.recount()
+        finally:
+            self._walking = False
 
     def refusal(self, size: int) -> str | None:
         """Why a received instance of `size` bytes may not be queued now, None when it may.
@@ -176,7 +192,7 @@ class LocalSpool:
         if free < self.headroom_bytes:
             reason = f"spool volume below its headroom ({free} bytes free)"
         # incoming/ holds this data set too when it is counted there (spool_files hook)
-        elif self._over_cap(max(self._incoming, size)):
+        elif self._over_cap(max(self._incoming, size), walk_here=True):
             reason = f"spool at its byte cap ({self.used_bytes} of {self.max_bytes} bytes used)"
         else:
             self._wanted = 0
@@ -195,7 +211,7 @@ class LocalSpool:
         """
         if self.free_bytes() < self.headroom_bytes + self._wanted:
             return False
-        return not self._over_cap(self._wanted)
+        return not self._over_cap(self._wanted, walk_here=False)
 
     def commit(self, path: Path, sop_instance_uid: str) -> Path:
         """fsync a received file, rename it into queue/ and fsync queue/; returns its new path."""
