@@ -95,17 +95,22 @@ def dataset_bytes(part10: bytes) -> bytes:
 
 def assert_identical_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
     """Every instance reaches Orthanc with the data set bytes that were sent, unchanged."""
-    poll(
-        lambda: all(orthanc.find_instance(uid) is not None for uid in instances),
-        DELIVERY_TIMEOUT,
-        "every acknowledged instance in Orthanc",
-    )
-    differ = []
-    for uid, path in instances.items():
-        orthanc_id = orthanc.find_instance(uid)
-        assert orthanc_id is not None
-        if dataset_bytes(orthanc.instance_file(orthanc_id)) != dataset_bytes(path.read_bytes()):
-            differ.append(uid)
+    found: dict[str, str] = {}
+
+    def all_found() -> bool:  # each round looks up only the instances still missing
+        for uid in instances.keys() - found.keys():
+            orthanc_id = orthanc.find_instance(uid)
+            if orthanc_id is None:
+                return False
+            found[uid] = orthanc_id
+        return True
+
+    poll(all_found, DELIVERY_TIMEOUT, "every acknowledged instance in Orthanc")
+    differ = [
+        uid
+        for uid, path in instances.items()
+        if dataset_bytes(orthanc.instance_file(found[uid])) != dataset_bytes(path.read_bytes())
+    ]
     assert not differ, f"{len(differ)} stored data sets differ from the files sent: {differ[:3]}"
 
 
