@@ -4,9 +4,13 @@ upstream failures that carry no HTTP status."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -14,11 +18,13 @@ from pydicom import dcmread
 from tests.rig import generate_ct_series
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
+from dicom_adapter.importer.handlers import CStoreHandler, SpoolIntake
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool import local
 from dicom_adapter.spool.local import LocalSpool, tree_bytes
 from dicom_adapter.spool.uploader import SpoolUploader
+from dicom_adapter.status import Status
 
 
 def received(spool: LocalSpool, n: int, side: int = 32) -> list[Path]:
@@ -156,4 +162,53 @@ def test_an_upstream_failure_without_an_http_status_is_retried(tmp_path: Path) -
     assert not reasons, reasons
     assert not spool.queued()
     assert seen == ["POST", "GET", "POST", "GET"]  # retried, then found upstream: delivered
+    spool.close()
+
+
+class _Uploader:
+    """Records what the handler queues for upload."""
+
+    def __init__(self) -> None:
+        self.queued: list[Path] = []
+
+    def enqueue_threadsafe(self, path: Path) -> None:
+        self.queued.append(path)
+
+
+def _store_event(path: Path, uid: str) -> SimpleNamespace:
+    requestor = SimpleNamespace(ae_title="MODALITY")
+    return SimpleNamespace(
+        dataset_path=path,
+        request=SimpleNamespace(AffectedSOPInstanceUID=uid),
+        assoc=SimpleNamespace(name="assoc-1", requestor=requestor),
+    )
+
+
+@pytest.mark.parametrize("failing", ["fsync_file", "rename"])
+def test_enospc_at_fsync_or_rename_answers_a700_and_queues_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    [path] = received(spool, 1, side=4)
+    uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "fsync_file":
+        monkeypatch.setattr(local, "fsync_file", full)
+    else:
+        monkeypatch.setattr(os, "rename", full)
+    uploader = _Uploader()
+    handler = CStoreHandler(
+        cast(Any, None),
+        cast(Any, None),
+        1.0,
+        intake=SpoolIntake(spool, cast(Any, uploader), auto_ack=True),
+    )
+    assert handler(_store_event(path, uid)) == Status.OUT_OF_RESOURCES
+    monkeypatch.undo()
+    assert not spool.queued() and not uploader.queued
+    monkeypatch.setattr(spool, "free_bytes", lambda: path.stat().st_size - 1)
+    assert not spool.has_room()  # not ready until that instance would fit
     spool.close()
