@@ -46,6 +46,9 @@ def test_the_byte_counter_follows_commits_deliveries_and_failures(tmp_path: Path
     assert spool.used_bytes == on_disk
     assert spool.recount() == on_disk
     spool.close()
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0, max_bytes=1 << 30)
+    assert spool.used_bytes == on_disk  # a restart with a cap walks what is there
+    spool.close()
 
 
 def test_a_capped_spool_refuses_and_is_not_ready_until_uploads_make_room(

@@ -158,7 +158,7 @@ class CStoreHandler:
             path = event.dataset_path
             unwritten = self._unwritten(path) if self._unwritten is not None else None
             if unwritten is not None:
-                logger.error(
+                logger.warning(
                     "C-STORE data set not written (%s) -> 0xA700", unwritten.error, extra=fields
                 )
                 if self._intake is not None:

@@ -121,7 +121,8 @@ class LocalSpool:
             area.mkdir(mode=0o700, exist_ok=True)
         fsync_dir(root)
         self._serial = itertools.count()
-        self.recount()
+        if self.max_bytes:  # only the cap needs the count
+            self.recount()
 
     def close(self) -> None:
         """Give up ownership (what is queued stays for the next owner)."""
