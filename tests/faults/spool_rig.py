@@ -4,6 +4,7 @@ and fast retries, new instances, dcmsend with the statuses the sender saw, deliv
 from __future__ import annotations
 
 import io
+import subprocess
 import time
 from collections.abc import Callable
 from itertools import count
@@ -11,7 +12,15 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
+from tests.rig import (
+    ORTHANC_BINARY,
+    Importer,
+    Orthanc,
+    dcmsend,
+    dcmtk_env,
+    generate_ct_series,
+    parse_dcmsend_debug,
+)
 
 DELIVERY_TIMEOUT = 20.0
 
@@ -32,10 +41,10 @@ def spool_args(spool: Path, *extra: str) -> list[str]:
     ]
 
 
-def new_instances(tmp_path: Path, n: int) -> dict[str, Path]:
-    """`n` small CT instances of a new series: SOP Instance UID -> file."""
+def new_instances(tmp_path: Path, n: int, side: int = 16) -> dict[str, Path]:
+    """`n` CT instances (side x side 16-bit pixels) of a new series: SOP Instance UID -> file."""
     index = next(_series)
-    paths = generate_ct_series(tmp_path / f"series-{index}", n, rows=16, cols=16, seed=index)
+    paths = generate_ct_series(tmp_path / f"series-{index}", n, rows=side, cols=side, seed=index)
     return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
 
 
@@ -71,3 +80,63 @@ def assert_all_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
 
 def queued(spool: Path) -> list[Path]:
     return sorted((spool / "queue").glob("*.dcm"))
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The data set of a Part-10 file, byte for byte: what follows the file meta group.
+
+    The meta group is the receiver's own (pynetdicom writes it), so it is not compared.
+    """
+    assert part10[128:132] == b"DICM", "not a Part-10 file"
+    tag, vr = part10[132:136], part10[136:138]
+    assert tag == b"\x02\x00\x00\x00" and vr == b"UL", "no (0002,0000) group length first"
+    return part10[144 + int.from_bytes(part10[140:144], "little") :]
+
+
+def assert_identical_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
+    """Every instance reaches Orthanc with the data set bytes that were sent, unchanged."""
+    found: dict[str, str] = {}
+
+    def all_found() -> bool:  # each round looks up only the instances still missing
+        for uid in instances.keys() - found.keys():
+            orthanc_id = orthanc.find_instance(uid)
+            if orthanc_id is None:
+                return False
+            found[uid] = orthanc_id
+        return True
+
+    poll(all_found, DELIVERY_TIMEOUT, "every acknowledged instance in Orthanc")
+    differ = [
+        uid
+        for uid, path in instances.items()
+        if dataset_bytes(orthanc.instance_file(found[uid])) != dataset_bytes(path.read_bytes())
+    ]
+    assert not differ, f"{len(differ)} stored data sets differ from the files sent: {differ[:3]}"
+
+
+class RestartableOrthanc(Orthanc):
+    """An Orthanc that can be stopped and started again on the same ports with its data.
+
+    Needs a given `workdir` (Orthanc.stop would remove its own temporary one).
+    """
+
+    def halt(self, timeout: float = 15.0) -> None:
+        """Stop the Orthanc process (SIGTERM): its ports refuse connections until `resume`."""
+        assert self.proc is not None, "not running"
+        self.proc.terminate()
+        self.proc.wait(timeout)
+        self.proc = None
+
+    def resume(self) -> None:
+        """Start Orthanc again with the same configuration (ports, storage, index)."""
+        assert self.proc is None, "already running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC_BINARY), str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dcmtk_env(),  # the rig's local environment (TCP_NODELAY=1, no proxies)
+                cwd=self.workdir,
+            )
+        self._wait_ready()

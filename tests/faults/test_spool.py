@@ -12,12 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 
 from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
 from tests.faults.spool_rig import (
+    RestartableOrthanc,
     assert_all_in_orthanc,
+    assert_identical_in_orthanc,
     new_instances,
     poll,
     queued,
@@ -188,14 +191,25 @@ def test_synchronous_mode_with_a_spool_answers_after_the_stow(
         assert not queued(spool)  # the sender was told; it owns the retry
 
 
-def test_kill_9_during_dcmsend_every_acknowledged_instance_arrives(
+KILLED_TRANSFER = 500
+KILL_AFTER = 250  # answers the sender has read before the kill: mid-transfer
+
+
+def test_kill_9_during_dcmsend_of_500_every_acknowledged_instance_arrives_unchanged(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
-    """kill -9 mid-transfer (uploads under way too); a restart delivers every success sent."""
+    """dcmsend of 500 instances, auto-ack; kill -9 mid-transfer while uploads are under way.
+
+    The restart (same spool) delivers every instance whose success the sender read, with
+    the data set bytes it sent (the file meta group is the receiver's own).
+    """
     spool = tmp_path / "spool"
-    instances = new_instances(tmp_path, 120)
+    instances = new_instances(tmp_path, KILLED_TRANSFER)
     first = Importer(
-        orthanc.dicomweb_url, *spool_args(spool, "--auto_ack_cstore"), log_dir=tmp_path / "l1"
+        orthanc.dicomweb_url,
+        # one upload at a time: uploads lag behind receiving, so the kill leaves a backlog
+        *spool_args(spool, "--auto_ack_cstore", "--spool_upload_concurrency=1"),
+        log_dir=tmp_path / "l1",
     )
     with first:
         out = tmp_path / "dcmsend.log"
@@ -219,16 +233,54 @@ def test_kill_9_during_dcmsend_every_acknowledged_instance_arrives(
             )
             try:
                 poll(
-                    lambda: out.read_text(errors="replace").count("C-STORE RSP") >= 20,
-                    20.0,
-                    "20 answers",
+                    lambda: out.read_text(errors="replace").count("C-STORE RSP") >= KILL_AFTER,
+                    30.0,
+                    f"{KILL_AFTER} answers",
                 )
                 assert first.stop(signal.SIGKILL) == -signal.SIGKILL
             finally:
                 sender.wait(30)
     statuses = parse_dcmsend_debug(out.read_text(errors="replace"))
     acknowledged = {uid: p for uid, p in instances.items() if statuses.get(uid) == Status.SUCCESS}
-    assert 20 <= len(acknowledged) < len(instances), "the kill came too late to test anything"
+    assert set(statuses.values()) == {Status.SUCCESS}, "only successes before the kill"
+    assert KILL_AFTER <= len(acknowledged) < len(instances), "the kill came too late"
     with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
-        assert_all_in_orthanc(orthanc, acknowledged)
-        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        assert_identical_in_orthanc(orthanc, acknowledged)
+        poll(lambda: not queued(spool), 10.0, "an empty queue/")
+    assert not list((spool / "failed").iterdir())
+
+
+OUTAGE_SECONDS = 30.0  # the scenario of issue 9: Orthanc stopped for 30 s
+OUTAGE_INSTANCES = 200
+
+
+def test_orthanc_stopped_30_s_while_200_instances_arrive_all_are_stored(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Orthanc's process is stopped (connections refused) for 30 s; 200 instances arrive in
+    two batches meanwhile. The sender sees only successes; once Orthanc is back, all 200
+    are stored unchanged, nothing in failed/."""
+    spool = tmp_path / "spool"
+    batches = [new_instances(tmp_path, OUTAGE_INSTANCES // 2) for _ in range(2)]
+    with (
+        RestartableOrthanc(workdir=tmp_path_factory.mktemp("orthanc-outage")) as upstream,
+        Importer(
+            upstream.dicomweb_url,
+            *spool_args(spool, "--auto_ack_cstore"),
+            log_dir=tmp_path / "logs",
+        ) as importer,
+    ):
+        upstream.halt()
+        stopped = time.monotonic()
+        assert send(importer, batches[0]) == dict.fromkeys(batches[0], Status.SUCCESS)
+        time.sleep(OUTAGE_SECONDS / 2)  # the scenario's timing, not a readiness wait
+        assert send(importer, batches[1]) == dict.fromkeys(batches[1], Status.SUCCESS)
+        assert len(queued(spool)) == OUTAGE_INSTANCES
+        time.sleep(max(0.0, stopped + OUTAGE_SECONDS - time.monotonic()))
+        assert len(queued(spool)) == OUTAGE_INSTANCES and not list((spool / "failed").iterdir())
+        upstream.resume()
+        assert_identical_in_orthanc(upstream, {**batches[0], **batches[1]})
+        poll(lambda: not queued(spool), 10.0, "an empty queue/")
+        metrics = scrape_metrics(importer.metrics_url)
+        assert metrics["dicomadapter_import_spool_depth"] == 0
+        assert metrics["dicomadapter_import_cstore_backup_errors_total"] == 0

@@ -57,7 +57,11 @@ async def run_until(spool: LocalSpool, store: ScriptedStore, retries: int) -> Im
     await uploader.start()
     try:
         deadline = time.monotonic() + 5
-        while spool.queued() and time.monotonic() < deadline:
+        # settled: queue/ empty and each instance in failed/ counted (after its move)
+        while time.monotonic() < deadline and (
+            spool.queued()
+            or metrics.cstore_backup_errors.value() < len(list(spool.failed.glob("*.dcm")))
+        ):
             await asyncio.sleep(0.01)
     finally:
         await uploader.stop()

@@ -13,6 +13,7 @@ from pydantic_settings import NoDecode
 from dicom_adapter.config.common import (
     DEPRECATED,
     METRICS_PORT_HELP,
+    NEW,
     CommonSettings,
     check_http_url,
     later_flag,
@@ -167,6 +168,13 @@ class ImporterSettings(CommonSettings):
         1 << 30,
         "Bytes that must stay free on the spool's volume; below it new C-STOREs get 0xA700 "
         "and /readyz answers not-ready.",
+    )
+    spool_max_bytes: int = Field(
+        0,
+        ge=0,
+        json_schema_extra=NEW,
+        description="Byte cap of the spool (incoming/, queue/ and failed/ together; 0 = none); "
+        "past it new C-STOREs get 0xA700 and /readyz answers not-ready until uploads make room.",
     )
     cstore_answer_deadline: float = new_flag(
         25.0,

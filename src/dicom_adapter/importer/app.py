@@ -240,7 +240,10 @@ class ImportService:
         # C-STORE data sets spool in a directory of this run; stale runs' files are swept
         # (inside the durable spool when there is one: a rename moves a file into its queue)
         incoming = intake.spool.incoming if intake is not None else None
-        self._spool = spool = await asyncio.to_thread(CStoreSpool, incoming)
+        counter = intake.spool.add_incoming if intake is not None else None
+        self._spool = spool = await asyncio.to_thread(
+            lambda: CStoreSpool(incoming, on_bytes=counter)
+        )
         spool.install()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (
@@ -262,6 +265,7 @@ class ImportService:
                     ),
                     router=Router(routing) if len(routing) else None,
                     stores=None if intake is not None else self._web_stores(routing.destinations),
+                    unwritten=spool.unwritten,
                 ),
             ),
             (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),
@@ -437,6 +441,7 @@ class ImportService:
             LocalSpool,
             Path(settings.persistent_file_storage_location),
             headroom_bytes=settings.spool_free_space_headroom,
+            max_bytes=settings.spool_max_bytes,
         )
         self.metrics.spool_depth.set_function(local.depth)
         self.metrics.spool_oldest_age.set_function(local.oldest_age)

@@ -11,6 +11,10 @@ files it opened are closed and removed; at startup the directories of runs whose
 (their process is gone) are swept. Nothing else in the temp directory is ever touched, so
 other programs and other dicom-import processes sharing it are safe.
 
+A write that fails while a data set arrives (ENOSPC on a full volume) must not escape into
+pynetdicom's DUL thread (it would die mid-association): ReceivingFile remembers the error,
+drops the rest of the data set and empties the file, and the C-STORE handler answers 0xA700.
+
 Hazard: this needs a private pynetdicom name, hook spool_files in dimse/pynetdicom_hooks.py
 (checked at startup; without it, one WARNING and pynetdicom keeps its own files).
 """
@@ -24,6 +28,7 @@ import os
 import secrets
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -82,10 +87,77 @@ def sweep(root: Path) -> int:
     return removed
 
 
+class ReceivingFile:
+    """A data set's file as pynetdicom writes it (NamedTemporaryFile's write/file.flush/close).
+
+    The first failed write or flush is kept in `error` and nothing more is written; the
+    partial file is closed and truncated at once, so a full volume gets its space back.
+    """
+
+    def __init__(self, stream: IO[bytes], on_bytes: Callable[[int], None] | None = None) -> None:
+        self._stream = stream
+        self.name = str(stream.name)
+        self.error: OSError | None = None
+        self.received = 0  # bytes of the data set received so far (written or not)
+        self.file = self  # pynetdicom flushes `.file` after every fragment
+        self._closed = False
+        self._on_bytes = on_bytes  # told the bytes this file holds while it is open
+        self._counted = 0
+
+    def _count(self, delta: int) -> None:
+        if self._on_bytes is not None and delta:
+            self._counted += delta
+            self._on_bytes(delta)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes) -> int:
+        self.received += len(data)
+        if self.error is None:
+            try:
+                self._stream.write(data)
+            except OSError as exc:
+                self._failed(exc)
+            else:
+                self._count(len(data))
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def close(self) -> None:
+        """Closed: renamed into queue/ (counted there) or about to be deleted."""
+        self._closed = True
+        self._count(-self._counted)
+        try:
+            self._stream.close()
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        self._count(-self._counted)
+        logger.warning("C-STORE data set not written (%s): it will be refused with 0xA700", exc)
+        with contextlib.suppress(OSError):  # the buffered rest fails again; the fd still closes
+            self._stream.close()
+        with contextlib.suppress(OSError):
+            os.truncate(self.name, 0)
+
+
 class CStoreSpool:
     """This run's spool directory for pynetdicom's C-STORE files, and their cleanup."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(
+        self, root: Path | None = None, *, on_bytes: Callable[[int], None] | None = None
+    ) -> None:
+        self._on_bytes = on_bytes  # told the bytes of data sets being written (the spool's cap)
         self.root = root or Path(tempfile.gettempdir()) / ROOT_NAME
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         swept = sweep(self.root)
@@ -101,7 +173,7 @@ class CStoreSpool:
         self.dir = self.root / run_id
         self.dir.mkdir(mode=0o700)
         self._lock = threading.Lock()
-        self._open: dict[threading.Thread, list[IO[bytes]]] = {}  # DUL thread -> its files
+        self._open: dict[threading.Thread, list[ReceivingFile]] = {}  # DUL thread -> its files
         self._installed = False
 
     def install(self) -> bool:
@@ -109,10 +181,13 @@ class CStoreSpool:
         self._installed = hooks.install_spool_factory(self._create)
         return self._installed
 
-    def _create(self, *args: Any, **kwargs: Any) -> IO[bytes]:
+    def _create(self, *args: Any, **kwargs: Any) -> ReceivingFile:
         """pynetdicom's DUL thread opens a data set's file: here, and remembered per thread."""
         kwargs.update(dir=self.dir, prefix=FILE_PREFIX, suffix=FILE_SUFFIX)
-        stream: IO[bytes] = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
+        stream = ReceivingFile(
+            tempfile.NamedTemporaryFile(*args, **kwargs),  # noqa: SIM115
+            self._on_bytes,
+        )
         thread = threading.current_thread()
         with self._lock:
             ended = [t for t in self._open if t is not thread and not t.is_alive()]
@@ -123,7 +198,17 @@ class CStoreSpool:
         discard(leftovers)  # associations that ended without telling us
         return stream
 
-    def take_files(self, dul_thread: Any) -> list[IO[bytes]]:
+    def unwritten(self, path: Path) -> ReceivingFile | None:
+        """This data set's file if writing it failed (its `error`), None if it is whole."""
+        name = str(path)
+        with self._lock:
+            for files in self._open.values():
+                for stream in files:
+                    if stream.name == name:
+                        return stream if stream.error is not None else None
+        return None
+
+    def take_files(self, dul_thread: Any) -> list[ReceivingFile]:
         """The files an association's DUL thread opened that are still open (then forgotten)."""
         with self._lock:
             files = self._open.pop(dul_thread, [])
@@ -143,7 +228,7 @@ class CStoreSpool:
         os.close(self._lock_fd)
 
 
-def discard(files: list[IO[bytes]]) -> int:
+def discard(files: Sequence[ReceivingFile | IO[bytes]]) -> int:
     """Close each file and delete it from disk; returns how many were still on disk."""
     removed = 0
     for stream in files:

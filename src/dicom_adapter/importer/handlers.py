@@ -6,6 +6,7 @@ They never let an exception escape (pynetdicom would answer a generic 0xC211).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shutil
 import time
@@ -27,7 +28,7 @@ from dicom_adapter.dimse.server import (
 )
 from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError, error_comment, lo_text
-from dicom_adapter.importer.cstore_spool import CStoreSpool, discard
+from dicom_adapter.importer.cstore_spool import CStoreSpool, ReceivingFile, discard
 from dicom_adapter.importer.destinations import DestinationSpools, Router
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.move import (
@@ -143,6 +144,7 @@ class CStoreHandler:
         prepare: Preparation | None = None,
         router: Router | None = None,
         stores: dict[Destination, StoreService] | None = None,
+        unwritten: Callable[[Path], ReceivingFile | None] | None = None,
     ) -> None:
         self._bridge = bridge
         self._store = store
@@ -152,6 +154,8 @@ class CStoreHandler:
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
         self._intake = intake
         self._prepare = prepare
+        # a data set whose file could not be written whole (ENOSPC while receiving)
+        self._unwritten = unwritten
 
     def __call__(self, event: Any) -> int | Dataset:
         started = time.perf_counter()
@@ -179,6 +183,14 @@ class CStoreHandler:
         try:
             fields["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID or "")
             path = event.dataset_path
+            unwritten = self._unwritten(path) if self._unwritten is not None else None
+            if unwritten is not None:
+                logger.warning(
+                    "C-STORE data set not written (%s) -> 0xA700", unwritten.error, extra=fields
+                )
+                if self._intake is not None:
+                    self._intake.spool.refused(unwritten.received)
+                return int(Status.OUT_OF_RESOURCES), "adapter disk full"
             # routing reads the attributes as received: before redaction and transcoding
             chosen = (
                 self._router.destinations(path, fields["calling_aet"])
@@ -221,16 +233,14 @@ class CStoreHandler:
     ) -> tuple[int, str]:
         """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
 
-        Nothing is acknowledged that is not durable: a volume below the headroom, or a failed
-        fsync or rename, answers 0xA700 (retry later).
+        Nothing is acknowledged that is not durable: a volume below the headroom, a spool at
+        its byte cap, or a failed fsync or rename (ENOSPC) answers 0xA700 (retry later).
         """
         spool = intake.spool
-        if not spool.has_room():
-            logger.warning(
-                "spool volume below its headroom (%d bytes free): C-STORE refused with 0xA700",
-                spool.free_bytes(),
-                extra=fields,
-            )
+        size = path.stat().st_size
+        refusal = spool.refusal(size)
+        if refusal is not None:
+            logger.warning("%s: C-STORE refused with 0xA700", refusal, extra=fields)
             return int(Status.OUT_OF_RESOURCES), "adapter spool volume full"
         identity = read_identity(path)
         if intake.destinations is not None:
@@ -241,6 +251,8 @@ class CStoreHandler:
             queued = spool.commit(path, identity.sop_instance_uid)
         except OSError as exc:
             logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                spool.refused(size)
             return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
             intake.uploader.enqueue_threadsafe(queued)

@@ -9,6 +9,13 @@
 Only renames move an instance between areas (one filesystem): there is never a second copy.
 One dicom-import process owns a spool (flock on `DIR/.owner.lock`): two would upload and move
 the same files.
+
+Backpressure: a C-STORE is admitted only while the volume keeps its free-space headroom and,
+with a byte cap, while the spool's bytes stay under it: queue/ + failed/, a counter kept by
+commit/delivered/fail (no directory walk per C-STORE), measured by one walk at start and
+walked again at most every RECOUNT_SECONDS while over the cap (an operator's `dicom-spool
+purge` is seen that way); plus incoming/, counted as the data sets are written
+(`add_incoming`, from importer/cstore_spool.py).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ QUEUE = "queue"
 FAILED = "failed"
 SUFFIX = ".dcm"
 _UNSAFE = re.compile(r"[^0-9A-Za-z.]")
+RECOUNT_SECONDS = 2.0  # at most one walk of the spool this often, and only while over the cap
 
 
 def fsync_dir(directory: Path) -> None:
@@ -51,6 +60,31 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def tree_bytes(directory: Path) -> int:
+    """Bytes of the regular files under `directory` (files vanishing meanwhile count 0)."""
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += tree_bytes(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def arrival_ns(path: Path) -> int | None:
     """The arrival time encoded in a queue name, None for a name that is not ours."""
     head = path.name.split("-", 1)[0]
@@ -60,12 +94,19 @@ def arrival_ns(path: Path) -> int | None:
 class LocalSpool:
     """The three areas of a local spool directory and the moves between them."""
 
-    def __init__(self, root: Path, *, headroom_bytes: int) -> None:
+    def __init__(self, root: Path, *, headroom_bytes: int, max_bytes: int = 0) -> None:
         self.root = root
         self.incoming = root / INCOMING
         self.queue = root / QUEUE
         self.failed = root / FAILED
         self.headroom_bytes = headroom_bytes
+        self.max_bytes = max(0, max_bytes)  # 0: no cap
+        self._bytes_lock = threading.Lock()
+        self._bytes = 0  # queue/ + failed/
+        self._incoming = 0  # data sets being received
+        self._counted_at = 0.0
+        self._walking = False
+        self._wanted = 0  # bytes of the last refused instance: not ready until they would fit
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = os.open(root / ".owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -80,6 +121,8 @@ class LocalSpool:
             area.mkdir(mode=0o700, exist_ok=True)
         fsync_dir(root)
         self._serial = itertools.count()
+        if self.max_bytes:  # only the cap needs the count
+            self.recount()
 
     def close(self) -> None:
         """Give up ownership (what is queued stays for the next owner)."""
@@ -92,13 +135,89 @@ class LocalSpool:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
 
+    @property
+    def used_bytes(self) -> int:
+        """The spool's bytes as counted: queue/ + failed/, and incoming/ being written."""
+        return self._bytes + self._incoming
+
+    def add_incoming(self, delta: int) -> None:
+        """Bytes written to (or dropped from) incoming/ by a data set being received."""
+        with self._bytes_lock:
+            self._incoming = max(0, self._incoming + delta)
+
+    def recount(self) -> int:
+        """Walk queue/ and failed/ and reset their byte counter to what is on disk; returns it.
+
+        Moves during the walk may be counted twice or missed: the next walk corrects them.
+        """
+        total = tree_bytes(self.queue) + tree_bytes(self.failed)
+        with self._bytes_lock:
+            self._bytes = total
+            self._counted_at = time.monotonic()
+        return total
+
+    def _add_bytes(self, delta: int) -> None:
+        with self._bytes_lock:
+            self._bytes = max(0, self._bytes + delta)
+
+    def _over_cap(self, extra: int, *, walk_here: bool) -> bool:
+        """True when `extra` more bytes would pass the cap; walks again when due.
+
+        `walk_here`: walk before answering (a pynetdicom thread); else in a thread of its
+        own (/readyz runs on the event loop: a walk of a long queue must not block it).
+        """
+        if not self.max_bytes or self._bytes + extra <= self.max_bytes:
+            return False
+        with self._bytes_lock:
+            due = not self._walking and time.monotonic() - self._counted_at >= RECOUNT_SECONDS
+            self._walking = self._walking or due
+        if due and walk_here:
+            self._walk()
+        elif due:
+            threading.Thread(target=self._walk, name="spool-recount", daemon=True).start()
+        return self._bytes + extra > self.max_bytes
+
+    def _walk(self) -> None:
+        try:
+            self.recount()
+        finally:
+            self._walking = False
+
+    def refusal(self, size: int) -> str | None:
+        """Why a received instance of `size` bytes may not be queued now, None when it may.
+
+        Called per C-STORE: one statvfs and the byte counter. A refusal keeps /readyz
+        not-ready (`has_room`) until an instance of that size would be admitted.
+        """
+        free = self.free_bytes()
+        if free < self.headroom_bytes:
+            reason = f"spool volume below its headroom ({free} bytes free)"
+        # incoming/ holds this data set too when it is counted there (spool_files hook)
+        elif self._over_cap(max(self._incoming, size), walk_here=True):
+            reason = f"spool at its byte cap ({self.used_bytes} of {self.max_bytes} bytes used)"
+        else:
+            self._wanted = 0
+            return None
+        self.refused(size)
+        return reason
+
+    def refused(self, size: int) -> None:
+        """An instance of `size` bytes was refused for want of space (also: ENOSPC writing it)."""
+        self._wanted = max(1, size)
+
     def has_room(self) -> bool:
-        """False when the volume is below the headroom: new instances are refused."""
-        return self.free_bytes() >= self.headroom_bytes
+        """/readyz: False until the last instance refused for want of space would be admitted.
+
+        That is: the headroom is free beside it, and it fits under the byte cap.
+        """
+        if self.free_bytes() < self.headroom_bytes + self._wanted:
+            return False
+        return not self._over_cap(self._wanted, walk_here=False)
 
     def commit(self, path: Path, sop_instance_uid: str) -> Path:
         """fsync a received file, rename it into queue/ and fsync queue/; returns its new path."""
         fsync_file(path)
+        size = _file_size(path)
         name = f"{time.time_ns()}-{next(self._serial)}-{_UNSAFE.sub('_', sop_instance_uid)}"
         target = self.queue / (name + SUFFIX)
         try:
@@ -112,6 +231,7 @@ class LocalSpool:
             fsync_file(partial)
             os.rename(partial, target)
         fsync_dir(self.queue)
+        self._add_bytes(size)
         return target
 
     def queued(self) -> list[Path]:
@@ -130,7 +250,12 @@ class LocalSpool:
 
     def delivered(self, path: Path) -> None:
         """The upstream stored it: remove it (a replay after a crash finds it upstream)."""
-        path.unlink(missing_ok=True)
+        size = _file_size(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        self._add_bytes(-size)
 
     def fail(self, path: Path, reason: dict[str, Any]) -> Path:
         """Move an instance to failed/ with `<name>.json` beside it; returns its new path."""
@@ -144,4 +269,5 @@ class LocalSpool:
             os.fsync(stream.fileno())
         os.rename(partial, note)
         fsync_dir(self.failed)
+        self._add_bytes(_file_size(note))
         return target

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dicom_adapter.errors import AdapterError, InvalidDatasetError
+from dicom_adapter.errors import (
+    AdapterError,
+    InvalidDatasetError,
+    UpstreamAuthError,
+    UpstreamError,
+)
 from dicom_adapter.importer.store import (
     InstanceIdentity,
     InstanceStore,
@@ -34,6 +39,15 @@ class _Item:
     waiting: bool = False  # a retry timer holds it
     study_uid: str = ""
     first_try: float = field(default_factory=time.time)
+
+
+def _no_answer(exc: AdapterError) -> bool:
+    """An upstream failure with no HTTP status to judge (not auth): retried like a network error."""
+    return (
+        isinstance(exc, UpstreamError)
+        and not isinstance(exc, UpstreamAuthError)
+        and not exc.http_status
+    )
 
 
 def _iso(timestamp: float) -> str:
@@ -175,7 +189,9 @@ class SpoolUploader:
         try:
             outcome = await self._store.store_outcome(item.path, identity, may_exist=True)
         except AdapterError as exc:
-            outcome = StoreOutcome(int(exc.status), 0, str(exc))
+            outcome = StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
+            if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
+                outcome = StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
         if is_stored(outcome.status):
             await asyncio.to_thread(self._spool.delivered, item.path)
             return
