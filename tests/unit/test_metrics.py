@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from pathlib import Path
 
 import pytest
 from tests.rig import parse_metrics
@@ -238,3 +239,30 @@ def test_import_and_export_metric_names() -> None:
         ("dicomadapter_export_breaker_open", "gauge"),
     }
     assert names == expected
+
+
+def exposed_types(registry: MetricsRegistry) -> set[tuple[str, str]]:
+    """(name, type) of every metric family the registry renders."""
+    return set(re.findall(r"^# TYPE (\S+) (\S+)$", registry.render(), re.MULTILINE))
+
+
+def test_readme_metric_tables_list_exactly_what_the_services_serve() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Metrics and health\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(
+        re.findall(r"^\| `([a-z_:]+)` \| (counter|gauge|histogram) \|", section, re.MULTILINE)
+    )
+    import_registry, export_registry = MetricsRegistry(process=True), MetricsRegistry(process=True)
+    ImportMetrics(import_registry)
+    ExportMetrics(export_registry)
+    served = exposed_types(import_registry) | exposed_types(export_registry)
+    assert ("process_resident_memory_bytes", "gauge") in served
+    assert ("process_open_fds", "gauge") in served
+    assert ("process_cpu_seconds_total", "counter") in served
+    assert documented == served
+
+
+def test_service_registries_are_independent() -> None:
+    first, second = ImportMetrics(MetricsRegistry()), ImportMetrics(MetricsRegistry())
+    first.cstore_requests.inc(3)
+    assert (first.cstore_requests.value(), second.cstore_requests.value()) == (3, 0)
