@@ -39,6 +39,7 @@ MONITORING_FLAGS = (f"--monitoring_project_id={PROJECT}", "--monitoring_flush_in
 def test_cstores_reach_cloud_monitoring_on_the_k8s_container_resource(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
+    """Also: the first two writes fail; logged once, the service carries on, nothing lost."""
     files = generate_ct_series(tmp_path / "ct", 3, rows=16, cols=16, patient_id="MONITORED")
     with (
         MonitoringServer() as monitoring,
@@ -49,6 +50,7 @@ def test_cstores_reach_cloud_monitoring_on_the_k8s_container_resource(
             "GCE_METADATA_HOST": metadata.host,
             **POD,
         }
+        monitoring.fail_next(2)
         with Importer(
             orthanc.dicomweb_url, *MONITORING_FLAGS, env=env, log_dir=tmp_path / "logs"
         ) as importer:
@@ -59,6 +61,9 @@ def test_cstores_reach_cloud_monitoring_on_the_k8s_container_resource(
             assert importer.stop() == 0
         totals = monitoring.totals()
         points = monitoring.points()
+        failures = [r for r in importer.log_records() if "write failed" in r["message"]]
+    assert monitoring.failed_calls == 2
+    assert [r["severity"] for r in failures] == ["WARNING"]
     # the same counters feed both: Cloud Monitoring's sums are Prometheus' values
     assert totals[IMPORT + "started"] == prometheus["dicomadapter_import_started_total"] == 1
     assert totals[IMPORT + "cstore_requests"] == 3

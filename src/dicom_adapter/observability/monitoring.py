@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 METRIC_PREFIX = "custom.googleapis.com/dicomadapter/"
 METADATA_HOST = "metadata.google.internal"
 METADATA_TIMEOUT = 2.0  # seconds per metadata request; off GCE the name does not resolve
-MAX_CALL_TIMEOUT = 30.0
+CALL_TIMEOUT = 12.0  # seconds per CreateTimeSeries (the client's own default)
+FINAL_TIMEOUT = 5.0  # seconds for the last write at shutdown, inside the SIGTERM grace
 # Not a Java adapter variable: points the client at a fake or an emulator (insecure channel),
 # as PUBSUB_EMULATOR_HOST does for Pub/Sub. Used by the tests.
 EMULATOR_ENV = "MONITORING_EMULATOR_HOST"
@@ -170,27 +171,37 @@ class MonitoringExporter:
             self._interval,
         )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread after one last write of what is pending (blocking; off the loop)."""
+    def stop(self) -> None:
+        """Stop the thread after one last write of what is pending (blocking; off the loop).
+
+        Waits at most FINAL_TIMEOUT + 1 s (it runs inside the SIGTERM grace period); past that
+        the daemon thread, stuck in a slow write, is left behind and the last counts are lost.
+        """
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join(timeout)
+            thread.join(FINAL_TIMEOUT + 1)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.flush()
-        self.flush()  # what happened since the last period is not lost at shutdown
+            self._flush_logged(CALL_TIMEOUT)
+        self._flush_logged(FINAL_TIMEOUT)  # what the last period counted is not lost
 
-    def flush(self) -> bool:
+    def _flush_logged(self, timeout: float) -> None:
+        try:
+            self.flush(timeout)
+        except Exception:  # a bug here must not end the thread: later writes catch up
+            logger.exception("Cloud Monitoring flush failed")
+
+    def flush(self, timeout: float = CALL_TIMEOUT) -> bool:
         """One CreateTimeSeries with every event's count since the last successful write.
 
         True when written or nothing to write; False when the write failed (counts carried).
         """
         with self._lock:
-            return self._flush_locked()
+            return self._flush_locked(timeout)
 
-    def _flush_locked(self) -> bool:
+    def _flush_locked(self, timeout: float) -> bool:
         current = {event: int(source.value()) for event, source in self._events.items()}
         deltas = {
             event: value - self._sent[event]
@@ -209,7 +220,7 @@ class MonitoringExporter:
             self._client.create_time_series(
                 name=f"projects/{self._project_id}",
                 time_series=series,
-                timeout=min(MAX_CALL_TIMEOUT, max(5.0, self._interval)),
+                timeout=timeout,
             )
         except Exception as exc:
             if not self._failing:
