@@ -28,7 +28,7 @@ from typing import Any, Self
 import grpc  # type: ignore[import-untyped]
 
 # Imported untyped: a static import makes mypy treat google.cloud as typed (see
-# dicom_adapter.observability.monitoring._module).
+# dicom_adapter.observability.cloud_monitoring._module).
 _monitoring_v3: Any = importlib.import_module("google.cloud.monitoring_v3")
 _CreateTimeSeriesRequest: Any = _monitoring_v3.CreateTimeSeriesRequest.pb()
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from tests.monitoring_server import MetadataServer, MonitoringServer
 
+from dicom_adapter.observability.cloud_monitoring import EMULATOR_ENV, MonitoringExporter
 from dicom_adapter.observability.metrics import (
     EXPORT_EVENTS,
     IMPORT_EVENTS,
@@ -15,7 +16,6 @@ from dicom_adapter.observability.metrics import (
     ImportMetrics,
     MetricsRegistry,
 )
-from dicom_adapter.observability.monitoring import EMULATOR_ENV, MonitoringExporter
 
 PROJECT = "demo-project"
 IMPORT = "custom.googleapis.com/dicomadapter/import/"
@@ -142,7 +142,7 @@ def test_failed_writes_are_logged_once_and_their_counts_carried(
     metrics = ImportMetrics(MetricsRegistry())
     monitoring = exporter(server, metrics)
     server.fail_next(3)
-    caplog.set_level(logging.INFO, logger="dicom_adapter.observability.monitoring")
+    caplog.set_level(logging.INFO, logger="dicom_adapter.observability.cloud_monitoring")
     metrics.cfind_requests.inc(2)
     assert not monitoring.flush()
     metrics.cfind_requests.inc()

@@ -23,9 +23,9 @@ from dicom_adapter.exporter.retry import Backoff
 from dicom_adapter.exporter.sinks import CStoreSink, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
 from dicom_adapter.exporter.worker import ExportWorker
+from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ExportMetrics, MetricsRegistry
-from dicom_adapter.observability.monitoring import MonitoringExporter, start_monitoring
 
 logger = logging.getLogger(__name__)
 

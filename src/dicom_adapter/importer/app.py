@@ -41,9 +41,9 @@ from dicom_adapter.importer.handlers import (
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.prepare import build_preparation
 from dicom_adapter.importer.store import StoreService
+from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.observability.monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 
