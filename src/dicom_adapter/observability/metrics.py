@@ -68,14 +68,16 @@ class _Series:
         self._metric = metric
         self._labelnames = labelnames
         self._labels = dict(labels)
+        # What to record on, looked up once: the metric, its child, or None (labelled parent).
+        self._recorder: Any = (
+            metric.labels(**self._labels) if self._labels else None if labelnames else metric
+        )
 
     def _target(self) -> Any:
         """The prometheus-client object to record on (ValueError for a labelled parent)."""
-        if self._labels:
-            return self._metric.labels(**self._labels)
-        if self._labelnames:
+        if self._recorder is None:
             raise ValueError(f"metric has labels {list(self._labelnames)}: use .labels()")
-        return self._metric
+        return self._recorder
 
     def _child_labels(self, labels: Mapping[str, str]) -> dict[str, str]:
         if self._labels:
