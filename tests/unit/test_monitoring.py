@@ -8,6 +8,10 @@ from collections.abc import Iterator
 import pytest
 from tests.monitoring_server import MetadataServer, MonitoringServer
 
+from dicom_adapter.config.exporter import ExporterSettings
+from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.config.parse import parse_settings
+from dicom_adapter.errors import ConfigError
 from dicom_adapter.observability.cloud_monitoring import EMULATOR_ENV, MonitoringExporter
 from dicom_adapter.observability.metrics import (
     EXPORT_EVENTS,
@@ -185,3 +189,34 @@ def test_stop_writes_what_the_last_period_counted(server: MonitoringServer) -> N
     metrics.cmove_cstore_bytes.inc(512)
     monitoring.stop()
     assert server.totals() == {IMPORT + "cmove_requests": 1, IMPORT + "cmove_cstore_bytes": 512}
+
+
+@pytest.mark.parametrize(
+    ("model", "base"),
+    [
+        (ImporterSettings, ["--dimse_aet=A", "--dicomweb_address=http://h/dicom-web"]),
+        (
+            ExporterSettings,
+            [
+                "--dicomweb_addr=http://h/dicom-web",
+                "--project_id=p",
+                "--subscription_id=s",
+                "--peer_dimse_aet=B",
+                "--peer_dimse_ip=127.0.0.1",
+                "--peer_dimse_port=104",
+            ],
+        ),
+    ],
+    ids=["import", "export"],
+)
+def test_both_services_take_the_monitoring_flags(
+    model: type[ImporterSettings] | type[ExporterSettings], base: list[str]
+) -> None:
+    flags = [*base, f"--monitoring_project_id={PROJECT}", "--monitoring_flush_interval=15"]
+    settings = parse_settings(model, flags, prog="x", description="x", environ={})
+    assert (settings.monitoring_project_id, settings.monitoring_flush_interval) == (PROJECT, 15)
+    with pytest.raises(ConfigError) as error:
+        parse_settings(
+            model, [*base, "--monitoring_flush_interval=0"], prog="x", description="x", environ={}
+        )
+    assert error.value.flag == "monitoring_flush_interval"
