@@ -41,6 +41,11 @@ class CommonSettings(BaseSettings):
         description="Cloud Monitoring project id to export metrics to "
         "(custom.googleapis.com/dicomadapter/...; empty = Prometheus only).",
     )
+    monitoring_flush_interval: float = new_flag(
+        60.0,
+        "Seconds between two Cloud Monitoring writes (one CreateTimeSeries call) with "
+        "--monitoring_project_id; Cloud Monitoring refuses points of a series closer than 5 s.",
+    )
     dicomweb_bearer_token: str = new_flag(
         "", "Static bearer token for a non-Google DICOMweb server (prefer the env var)."
     )
@@ -68,11 +73,6 @@ class CommonSettings(BaseSettings):
         256,
         "MiB that WADO-RS-fetched instances (C-MOVE prefetch, export fetches) may hold in memory "
         "together, process-wide; instances beyond it are spooled to disk.",
-    )
-    monitoring_flush_interval: float = new_flag(
-        60.0,
-        "Seconds between two Cloud Monitoring writes (one CreateTimeSeries call) with "
-        "--monitoring_project_id; Cloud Monitoring refuses points of a series closer than 5 s.",
     )
 
     @property
