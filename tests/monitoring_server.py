@@ -4,7 +4,8 @@
 gRPC (generic method handlers, the protobuf classes behind `monitoring_v3.X.pb()`), so the
 real `MetricServiceClient` talks to it over the wire through an insecure channel (set
 `MONITORING_EMULATOR_HOST` to `MonitoringServer.host`). It records every request; `fail_next`
-makes the next calls fail with UNAVAILABLE. Other MetricService methods are not served.
+makes the next calls fail with UNAVAILABLE, `hold` makes calls hang until `release` (a call
+whose client gave up meanwhile is not recorded). Other MetricService methods are not served.
 
 `MetadataServer` answers `computeMetadata/v1/instance/attributes/cluster-name` and
 `computeMetadata/v1/instance/zone` (only with `Metadata-Flavor: Google`), like the GCE metadata
@@ -57,6 +58,9 @@ class MonitoringServer:
         self.requests: list[Any] = []  # CreateTimeSeriesRequest protobufs, in arrival order
         self._failures = 0
         self.failed_calls = 0
+        self.held_calls = 0
+        self._open = threading.Event()
+        self._open.set()
         self._server: Any = None
         self.port = 0
 
@@ -93,7 +97,8 @@ class MonitoringServer:
         self._server = server
 
     def stop(self) -> None:
-        """Stop serving (running calls are cut)."""
+        """Stop serving (running calls are cut, held ones released)."""
+        self._open.set()
         if self._server is not None:
             self._server.stop(grace=0).wait()
             self._server = None
@@ -103,7 +108,22 @@ class MonitoringServer:
         with self._lock:
             self._failures = calls
 
+    def hold(self) -> None:
+        """Make calls hang (as a stalled network would) until release()."""
+        self._open.clear()
+
+    def release(self) -> None:
+        """Let held and later calls through."""
+        self._open.set()
+
     def _create_time_series(self, request: Any, context: Any) -> None:
+        if not self._open.is_set():
+            with self._lock:
+                self.held_calls += 1
+                self._lock.notify_all()
+            self._open.wait(60)
+            if not context.is_active():
+                return  # the client's deadline passed: it counts this write as failed
         with self._lock:
             if self._failures > 0:
                 self._failures -= 1
