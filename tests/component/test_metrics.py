@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -198,3 +199,14 @@ def test_metrics_port_minus_one_disables_the_endpoints(
     assert importer.service.metrics_port == 0
     assert importer.service.ready
     assert importer.service.metrics.started.value() == 1  # still recorded, just not served
+
+
+def test_process_collectors_are_served(start_importer: Callable[..., RunningImporter]) -> None:
+    importer = start_importer()  # runs in this process: /proc/self is the importer's
+    metrics = scrape_metrics(importer.metrics_url)
+    fds = len(os.listdir("/proc/self/fd"))
+    assert metrics["process_resident_memory_bytes"] > 20 * 2**20
+    assert fds / 2 < metrics["process_open_fds"] < fds * 2
+    assert metrics["process_max_fds"] >= metrics["process_open_fds"]
+    assert metrics["process_cpu_seconds_total"] > 0
+    assert any(name.startswith("python_info{") for name in metrics)

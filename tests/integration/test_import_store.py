@@ -227,7 +227,7 @@ def test_metrics_count_what_dcmsend_stored_and_readyz_is_ok(
     response = http_get(importer.metrics_url + "/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert f"\ndicomadapter_import_cstore_requests_total {count}\n" in response.text
+    assert f"\ndicomadapter_import_cstore_requests_total {count}.0\n" in response.text
     metrics = scrape_metrics(importer.metrics_url)
     assert metrics["dicomadapter_import_started_total"] == 1
     assert metrics["dicomadapter_import_cstore_errors_total"] == 0

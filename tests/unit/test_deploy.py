@@ -632,3 +632,15 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
     }
     assert {".git", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache", "tests"} <= ignored
     assert not {"src", "pyproject.toml", "README.md"} & ignored  # the build needs these
+
+
+@pytest.mark.parametrize("c", CONTAINERS, ids=lambda c: c.where)
+def test_pod_variables_for_the_k8s_container_monitoring_resource(c: Container) -> None:
+    """ENV_POD_NAME / ENV_POD_NAMESPACE from the Downward API, ENV_CONTAINER_NAME its name."""
+    env = {e["name"]: e for e in c.container.get("env", [])}
+    for name, field in (
+        ("ENV_POD_NAME", "metadata.name"),
+        ("ENV_POD_NAMESPACE", "metadata.namespace"),
+    ):
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == field, name
+    assert env["ENV_CONTAINER_NAME"]["value"] == c.container["name"]

@@ -282,7 +282,7 @@ def test_metrics_count_messages_outcomes_and_bytes(tmp_path: Path) -> None:
     assert metrics.transient_failures.value() == 1
     assert metrics.total_bytes.value() == len(data)  # the delivered instance only
     assert metrics.seconds.snapshot()[2] == 3
-    assert "dicomadapter_export_permanent_failures_total 1\n" in registry.render()
+    assert "dicomadapter_export_permanent_failures_total 1.0\n" in registry.render()
 
 
 # --------------------------------------------------------------------------------------------

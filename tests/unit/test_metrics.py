@@ -1,20 +1,20 @@
-"""Unit tests for the metrics registry and its Prometheus text exposition (format 0.0.4)."""
+"""Unit tests for the metrics registry (prometheus-client) and its text exposition (0.0.4)."""
 
 from __future__ import annotations
 
 import math
 import re
 import threading
+from pathlib import Path
 
 import pytest
+from tests.rig import parse_metrics
 
 from dicom_adapter.observability.metrics import (
     LATENCY_BUCKETS,
     ExportMetrics,
     ImportMetrics,
     MetricsRegistry,
-    escape_label_value,
-    format_value,
 )
 
 
@@ -37,20 +37,20 @@ def test_small_registry_renders_exactly() -> None:
     assert registry.render() == (
         "# HELP app_requests_total Requests handled.\n"
         "# TYPE app_requests_total counter\n"
-        "app_requests_total 3\n"
+        "app_requests_total 3.0\n"
         "# HELP app_answers_total Answers by status.\n"
         "# TYPE app_answers_total counter\n"
-        'app_answers_total{status="0xA700"} 1\n'
+        'app_answers_total{status="0xA700"} 1.0\n'
         "# HELP app_open Open connections.\n"
         "# TYPE app_open gauge\n"
-        "app_open 2\n"
+        "app_open 2.0\n"
         "# HELP app_seconds Latency.\n"
         "# TYPE app_seconds histogram\n"
-        'app_seconds_bucket{le="0.1"} 2\n'
-        'app_seconds_bucket{le="1"} 3\n'
-        'app_seconds_bucket{le="+Inf"} 4\n'
+        'app_seconds_bucket{le="0.1"} 2.0\n'
+        'app_seconds_bucket{le="1.0"} 3.0\n'
+        'app_seconds_bucket{le="+Inf"} 4.0\n'
+        "app_seconds_count 4.0\n"
         "app_seconds_sum 7.65\n"
-        "app_seconds_count 4\n"
     )
 
 
@@ -74,12 +74,13 @@ def test_histogram_buckets_are_cumulative_with_labels() -> None:
     assert count == 7
     assert total == pytest.approx(22.05)
     text = registry.render()
-    assert 'op_seconds_bucket{op="find",le="1"} 1\n' in text
-    assert 'op_seconds_bucket{op="find",le="2"} 3\n' in text
-    assert 'op_seconds_bucket{op="find",le="3"} 6\n' in text
-    assert 'op_seconds_bucket{op="find",le="+Inf"} 7\n' in text
-    assert 'op_seconds_count{op="find"} 7\n' in text
-    counts = [int(n) for n in re.findall(r"_bucket\{[^}]*\} (\d+)", text)]
+    samples = parse_metrics(text)
+    assert samples['op_seconds_bucket{le="1.0",op="find"}'] == 1
+    assert samples['op_seconds_bucket{le="2.0",op="find"}'] == 3
+    assert samples['op_seconds_bucket{le="3.0",op="find"}'] == 6
+    assert samples['op_seconds_bucket{le="+Inf",op="find"}'] == 7
+    assert samples['op_seconds_count{op="find"}'] == 7
+    counts = [float(n) for n in re.findall(r"_bucket\{[^}]*\} (\S+)", text)]
     assert counts == sorted(counts)
 
 
@@ -96,18 +97,8 @@ def test_label_values_and_help_are_escaped() -> None:
     assert registry.render() == (
         '# HELP esc_total Help with \\\\ and\\nnewline and "quotes".\n'
         "# TYPE esc_total counter\n"
-        'esc_total{aet="A\\"B\\\\C\\nD"} 1\n'
+        'esc_total{aet="A\\"B\\\\C\\nD"} 1.0\n'
     )
-    assert escape_label_value('"') == '\\"'
-
-
-def test_value_formatting() -> None:
-    assert format_value(3.0) == "3"
-    assert format_value(0.25) == "0.25"
-    assert format_value(math.inf) == "+Inf"
-    assert format_value(-math.inf) == "-Inf"
-    assert format_value(math.nan) == "NaN"
-    assert format_value(1e20) == "1e+20"
 
 
 def test_gauge_function_is_sampled_at_render_and_failures_are_nan() -> None:
@@ -115,7 +106,7 @@ def test_gauge_function_is_sampled_at_render_and_failures_are_nan() -> None:
     gauge = registry.gauge("depth", "Depth.")
     depth = [5]
     gauge.set_function(lambda: depth[0])
-    assert "depth 5\n" in registry.render()
+    assert "depth 5.0\n" in registry.render()
     depth[0] = 7
     assert gauge.value() == 7
 
@@ -195,7 +186,7 @@ def test_concurrent_recording_loses_nothing() -> None:
     assert labelled.labels(thread="0").value() + labelled.labels(thread="1").value() == total
     assert gauge.value() == 0
     assert histogram.snapshot()[2] == total
-    assert f"hits_total {total}\n" in registry.render()
+    assert parse_metrics(registry.render())["hits_total"] == total
 
 
 def test_import_and_export_metric_names() -> None:
@@ -248,3 +239,30 @@ def test_import_and_export_metric_names() -> None:
         ("dicomadapter_export_breaker_open", "gauge"),
     }
     assert names == expected
+
+
+def exposed_types(registry: MetricsRegistry) -> set[tuple[str, str]]:
+    """(name, type) of every metric family the registry renders."""
+    return set(re.findall(r"^# TYPE (\S+) (\S+)$", registry.render(), re.MULTILINE))
+
+
+def test_readme_metric_tables_list_exactly_what_the_services_serve() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Metrics and health\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(
+        re.findall(r"^\| `([a-z_:]+)` \| (counter|gauge|histogram) \|", section, re.MULTILINE)
+    )
+    import_registry, export_registry = MetricsRegistry(process=True), MetricsRegistry(process=True)
+    ImportMetrics(import_registry)
+    ExportMetrics(export_registry)
+    served = exposed_types(import_registry) | exposed_types(export_registry)
+    assert ("process_resident_memory_bytes", "gauge") in served
+    assert ("process_open_fds", "gauge") in served
+    assert ("process_cpu_seconds_total", "counter") in served
+    assert documented == served
+
+
+def test_service_registries_are_independent() -> None:
+    first, second = ImportMetrics(MetricsRegistry()), ImportMetrics(MetricsRegistry())
+    first.cstore_requests.inc(3)
+    assert (first.cstore_requests.value(), second.cstore_requests.value()) == (3, 0)

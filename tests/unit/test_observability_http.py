@@ -86,7 +86,7 @@ async def test_metrics_endpoint_serves_the_registry() -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert response.headers["connection"] == "close"
-    assert "demo_requests_total 4\n" in response.text
+    assert "demo_requests_total 4.0\n" in response.text
     assert response.text == registry.render()
 
 

@@ -36,7 +36,16 @@ class CommonSettings(BaseSettings):
         description="Comma-separated OAuth scopes for Google credentials "
         "(default https://www.googleapis.com/auth/cloud-platform).",
     )
-    monitoring_project_id: str = later_flag("", "Cloud Monitoring project id to export metrics to.")
+    monitoring_project_id: str = Field(
+        "",
+        description="Cloud Monitoring project id to export metrics to "
+        "(custom.googleapis.com/dicomadapter/...; empty = Prometheus only).",
+    )
+    monitoring_flush_interval: float = new_flag(
+        60.0,
+        "Seconds between two Cloud Monitoring writes (one CreateTimeSeries call) with "
+        "--monitoring_project_id; Cloud Monitoring refuses points of a series closer than 5 s.",
+    )
     dicomweb_bearer_token: str = new_flag(
         "", "Static bearer token for a non-Google DICOMweb server (prefer the env var)."
     )
@@ -115,6 +124,8 @@ class CommonSettings(BaseSettings):
     def cross_check(self) -> list[tuple[str, str]]:
         """Problems between flags, as (flag, problem) pairs; empty when consistent."""
         problems: list[tuple[str, str]] = []
+        if not self.monitoring_flush_interval > 0:
+            problems.append(("monitoring_flush_interval", "must be more than 0 seconds"))
         if self.dicomweb_bearer_token and self.dicomweb_basic_auth:
             problems.append(("dicomweb_basic_auth", "use either a bearer token or basic auth"))
         if self.dicomweb_basic_auth and ":" not in self.dicomweb_basic_auth:

@@ -23,6 +23,7 @@ from dicom_adapter.exporter.retry import Backoff
 from dicom_adapter.exporter.sinks import CStoreSink, CStoreSinkPool, Sink, StowSink
 from dicom_adapter.exporter.source import PubSubSource
 from dicom_adapter.exporter.worker import ExportWorker
+from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ExportMetrics, MetricsRegistry
 
@@ -48,8 +49,9 @@ class ExportService:
         self._source: PubSubSource | None = None
         self._spool: Path | None = None
         self.worker: ExportWorker | None = None
-        self._registry = MetricsRegistry()
+        self._registry = MetricsRegistry(process=True)
         self.metrics = ExportMetrics(self._registry)
+        self._monitoring: MonitoringExporter | None = None
         self._health: HealthServer | None = None
         self._ready = False
 
@@ -149,6 +151,12 @@ class ExportService:
         )
         await asyncio.to_thread(self._source.start)
         self._ready = True
+        self._monitoring = start_monitoring(
+            settings.monitoring_project_id,
+            settings.monitoring_flush_interval,
+            self.metrics,
+            self._environ,
+        )
         self.metrics.started.inc()
         logger.info(
             "dicom-export pulling %s; WADO-RS from %s; %s",
@@ -187,6 +195,9 @@ class ExportService:
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
+        monitoring, self._monitoring = self._monitoring, None
+        if monitoring is not None:  # after the drain: its last write has every count
+            await asyncio.to_thread(monitoring.stop)
         health, self._health = self._health, None
         if health is not None:
             await health.stop()

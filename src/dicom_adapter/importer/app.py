@@ -52,6 +52,7 @@ from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.prepare import build_preparation
 from dicom_adapter.importer.routing import Destination, RoutingTable, load_destination_config
 from dicom_adapter.importer.store import InstanceStore, StoreService
+from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
@@ -79,8 +80,9 @@ class ImportService:
         self._spool: CStoreSpool | None = None
         self._local_spool: LocalSpool | None = None
         self._uploader: SpoolUploader | None = None
-        self._registry = MetricsRegistry()
+        self._registry = MetricsRegistry(process=True)
         self.metrics = ImportMetrics(self._registry)
+        self._monitoring: MonitoringExporter | None = None
         self.metrics.associations.set_function(self._established_associations)
         self.metrics.pending_associations.set_function(self._pending_connections)
         self._health: HealthServer | None = None
@@ -335,6 +337,12 @@ class ImportService:
             ) from None
         port = int(self._server.server_address[1])
         self._ready = True
+        self._monitoring = start_monitoring(
+            settings.monitoring_project_id,
+            settings.monitoring_flush_interval,
+            metrics,
+            self._environ,
+        )
         metrics.started.inc()
         logger.info(
             "dicom-import listening on port %d as %s; STOW-RS to %s",
@@ -361,6 +369,9 @@ class ImportService:
             await self._http.aclose()
             self._http = None
         await self._close_spool()
+        monitoring, self._monitoring = self._monitoring, None
+        if monitoring is not None:  # after the drain: its last write has every count
+            await asyncio.to_thread(monitoring.stop)
         await self._stop_health()
 
     def _web_store(self, destination: Destination) -> StoreService:

@@ -1,23 +1,29 @@
-"""Prometheus metrics without a client library: counters, gauges, histograms, text exposition.
+"""Prometheus metrics on prometheus-client: one CollectorRegistry per service instance.
 
-Thread-safe: pynetdicom handler threads, Pub/Sub callback threads and the event loop all
-record. Each metric guards its values with its own lock; `render` snapshots one metric at a
-time, so a scrape never blocks recording for longer than one copy. Text format 0.0.4:
-https://prometheus.io/docs/instrumenting/exposition_formats/
+Thread-safe: pynetdicom handler threads, Pub/Sub callback threads, the event loop and the
+Cloud Monitoring flush thread all record or read. The thin wrappers here keep the call style
+the services use (`.inc()`, `.observe()`, `.set_function()`, `.labels()`) and add `.value()`
+and `.snapshot()`, read through prometheus-client's public `collect()`, so Prometheus and
+Cloud Monitoring read the very same numbers. Exposition: prometheus-client, text format 0.0.4.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import threading
-import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from typing import Generic, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+import prometheus_client
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+# `<name>_created` series would double every counter and histogram in the text format; no
+# dashboard of ours uses them (process_start_time_seconds tells the start): off, process-wide.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 # Latencies in seconds: a C-ECHO-sized round trip up to a long C-MOVE.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.005,
@@ -37,371 +43,179 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     300.0,
 )
 
+
+# The classic name syntax: prometheus-client would also take (quoted) UTF-8 names.
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_RESERVED_LABELS = frozenset({"le"})
-
-LabelValues = tuple[str, ...]
 
 
-def format_value(value: float) -> str:
-    """A sample value as Prometheus text: integers without a fraction, Go's Inf/NaN spelling."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(value)
+def _check_names(name: str, labelnames: Sequence[str]) -> None:
+    if not _NAME.match(name):
+        raise ValueError(f"invalid metric name {name!r}")
+    for label in labelnames:
+        if not _LABEL.match(label):
+            raise ValueError(f"invalid label name {label!r} for {name}")
 
 
-def escape_label_value(value: str) -> str:
-    """Backslash, double quote and line feed escaped, as the text format requires."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _le(text: str) -> float:
+    return math.inf if text == "+Inf" else float(text)
 
 
-def escape_help(text: str) -> str:
-    """Backslash and line feed escaped (HELP lines)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+class _Series:
+    """One prometheus-client metric, or one labelled child of it, with reads by collect()."""
+
+    def __init__(self, metric: Any, labelnames: tuple[str, ...], labels: Mapping[str, str]) -> None:
+        self._metric = metric
+        self._labelnames = labelnames
+        self._labels = dict(labels)
+        # What to record on, looked up once: the metric, its child, or None (labelled parent).
+        self._recorder: Any = (
+            metric.labels(**self._labels) if self._labels else None if labelnames else metric
+        )
+
+    def _target(self) -> Any:
+        """The prometheus-client object to record on (ValueError for a labelled parent)."""
+        if self._recorder is None:
+            raise ValueError(f"metric has labels {list(self._labelnames)}: use .labels()")
+        return self._recorder
+
+    def _child_labels(self, labels: Mapping[str, str]) -> dict[str, str]:
+        if self._labels:
+            raise ValueError("labels() on a series that already has its labels")
+        if set(labels) != set(self._labelnames):
+            raise ValueError(f"metric takes labels {list(self._labelnames)}, got {sorted(labels)}")
+        return {name: str(value) for name, value in labels.items()}
+
+    def _samples(self, suffix: str) -> list[tuple[dict[str, str], float]]:
+        """(labels, value) of this series' samples named `<name><suffix>`."""
+        self._target()  # the same refusal as a write to a labelled parent
+        found: list[tuple[dict[str, str], float]] = []
+        for family in self._metric.collect():
+            for sample in family.samples:
+                if sample.name != family.name + suffix:
+                    continue
+                if all(sample.labels.get(k) == v for k, v in self._labels.items()):
+                    found.append((dict(sample.labels), float(sample.value)))
+        return found
+
+    def _one(self, suffix: str) -> float:
+        samples = self._samples(suffix)
+        return samples[0][1] if samples else 0.0
 
 
-def _label_text(pairs: Sequence[tuple[str, str]]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{name}="{escape_label_value(value)}"' for name, value in pairs) + "}"
+class Counter(_Series):
+    """A monotonically increasing count; exposed as `<name>_total`."""
 
-
-class _Metric:
-    """Name, help, label names and the lock shared by every child of one metric."""
-
-    kind = ""
-    suffix = ""
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
-        if not _NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        for label in labelnames:
-            if not _LABEL.match(label) or label.startswith("__") or label in _RESERVED_LABELS:
-                raise ValueError(f"invalid label name {label!r} for {name}")
-        if len(set(labelnames)) != len(labelnames):
-            raise ValueError(f"duplicate label names for {name}")
-        self.name = name + self.suffix
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: Mapping[str, str]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(
-                f"{self.name} takes labels {list(self.labelnames)}, got {sorted(labels)}"
-            )
-        return tuple(str(labels[name]) for name in self.labelnames)
-
-    def _check_unlabelled(self) -> None:
-        if self.labelnames:
-            raise ValueError(f"{self.name} has labels {list(self.labelnames)}: use .labels()")
-
-    def header(self) -> list[str]:
-        """The HELP and TYPE lines."""
-        return [
-            f"# HELP {self.name} {escape_help(self.documentation)}",
-            f"# TYPE {self.name} {self.kind}",
-        ]
-
-    def samples(self) -> list[str]:
-        """The sample lines (no header)."""
-        raise NotImplementedError
-
-    def render(self) -> str:
-        """HELP, TYPE and sample lines, each ending in a line feed."""
-        return "".join(line + "\n" for line in [*self.header(), *self.samples()])
-
-    def _pairs(self, key: LabelValues) -> list[tuple[str, str]]:
-        return list(zip(self.labelnames, key, strict=True))
-
-
-ChildT = TypeVar("ChildT")
-
-
-class _Labelled(_Metric, Generic[ChildT]):
-    """A metric whose children are created per label-value combination."""
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._children: dict[LabelValues, ChildT] = {}
-        if not self.labelnames:
-            self._children[()] = self._new_child(())
-
-    def _new_child(self, key: LabelValues) -> ChildT:
-        raise NotImplementedError
-
-    def labels(self, **labels: str) -> ChildT:
-        """The child for these label values (created on first use)."""
-        key = self._key(labels)
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = self._new_child(key)
-            return child
-
-    def _only(self) -> ChildT:
-        self._check_unlabelled()
-        return self._children[()]
-
-    def _snapshot_keys(self) -> list[LabelValues]:
-        with self._lock:
-            return list(self._children)
-
-
-class _CounterValue:
-    """One counter series."""
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-        self._value = 0.0
+    def labels(self, **labels: str) -> Counter:
+        """The series for these label values (created on first use)."""
+        return Counter(self._metric, self._labelnames, self._child_labels(labels))
 
     def inc(self, amount: float = 1.0) -> None:
-        """Add `amount` (>= 0; counters never go down)."""
-        if amount < 0:
-            raise ValueError("a counter cannot decrease")
-        with self._lock:
-            self._value += amount
+        """Add `amount` (>= 0; ValueError otherwise: counters never go down)."""
+        self._target().inc(amount)
 
     def value(self) -> float:
         """The current value."""
-        with self._lock:
-            return self._value
+        return self._one("_total")
 
 
-class Counter(_Labelled[_CounterValue]):
-    """A monotonically increasing count; exposed as `<name>_total`."""
+class Gauge(_Series):
+    """A value that goes up and down, or is sampled from a function at every read."""
 
-    kind = "counter"
-    suffix = "_total"
-
-    def _new_child(self, key: LabelValues) -> _CounterValue:
-        return _CounterValue(self._lock)
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add `amount` to the unlabelled counter."""
-        self._only().inc(amount)
-
-    def value(self) -> float:
-        """The unlabelled counter's value."""
-        return self._only().value()
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            values = [(key, child._value) for key, child in self._children.items()]
-        return [
-            f"{self.name}{_label_text(self._pairs(key))} {format_value(value)}"
-            for key, value in values
-        ]
-
-
-class _GaugeValue:
-    """One gauge series: set directly, or sampled from a function at render time."""
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-        self._value = 0.0
-        self._function: Callable[[], float] | None = None
+    def labels(self, **labels: str) -> Gauge:
+        """The series for these label values (created on first use)."""
+        return Gauge(self._metric, self._labelnames, self._child_labels(labels))
 
     def set(self, value: float) -> None:
         """Set the value."""
-        with self._lock:
-            self._value = float(value)
+        self._target().set(value)
 
     def inc(self, amount: float = 1.0) -> None:
         """Add `amount`."""
-        with self._lock:
-            self._value += amount
+        self._target().inc(amount)
 
     def dec(self, amount: float = 1.0) -> None:
         """Subtract `amount`."""
-        with self._lock:
-            self._value -= amount
+        self._target().dec(amount)
 
     def set_function(self, function: Callable[[], float]) -> None:
-        """Sample `function()` at every read instead of a stored value."""
-        with self._lock:
-            self._function = function
+        """Sample `function()` at every read; a function that raises reads as NaN.
 
-    @contextmanager
-    def track_inprogress(self) -> Iterator[None]:
+        NaN rather than the exception: one broken probe must not fail the whole scrape.
+        """
+
+        def sample() -> float:
+            try:
+                return float(function())
+            except Exception:
+                return math.nan
+
+        self._target().set_function(sample)
+
+    def track_inprogress(self) -> AbstractContextManager[Any]:
         """+1 while the block runs."""
-        self.inc()
-        try:
-            yield
-        finally:
-            self.dec()
+        tracker: AbstractContextManager[Any] = self._target().track_inprogress()
+        return tracker
 
     def value(self) -> float:
         """The current value (NaN when the sampling function fails)."""
-        with self._lock:
-            function, value = self._function, self._value
-        if function is None:
-            return value
-        try:
-            return float(function())
-        except Exception:
-            return math.nan
+        return self._one("")
 
 
-class Gauge(_Labelled[_GaugeValue]):
-    """A value that goes up and down."""
+class Histogram(_Series):
+    """Observations counted into fixed buckets; `_bucket{le=...}`, `_sum` and `_count`."""
 
-    kind = "gauge"
-
-    def _new_child(self, key: LabelValues) -> _GaugeValue:
-        return _GaugeValue(self._lock)
-
-    def set(self, value: float) -> None:
-        """Set the unlabelled gauge."""
-        self._only().set(value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add to the unlabelled gauge."""
-        self._only().inc(amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        """Subtract from the unlabelled gauge."""
-        self._only().dec(amount)
-
-    def set_function(self, function: Callable[[], float]) -> None:
-        """Sample the unlabelled gauge from `function()` at every read."""
-        self._only().set_function(function)
-
-    def track_inprogress(self) -> AbstractContextManager[None]:
-        """+1 on the unlabelled gauge while the block runs."""
-        return self._only().track_inprogress()
-
-    def value(self) -> float:
-        """The unlabelled gauge's value."""
-        return self._only().value()
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            children = list(self._children.items())
-        # Values are read outside the metric lock: a sampling function may take time.
-        return [
-            f"{self.name}{_label_text(self._pairs(key))} {format_value(child.value())}"
-            for key, child in children
-        ]
-
-
-class _HistogramValue:
-    """One histogram series: per-bucket counts (not cumulative), sum and count."""
-
-    def __init__(self, lock: threading.Lock, bounds: tuple[float, ...]) -> None:
-        self._lock = lock
-        self._bounds = bounds
-        self._counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self._sum = 0.0
+    def labels(self, **labels: str) -> Histogram:
+        """The series for these label values (created on first use)."""
+        return Histogram(self._metric, self._labelnames, self._child_labels(labels))
 
     def observe(self, value: float) -> None:
         """Record one observation (e.g. a duration in seconds)."""
-        index = bisect_left(self._bounds, value)  # the first bound >= value: le is inclusive
-        with self._lock:
-            self._counts[index] += 1
-            self._sum += value
+        self._target().observe(value)
 
-    @contextmanager
-    def time(self) -> Iterator[None]:
+    def time(self) -> AbstractContextManager[Any]:
         """Observe how long the block took, in seconds."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.observe(time.perf_counter() - started)
+        timer: AbstractContextManager[Any] = self._target().time()
+        return timer
 
     def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
         """Cumulative (upper bound, count) pairs ending with +Inf, the sum and the count."""
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        cumulative: list[tuple[float, int]] = []
-        running = 0
-        for bound, count in zip((*self._bounds, math.inf), counts, strict=True):
-            running += count
-            cumulative.append((bound, running))
-        return cumulative, total, running
-
-
-class Histogram(_Labelled[_HistogramValue]):
-    """Observations counted into fixed buckets; `_bucket{le=...}`, `_sum` and `_count`."""
-
-    kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        buckets: Sequence[float] = LATENCY_BUCKETS,
-    ) -> None:
-        bounds = tuple(float(b) for b in buckets if not math.isinf(b))
-        if not bounds or list(bounds) != sorted(set(bounds)):
-            raise ValueError(f"{name}: buckets must be distinct and increasing")
-        self.buckets = bounds
-        super().__init__(name, documentation, labelnames)
-
-    def _new_child(self, key: LabelValues) -> _HistogramValue:
-        return _HistogramValue(self._lock, self.buckets)
-
-    def observe(self, value: float) -> None:
-        """Record one observation on the unlabelled histogram."""
-        self._only().observe(value)
-
-    def time(self) -> AbstractContextManager[None]:
-        """Observe the duration of a block on the unlabelled histogram."""
-        return self._only().time()
-
-    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
-        """The unlabelled histogram's cumulative buckets, sum and count."""
-        return self._only().snapshot()
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            children = list(self._children.items())
-        lines: list[str] = []
-        for key, child in children:
-            pairs = self._pairs(key)
-            buckets, total, count = child.snapshot()
-            for bound, cumulative in buckets:
-                le = _label_text([*pairs, ("le", format_value(bound))])
-                lines.append(f"{self.name}_bucket{le} {cumulative}")
-            labels = _label_text(pairs)
-            lines.append(f"{self.name}_sum{labels} {format_value(total)}")
-            lines.append(f"{self.name}_count{labels} {count}")
-        return lines
+        buckets = sorted(
+            (_le(labels["le"]), int(value)) for labels, value in self._samples("_bucket")
+        )
+        return buckets, self._one("_sum"), int(self._one("_count"))
 
 
 class MetricsRegistry:
-    """The metrics of one process, rendered in registration order."""
+    """The metrics of one service instance (its own CollectorRegistry), in registration order.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._metrics: dict[str, _Metric] = {}
+    `process=True` adds prometheus-client's process collector (RSS, virtual memory, open and
+    max file descriptors, CPU seconds, start time) and platform collector (Python version).
+    """
 
-    def _register(self, metric: _Metric) -> None:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} is already registered")
-            self._metrics[metric.name] = metric
+    def __init__(self, *, process: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         """A new counter; `name` without `_total` (it is added)."""
         if name.endswith("_total"):
             raise ValueError(f"{name}: give the counter name without _total")
-        metric = Counter(name, documentation, labelnames)
-        self._register(metric)
-        return metric
+        _check_names(name, labelnames)
+        metric = prometheus_client.Counter(
+            name, documentation, list(labelnames), registry=self.registry
+        )
+        return Counter(metric, tuple(labelnames), {})
 
     def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
         """A new gauge."""
-        metric = Gauge(name, documentation, labelnames)
-        self._register(metric)
-        return metric
+        _check_names(name, labelnames)
+        metric = prometheus_client.Gauge(
+            name, documentation, list(labelnames), registry=self.registry
+        )
+        return Gauge(metric, tuple(labelnames), {})
 
     def histogram(
         self,
@@ -411,23 +225,56 @@ class MetricsRegistry:
         buckets: Sequence[float] = LATENCY_BUCKETS,
     ) -> Histogram:
         """A new histogram with fixed buckets (seconds-scale latency buckets by default)."""
-        metric = Histogram(name, documentation, labelnames, buckets)
-        self._register(metric)
-        return metric
+        _check_names(name, labelnames)
+        metric = prometheus_client.Histogram(
+            name, documentation, list(labelnames), registry=self.registry, buckets=list(buckets)
+        )
+        return Histogram(metric, tuple(labelnames), {})
 
     def render(self) -> str:
         """Every metric in the Prometheus text exposition format 0.0.4."""
-        with self._lock:
-            metrics = list(self._metrics.values())
-        return "".join(metric.render() for metric in metrics)
+        return generate_latest(self.registry).decode("utf-8")
 
 
 IMPORT_PREFIX = "dicomadapter_import_"
 EXPORT_PREFIX = "dicomadapter_export_"
 
+# The Java adapter's Cloud Monitoring events (custom.googleapis.com/dicomadapter/<service>/<e>).
+IMPORT_EVENTS: tuple[str, ...] = (
+    "started",
+    "cstore_requests",
+    "cstore_errors",
+    "cstore_backup_errors",
+    "cstore_bytes",
+    "cfind_requests",
+    "cfind_errors",
+    "cfind_cancels",
+    "cfind_qidors_requests",
+    "cfind_qidors_errors",
+    "cmove_requests",
+    "cmove_errors",
+    "cmove_warnings",
+    "cmove_cancels",
+    "cmove_qidors_requests",
+    "cmove_qidors_errors",
+    "cmove_cstore_requests",
+    "cmove_cstore_errors",
+    "cmove_cstore_bytes",
+    "commitment_requests",
+    "commitment_errors",
+    "commitment_qidors_errors",
+)
+EXPORT_EVENTS: tuple[str, ...] = ("started", "total_requests", "total_errors", "total_bytes")
+
 
 class ImportMetrics:
     """dicom-import's metrics: the Java adapter's Cloud Monitoring names, plus latencies."""
+
+    service = "import"
+
+    def events(self) -> dict[str, Counter]:
+        """The Java adapter's monitoring events and the counters that count them."""
+        return {name: getattr(self, name) for name in IMPORT_EVENTS}
 
     def __init__(self, registry: MetricsRegistry) -> None:
         def counter(name: str, documentation: str) -> Counter:
@@ -516,6 +363,12 @@ class ImportMetrics:
 
 class ExportMetrics:
     """dicom-export's metrics: the Java adapter's Cloud Monitoring names, plus ours."""
+
+    service = "export"
+
+    def events(self) -> dict[str, Counter]:
+        """The Java adapter's monitoring events and the counters that count them."""
+        return {name: getattr(self, name) for name in EXPORT_EVENTS}
 
     def __init__(self, registry: MetricsRegistry) -> None:
         def counter(name: str, documentation: str) -> Counter:
