@@ -19,6 +19,9 @@ from dicom_adapter.config.common import (
     valid_aet,
     valid_metrics_port,
 )
+from dicom_adapter.dicom.transcode import CODECS_INSTALL
+from dicom_adapter.dicom.transcode import DEFAULT_MAX_BYTES as DEFAULT_TRANSCODE_MAX_BYTES
+from dicom_adapter.dicom.transcode import TARGETS as TRANSCODE_TARGETS
 
 GOOGLE_HOST = "healthcare.googleapis.com"
 GOOGLE_DICOMWEB = re.compile(
@@ -70,8 +73,17 @@ class ImporterSettings(CommonSettings):
         "", "Path to a JSON array of routing rules {filter, dicomweb_destination | name/host/port}."
     )
     destination_config_inline: str = later_flag("", "Routing rules as inline JSON.")
-    store_compress_to_transfer_syntax: str = later_flag(
-        "", "Transfer syntax UID to transcode instances to during C-STORE."
+    store_compress_to_transfer_syntax: str = Field(
+        "",
+        description="Transfer syntax UID to transcode received instances to, after redaction: "
+        "1.2.840.10008.1.2.4.90 (JPEG 2000 lossless), .4.80 (JPEG-LS lossless), .5 (RLE "
+        "lossless), .1.99 (Deflated Explicit VR LE) or .1 (Explicit VR LE, decompressed). Needs "
+        f"{CODECS_INSTALL}. What cannot be transcoded is stored as received (one WARNING).",
+    )
+    transcode_max_bytes: int = new_flag(
+        DEFAULT_TRANSCODE_MAX_BYTES,
+        "Instances whose file or decoded pixel data is larger are stored as received, not "
+        "transcoded (bytes; bounds transcoding memory, one instance at a time).",
     )
     fuzzy_matching: bool = Field(
         False, description="Ask the DICOMweb server for fuzzy person-name matching in C-FIND."
@@ -167,6 +179,16 @@ class ImporterSettings(CommonSettings):
             return codes
         return value
 
+    @field_validator("store_compress_to_transfer_syntax")
+    @classmethod
+    def _check_transcode_target(cls, value: str) -> str:
+        value = value.strip()
+        if value and value not in TRANSCODE_TARGETS:
+            raise ValueError(
+                f"cannot transcode to {value}; supported: " + ", ".join(TRANSCODE_TARGETS)
+            )
+        return value
+
     @field_validator("metrics_port")
     @classmethod
     def _check_metrics_port(cls, value: int) -> int:
@@ -233,6 +255,8 @@ class ImporterSettings(CommonSettings):
             )
         if self.auto_ack_cstore and not location:
             problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))
+        if self.transcode_max_bytes <= 0:
+            problems.append(("transcode_max_bytes", "must be a positive number of bytes"))
         return problems + super().cross_check()
 
     def timeout_nesting(self) -> list[tuple[str, str]]:

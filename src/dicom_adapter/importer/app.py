@@ -15,6 +15,7 @@ from pynetdicom import evt
 from dicom_adapter.aets import load_aet_dictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.dicom.transcode import transcoding_step
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
@@ -116,6 +117,9 @@ class ImportService:
         aets = load_aet_dictionary(
             settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
         )
+        transcode = transcoding_step(  # before anything starts: no codecs is exit 2
+            settings.store_compress_to_transfer_syntax, settings.transcode_max_bytes
+        )
         tls = (  # loaded before anything starts: a bad file is a startup error (exit 2)
             server_tls_context(
                 settings.tls_certificate, settings.tls_private_key, settings.tls_ca_certificates
@@ -202,7 +206,12 @@ class ImportService:
                     store_timeout,
                     metrics=metrics,
                     intake=intake,
-                    prepare=build_preparation([]),  # issue 10: redaction, then transcoding
+                    prepare=build_preparation(  # issue 10: redaction, then transcoding
+                        [
+                            # redaction goes here, first
+                            transcode,
+                        ]
+                    ),
                 ),
             ),
             (evt.EVT_CONN_CLOSE, AssociationCleanup(spool)),

@@ -1,0 +1,199 @@
+"""Transcoding a received Part-10 file to one transfer syntax (--store_compress_to_transfer_syntax).
+
+A preparation step (importer/prepare.py): it rewrites the file in place or leaves it as it
+came; it never fails the C-STORE. Whatever cannot be transcoded (an undecodable or corrupt
+input, pixels a codec refuses, a codec error) is stored as received with one WARNING naming
+the SOP Instance UID, as the Java adapter does.
+
+Hazard, memory: decoding holds the whole instance. One instance is transcoded at a time per
+process (a lock), and instances whose file or decoded pixel data exceed `max_bytes` are never
+decoded, so the peak is about the file plus twice its decoded pixel data, each under
+`max_bytes`, whatever the number of associations.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicom_adapter.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TARGETS: dict[str, str] = {
+    JPEG2000Lossless: "JPEG 2000 lossless",
+    JPEGLSLossless: "JPEG-LS lossless",
+    RLELossless: "RLE lossless",
+    DeflatedExplicitVRLittleEndian: "Deflated Explicit VR Little Endian",
+    ExplicitVRLittleEndian: "Explicit VR Little Endian (decompressed)",
+}
+DEFAULT_MAX_BYTES = 512 << 20
+CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
+# What the extra installs, by import name: numpy, pylibjpeg, pylibjpeg-openjpeg (JPEG 2000),
+# pylibjpeg-libjpeg (JPEG, JPEG-LS decoding), pylibjpeg-rle, pyjpegls (JPEG-LS encoding).
+CODEC_MODULES = ("numpy", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls")
+_EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
+# pydicom logs each codec plugin's failure with a traceback, then raises with all their messages
+_PLUGIN_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
+_PROBLEM_CHARS = 500
+
+
+class Outcome(enum.Enum):
+    """What a transcoding step did with one file."""
+
+    TRANSCODED = "transcoded"
+    ALREADY = "already in the target syntax"
+    NO_PIXELS = "no pixel data to compress"
+    TOO_LARGE = "over the size cap"
+    FAILED = "failed"
+
+
+class TranscodeError(Exception):
+    """The instance cannot be transcoded; it is stored as received."""
+
+
+class _NoPluginTracebacks(logging.Filter):
+    """Drops pydicom's per-plugin tracebacks: the error raised after them names each failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+def missing_codecs() -> list[str]:
+    """Import names of the codec packages that cannot be imported (empty: all there)."""
+    missing: list[str] = []
+    for name in CODEC_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def decoded_pixel_bytes(header: Dataset) -> int:
+    """Bytes the header says the decoded pixel data takes (0 when it describes no image)."""
+    try:
+        frames = int(header.get("NumberOfFrames") or 1)
+        bits = (
+            int(header.Rows)
+            * int(header.Columns)
+            * int(header.get("SamplesPerPixel") or 1)
+            * int(header.BitsAllocated)
+        )
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return (max(0, frames) * max(0, bits) + 7) // 8
+
+
+class Transcoder:
+    """The transcoding step: `transcoder(path)` rewrites a received file in `target` syntax."""
+
+    def __init__(self, target: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"unsupported target transfer syntax {target}")
+        self.target = UID(target)
+        self.max_bytes = max_bytes
+        self._one_at_a_time = threading.Lock()  # the memory bound: one decoded instance
+        for name in _PLUGIN_LOGGERS:
+            plugin_logger = logging.getLogger(name)
+            if not any(isinstance(f, _NoPluginTracebacks) for f in plugin_logger.filters):
+                plugin_logger.addFilter(_NoPluginTracebacks())
+
+    def __call__(self, path: Path) -> None:
+        """Transcode `path` in place, or leave it as received and log why; never raises."""
+        self.transcode_file(path)
+
+    def transcode_file(self, path: Path) -> Outcome:
+        """Transcode `path` in place; the outcome says whether it was (never raises)."""
+        sop_instance_uid = "(unknown)"
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            sop_instance_uid = str(
+                header.get("SOPInstanceUID")
+                or header.file_meta.get("MediaStorageSOPInstanceUID")
+                or sop_instance_uid
+            )
+            source = UID(header.file_meta.get("TransferSyntaxUID") or "")
+            if source == self.target:
+                return Outcome.ALREADY
+            size = max(path.stat().st_size, decoded_pixel_bytes(header))
+            if size > self.max_bytes:
+                logger.warning(
+                    "instance %s stored as received (%s): %d bytes (file or decoded pixel data) "
+                    "exceed --transcode_max_bytes (%d)",
+                    sop_instance_uid,
+                    source.name,
+                    size,
+                    self.max_bytes,
+                    extra={"sop_instance_uid": sop_instance_uid},
+                )
+                return Outcome.TOO_LARGE
+            del header
+            with self._one_at_a_time:
+                return self._rewrite(path, source)
+        except Exception as exc:
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:_PROBLEM_CHARS]
+            logger.warning(
+                "instance %s stored as received: transcoding to %s failed: %s",
+                sop_instance_uid,
+                self.target.name,
+                problem,
+                extra={"sop_instance_uid": sop_instance_uid},
+            )
+            return Outcome.FAILED
+
+    def _rewrite(self, path: Path, source: UID) -> Outcome:
+        if source == ExplicitVRBigEndian:
+            raise TranscodeError("Explicit VR Big Endian input is not converted")
+        ds = dcmread(path)
+        if "PixelData" not in ds and self.target.is_compressed:
+            return Outcome.NO_PIXELS
+        if "PixelData" in ds and source.is_compressed:
+            ds.decompress(as_rgb=True, generate_instance_uid=False)
+            for tag in _EXTENDED_OFFSET_TABLE:  # describes the fragments just decoded
+                if tag in ds:
+                    del ds[tag]
+        if self.target.is_compressed:
+            ds.compress(self.target, generate_instance_uid=False)
+        else:
+            ds.file_meta.TransferSyntaxUID = self.target
+        # A name the C-STORE spool's sweep removes (cstore-*.dcm) if we die while writing it.
+        sibling = path.with_name(f"{path.stem}.transcoded{path.suffix}")
+        try:
+            ds.save_as(sibling, enforce_file_format=True)  # group length recomputed
+            os.replace(sibling, path)
+        finally:
+            sibling.unlink(missing_ok=True)
+        return Outcome.TRANSCODED
+
+
+def transcoding_step(target: str, max_bytes: int) -> Transcoder | None:
+    """The step for --store_compress_to_transfer_syntax (None when unset).
+
+    Raises ConfigError (one line, exit 2) when the codecs extra is not installed.
+    """
+    if not target:
+        return None
+    missing = missing_codecs()
+    if missing:
+        raise ConfigError(
+            "store_compress_to_transfer_syntax",
+            f"needs the image codecs ({', '.join(missing)} missing): {CODECS_INSTALL}",
+        )
+    return Transcoder(target, max_bytes=max_bytes)
