@@ -188,6 +188,21 @@ def test_multiframe_instance(tmp_path: Path, target: str) -> None:
     assert_same_pixels(before, after)
 
 
+@pytest.mark.parametrize("target", [JPEG2000Lossless, ExplicitVRLittleEndian])
+def test_attributes_after_pixel_data_are_kept(tmp_path: Path, target: str) -> None:
+    ds = pydicom.dcmread(bundled("MR_small_RLE.dcm", tmp_path))
+    block = ds.private_block(0x7FE1, "dicom-adapter tests", create=True)
+    block.add_new(0x01, "LO", "after the pixels")
+    ds.DataSetTrailingPadding = b"\x00" * 8
+    path = tmp_path / "cstore-trailing.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    outcome, before, after = transcode(path, target)
+    assert outcome is Outcome.TRANSCODED
+    assert after.private_block(0x7FE1, "dicom-adapter tests")[0x01].value == "after the pixels"
+    assert after.DataSetTrailingPadding == b"\x00" * 8
+    assert_same_pixels(before, after)
+
+
 def test_compressed_multiframe_input(tmp_path: Path) -> None:
     path = bundled("SC_rgb_rle_2frame.dcm", tmp_path)
     outcome, before, after = transcode(path, JPEG2000Lossless)

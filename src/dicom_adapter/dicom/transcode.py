@@ -5,23 +5,32 @@ came; it never fails the C-STORE. Whatever cannot be transcoded (an undecodable 
 input, pixels a codec refuses, a codec error) is stored as received with one WARNING naming
 the SOP Instance UID, as the Java adapter does.
 
-Hazard, memory: decoding holds the whole instance. One instance is transcoded at a time per
-process (a lock), and instances whose file or decoded pixel data exceed `max_bytes` are never
-decoded, so the peak is about the file plus twice its decoded pixel data, each under
-`max_bytes`, whatever the number of associations.
+Hazard, memory: one instance is transcoded at a time per process (a lock), and one whose file
+or decoded pixel data exceeds `max_bytes` is never decoded. To a compressed syntax, frames are
+decoded and encoded one at a time and written out at once: the peak is the received data set
+plus about one frame. To an uncompressed syntax, pydicom holds all decoded frames twice.
+Hazard, time: the codecs hold the GIL while they work on a frame, so a large frame stalls the
+event loop (uploads, health endpoints) for as long as its encoding takes.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib
+import itertools
 import logging
 import os
+import struct
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -49,6 +58,8 @@ CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
 # pylibjpeg-libjpeg (JPEG, JPEG-LS decoding), pylibjpeg-rle, pyjpegls (JPEG-LS encoding).
 CODEC_MODULES = ("numpy", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls")
 _EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
 # pydicom logs each codec plugin's failure with a traceback, then raises with all their messages
 _PLUGIN_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
 _PROBLEM_CHARS = 500
@@ -164,23 +175,69 @@ class Transcoder:
         ds = dcmread(path)
         if "PixelData" not in ds and self.target.is_compressed:
             return Outcome.NO_PIXELS
-        if "PixelData" in ds and source.is_compressed:
-            ds.decompress(as_rgb=True, generate_instance_uid=False)
-            for tag in _EXTENDED_OFFSET_TABLE:  # describes the fragments just decoded
-                if tag in ds:
-                    del ds[tag]
-        if self.target.is_compressed:
-            ds.compress(self.target, generate_instance_uid=False)
-        else:
-            ds.file_meta.TransferSyntaxUID = self.target
         # A name the C-STORE spool's sweep removes (cstore-*.dcm) if we die while writing it.
         sibling = path.with_name(f"{path.stem}.transcoded{path.suffix}")
         try:
-            ds.save_as(sibling, enforce_file_format=True)  # group length recomputed
+            if self.target.is_compressed:
+                _write_encapsulated(ds, source, self.target, sibling)
+            else:
+                _write_native(ds, source, self.target, sibling)
             os.replace(sibling, path)
         finally:
             sibling.unlink(missing_ok=True)
         return Outcome.TRANSCODED
+
+
+def _write_native(ds: Dataset, source: UID, target: UID, dest: Path) -> None:
+    """Decompressed (Explicit VR LE or Deflated): pydicom holds all decoded frames, twice."""
+    if "PixelData" in ds and source.is_compressed:
+        ds.decompress(as_rgb=True, generate_instance_uid=False)
+        for tag in _EXTENDED_OFFSET_TABLE:  # described the fragments just decoded
+            if tag in ds:
+                del ds[tag]
+    ds.file_meta.TransferSyntaxUID = target
+    ds.save_as(dest, enforce_file_format=True)  # group length recomputed
+
+
+def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path) -> None:
+    """Decode and encode frame by frame, each encoded frame written out at once.
+
+    Memory: the received data set plus one decoded and one encoded frame. The attributes
+    before Pixel Data go through pydicom (group length recomputed), then Pixel Data as one
+    fragment per frame after an empty Basic Offset Table (PS3.5 A.4), then what followed it.
+    """
+    frames = get_decoder(source).iter_array(ds, as_rgb=True)
+    first, properties = next(frames)  # decoding may change the photometric interpretation
+    header = Dataset({elem.tag: elem for elem in ds if elem.tag < PIXEL_DATA})
+    trailing = Dataset({elem.tag: elem for elem in ds if elem.tag > PIXEL_DATA})
+    for tag in _EXTENDED_OFFSET_TABLE:
+        if tag in header:
+            del header[tag]
+    header.PhotometricInterpretation = properties["photometric_interpretation"]
+    if "planar_configuration" in properties:
+        header.PlanarConfiguration = properties["planar_configuration"]
+    if "pixel_representation" in properties:
+        header.PixelRepresentation = properties["pixel_representation"]
+    header.file_meta = FileMetaDataset(ds.file_meta)
+    header.file_meta.TransferSyntaxUID = target
+    header.preamble = ds.preamble
+    encoder = get_encoder(target)
+    header.save_as(dest, enforce_file_format=True)
+    with dest.open("ab") as out:
+        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, UNDEFINED_LENGTH))
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0))  # empty Basic Offset Table
+        for array, frame_properties in itertools.chain([(first, properties)], frames):
+            options: dict[str, Any] = dict(frame_properties)
+            fragment = encoder.encode(array, **options)
+            padding = b"\x00" * (len(fragment) % 2)
+            out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment) + len(padding)))
+            out.write(fragment)
+            out.write(padding)
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))  # sequence delimiter
+        if len(trailing):
+            fp = DicomFileLike(out)
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_dataset(fp, trailing)
 
 
 def transcoding_step(target: str, max_bytes: int) -> Transcoder | None:
