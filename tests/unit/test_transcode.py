@@ -298,6 +298,34 @@ def test_over_the_size_cap_is_untouched(tmp_path: Path, caplog: pytest.LogCaptur
     assert "--transcode_max_bytes" in warning.getMessage()
 
 
+@pytest.mark.parametrize("target", [JPEG2000Lossless, ExplicitVRLittleEndian])
+def test_over_the_time_cap_is_untouched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, target: str
+) -> None:
+    path = bundled("SC_rgb_rle_2frame.dcm", tmp_path)  # checked between frames, and at the end
+    original = path.read_bytes()
+    outcome = Transcoder(target, max_seconds=1e-9).transcode_file(path)
+    assert outcome is Outcome.TOO_SLOW
+    assert path.read_bytes() == original
+    assert list(tmp_path.iterdir()) == [path]
+    (warning,) = warnings_of(caplog)
+    assert pydicom.dcmread(path).SOPInstanceUID in warning.getMessage()
+    assert "--transcode_max_seconds" in warning.getMessage()
+
+
+def test_waiting_for_another_transcode_counts_against_the_time_cap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = ct_instance(tmp_path)
+    original = path.read_bytes()
+    transcoder = Transcoder(JPEG2000Lossless, max_seconds=0.05)
+    with transcoder._one_at_a_time:  # another association's instance is being transcoded
+        assert transcoder.transcode_file(path) is Outcome.TOO_SLOW
+    assert path.read_bytes() == original
+    assert len(warnings_of(caplog)) == 1
+    assert transcoder.transcode_file(path) is Outcome.TRANSCODED  # the lock was not kept
+
+
 def test_cap_counts_the_decoded_size_the_header_claims(tmp_path: Path) -> None:
     """A small compressed file whose header claims huge pixels is never decoded."""
     path, _ = corrupt_j2k(tmp_path)
@@ -359,11 +387,19 @@ def test_unsupported_target_is_a_config_error(target: str) -> None:
     assert JPEG2000Lossless in str(info.value)
 
 
+@pytest.mark.parametrize("flag", ["transcode_max_bytes", "transcode_max_seconds"])
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_transcode_max_bytes_must_be_positive(value: str) -> None:
+def test_transcode_caps_must_be_positive(flag: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse(f"--transcode_max_bytes={value}")
-    assert info.value.flag == "transcode_max_bytes"
+        parse(f"--{flag}={value}")
+    assert info.value.flag == flag
+
+
+def test_caps_reach_the_step() -> None:
+    settings = parse(
+        f"{FLAG}={RLELossless}", "--transcode_max_bytes=1000", "--transcode_max_seconds=2.5"
+    )
+    assert (settings.transcode_max_bytes, settings.transcode_max_seconds) == (1000, 2.5)
 
 
 def test_unsupported_target_stops_the_console_script(capsys: pytest.CaptureFixture[str]) -> None:

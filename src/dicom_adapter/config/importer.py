@@ -21,6 +21,7 @@ from dicom_adapter.config.common import (
 )
 from dicom_adapter.dicom.transcode import CODECS_INSTALL
 from dicom_adapter.dicom.transcode import DEFAULT_MAX_BYTES as DEFAULT_TRANSCODE_MAX_BYTES
+from dicom_adapter.dicom.transcode import DEFAULT_MAX_SECONDS as DEFAULT_TRANSCODE_MAX_SECONDS
 from dicom_adapter.dicom.transcode import TARGETS as TRANSCODE_TARGETS
 
 GOOGLE_HOST = "healthcare.googleapis.com"
@@ -84,6 +85,12 @@ class ImporterSettings(CommonSettings):
         DEFAULT_TRANSCODE_MAX_BYTES,
         "Instances whose file or decoded pixel data is larger are stored as received, not "
         "transcoded (bytes; bounds transcoding memory, one instance at a time).",
+    )
+    transcode_max_seconds: float = new_flag(
+        DEFAULT_TRANSCODE_MAX_SECONDS,
+        "Seconds one transcode may take (checked between frames); past it the instance is "
+        "stored as received. The C-STORE is answered after it: keep this plus "
+        "--cstore_answer_deadline below the sender's timeout.",
     )
     fuzzy_matching: bool = Field(
         False, description="Ask the DICOMweb server for fuzzy person-name matching in C-FIND."
@@ -257,6 +264,8 @@ class ImporterSettings(CommonSettings):
             problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))
         if self.transcode_max_bytes <= 0:
             problems.append(("transcode_max_bytes", "must be a positive number of bytes"))
+        if self.transcode_max_seconds <= 0:
+            problems.append(("transcode_max_seconds", "must be a positive number of seconds"))
         return problems + super().cross_check()
 
     def timeout_nesting(self) -> list[tuple[str, str]]:

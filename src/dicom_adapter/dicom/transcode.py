@@ -9,8 +9,9 @@ Hazard, memory: one instance is transcoded at a time per process (a lock), and o
 or decoded pixel data exceeds `max_bytes` is never decoded. To a compressed syntax, frames are
 decoded and encoded one at a time and written out at once: the peak is the received data set
 plus about one frame. To an uncompressed syntax, pydicom holds all decoded frames twice.
-Hazard, time: the codecs hold the GIL while they work on a frame, so a large frame stalls the
-event loop (uploads, health endpoints) for as long as its encoding takes.
+Hazard, time: the C-STORE is answered after its transcode, so `max_seconds` bounds it
+(checked between frames: one frame may overshoot it). The codecs hold the GIL while they work
+on a frame, so a large frame also stalls the event loop (uploads, health endpoints).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ TARGETS: dict[str, str] = {
     ExplicitVRLittleEndian: "Explicit VR Little Endian (decompressed)",
 }
 DEFAULT_MAX_BYTES = 512 << 20
+DEFAULT_MAX_SECONDS = 10.0
 CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
 # What the extra installs, by import name: numpy, pylibjpeg, pylibjpeg-openjpeg (JPEG 2000),
 # pylibjpeg-libjpeg (JPEG, JPEG-LS decoding), pylibjpeg-rle, pyjpegls (JPEG-LS encoding).
@@ -72,11 +75,16 @@ class Outcome(enum.Enum):
     ALREADY = "already in the target syntax"
     NO_PIXELS = "no pixel data to compress"
     TOO_LARGE = "over the size cap"
+    TOO_SLOW = "over the time cap"
     FAILED = "failed"
 
 
 class TranscodeError(Exception):
     """The instance cannot be transcoded; it is stored as received."""
+
+
+class TooSlowError(TranscodeError):
+    """The transcode would finish past its time budget (checked between frames)."""
 
 
 class _NoPluginTracebacks(logging.Filter):
@@ -115,11 +123,18 @@ def decoded_pixel_bytes(header: Dataset) -> int:
 class Transcoder:
     """The transcoding step: `transcoder(path)` rewrites a received file in `target` syntax."""
 
-    def __init__(self, target: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+    ) -> None:
         if target not in TARGETS:
             raise ValueError(f"unsupported target transfer syntax {target}")
         self.target = UID(target)
         self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
         self._one_at_a_time = threading.Lock()  # the memory bound: one decoded instance
         for name in _PLUGIN_LOGGERS:
             plugin_logger = logging.getLogger(name)
@@ -133,6 +148,7 @@ class Transcoder:
     def transcode_file(self, path: Path) -> Outcome:
         """Transcode `path` in place; the outcome says whether it was (never raises)."""
         sop_instance_uid = "(unknown)"
+        deadline = time.monotonic() + self.max_seconds  # the peer waits for its answer
         try:
             header = dcmread(path, stop_before_pixels=True)
             sop_instance_uid = str(
@@ -156,8 +172,23 @@ class Transcoder:
                 )
                 return Outcome.TOO_LARGE
             del header
-            with self._one_at_a_time:
-                return self._rewrite(path, source)
+            if not self._one_at_a_time.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TooSlowError("other instances were being transcoded")
+            try:
+                return self._rewrite(path, source, deadline)
+            finally:
+                self._one_at_a_time.release()
+        except TooSlowError as exc:
+            logger.warning(
+                "instance %s stored as received: transcoding to %s not done within "
+                "--transcode_max_seconds (%g s): %s",
+                sop_instance_uid,
+                self.target.name,
+                self.max_seconds,
+                exc,
+                extra={"sop_instance_uid": sop_instance_uid},
+            )
+            return Outcome.TOO_SLOW
         except Exception as exc:
             problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:_PROBLEM_CHARS]
             logger.warning(
@@ -169,7 +200,7 @@ class Transcoder:
             )
             return Outcome.FAILED
 
-    def _rewrite(self, path: Path, source: UID) -> Outcome:
+    def _rewrite(self, path: Path, source: UID, deadline: float) -> Outcome:
         if source == ExplicitVRBigEndian:
             raise TranscodeError("Explicit VR Big Endian input is not converted")
         ds = dcmread(path)
@@ -179,27 +210,33 @@ class Transcoder:
         sibling = path.with_name(f"{path.stem}.transcoded{path.suffix}")
         try:
             if self.target.is_compressed:
-                _write_encapsulated(ds, source, self.target, sibling)
+                _write_encapsulated(ds, source, self.target, sibling, deadline)
             else:
-                _write_native(ds, source, self.target, sibling)
+                _write_native(ds, source, self.target, sibling, deadline)
             os.replace(sibling, path)
         finally:
             sibling.unlink(missing_ok=True)
         return Outcome.TRANSCODED
 
 
-def _write_native(ds: Dataset, source: UID, target: UID, dest: Path) -> None:
+def _write_native(ds: Dataset, source: UID, target: UID, dest: Path, deadline: float) -> None:
     """Decompressed (Explicit VR LE or Deflated): pydicom holds all decoded frames, twice."""
     if "PixelData" in ds and source.is_compressed:
         ds.decompress(as_rgb=True, generate_instance_uid=False)
         for tag in _EXTENDED_OFFSET_TABLE:  # described the fragments just decoded
             if tag in ds:
                 del ds[tag]
+    _check_time(deadline)
     ds.file_meta.TransferSyntaxUID = target
     ds.save_as(dest, enforce_file_format=True)  # group length recomputed
 
 
-def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path) -> None:
+def _check_time(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise TooSlowError("given up")
+
+
+def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path, deadline: float) -> None:
     """Decode and encode frame by frame, each encoded frame written out at once.
 
     Memory: the received data set plus one decoded and one encoded frame. The attributes
@@ -227,6 +264,7 @@ def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path) -> No
         out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, UNDEFINED_LENGTH))
         out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0))  # empty Basic Offset Table
         for array, frame_properties in itertools.chain([(first, properties)], frames):
+            _check_time(deadline)
             options: dict[str, Any] = dict(frame_properties)
             fragment = encoder.encode(array, **options)
             padding = b"\x00" * (len(fragment) % 2)
@@ -240,7 +278,9 @@ def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path) -> No
             write_dataset(fp, trailing)
 
 
-def transcoding_step(target: str, max_bytes: int) -> Transcoder | None:
+def transcoding_step(
+    target: str, max_bytes: int, max_seconds: float = DEFAULT_MAX_SECONDS
+) -> Transcoder | None:
     """The step for --store_compress_to_transfer_syntax (None when unset).
 
     Raises ConfigError (one line, exit 2) when the codecs extra is not installed.
@@ -253,4 +293,4 @@ def transcoding_step(target: str, max_bytes: int) -> Transcoder | None:
             "store_compress_to_transfer_syntax",
             f"needs the image codecs ({', '.join(missing)} missing): {CODECS_INSTALL}",
         )
-    return Transcoder(target, max_bytes=max_bytes)
+    return Transcoder(target, max_bytes=max_bytes, max_seconds=max_seconds)

@@ -118,7 +118,9 @@ class ImportService:
             settings.aet_dictionary_inline, settings.aet_dictionary, self._environ
         )
         transcode = transcoding_step(  # before anything starts: no codecs is exit 2
-            settings.store_compress_to_transfer_syntax, settings.transcode_max_bytes
+            settings.store_compress_to_transfer_syntax,
+            settings.transcode_max_bytes,
+            settings.transcode_max_seconds,
         )
         tls = (  # loaded before anything starts: a bad file is a startup error (exit 2)
             server_tls_context(
