@@ -82,8 +82,13 @@ def in_process(paths: list[Path], target: str, work: Path) -> dict[str, float]:
     }
 
 
-def ingest(folder: Path, count: int, extra: list[str]) -> tuple[float, float, float]:
-    """Seconds for one dcmsend through dicom-import, its CPU seconds and peak RSS (MB)."""
+def ingest(
+    folder: Path, count: int, extra: list[str], syntax: str = ""
+) -> tuple[float, float, float]:
+    """Seconds for one dcmsend through dicom-import, its CPU seconds and peak RSS (MB).
+
+    With `syntax`, fails unless Orthanc stored the (first) instance in it.
+    """
     with Orthanc() as orthanc, Importer(orthanc.dicomweb_url, *extra) as importer:
         assert importer.proc is not None
         cpu = proc_status(importer.proc.pid).cpu_seconds
@@ -95,6 +100,8 @@ def ingest(folder: Path, count: int, extra: list[str]) -> tuple[float, float, fl
         stored = orthanc.count_instances()
         if stored != count:
             raise RuntimeError(f"expected {count} instances in Orthanc, found {stored}")
+        if syntax and (found := orthanc.transfer_syntax(orthanc.instances()[0])) != syntax:
+            raise RuntimeError(f"stored in {found}, not {syntax}: see the importer's log")
         status = proc_status(importer.proc.pid)
         return elapsed, status.cpu_seconds - cpu, status.peak_rss_kib / 1024
 
@@ -127,7 +134,12 @@ def main() -> int:
         for rep in range(args.reps):
             order = [False, True] if rep % 2 == 0 else [True, False]
             for transcoding in order:
-                seconds, cpu, _ = ingest(work / "ct", args.instances, [flag] if transcoding else [])
+                seconds, cpu, _ = ingest(
+                    work / "ct",
+                    args.instances,
+                    [flag] if transcoding else [],
+                    args.target if transcoding else "",
+                )
                 (with_flag if transcoding else without).append(seconds)
                 (cpu_with if transcoding else cpu_without).append(cpu)
                 label = "with" if transcoding else "without"
@@ -154,7 +166,8 @@ def main() -> int:
             size_mb = big.stat().st_size / 1e6
             plain_seconds, _, plain_peak = ingest(big.parent, 1, [])
             # DCMTK gives up on a C-STORE answer after 60 s: keep --large-mb small enough
-            seconds, _, peak = ingest(big.parent, 1, [flag, "--transcode_max_seconds=50"])
+            slow_ok = "--transcode_max_seconds=50"
+            seconds, _, peak = ingest(big.parent, 1, [flag, slow_ok], args.target)
             results.update(
                 large_instance_mb=round(size_mb),
                 large_seconds_without=round(plain_seconds, 2),
