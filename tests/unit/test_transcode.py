@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from openjpeg.utils import encode_array
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -34,6 +35,7 @@ from dicom_adapter.dicom.transcode import (
     TARGETS,
     Outcome,
     Transcoder,
+    codestream_shape,
     decoded_pixel_bytes,
     transcoding_step,
 )
@@ -336,6 +338,45 @@ def test_cap_counts_the_decoded_size_the_header_claims(tmp_path: Path) -> None:
     assert path.stat().st_size < 10_000
     outcome = Transcoder(RLELossless, max_bytes=512 << 20).transcode_file(path)
     assert outcome is Outcome.TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb_dcmtk_+eb+cy+n1.dcm",  # JPEG baseline
+        "JPEG2000.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless
+    ],
+)
+def test_codestream_shape_of_bundled_frames(tmp_path: Path, name: str) -> None:
+    ds = pydicom.dcmread(bundled(name, tmp_path))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+    assert codestream_shape(frame) == (ds.Rows, ds.Columns, ds.SamplesPerPixel)
+
+
+def test_codestream_shape_of_garbage() -> None:
+    assert codestream_shape(b"") is None
+    assert codestream_shape(bytes(range(256))) is None
+    assert codestream_shape(b"\xff\xd8\xff\xda\x00\x02") is None  # scan before frame header
+
+
+def test_codestream_claiming_more_pixels_than_the_data_set_is_never_decoded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A few hundred bytes of JPEG 2000 that decode to 64 MB are refused from their header."""
+    codestream = encode_array(np.zeros((2000, 2000), dtype=np.uint8), bits_stored=8)
+    source = bundled("MR_small_jp2klossless.dcm", tmp_path)  # says 64x64
+    ds = pydicom.dcmread(source)
+    ds.PixelData = encapsulate([codestream])
+    path = tmp_path / "cstore-bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    original = path.read_bytes()
+    assert Transcoder(RLELossless).transcode_file(path) is Outcome.FAILED
+    assert path.read_bytes() == original
+    (warning,) = warnings_of(caplog)
+    assert "claims 2000x2000x1 pixels, the data set 64x64x1" in warning.getMessage()
 
 
 def test_decoded_pixel_bytes() -> None:

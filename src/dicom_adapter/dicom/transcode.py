@@ -29,6 +29,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 from pydicom.pixels.decoders.base import get_decoder
@@ -103,6 +104,60 @@ def missing_codecs() -> list[str]:
         except ImportError:
             missing.append(name)
     return missing
+
+
+_JPEG_SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}  # F7: JPEG-LS
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+_J2K_SEARCH = 4096  # a JP2 wrapper (not DICOM, but seen) puts boxes before the codestream
+
+
+def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG, JPEG-LS or JPEG 2000 frame says it decodes to.
+
+    Read from its SOF or SIZ marker segment without decoding; None when there is none.
+    """
+    if frame[:2] == b"\xff\xd8":  # JPEG / JPEG-LS: walk the marker segments up to SOF
+        pos = 2
+        while pos + 4 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            code = frame[pos + 1]
+            if code == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if code in _JPEG_STANDALONE:
+                pos += 2
+                continue
+            if code in _JPEG_SOF and pos + 10 <= len(frame):
+                rows, columns, components = struct.unpack_from(">HHB", frame, pos + 5)
+                return rows, columns, components
+            if code == 0xDA:  # start of scan before any frame header
+                return None
+            pos += 2 + int.from_bytes(frame[pos + 2 : pos + 4], "big")
+        return None
+    siz = frame.find(_J2K_SOC_SIZ, 0, _J2K_SEARCH)
+    if siz < 0 or siz + 42 > len(frame):
+        return None
+    x, y, x0, y0 = struct.unpack_from(">IIII", frame, siz + 8)
+    (components,) = struct.unpack_from(">H", frame, siz + 40)
+    return max(0, y - y0), max(0, x - x0), components
+
+
+def _check_codestreams(ds: Dataset) -> None:
+    """Refuse, before decoding, frames that claim more pixels than the data set describes."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        shape = codestream_shape(frame)
+        if shape is None:
+            raise TranscodeError(f"frame {index + 1} has no readable frame header")
+        if shape[0] * shape[1] * shape[2] > rows * columns * samples:
+            raise TranscodeError(
+                f"frame {index + 1} claims {shape[0]}x{shape[1]}x{shape[2]} pixels, the data set "
+                f"{rows}x{columns}x{samples}"
+            )
 
 
 def decoded_pixel_bytes(header: Dataset) -> int:
@@ -206,6 +261,8 @@ class Transcoder:
         ds = dcmread(path)
         if "PixelData" not in ds and self.target.is_compressed:
             return Outcome.NO_PIXELS
+        if "PixelData" in ds and source.is_encapsulated and source != RLELossless:
+            _check_codestreams(ds)  # a codec allocates what its codestream says
         # A name the C-STORE spool's sweep removes (cstore-*.dcm) if we die while writing it.
         sibling = path.with_name(f"{path.stem}.transcoded{path.suffix}")
         try:
