@@ -6,6 +6,7 @@ import logging
 import shutil
 import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from dicom_adapter.dicom.transcode import (
     Transcoder,
     codestream_shape,
     decoded_pixel_bytes,
+    inflated_bytes,
     transcoding_step,
 )
 from dicom_adapter.dimse.part10 import read_file_meta
@@ -377,6 +379,34 @@ def test_codestream_claiming_more_pixels_than_the_data_set_is_never_decoded(
     assert path.read_bytes() == original
     (warning,) = warnings_of(caplog)
     assert "claims 2000x2000x1 pixels, the data set 64x64x1" in warning.getMessage()
+
+
+def test_inflated_bytes_of_a_deflated_file(tmp_path: Path) -> None:
+    path = bundled("image_dfl.dcm", tmp_path)
+    meta = pydicom.filereader.read_file_meta_info(path)
+    body = path.read_bytes()[144 + meta.FileMetaInformationGroupLength :]
+    size = len(zlib.decompress(body, -zlib.MAX_WBITS))
+    assert inflated_bytes(path, meta, 1 << 30) == size
+    assert inflated_bytes(path, meta, 1000) == 1000  # counting stops at the limit
+
+
+def test_deflated_file_that_inflates_past_the_cap_is_never_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A few kB of Deflated data set that inflate to 8 MiB, against a 1 MiB cap."""
+    ds = pydicom.dcmread(ct_instance(tmp_path))
+    block = ds.private_block(0x0009, "dicom-adapter tests", create=True)
+    block.add_new(0x01, "OB", bytes(8 << 20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "cstore-deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 64 << 10
+    original = path.read_bytes()
+    outcome = Transcoder(RLELossless, max_bytes=1 << 20).transcode_file(path)
+    assert outcome is Outcome.TOO_LARGE
+    assert path.read_bytes() == original
+    (warning,) = warnings_of(caplog)
+    assert ds.SOPInstanceUID in warning.getMessage()
 
 
 def test_decoded_pixel_bytes() -> None:

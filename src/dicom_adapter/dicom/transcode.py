@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
@@ -63,6 +65,8 @@ CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
 CODEC_MODULES = ("numpy", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls")
 _EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
 PIXEL_DATA = 0x7FE00010
+_META_START = 144  # preamble, "DICM", then (0002,0000)'s 12 bytes: the group length counts on
+_INFLATE_CHUNK = 1 << 20
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # pydicom logs each codec plugin's failure with a traceback, then raises with all their messages
 _PLUGIN_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
@@ -160,6 +164,25 @@ def _check_codestreams(ds: Dataset) -> None:
             )
 
 
+def inflated_bytes(path: Path, meta: Dataset, limit: int) -> int:
+    """Bytes a Deflated file's data set inflates to, counted up to `limit` (nothing kept).
+
+    Raises TranscodeError when the meta group's length is missing (the data set's start unknown).
+    """
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise TranscodeError("no (0002,0000) group length: where the data set starts is unknown")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with path.open("rb") as source:
+        source.seek(_META_START + int(group_length))
+        while total < limit and (chunk := source.read(_INFLATE_CHUNK)):
+            while chunk and total < limit:
+                total += len(inflater.decompress(chunk, min(limit - total, _INFLATE_CHUNK)))
+                chunk = inflater.unconsumed_tail
+    return total
+
+
 def decoded_pixel_bytes(header: Dataset) -> int:
     """Bytes the header says the decoded pixel data takes (0 when it describes no image)."""
     try:
@@ -205,16 +228,19 @@ class Transcoder:
         sop_instance_uid = "(unknown)"
         deadline = time.monotonic() + self.max_seconds  # the peer waits for its answer
         try:
-            header = dcmread(path, stop_before_pixels=True)
-            sop_instance_uid = str(
-                header.get("SOPInstanceUID")
-                or header.file_meta.get("MediaStorageSOPInstanceUID")
-                or sop_instance_uid
-            )
-            source = UID(header.file_meta.get("TransferSyntaxUID") or "")
+            meta = read_file_meta_info(path)
+            sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID") or sop_instance_uid)
+            source = UID(meta.get("TransferSyntaxUID") or "")
             if source == self.target:
                 return Outcome.ALREADY
-            size = max(path.stat().st_size, decoded_pixel_bytes(header))
+            size = path.stat().st_size
+            if source.is_deflated:  # reading the header inflates it all: bound that first
+                size = max(size, inflated_bytes(path, meta, self.max_bytes + 1))
+            if size <= self.max_bytes:
+                header = dcmread(path, stop_before_pixels=True)
+                sop_instance_uid = str(header.get("SOPInstanceUID") or sop_instance_uid)
+                size = max(size, decoded_pixel_bytes(header))
+                del header
             if size > self.max_bytes:
                 logger.warning(
                     "instance %s stored as received (%s): %d bytes (file or decoded pixel data) "
@@ -226,7 +252,6 @@ class Transcoder:
                     extra={"sop_instance_uid": sop_instance_uid},
                 )
                 return Outcome.TOO_LARGE
-            del header
             if not self._one_at_a_time.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise TooSlowError("other instances were being transcoded")
             try:
