@@ -65,7 +65,7 @@ CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
 CODEC_MODULES = ("numpy", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls")
 _EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
 PIXEL_DATA = 0x7FE00010
-_META_START = 144  # preamble, "DICM", then (0002,0000)'s 12 bytes: the group length counts on
+_META_START = 144  # preamble, "DICM" and (0002,0000) itself; its value counts the bytes after
 _INFLATE_CHUNK = 1 << 20
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # pydicom logs each codec plugin's failure with a traceback, then raises with all their messages
