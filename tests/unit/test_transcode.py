@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import shutil
 import struct
+import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -480,33 +480,42 @@ def test_unsupported_target_stops_the_console_script(capsys: pytest.CaptureFixtu
     assert "--store_compress_to_transfer_syntax" in err[0]
 
 
-@pytest.fixture
-def root_logging_restored() -> Iterator[None]:
-    """run_import configures the root logger; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.mark.parametrize("module", CODEC_MODULES)
-def test_missing_codecs_stop_startup_naming_the_extra(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    root_logging_restored: None,
-    module: str,
+def test_missing_codecs_refuse_the_step_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, module: str
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
     with pytest.raises(ConfigError) as info:
         transcoding_step(JPEG2000Lossless, 1 << 20)
+    assert info.value.flag == "store_compress_to_transfer_syntax"
     assert "pip install 'dicom-adapter[codecs]'" in str(info.value)
     assert module in str(info.value)
-    exit_code = run_import([*BASE, f"{FLAG}={JPEG2000Lossless}", "--dimse_port=0"])
-    assert exit_code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("dicom-import: --store_compress_to_transfer_syntax:")
-    assert "pip install 'dicom-adapter[codecs]'" in err[-1]
+
+
+# dicom-import in a child process where importing any codec package fails: no extra installed
+WITHOUT_CODECS = """
+import sys
+from dicom_adapter.dicom.transcode import CODEC_MODULES
+for name in CODEC_MODULES:
+    sys.modules[name] = None
+from dicom_adapter.cli import run_import
+sys.exit(run_import(sys.argv[1:]))
+"""
+
+
+def test_missing_codecs_stop_dicom_import_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_CODECS, *BASE, f"{FLAG}={JPEG2000Lossless}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dicom-import: --store_compress_to_transfer_syntax: needs the image")
+    assert "pip install 'dicom-adapter[codecs]'" in last
+    assert "numpy, pylibjpeg, openjpeg, libjpeg, rle, jpeg_ls missing" in last
 
 
 def test_no_step_without_the_flag() -> None:
