@@ -27,6 +27,10 @@ from dicom_adapter.dicom.redact import (
     RedactionConfigError,
     parse_tag_list,
 )
+from dicom_adapter.dicom.transcode import CODECS_INSTALL
+from dicom_adapter.dicom.transcode import DEFAULT_MAX_BYTES as DEFAULT_TRANSCODE_MAX_BYTES
+from dicom_adapter.dicom.transcode import DEFAULT_MAX_SECONDS as DEFAULT_TRANSCODE_MAX_SECONDS
+from dicom_adapter.dicom.transcode import TARGETS as TRANSCODE_TARGETS
 
 GOOGLE_HOST = "healthcare.googleapis.com"
 GOOGLE_DICOMWEB = re.compile(
@@ -92,8 +96,23 @@ class ImporterSettings(CommonSettings):
     destination_config_inline: str = Field(
         "", description="Routing rules as inline JSON (takes precedence over the file)."
     )
-    store_compress_to_transfer_syntax: str = later_flag(
-        "", "Transfer syntax UID to transcode instances to during C-STORE."
+    store_compress_to_transfer_syntax: str = Field(
+        "",
+        description="Transfer syntax UID to transcode received instances to, after redaction: "
+        "1.2.840.10008.1.2.4.90 (JPEG 2000 lossless), .4.80 (JPEG-LS lossless), .5 (RLE "
+        "lossless), .1.99 (Deflated Explicit VR LE) or .1 (Explicit VR LE, decompressed). Needs "
+        f"{CODECS_INSTALL}. What cannot be transcoded is stored as received (one WARNING).",
+    )
+    transcode_max_bytes: int = new_flag(
+        DEFAULT_TRANSCODE_MAX_BYTES,
+        "Instances whose file or decoded pixel data is larger are stored as received, not "
+        "transcoded (bytes; bounds transcoding memory, one instance at a time).",
+    )
+    transcode_max_seconds: float = new_flag(
+        DEFAULT_TRANSCODE_MAX_SECONDS,
+        "Seconds one transcode may take (checked between frames); past it the instance is "
+        "stored as received. The C-STORE is answered after it: keep this plus "
+        "--cstore_answer_deadline below the sender's timeout.",
     )
     fuzzy_matching: bool = Field(
         False, description="Ask the DICOMweb server for fuzzy person-name matching in C-FIND."
@@ -217,6 +236,16 @@ class ImporterSettings(CommonSettings):
             )
         return value.strip()
 
+    @field_validator("store_compress_to_transfer_syntax")
+    @classmethod
+    def _check_transcode_target(cls, value: str) -> str:
+        value = value.strip()
+        if value and value not in TRANSCODE_TARGETS:
+            raise ValueError(
+                f"cannot transcode to {value}; supported: " + ", ".join(TRANSCODE_TARGETS)
+            )
+        return value
+
     @field_validator("metrics_port")
     @classmethod
     def _check_metrics_port(cls, value: int) -> int:
@@ -296,6 +325,10 @@ class ImporterSettings(CommonSettings):
                     "--redact_filter_profile may be set",
                 )
             )
+        if self.transcode_max_bytes <= 0:
+            problems.append(("transcode_max_bytes", "must be a positive number of bytes"))
+        if self.transcode_max_seconds <= 0:
+            problems.append(("transcode_max_seconds", "must be a positive number of seconds"))
         return problems + super().cross_check()
 
     def timeout_nesting(self) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from dicom_adapter.aets import load_aet_dictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicom.redact import redaction_step
+from dicom_adapter.dicom.transcode import transcoding_step
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
@@ -151,6 +152,11 @@ class ImportService:
             )
         if any(d.tls for d in routing.destinations):  # bad files: a startup error
             self._outgoing_tls()
+        transcode = transcoding_step(  # before anything starts: no codecs is exit 2
+            settings.store_compress_to_transfer_syntax,
+            settings.transcode_max_bytes,
+            settings.transcode_max_seconds,
+        )
         tls = (  # loaded before anything starts: a bad file is a startup error (exit 2)
             server_tls_context(
                 settings.tls_certificate, settings.tls_private_key, settings.tls_ca_certificates
@@ -263,6 +269,7 @@ class ImportService:
                                 settings.redact_keep_list,
                                 settings.redact_filter_profile,
                             ),
+                            transcode,
                         ]
                     ),
                     router=Router(routing) if len(routing) else None,

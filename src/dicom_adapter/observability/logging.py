@@ -40,5 +40,5 @@ def configure_logging(*, verbose: bool, log_format: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose else logging.WARNING)
-    for noisy in ("httpx", "httpcore", "hpack", "google", "urllib3"):
+    for noisy in ("httpx", "httpcore", "hpack", "google", "urllib3", "openjpeg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
