@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydicom import dcmread
 from tests.faults.fault_proxy import FaultProxy
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series
+from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, proc_status
 
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
@@ -104,7 +104,7 @@ async def upload_all(root: Path, dicomweb_url: str, batch: int, concurrency: int
         started = time.perf_counter()
         await uploader.start()
         while spool.depth():
-            await asyncio.sleep(POLL / 5)
+            await asyncio.sleep(POLL)
         elapsed = time.perf_counter() - started
     finally:
         await uploader.stop()
@@ -118,28 +118,43 @@ async def upload_all(root: Path, dicomweb_url: str, batch: int, concurrency: int
 def run_matrix(
     work: Path, series: list[Path], reps: int, batches: list[int], concurrencies: list[int]
 ) -> dict[str, object]:
+    """Wall time, and CPU per instance of Orthanc and of the uploader (less load-sensitive)."""
     combos = [(b, c) for c in concurrencies for b in batches]
     seconds: dict[tuple[int, int], list[float]] = {combo: [] for combo in combos}
+    orthanc_cpu: dict[tuple[int, int], list[float]] = {combo: [] for combo in combos}
+    own_cpu: dict[tuple[int, int], list[float]] = {combo: [] for combo in combos}
+    n = len(series)
     for rep in range(reps):
         shift = rep % len(combos)
         for batch, concurrency in combos[shift:] + combos[:shift]:
+            combo = (batch, concurrency)
             root = work / f"spool-{rep}-{batch}-{concurrency}"
             fill_spool(root, series)
             with Orthanc() as orthanc:
+                assert orthanc.proc is not None
+                before = proc_status(orthanc.proc.pid).cpu_seconds
+                mine = time.process_time()
                 elapsed = asyncio.run(upload_all(root, orthanc.dicomweb_url, batch, concurrency))
-                if orthanc.count_instances() != len(series):
+                own_cpu[combo].append((time.process_time() - mine) * 1e3 / n)
+                orthanc_cpu[combo].append(
+                    (proc_status(orthanc.proc.pid).cpu_seconds - before) * 1e3 / n
+                )
+                if orthanc.count_instances() != n:
                     raise RuntimeError("Orthanc does not hold every uploaded instance")
             shutil.rmtree(root)
-            seconds[(batch, concurrency)].append(elapsed)
+            seconds[combo].append(elapsed)
             print(
                 f"rep {rep}: batch {batch:2d} x concurrency {concurrency}: {elapsed:.2f} s"
-                f" ({len(series) / elapsed:.0f} inst/s)",
+                f" ({n / elapsed:.0f} inst/s), CPU per instance: Orthanc"
+                f" {orthanc_cpu[combo][-1]:.1f} ms, uploader {own_cpu[combo][-1]:.1f} ms",
                 flush=True,
             )
     table = {
         f"batch{b}_conc{c}": {
-            "inst_per_s_median": round(len(series) / statistics.median(seconds[(b, c)]), 1),
-            "inst_per_s_all": [round(len(series) / s, 1) for s in seconds[(b, c)]],
+            "inst_per_s_median": round(n / statistics.median(seconds[(b, c)]), 1),
+            "inst_per_s_all": [round(n / s, 1) for s in seconds[(b, c)]],
+            "orthanc_cpu_ms_per_inst": round(statistics.median(orthanc_cpu[(b, c)]), 2),
+            "uploader_cpu_ms_per_inst": round(statistics.median(own_cpu[(b, c)]), 2),
         }
         for b, c in combos
     }

@@ -91,7 +91,7 @@ def spool_of(tmp_path: Path, n: int) -> tuple[LocalSpool, list[str]]:
 def upload(
     spool: LocalSpool, upstream: Upstream, *, batch: int, batch_bytes: int = 16 << 20
 ) -> ImportMetrics:
-    """Run the uploader until queue/ is empty (5 s at most)."""
+    """Run the uploader until queue/ is empty and failed/ counted (5 s at most)."""
 
     async def run() -> ImportMetrics:
         http = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
@@ -112,9 +112,14 @@ def upload(
             batch_bytes=batch_bytes,
         )
         await uploader.start()
+
+        def settled() -> bool:  # a move to failed/ is counted once it is complete
+            failed = len(list(spool.failed.glob("*.dcm")))
+            return not spool.queued() and metrics.cstore_backup_errors.value() == failed
+
         try:
             deadline = time.monotonic() + 5
-            while spool.queued() and time.monotonic() < deadline:
+            while not settled() and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         finally:
             await uploader.stop()

@@ -140,9 +140,9 @@ class ImporterSettings(CommonSettings):
     disable_commitment: bool = new_flag(False, "Do not offer storage commitment.")
     spool_upload_concurrency: int = new_flag(4, "STOW-RS requests in flight for spooled instances.")
     spool_upload_batch: int = new_flag(
-        1,
+        10,
         "Spooled instances per STOW-RS request, at most: a request takes those already waiting, "
-        "never waits for more.",
+        "never waits for more (1: one per request).",
     )
     spool_upload_batch_bytes: int = new_flag(
         16 << 20,
