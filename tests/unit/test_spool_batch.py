@@ -213,3 +213,35 @@ def test_one_instance_larger_than_the_byte_bound_still_goes(tmp_path: Path) -> N
     upload(spool, upstream, batch=10, batch_bytes=1)
     assert upstream.requests == [[uids[0]], [uids[1]]]
     assert not spool.queued()
+
+
+def test_a_replayed_batch_counts_an_instance_already_upstream_as_delivered(
+    tmp_path: Path,
+) -> None:
+    """409 with 0x0111 for one part that QIDO finds upstream: delivered, nothing in failed/."""
+    spool, uids = spool_of(tmp_path, 3)
+    there = uids[0]
+    queried: list[str] = []
+
+    def answer(sent: list[str]) -> tuple[int, dict[str, object]]:
+        stored = [uid for uid in sent if uid != there]
+        return 409, stow_body(stored, {there: Status.DUPLICATE_SOP_INSTANCE})
+
+    class Archive(Upstream):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.method != "GET":
+                return super().__call__(request)
+            uid = request.url.params["SOPInstanceUID"]
+            queried.append(uid)
+            match = {
+                "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00080018": {"vr": "UI", "Value": [uid]},
+            }
+            return httpx.Response(200, json=[match] if uid == there else [])
+
+    upstream = Archive(answer)
+    metrics = upload(spool, upstream, batch=10)
+    assert upstream.requests == [uids]
+    assert queried == [there]  # only the instance the answer did not reference is checked
+    assert not spool.queued() and not list(spool.failed.iterdir())
+    assert metrics.cstore_backup_errors.value() == 0
