@@ -88,8 +88,9 @@ class _Request:
 class FaultProxy:
     """The proxy; `with FaultProxy(host, port) as proxy:` serves on `proxy.url`."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, delay: float = 0.0) -> None:
         self._upstream = f"http://{upstream_host}:{upstream_port}"
+        self.delay = delay  # seconds added to every request before it is answered (latency)
         self._lock = threading.Lock()
         self._fault = Fault.NONE
         self._pass_first = 0
@@ -200,6 +201,8 @@ class FaultProxy:
                     return
                 path = request.target.decode("latin-1")
                 fault = self._next_fault(request.method, path)
+                if self.delay > 0:
+                    await asyncio.sleep(self.delay)
                 keep = await self._answer(fault, request, reader, writer)
                 if not keep or request.header(b"connection").lower() == b"close":
                     return

@@ -183,6 +183,15 @@ class ImporterSettings(CommonSettings):
     disable_retrieve: bool = new_flag(False, "Do not offer C-MOVE and C-GET.")
     disable_commitment: bool = new_flag(False, "Do not offer storage commitment.")
     spool_upload_concurrency: int = new_flag(4, "STOW-RS requests in flight for spooled instances.")
+    spool_upload_batch: int = new_flag(
+        10,
+        "Spooled instances per STOW-RS request, at most: a request takes those already waiting, "
+        "never waits for more (1: one per request).",
+    )
+    spool_upload_batch_bytes: int = new_flag(
+        16 << 20,
+        "Bytes of instances per spooled STOW-RS request, at most (one larger instance goes alone).",
+    )
     spool_free_space_headroom: int = new_flag(
         1 << 30,
         "Bytes that must stay free on the spool's volume; below it new C-STOREs get 0xA700 "

@@ -472,6 +472,8 @@ class ImportService:
             min_delay=settings.min_upload_delay / 1000,
             max_delay=settings.max_waiting_time_between_uploads / 1000,
             retry_codes=settings.http_error_codes_to_retry,
+            batch=settings.spool_upload_batch,
+            batch_bytes=settings.spool_upload_batch_bytes,
         )
         self._local_spool, self._uploader = local, uploader
         await uploader.start()

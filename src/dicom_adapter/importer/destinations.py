@@ -87,6 +87,12 @@ class DimseStore:
         """One C-STORE; its status."""
         return (await self.store_outcome(path, identity)).status
 
+    async def store_batch(
+        self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
+    ) -> list[StoreOutcome]:
+        """C-STORE has no batches: one after the other on the kept association."""
+        return [await self.store_outcome(path, identity) for path, identity in items]
+
     async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
         """One C-STORE for a waiting sender: the failure's cause is its ErrorComment."""
         outcome = await self.store_outcome(path, identity)

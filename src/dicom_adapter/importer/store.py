@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,6 +118,22 @@ class StoreService:
                 path, identity, may_exist=may_exist and not self._overwrite, failure_level=None
             )
 
+    async def store_batch(
+        self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
+    ) -> list[StoreOutcome]:
+        """Several spooled instances in ONE STOW-RS request; an outcome for each, in order.
+
+        Each instance's outcome comes from the answer's Referenced/Failed SOP sequences, so
+        one refused instance does not fail the others stored by the same request.
+        """
+        with self._client.one_deadline():
+            response = await self._client.stow(self._stow_url, [path for path, _ in items])
+            check = may_exist and not self._overwrite
+            return [
+                await self._settle(response, path, identity, may_exist=check, failure_level=None)
+                for path, identity in items
+            ]
+
     async def _store(
         self,
         path: Path,
@@ -126,6 +143,20 @@ class StoreService:
         failure_level: int | None = logging.ERROR,
     ) -> StoreOutcome:
         response = await self._client.stow(self._stow_url, [path])
+        return await self._settle(
+            response, path, identity, may_exist=may_exist, failure_level=failure_level
+        )
+
+    async def _settle(
+        self,
+        response: StowResponse,
+        path: Path,
+        identity: InstanceIdentity,
+        *,
+        may_exist: bool,
+        failure_level: int | None,
+    ) -> StoreOutcome:
+        """One instance's outcome from a STOW answer (existence check, overwrite, logging)."""
         status = status_for(response, identity.sop_instance_uid)
         if (response.attempts > 1 or may_exist) and _already_there(
             response, identity.sop_instance_uid
@@ -199,6 +230,11 @@ class InstanceStore(Protocol):
 
     async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
         """Store one instance for a waiting C-STORE; the status and its ErrorComment."""
+
+    async def store_batch(
+        self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
+    ) -> list[StoreOutcome]:
+        """Store several spooled instances; one outcome each, in order."""
 
     async def store_outcome(
         self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False

@@ -37,6 +37,7 @@ class _Item:
     path: Path
     attempts: int = 0
     waiting: bool = False  # a retry timer holds it
+    settled: bool = False  # this attempt's outcome was acted on (delivered, retry or failed/)
     study_uid: str = ""
     first_try: float = field(default_factory=time.time)
 
@@ -54,9 +55,29 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # an operator removed it: its attempt finds out
+        return 0
+
+
+def _identities(paths: list[Path]) -> list[InstanceIdentity | InvalidDatasetError]:
+    """Each file's UIDs, or why it cannot be parsed (run in a thread: it reads the files)."""
+    found: list[InstanceIdentity | InvalidDatasetError] = []
+    for path in paths:
+        try:
+            found.append(read_identity(path))
+        except InvalidDatasetError as exc:
+            found.append(exc)
+    return found
+
+
 class SpoolUploader:
     """`concurrency` workers STOW queued instances; each instance retries on its own timer.
 
+    A worker takes up to `batch` instances already waiting (never waits for more), at most
+    `batch_bytes` of them unless one alone is larger, in queue order, into one request.
     An instance waiting for its next attempt holds no worker, so it never blocks the others.
     """
 
@@ -71,8 +92,12 @@ class SpoolUploader:
         min_delay: float,
         max_delay: float,
         retry_codes: frozenset[int] = frozenset(),
+        batch: int = 1,
+        batch_bytes: int = 16 << 20,
     ) -> None:
         self._spool = spool
+        self._batch = max(1, batch)
+        self._batch_bytes = max(0, batch_bytes)
         self._store = store
         self._metrics = metrics
         self._concurrency = max(1, concurrency)
@@ -158,47 +183,93 @@ class SpoolUploader:
                     seen.add(path.name)
             unannounced = seen
 
-    async def _work(self) -> None:
-        while True:
-            item = await self._queue.get()
-            try:
-                await self._attempt(item)
-            except Exception:
-                logger.exception("spooled upload of %s failed unexpectedly", item.path.name)
-                try:
-                    await self._retry_or_fail(
-                        item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True
-                    )
-                except OSError:  # failed/ not writable: it stays in queue/ for the next run
-                    logger.exception("spooled instance %s left in queue/", item.path.name)
-                    item.waiting = False
-            if not item.waiting:
-                self._known.discard(item.path.name)
+    def _take_batch(self, first: _Item) -> tuple[list[_Item], _Item | None]:
+        """`first` and what waits behind it, within the bounds; also an item taken but over
+        the byte bound, which the same worker sends next (so the queue order holds)."""
+        batch, size = [first], _size(first.path)
+        while len(batch) < self._batch and not self._queue.empty():
+            item = self._queue.get_nowait()
+            item_size = _size(item.path)
+            if size + item_size > self._batch_bytes:
+                return batch, item
+            batch.append(item)
+            size += item_size
+        return batch, None
 
-    async def _attempt(self, item: _Item) -> None:
-        item.attempts += 1
-        item.waiting = False
-        try:
-            identity = await asyncio.to_thread(read_identity, item.path)
-            item.study_uid = identity.study_uid
-        except InvalidDatasetError as exc:
-            if not item.path.exists():  # an operator removed it
-                return
-            await self._retry_or_fail(item, StoreOutcome(int(exc.status), 0, str(exc)), retry=False)
+    async def _work(self) -> None:
+        held: _Item | None = None
+        while True:
+            first = held if held is not None else await self._queue.get()
+            batch, held = self._take_batch(first)
+            try:
+                await self._attempt(batch)
+            except Exception:
+                names = ", ".join(item.path.name for item in batch)
+                logger.exception("spooled upload of %s failed unexpectedly", names)
+                for item in batch:
+                    if item.settled:
+                        continue
+                    try:
+                        await self._retry_or_fail(
+                            item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True
+                        )
+                    except OSError:  # failed/ not writable: it stays in queue/ for the next run
+                        logger.exception("spooled instance %s left in queue/", item.path.name)
+                        item.waiting = False
+            for item in batch:
+                if not item.waiting:
+                    self._known.discard(item.path.name)
+
+    async def _attempt(self, batch: list[_Item]) -> None:
+        """One STOW-RS for the batch; each instance then goes its own way on its own outcome."""
+        for item in batch:
+            item.attempts += 1
+            item.waiting = item.settled = False
+        identities = await asyncio.to_thread(_identities, [item.path for item in batch])
+        ready: list[tuple[_Item, InstanceIdentity]] = []
+        for item, identity in zip(batch, identities, strict=True):
+            if isinstance(identity, InstanceIdentity):
+                item.study_uid = identity.study_uid
+                ready.append((item, identity))
+            elif not item.path.exists():  # an operator removed it
+                item.settled = True
+            else:
+                outcome = StoreOutcome(int(identity.status), 0, str(identity))
+                await self._retry_or_fail(item, outcome, retry=False)
+                item.settled = True
+        if not ready:
             return
         try:
-            outcome = await self._store.store_outcome(item.path, identity, may_exist=True)
+            if len(ready) == 1:
+                [(item, identity)] = ready
+                outcomes = [await self._store.store_outcome(item.path, identity, may_exist=True)]
+            else:
+                pairs = [(item.path, identity) for item, identity in ready]
+                outcomes = await self._store.store_batch(pairs, may_exist=True)
         except AdapterError as exc:
-            outcome = StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
+            failure = StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
             if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
-                outcome = StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
-        if is_stored(outcome.status):
-            await asyncio.to_thread(self._spool.delivered, item.path)
-            return
-        transient = (
-            outcome.status == Status.OUT_OF_RESOURCES or outcome.http_status in self._retry_codes
-        )
-        await self._retry_or_fail(item, outcome, retry=transient)
+                failure = StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
+            outcomes = [failure] * len(ready)
+        results = list(zip((item for item, _ in ready), outcomes, strict=True))
+        stored = [item for item, outcome in results if is_stored(outcome.status)]
+        if stored:
+            await asyncio.to_thread(self._delivered, [item.path for item in stored])
+            for item in stored:
+                item.settled = True
+        for item, outcome in results:
+            if item.settled:
+                continue
+            transient = (
+                outcome.status == Status.OUT_OF_RESOURCES
+                or outcome.http_status in self._retry_codes
+            )
+            await self._retry_or_fail(item, outcome, retry=transient)
+            item.settled = True
+
+    def _delivered(self, paths: list[Path]) -> None:
+        for path in paths:
+            self._spool.delivered(path)
 
     async def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
         item.waiting = retry and item.attempts <= self._retries

@@ -1,0 +1,303 @@
+"""Benchmark: the durable spool (--persistent_file_storage_location) against Orthanc.
+
+Three measurements, each repeated `--reps` times with fresh Orthanc storage, same-run ratios:
+  matrix: the spool uploader alone (in this process, as dicom-import runs it) uploading N
+          queued CT instances: instances/s for every --spool_upload_batch x concurrency.
+  p1:     dcmsend of N CT instances to dicom-import with --auto_ack_cstore, time until ALL are
+          stored in Orthanc (its /statistics polled), against dcmsend straight to Orthanc.
+          Target: direct time / adapter time >= 1.0.
+  p2:     one association, dcmsend of N CT instances, dicom-import -> a proxy adding
+          --delay-ms to every request -> Orthanc: synchronous (no spool) against
+          --auto_ack_cstore, instances/s as the sender sees them. Target with the spool >= 150.
+
+Usage: python bench/bench_spool.py [--only matrix,p1,p2] [--instances 200] [--reps 3]
+                                   [--batches 1,5,10,20] [--concurrency 1,4] [--delay-ms 100]
+                                   [--batch N (p1/p2: --spool_upload_batch, default: the flag's)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pydicom import dcmread
+from tests.faults.fault_proxy import FaultProxy
+from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, proc_status
+
+from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
+from dicom_adapter.importer.store import StoreService
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.uploader import SpoolUploader
+
+POLL = 0.01
+DEFAULT_BATCH = ImporterSettings.model_fields["spool_upload_batch"].default
+DEFAULT_BATCH_BYTES = ImporterSettings.model_fields["spool_upload_batch_bytes"].default
+
+
+def wait_stored(orthanc: Orthanc, expected: int, timeout: float = 300.0) -> None:
+    """Poll Orthanc's instance count until `expected` (raises after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while (stored := orthanc.count_instances()) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {stored} of {expected} instances stored in Orthanc")
+        time.sleep(POLL)
+
+
+def send(port: int, aet: str, folder: Path) -> float:
+    """Seconds for one dcmsend of `folder` over one association; fails loudly."""
+    started = time.perf_counter()
+    result = dcmsend("127.0.0.1", port, aet, [folder], timeout=1800)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"dcmsend failed ({result.returncode}): {result.stderr[-2000:]}")
+    return elapsed
+
+
+# ------------------------------------------------------------------------------------ matrix
+
+
+def fill_spool(root: Path, series: list[Path]) -> None:
+    """Queue copies of the series in a new spool, as received instances are committed."""
+    spool = LocalSpool(root, headroom_bytes=0)
+    try:
+        for path in series:
+            copy = spool.incoming / path.name
+            shutil.copyfile(path, copy)
+            spool.commit(copy, str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+    finally:
+        spool.close()
+
+
+async def upload_all(root: Path, dicomweb_url: str, batch: int, concurrency: int) -> float:
+    """Seconds the uploader takes to empty the spool's queue into the upstream."""
+    spool = LocalSpool(root, headroom_bytes=0)
+    http = make_http_client(timeout=60.0)
+    store = StoreService(
+        DicomwebClient(http, RetryPolicy()),
+        stow_url=dicomweb_url + "/studies",
+        dicomweb_root=dicomweb_url,
+        overwrite=False,
+    )
+    uploader = SpoolUploader(
+        spool,
+        store,
+        ImportMetrics(MetricsRegistry()),
+        concurrency=concurrency,
+        retries=0,
+        min_delay=0.1,
+        max_delay=1.0,
+        batch=batch,
+        batch_bytes=DEFAULT_BATCH_BYTES,
+    )
+    try:
+        started = time.perf_counter()
+        await uploader.start()
+        while spool.depth():
+            await asyncio.sleep(POLL)
+        elapsed = time.perf_counter() - started
+    finally:
+        await uploader.stop()
+        await http.aclose()
+        spool.close()
+    if list(spool.failed.iterdir()):
+        raise RuntimeError("instances failed to upload: see " + str(spool.failed))
+    return elapsed
+
+
+def run_matrix(
+    work: Path, series: list[Path], reps: int, batches: list[int], concurrencies: list[int]
+) -> dict[str, object]:
+    """Wall time, and CPU per instance of Orthanc and of the uploader (less load-sensitive)."""
+    combos = [(b, c) for c in concurrencies for b in batches]
+    seconds: dict[tuple[int, int], list[float]] = {combo: [] for combo in combos}
+    orthanc_cpu: dict[tuple[int, int], list[float]] = {combo: [] for combo in combos}
+    own_cpu: dict[tuple[int, int], list[float]] = {combo: [] for combo in combos}
+    n = len(series)
+    for rep in range(reps):
+        shift = rep % len(combos)
+        for batch, concurrency in combos[shift:] + combos[:shift]:
+            combo = (batch, concurrency)
+            root = work / f"spool-{rep}-{batch}-{concurrency}"
+            fill_spool(root, series)
+            with Orthanc() as orthanc:
+                assert orthanc.proc is not None
+                before = proc_status(orthanc.proc.pid).cpu_seconds
+                mine = time.process_time()
+                elapsed = asyncio.run(upload_all(root, orthanc.dicomweb_url, batch, concurrency))
+                own_cpu[combo].append((time.process_time() - mine) * 1e3 / n)
+                orthanc_cpu[combo].append(
+                    (proc_status(orthanc.proc.pid).cpu_seconds - before) * 1e3 / n
+                )
+                if orthanc.count_instances() != n:
+                    raise RuntimeError("Orthanc does not hold every uploaded instance")
+            shutil.rmtree(root)
+            seconds[combo].append(elapsed)
+            print(
+                f"rep {rep}: batch {batch:2d} x concurrency {concurrency}: {elapsed:.2f} s"
+                f" ({n / elapsed:.0f} inst/s), CPU per instance: Orthanc"
+                f" {orthanc_cpu[combo][-1]:.1f} ms, uploader {own_cpu[combo][-1]:.1f} ms",
+                flush=True,
+            )
+    table = {
+        f"batch{b}_conc{c}": {
+            "inst_per_s_median": round(n / statistics.median(seconds[(b, c)]), 1),
+            "inst_per_s_all": [round(n / s, 1) for s in seconds[(b, c)]],
+            "orthanc_cpu_ms_per_inst": round(statistics.median(orthanc_cpu[(b, c)]), 2),
+            "uploader_cpu_ms_per_inst": round(statistics.median(own_cpu[(b, c)]), 2),
+        }
+        for b, c in combos
+    }
+    return {"matrix": table}
+
+
+# ---------------------------------------------------------------------------------------- p1
+
+
+def spool_flags(spool: Path, batch: int | None) -> list[str]:
+    flags = [
+        f"--persistent_file_storage_location={spool}",
+        "--auto_ack_cstore",
+        "--persistent_file_upload_retry_amount=5",
+    ]
+    return flags + ([f"--spool_upload_batch={batch}"] if batch else [])
+
+
+def run_p1(work: Path, folder: Path, count: int, reps: int, batch: int | None) -> dict[str, object]:
+    direct: list[float] = []
+    adapter: list[float] = []
+    for rep in range(reps):
+        for which in ["direct", "adapter"] if rep % 2 == 0 else ["adapter", "direct"]:
+            with Orthanc() as orthanc:
+                if which == "direct":
+                    direct.append(send(orthanc.dicom_port, orthanc.aet, folder))
+                    wait_stored(orthanc, count, timeout=0)
+                    print(f"rep {rep}: P1 direct  {direct[-1]:.2f} s", flush=True)
+                    continue
+                spool = work / f"p1-spool-{rep}"
+                with Importer(orthanc.dicomweb_url, *spool_flags(spool, batch)) as importer:
+                    started = time.perf_counter()
+                    sent = send(importer.port, importer.aet, folder)
+                    wait_stored(orthanc, count)
+                    adapter.append(time.perf_counter() - started)
+                shutil.rmtree(spool)
+                print(
+                    f"rep {rep}: P1 adapter {adapter[-1]:.2f} s until all stored"
+                    f" (dcmsend done after {sent:.2f} s)",
+                    flush=True,
+                )
+    ratios = [d / a for d, a in zip(direct, adapter, strict=True)]
+    return {
+        "p1_direct_seconds_median": round(statistics.median(direct), 3),
+        "p1_adapter_seconds_median": round(statistics.median(adapter), 3),
+        "p1_ratio_per_rep": [round(r, 3) for r in ratios],
+        "p1_ratio_median": round(statistics.median(ratios), 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------- p2
+
+
+def run_p2(
+    work: Path, folder: Path, count: int, reps: int, delay: float, batch: int | None
+) -> dict[str, object]:
+    sync: list[float] = []
+    acked: list[float] = []
+    stored: list[float] = []
+    for rep in range(reps):
+        for which in ["sync", "auto_ack"] if rep % 2 == 0 else ["auto_ack", "sync"]:
+            with Orthanc() as orthanc, FaultProxy("127.0.0.1", orthanc.http_port) as proxy:
+                proxy.delay = delay
+                upstream = proxy.url + "/dicom-web"
+                if which == "sync":
+                    with Importer(upstream) as importer:
+                        sync.append(send(importer.port, importer.aet, folder))
+                    wait_stored(orthanc, count, timeout=0)
+                    print(f"rep {rep}: P2 synchronous {count / sync[-1]:.1f} inst/s", flush=True)
+                    continue
+                spool = work / f"p2-spool-{rep}"
+                with Importer(upstream, *spool_flags(spool, batch)) as importer:
+                    started = time.perf_counter()
+                    acked.append(send(importer.port, importer.aet, folder))
+                    wait_stored(orthanc, count)
+                    stored.append(time.perf_counter() - started)
+                shutil.rmtree(spool)
+                print(
+                    f"rep {rep}: P2 auto-ack {count / acked[-1]:.1f} inst/s acknowledged,"
+                    f" all stored after {stored[-1]:.2f} s",
+                    flush=True,
+                )
+    ratios = [s / a for s, a in zip(sync, acked, strict=True)]
+    return {
+        "p2_delay_ms": round(delay * 1000),
+        "p2_sync_inst_per_s_median": round(count / statistics.median(sync), 1),
+        "p2_auto_ack_inst_per_s_median": round(count / statistics.median(acked), 1),
+        "p2_auto_ack_inst_per_s_all": [round(count / a, 1) for a in acked],
+        "p2_auto_ack_all_stored_seconds_median": round(statistics.median(stored), 3),
+        "p2_speedup_per_rep": [round(r, 1) for r in ratios],
+    }
+
+
+def number(value: object) -> float:
+    if not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="matrix,p1,p2")
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batches", default="1,5,10,20")
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--delay-ms", type=float, default=100.0)
+    parser.add_argument("--batch", type=int, default=None, help="p1/p2 --spool_upload_batch")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if not parts <= {"matrix", "p1", "p2"}:
+        parser.error("--only takes matrix, p1, p2")
+
+    results: dict[str, object] = {
+        "instances": args.instances,
+        "reps": args.reps,
+        "spool_upload_batch": args.batch or DEFAULT_BATCH,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-spool-") as tmp:
+        work = Path(tmp)
+        folder = work / "ct"
+        series = generate_ct_series(folder, args.instances, rows=512, cols=512)
+        mb = sum(p.stat().st_size for p in series) / 1e6
+        print(f"{args.instances} CT instances, {mb:.0f} MB", flush=True)
+        if "matrix" in parts:
+            batches = [int(b) for b in args.batches.split(",")]
+            concurrencies = [int(c) for c in args.concurrency.split(",")]
+            results.update(run_matrix(work, series, args.reps, batches, concurrencies))
+        if "p1" in parts:
+            results.update(run_p1(work, folder, args.instances, args.reps, args.batch))
+        if "p2" in parts:
+            delay = args.delay_ms / 1000
+            results.update(run_p2(work, folder, args.instances, args.reps, delay, args.batch))
+
+    print(json.dumps(results, indent=2))
+    missed = []
+    if "p1" in parts and number(results["p1_ratio_median"]) < 1.0:
+        missed.append("P1 ratio >= 1.0")
+    if "p2" in parts and number(results["p2_auto_ack_inst_per_s_median"]) < 150:
+        missed.append("P2 auto-ack >= 150 inst/s")
+    print("TARGETS MISSED: " + ", ".join(missed) if missed else "targets met")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
