@@ -16,7 +16,6 @@ from tests.unit.test_spool import ScriptedStore
 
 from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool import uploader as uploader_module
 from dicom_adapter.spool.command import main
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -132,7 +131,7 @@ def test_running_uploader_adopts_requeued_items(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Items requeued while the uploader runs are uploaded without a restart, each once."""
-    monkeypatch.setattr(uploader_module, "RESCAN_SECONDS", 0.02)
+    monkeypatch.setattr(LocalSpool, "rescan_seconds", 0.02)
     spool = failed_spool(tmp_path, {"1.2.3": 3})
     store = ScriptedStore([StoreOutcome(Status.SUCCESS)])
     uploaded: list[str] = []

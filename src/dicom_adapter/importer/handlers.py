@@ -41,7 +41,7 @@ from dicom_adapter.importer.move import (
 from dicom_adapter.importer.prepare import Preparation
 from dicom_adapter.importer.store import StoreService, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.base import Spool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status, is_failure_code, is_stored, is_warning_code
 
@@ -96,7 +96,7 @@ class AssociationCleanup:
 class SpoolIntake:
     """With --persistent_file_storage_location: where C-STORE data sets go once received."""
 
-    def __init__(self, spool: LocalSpool, uploader: SpoolUploader, *, auto_ack: bool) -> None:
+    def __init__(self, spool: Spool, uploader: SpoolUploader, *, auto_ack: bool) -> None:
         self.spool = spool
         self.uploader = uploader
         self.auto_ack = auto_ack
@@ -179,10 +179,12 @@ class CStoreHandler:
             return int(Status.PROCESSING_FAILURE)
 
     def _spooled(self, intake: SpoolIntake, path: Path, fields: dict[str, str]) -> int:
-        """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
+        """fsync + rename into queue/ (or the gs:// object write), then success (auto-ack)
+        or the STOW's own status.
 
         Nothing is acknowledged that is not durable: a volume below the headroom, or a failed
-        fsync or rename, answers 0xA700 (retry later).
+        fsync, rename or object write, answers 0xA700 (retry later). This runs on pynetdicom's
+        thread, never on the event loop, so the blocking commit is fine here.
         """
         spool = intake.spool
         if not spool.has_room():

@@ -8,23 +8,22 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from dicom_adapter.errors import AdapterError, InvalidDatasetError
 from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics
-from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.base import Spool, name_sop_instance_uid
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
 
 BODY_EXCERPT_CHARS = 500
-RESCAN_SECONDS = 1.0  # how often queue/ is checked for items put there by `dicom-spool requeue`
 
 
 @dataclass
 class _Item:
-    path: Path
+    path: PurePath
     attempts: int = 0
     waiting: bool = False  # a retry timer holds it
     study_uid: str = ""
@@ -39,11 +38,13 @@ class SpoolUploader:
     """`concurrency` workers STOW queued instances; each instance retries on its own timer.
 
     An instance waiting for its next attempt holds no worker, so it never blocks the others.
+    Memory: a worker streams one instance from a local file (a gs:// item is downloaded to a
+    scratch file first), so uploads hold at most one instance per worker on disk, none in RAM.
     """
 
     def __init__(
         self,
-        spool: LocalSpool,
+        spool: Spool,
         store: StoreService,
         metrics: ImportMetrics,
         *,
@@ -97,17 +98,17 @@ class SpoolUploader:
                 await task
         self._workers, self._rescan_task = [], None
 
-    def enqueue_threadsafe(self, path: Path) -> None:
+    def enqueue_threadsafe(self, path: PurePath) -> None:
         """Queue a committed instance for upload (from a pynetdicom thread)."""
         if self._loop is None:
             raise RuntimeError("uploader not started")
         self._loop.call_soon_threadsafe(self._adopt, path)
 
-    def _adopt(self, path: Path) -> None:
+    def _adopt(self, path: PurePath) -> None:
         self._known.add(path.name)
         self._queue.put_nowait(_Item(path))
 
-    async def upload_now(self, path: Path, identity: InstanceIdentity) -> int:
+    async def upload_now(self, path: PurePath, identity: InstanceIdentity) -> int:
         """Synchronous mode: one STOW for the waiting C-STORE; the file leaves queue/ after it.
 
         Whatever the answer, the sender is told it and owns any retry; only a crash before
@@ -115,9 +116,13 @@ class SpoolUploader:
         """
         self._known.add(path.name)  # the rescan must not upload it a second time
         try:
-            return await self._store.store(path, identity)
+            local = await asyncio.to_thread(self._spool.materialize, path)
+            try:
+                return await self._store.store(local, identity)
+            finally:
+                await asyncio.to_thread(self._spool.release, path, local)
         finally:
-            self._spool.delivered(path)
+            await asyncio.to_thread(self._spool.delivered, path)
             self._known.discard(path.name)
 
     async def _rescan(self) -> None:
@@ -128,7 +133,7 @@ class SpoolUploader:
         """
         unannounced: set[str] = set()
         while True:
-            await asyncio.sleep(RESCAN_SECONDS)
+            await asyncio.sleep(self._spool.rescan_seconds)
             seen: set[str] = set()
             for path in await asyncio.to_thread(self._spool.queued):
                 if path.name in self._known:
@@ -160,17 +165,15 @@ class SpoolUploader:
         item.attempts += 1
         item.waiting = False
         try:
-            identity = await asyncio.to_thread(read_identity, item.path)
-            item.study_uid = identity.study_uid
-        except InvalidDatasetError as exc:
-            if not item.path.exists():  # an operator removed it
-                return
-            await self._retry_or_fail(item, StoreOutcome(int(exc.status), 0, str(exc)), retry=False)
+            local = await asyncio.to_thread(self._spool.materialize, item.path)
+        except FileNotFoundError:  # an operator removed or moved it
             return
         try:
-            outcome = await self._store.store_outcome(item.path, identity, may_exist=True)
-        except AdapterError as exc:
-            outcome = StoreOutcome(int(exc.status), 0, str(exc))
+            outcome = await self._upload(item, local)
+        finally:
+            await asyncio.to_thread(self._spool.release, item.path, local)
+        if outcome is None:
+            return
         if is_stored(outcome.status):
             await asyncio.to_thread(self._spool.delivered, item.path)
             return
@@ -178,6 +181,21 @@ class SpoolUploader:
             outcome.status == Status.OUT_OF_RESOURCES or outcome.http_status in self._retry_codes
         )
         await self._retry_or_fail(item, outcome, retry=transient)
+
+    async def _upload(self, item: _Item, local: Path) -> StoreOutcome | None:
+        """One STOW of the item's local file; None when the file vanished meanwhile."""
+        try:
+            identity = await asyncio.to_thread(read_identity, local)
+            item.study_uid = identity.study_uid
+        except InvalidDatasetError as exc:
+            if not local.exists():  # an operator removed it
+                return None
+            await self._retry_or_fail(item, StoreOutcome(int(exc.status), 0, str(exc)), retry=False)
+            return None
+        try:
+            return await self._store.store_outcome(local, identity, may_exist=True)
+        except AdapterError as exc:
+            return StoreOutcome(int(exc.status), 0, str(exc))
 
     async def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
         item.waiting = retry and item.attempts <= self._retries
@@ -195,7 +213,7 @@ class SpoolUploader:
             self._timers.add(timer)
             return
         reason = {
-            "sop_instance_uid": item.path.stem.split("-", 2)[-1],
+            "sop_instance_uid": name_sop_instance_uid(item.path.name),
             "study_instance_uid": item.study_uid or None,
             "dimse_status": f"0x{outcome.status:04X}",
             "http_status": outcome.http_status,
