@@ -493,7 +493,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
         (["--dimse_aet=ABCDEFGHIJKLMNOPQ", f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
         ([f"--dicomweb_address={ADDRESS}"], "dimse_aet"),
         (
-            [*BASE, "--persistent_file_storage_location=gs://bucket/prefix"],
+            [*BASE, "--persistent_file_storage_location=gs:///prefix"],
             "persistent_file_storage_location",
         ),
     ],
@@ -551,10 +551,30 @@ def test_local_spool_flags_are_supported(tmp_path: Path) -> None:
     assert settings.spool_free_space_headroom == 1 << 30
 
 
-def test_gs_spool_is_not_supported_yet() -> None:
-    error = config_error([*BASE, "--persistent_file_storage_location=gs://bucket/prefix"])
+def test_gs_spool_flags_are_supported() -> None:
+    settings = parse(
+        [
+            *BASE,
+            "--persistent_file_storage_location=gs://bucket/prefix",
+            "--gcs_backup_project_id=my-project",
+            "--auto_ack_cstore",
+        ]
+    )
+    assert settings.persistent_file_storage_location == "gs://bucket/prefix"
+    assert settings.gcs_backup_project_id == "my-project"
+
+
+@pytest.mark.parametrize("location", ["gs://", "gs:///prefix", "gs://bucket/a/../b"])
+def test_bad_gs_location_is_refused(location: str) -> None:
+    error = config_error([*BASE, f"--persistent_file_storage_location={location}"])
     assert error.flag == "persistent_file_storage_location"
-    assert "not supported yet" in str(error)
+
+
+def test_gcs_project_needs_a_gs_spool(tmp_path: Path) -> None:
+    error = config_error(
+        [*BASE, f"--persistent_file_storage_location={tmp_path}", "--gcs_backup_project_id=p"]
+    )
+    assert error.flag == "gcs_backup_project_id"
 
 
 def test_auto_ack_needs_a_spool() -> None:

@@ -19,6 +19,7 @@ from dicom_adapter.config.common import (
     valid_aet,
     valid_metrics_port,
 )
+from dicom_adapter.spool.gcs import GcsLocation
 
 GOOGLE_HOST = "healthcare.googleapis.com"
 GOOGLE_DICOMWEB = re.compile(
@@ -79,9 +80,12 @@ class ImporterSettings(CommonSettings):
     persistent_file_storage_location: str = Field(
         "",
         description="Spool directory for durable store-and-forward: every C-STORE is fsynced "
-        "there before anything else, uploaded from there, kept until stored (gs:// not yet).",
+        "there before anything else, uploaded from there, kept until stored; or "
+        "gs://bucket/prefix (Cloud Storage, one prefix per replica: env HOSTNAME).",
     )
-    gcs_backup_project_id: str = later_flag("", "Google Cloud project of the gs:// spool.")
+    gcs_backup_project_id: str = Field(
+        "", description="Google Cloud project of the gs:// spool's Cloud Storage client."
+    )
     persistent_file_upload_retry_amount: int = Field(
         0, description="Upload retries for spooled instances before they move to failed/."
     )
@@ -228,8 +232,13 @@ class ImporterSettings(CommonSettings):
             )
         location = self.persistent_file_storage_location
         if location.startswith("gs://"):
+            try:
+                GcsLocation.parse(location)
+            except ValueError as exc:
+                problems.append(("persistent_file_storage_location", str(exc)))
+        elif self.gcs_backup_project_id:
             problems.append(
-                ("persistent_file_storage_location", "gs:// spools are not supported yet")
+                ("gcs_backup_project_id", "needs a gs:// --persistent_file_storage_location")
             )
         if self.auto_ack_cstore and not location:
             problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))

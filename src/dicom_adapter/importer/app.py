@@ -43,6 +43,8 @@ from dicom_adapter.importer.prepare import build_preparation
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import Spool
+from dicom_adapter.spool.gcs import GcsLocation, GcsSpool, Storage, is_gcs, replica_name
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 
@@ -66,7 +68,7 @@ class ImportService:
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
         self._spool: CStoreSpool | None = None
-        self._local_spool: LocalSpool | None = None
+        self._local_spool: Spool | None = None
         self._uploader: SpoolUploader | None = None
         self._registry = MetricsRegistry()
         self.metrics = ImportMetrics(self._registry)
@@ -183,15 +185,24 @@ class ImportService:
             allowed_calling_aets=settings.allowed_calling_aet_list,
         )
         metrics = self.metrics
-        intake = (
-            await self._open_local_spool(store)
-            if settings.persistent_file_storage_location
-            else None
-        )
-        # C-STORE data sets spool in a directory of this run; stale runs' files are swept
-        # (inside the durable spool when there is one: a rename moves a file into its queue)
-        incoming = intake.spool.incoming if intake is not None else None
-        self._spool = spool = await asyncio.to_thread(CStoreSpool, incoming)
+        location = settings.persistent_file_storage_location
+        if is_gcs(location):
+            # received in this run's temp directory, written to Cloud Storage from there
+            self._spool = spool = await asyncio.to_thread(CStoreSpool)
+            try:
+                intake: SpoolIntake | None = await self._open_gcs_spool(store, spool.dir)
+            except BaseException:
+                await self._stop_uploader()
+                await http.aclose()
+                await self._close_spool()
+                await self._stop_health()
+                raise
+        else:
+            intake = await self._open_local_spool(store) if location else None
+            # C-STORE data sets spool in a directory of this run; stale runs' files are swept
+            # (inside the durable spool when there is one: a rename moves a file into its queue)
+            incoming = intake.spool.incoming if intake is not None else None
+            self._spool = spool = await asyncio.to_thread(CStoreSpool, incoming)
         spool.install()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (
@@ -306,6 +317,38 @@ class ImportService:
             Path(settings.persistent_file_storage_location),
             headroom_bytes=settings.spool_free_space_headroom,
         )
+        return await self._start_uploader(local, store, str(local.root), "fsynced")
+
+    async def _open_gcs_spool(self, store: StoreService, scratch: Path) -> SpoolIntake:
+        """The gs:// spool (this replica's prefix) and its uploader; bad access stops startup."""
+        settings = self._settings
+        location = settings.persistent_file_storage_location
+        try:
+            replica = replica_name(self._environ)
+        except ValueError as exc:
+            raise ConfigError("persistent_file_storage_location", str(exc)) from None
+        storage = await asyncio.to_thread(
+            Storage, GcsLocation.parse(location), settings.gcs_backup_project_id
+        )
+        gcs = GcsSpool(
+            storage,
+            replica,
+            scratch=scratch,
+            headroom_bytes=settings.spool_free_space_headroom,
+            keep_received=not settings.auto_ack_cstore,
+        )
+        try:
+            await asyncio.to_thread(gcs.queued)
+        except OSError as exc:
+            raise ConfigError(
+                "persistent_file_storage_location", f"cannot list {gcs.root}: {exc}"
+            ) from None
+        return await self._start_uploader(gcs, store, gcs.root, "written to Cloud Storage")
+
+    async def _start_uploader(
+        self, local: Spool, store: StoreService, where: str, durable: str
+    ) -> SpoolIntake:
+        settings = self._settings
         self.metrics.spool_depth.set_function(local.depth)
         self.metrics.spool_oldest_age.set_function(local.oldest_age)
         uploader = SpoolUploader(
@@ -322,8 +365,8 @@ class ImportService:
         await uploader.start()
         logger.info(
             "spool %s: C-STORE %s",
-            local.root,
-            "acknowledged once fsynced, uploaded in the background"
+            where,
+            f"acknowledged once {durable}, uploaded in the background"
             if settings.auto_ack_cstore
             else "answered after its STOW-RS",
         )
