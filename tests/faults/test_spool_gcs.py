@@ -6,19 +6,21 @@ fault proxy or nothing -> Orthanc; dicom-spool as an operator runs it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from pydicom import dcmread
 
+from dicom_adapter.spool import command
 from dicom_adapter.spool.gcs import RESCAN_SECONDS
 from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
@@ -53,22 +55,24 @@ def objects(gcs: StorageEmulator, name: str, area: str) -> list[str]:
     return [n.rsplit("/", 1)[-1] for n in gcs.names(f"{PREFIX}/{name}/{area}/")]
 
 
-def dicom_spool(gcs: StorageEmulator, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """The console command in pod `name` (a separate process)."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_adapter.spool.command",
-            *args,
-            f"--persistent_file_storage_location={location(gcs)}",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-        env={**os.environ, **gcs.env, "HOSTNAME": name},
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def dicom_spool(gcs: StorageEmulator, name: str, *args: str) -> Ran:
+    """The console command as run in pod `name` (in this process: a new one costs seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    env = {**gcs.env, "HOSTNAME": name}
+    with (
+        mock.patch.dict(os.environ, env),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        code = command.main([*args, f"--persistent_file_storage_location={location(gcs)}"])
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def nowhere() -> str:
@@ -112,9 +116,22 @@ def test_kill_9_then_restart_replays_the_queue_objects(
         assert send(first, instances) == dict.fromkeys(instances, Status.SUCCESS)
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     assert len(objects(gcs, "pod-a", "queue")) == 5
-    with replica(gcs, "pod-a", orthanc.dicomweb_url, log_dir=tmp_path / "l2"):
+    later = new_instances(tmp_path, 1)
+    with replica(gcs, "pod-a", orthanc.dicomweb_url, log_dir=tmp_path / "l2") as second:
         assert_all_in_orthanc(orthanc, instances)
+        # synchronous mode (no --auto_ack_cstore): success once STOW-RS stored it
+        assert send(second, later) == dict.fromkeys(later, Status.SUCCESS)
+        assert all(orthanc.find_instance(uid) is not None for uid in later)
         poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+
+
+def test_failed_object_write_answers_a700(gcs: StorageEmulator, tmp_path: Path) -> None:
+    """Cloud Storage unreachable: nothing is acknowledged, nothing left on the local disk."""
+    instances = new_instances(tmp_path, 1)
+    with replica(gcs, "pod-a", nowhere(), "--auto_ack_cstore", log_dir=tmp_path / "l") as pod:
+        gcs.stop()
+        assert send(pod, instances) == dict.fromkeys(instances, Status.OUT_OF_RESOURCES)
+        assert not list((tmp_path / "tmp-pod-a").rglob("*.dcm"))
 
 
 def test_replicas_keep_to_their_prefix_and_adopt_takes_over_a_gone_one(
@@ -132,7 +149,7 @@ def test_replicas_keep_to_their_prefix_and_adopt_takes_over_a_gone_one(
         assert send(pod_a, of_a) == dict.fromkeys(of_a, Status.SUCCESS)
         assert send(pod_b, of_b) == dict.fromkeys(of_b, Status.SUCCESS)
         assert_all_in_orthanc(orthanc, of_b)
-        time.sleep(2.5 * RESCAN_SECONDS)  # pod-b rescans its queue more than twice meanwhile
+        time.sleep(1.2 * RESCAN_SECONDS)  # pod-b lists its queue/ again meanwhile
         assert len(objects(gcs, "pod-a", "queue")) == 3
         assert all(orthanc.find_instance(uid) is None for uid in of_a)
         shown = dicom_spool(gcs, "pod-b", "status")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -327,8 +328,15 @@ class ImportService:
             replica = replica_name(self._environ)
         except ValueError as exc:
             raise ConfigError("persistent_file_storage_location", str(exc)) from None
+        # object writes are bounded like a STOW: the C-STORE waits for the write
         storage = await asyncio.to_thread(
-            Storage, GcsLocation.parse(location), settings.gcs_backup_project_id
+            functools.partial(
+                Storage,
+                GcsLocation.parse(location),
+                settings.gcs_backup_project_id,
+                timeout=settings.http_timeout,
+                retry_seconds=settings.upstream_retry_deadline,
+            )
         )
         gcs = GcsSpool(
             storage,

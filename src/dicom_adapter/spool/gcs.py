@@ -37,7 +37,8 @@ QUEUE = "queue"
 FAILED = "failed"
 NOTE_SUFFIX = ".json"
 RESCAN_SECONDS = 2.0  # one object listing per replica every 2 s (~43k class A operations/day)
-CALL_TIMEOUT = 20.0  # seconds per Cloud Storage request (connect and read)
+CALL_TIMEOUT = 20.0  # default seconds per Cloud Storage request (connect, and between bytes)
+RETRY_SECONDS = 60.0  # default budget for retrying a Cloud Storage call
 SCRATCH_PREFIX = "cstore-gcs-"  # in importer/cstore_spool.py's run directory: swept with it
 _SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
 
@@ -113,10 +114,23 @@ def translated() -> Iterator[None]:
 
 
 class Storage:
-    """google-cloud-storage clients, one per thread (sharing one credential)."""
+    """google-cloud-storage clients, one per thread (sharing one credential).
 
-    def __init__(self, location: GcsLocation, project: str) -> None:
+    Every call is bounded: `timeout` per request, transient errors retried for at most
+    `retry_seconds` (the library's default would retry an upload for 120 s while a C-STORE
+    waits for its answer).
+    """
+
+    def __init__(
+        self,
+        location: GcsLocation,
+        project: str,
+        *,
+        timeout: float = CALL_TIMEOUT,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
         from google.cloud.storage import Client
+        from google.cloud.storage.retry import DEFAULT_RETRY
 
         self.location = location
         self._project = project or None
@@ -131,6 +145,8 @@ class Storage:
                     "persistent_file_storage_location", f"no Google credentials: {exc}"
                 ) from None
         self._client_class = Client
+        self.timeout = timeout
+        self.retry = DEFAULT_RETRY.with_timeout(retry_seconds)
         self._local = threading.local()
 
     def bucket(self) -> Any:
@@ -144,13 +160,17 @@ class Storage:
     def names(self, prefix: str) -> list[str]:
         """Object names under a prefix (one level: no deeper 'directories')."""
         with translated():
-            blobs = self.bucket().list_blobs(prefix=prefix, delimiter="/", timeout=CALL_TIMEOUT)
+            blobs = self.bucket().list_blobs(
+                prefix=prefix, delimiter="/", timeout=self.timeout, retry=self.retry
+            )
             return [blob.name for blob in blobs]
 
     def subfolders(self, prefix: str) -> list[str]:
         """The names of the 'directories' right under a prefix."""
         with translated():
-            pages = self.bucket().list_blobs(prefix=prefix, delimiter="/", timeout=CALL_TIMEOUT)
+            pages = self.bucket().list_blobs(
+                prefix=prefix, delimiter="/", timeout=self.timeout, retry=self.retry
+            )
             for _ in pages:
                 pass
             return sorted(p.removeprefix(prefix).rstrip("/") for p in pages.prefixes)
@@ -160,7 +180,7 @@ class Storage:
         with translated():
             blob = self.bucket().blob(name)
             blob.upload_from_filename(
-                str(path), content_type="application/dicom", timeout=CALL_TIMEOUT
+                str(path), content_type="application/dicom", timeout=self.timeout, retry=self.retry
             )
 
     def upload_json(self, name: str, value: dict[str, Any]) -> None:
@@ -169,19 +189,24 @@ class Storage:
             self.bucket().blob(name).upload_from_string(
                 json.dumps(value, indent=2, sort_keys=True),
                 content_type="application/json",
-                timeout=CALL_TIMEOUT,
+                timeout=self.timeout,
+                retry=self.retry,
             )
 
     def download(self, name: str, path: Path) -> None:
         """Copy an object to a local file; FileNotFoundError when it is gone."""
         with translated():
-            self.bucket().blob(name).download_to_filename(str(path), timeout=CALL_TIMEOUT)
+            self.bucket().blob(name).download_to_filename(
+                str(path), timeout=self.timeout, retry=self.retry
+            )
 
     def head(self, name: str, size: int) -> bytes:
         """The first `size` bytes of an object."""
         with translated():
             blob = self.bucket().blob(name)
-            data: bytes = blob.download_as_bytes(start=0, end=size - 1, timeout=CALL_TIMEOUT)
+            data: bytes = blob.download_as_bytes(
+                start=0, end=size - 1, timeout=self.timeout, retry=self.retry
+            )
             return data
 
     def read_json(self, name: str) -> dict[str, Any]:
@@ -189,7 +214,9 @@ class Storage:
         try:
             with translated():
                 loaded = json.loads(
-                    self.bucket().blob(name).download_as_bytes(timeout=CALL_TIMEOUT)
+                    self.bucket()
+                    .blob(name)
+                    .download_as_bytes(timeout=self.timeout, retry=self.retry)
                 )
         except (OSError, ValueError):
             return {}
@@ -199,13 +226,15 @@ class Storage:
         """Server-side copy, then delete the source (Cloud Storage has no rename)."""
         with translated():
             bucket = self.bucket()
-            bucket.copy_blob(bucket.blob(source), bucket, target, timeout=CALL_TIMEOUT)
-            bucket.blob(source).delete(timeout=CALL_TIMEOUT)
+            bucket.copy_blob(
+                bucket.blob(source), bucket, target, timeout=self.timeout, retry=self.retry
+            )
+            bucket.blob(source).delete(timeout=self.timeout, retry=self.retry)
 
     def delete(self, name: str) -> None:
         """Delete an object; a missing one is fine."""
         with contextlib.suppress(FileNotFoundError), translated():
-            self.bucket().blob(name).delete(timeout=CALL_TIMEOUT)
+            self.bucket().blob(name).delete(timeout=self.timeout, retry=self.retry)
 
 
 class GcsSpool:
@@ -326,7 +355,13 @@ class GcsSpool:
         bucket = self.storage
         with translated():
             handle = bucket.bucket()
-            handle.copy_blob(handle.blob(str(item)), handle, target, timeout=CALL_TIMEOUT)
+            handle.copy_blob(
+                handle.blob(str(item)),
+                handle,
+                target,
+                timeout=bucket.timeout,
+                retry=bucket.retry,
+            )
         bucket.upload_json(target + NOTE_SUFFIX, reason)
         bucket.delete(str(item))
         self._forget(item)
