@@ -26,7 +26,7 @@ from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
 from tests.faults.spool_rig import assert_all_in_orthanc, new_instances, poll, send, spool_args
 from tests.gcs_emulator import StorageEmulator
-from tests.rig import Importer, Orthanc, free_port
+from tests.rig import Importer, Orthanc, free_port, scrape_metrics
 
 PREFIX = "spool/import"
 
@@ -102,9 +102,13 @@ def test_auto_ack_upstream_down_objects_then_all_delivered_and_prefix_empty(
         # received files are removed once written; uploads hold one download per worker at most
         assert all(name.startswith("cstore-gcs-") for name in local), local
         assert len(local) <= 4
+        assert scrape_metrics(importer.metrics_url)["dicomadapter_import_spool_depth"] == 6
         proxy.clear()
         assert_all_in_orthanc(orthanc, instances)
         poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+        metrics = scrape_metrics(importer.metrics_url)
+        assert metrics["dicomadapter_import_spool_depth"] == 0
+        assert metrics["dicomadapter_import_cstore_backup_errors_total"] == 0
 
 
 def test_kill_9_then_restart_replays_the_queue_objects(

@@ -137,6 +137,7 @@ class Storage:
         self._credentials: Any = None
         if not os.environ.get("STORAGE_EMULATOR_HOST"):
             import google.auth
+            import google.auth.exceptions
 
             try:
                 self._credentials, _ = google.auth.default(scopes=list(_SCOPES))
