@@ -223,14 +223,19 @@ class Storage:
             return {}
         return loaded if isinstance(loaded, dict) else {}
 
-    def move(self, source: str, target: str) -> None:
-        """Server-side copy, then delete the source (Cloud Storage has no rename)."""
+    def copy(self, source: str, target: str) -> None:
+        """Server-side copy; FileNotFoundError when the source is gone."""
         with translated():
             bucket = self.bucket()
             bucket.copy_blob(
                 bucket.blob(source), bucket, target, timeout=self.timeout, retry=self.retry
             )
-            bucket.blob(source).delete(timeout=self.timeout, retry=self.retry)
+
+    def move(self, source: str, target: str) -> None:
+        """Copy, then delete the source (Cloud Storage has no rename)."""
+        self.copy(source, target)
+        with translated():
+            self.bucket().blob(source).delete(timeout=self.timeout, retry=self.retry)
 
     def delete(self, name: str) -> None:
         """Delete an object; a missing one is fine."""
@@ -354,15 +359,7 @@ class GcsSpool:
         """Copy to failed/, write `<name>.json`, delete from queue/; returns the gs:// URL."""
         target = self.failed_prefix + item.name
         bucket = self.storage
-        with translated():
-            handle = bucket.bucket()
-            handle.copy_blob(
-                handle.blob(str(item)),
-                handle,
-                target,
-                timeout=bucket.timeout,
-                retry=bucket.retry,
-            )
+        bucket.copy(str(item), target)
         bucket.upload_json(target + NOTE_SUFFIX, reason)
         bucket.delete(str(item))
         self._forget(item)
