@@ -570,11 +570,12 @@ def test_bad_gs_location_is_refused(location: str) -> None:
     assert error.flag == "persistent_file_storage_location"
 
 
-def test_gcs_project_needs_a_gs_spool(tmp_path: Path) -> None:
-    error = config_error(
+def test_gcs_project_is_accepted_with_a_local_spool(tmp_path: Path) -> None:
+    """The Java adapter's own manifests pass it whatever the location: never a startup error."""
+    settings = parse(
         [*BASE, f"--persistent_file_storage_location={tmp_path}", "--gcs_backup_project_id=p"]
     )
-    assert error.flag == "gcs_backup_project_id"
+    assert settings.gcs_backup_project_id == "p"
 
 
 def test_auto_ack_needs_a_spool() -> None:

@@ -84,7 +84,9 @@ class ImporterSettings(CommonSettings):
         "gs://bucket/prefix (Cloud Storage, one prefix per replica: env HOSTNAME).",
     )
     gcs_backup_project_id: str = Field(
-        "", description="Google Cloud project of the gs:// spool's Cloud Storage client."
+        "",
+        description="Google Cloud project of the gs:// spool's Cloud Storage client "
+        "(ignored with a local spool, as in the Java adapter).",
     )
     persistent_file_upload_retry_amount: int = Field(
         0, description="Upload retries for spooled instances before they move to failed/."
@@ -236,10 +238,6 @@ class ImporterSettings(CommonSettings):
                 GcsLocation.parse(location)
             except ValueError as exc:
                 problems.append(("persistent_file_storage_location", str(exc)))
-        elif self.gcs_backup_project_id:
-            problems.append(
-                ("gcs_backup_project_id", "needs a gs:// --persistent_file_storage_location")
-            )
         if self.auto_ack_cstore and not location:
             problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))
         return problems + super().cross_check()
