@@ -122,8 +122,10 @@ class SpoolUploader:
             finally:
                 await asyncio.to_thread(self._spool.release, path, local)
         finally:
-            await asyncio.to_thread(self._spool.delivered, path)
-            self._known.discard(path.name)
+            try:  # off the loop: a gs:// delete is a network call
+                await asyncio.to_thread(self._spool.delivered, path)
+            finally:
+                self._known.discard(path.name)
 
     async def _rescan(self) -> None:
         """Adopt files that appeared in queue/ unannounced (requeued by an operator).
