@@ -113,6 +113,10 @@ def test_purge_needs_yes_and_can_select_a_study(
         ["frobnicate", "--persistent_file_storage_location=/tmp"],
         ["purge", "--persistent_file_storage_location=/tmp"],  # --failed is required
         ["status", "--persistent_file_storage_location=/nonexistent/spool"],
+        ["adopt", "--persistent_file_storage_location=/tmp", "--from_replica=pod-0"],  # gs:// only
+        ["adopt", "--persistent_file_storage_location=gs://b/p"],  # --from_replica is required
+        ["status", "--persistent_file_storage_location=gs:///p"],  # no bucket
+        ["status", "--persistent_file_storage_location=gs://b/p", "--replica=a/b"],
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(argv: list[str]) -> None:
