@@ -16,7 +16,6 @@ from tests.unit.test_spool import ScriptedStore
 
 from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool import uploader as uploader_module
 from dicom_adapter.spool.command import main
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -114,6 +113,10 @@ def test_purge_needs_yes_and_can_select_a_study(
         ["frobnicate", "--persistent_file_storage_location=/tmp"],
         ["purge", "--persistent_file_storage_location=/tmp"],  # --failed is required
         ["status", "--persistent_file_storage_location=/nonexistent/spool"],
+        ["adopt", "--persistent_file_storage_location=/tmp", "--from_replica=pod-0"],  # gs:// only
+        ["adopt", "--persistent_file_storage_location=gs://b/p"],  # --from_replica is required
+        ["status", "--persistent_file_storage_location=gs:///p"],  # no bucket
+        ["status", "--persistent_file_storage_location=gs://b/p", "--replica=a/b"],
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(argv: list[str]) -> None:
@@ -132,7 +135,7 @@ def test_running_uploader_adopts_requeued_items(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Items requeued while the uploader runs are uploaded without a restart, each once."""
-    monkeypatch.setattr(uploader_module, "RESCAN_SECONDS", 0.02)
+    monkeypatch.setattr(LocalSpool, "rescan_seconds", 0.02)
     spool = failed_spool(tmp_path, {"1.2.3": 3})
     store = ScriptedStore([StoreOutcome(Status.SUCCESS)])
     uploaded: list[str] = []

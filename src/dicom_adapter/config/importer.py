@@ -16,7 +16,6 @@ from dicom_adapter.config.common import (
     NEW,
     CommonSettings,
     check_http_url,
-    later_flag,
     new_flag,
     valid_aet,
     valid_metrics_port,
@@ -31,6 +30,7 @@ from dicom_adapter.dicom.transcode import CODECS_INSTALL
 from dicom_adapter.dicom.transcode import DEFAULT_MAX_BYTES as DEFAULT_TRANSCODE_MAX_BYTES
 from dicom_adapter.dicom.transcode import DEFAULT_MAX_SECONDS as DEFAULT_TRANSCODE_MAX_SECONDS
 from dicom_adapter.dicom.transcode import TARGETS as TRANSCODE_TARGETS
+from dicom_adapter.spool.gcs import GcsLocation
 
 GOOGLE_HOST = "healthcare.googleapis.com"
 GOOGLE_DICOMWEB = re.compile(
@@ -120,9 +120,14 @@ class ImporterSettings(CommonSettings):
     persistent_file_storage_location: str = Field(
         "",
         description="Spool directory for durable store-and-forward: every C-STORE is fsynced "
-        "there before anything else, uploaded from there, kept until stored (gs:// not yet).",
+        "there before anything else, uploaded from there, kept until stored; or "
+        "gs://bucket/prefix (Cloud Storage, one prefix per replica: env HOSTNAME).",
     )
-    gcs_backup_project_id: str = later_flag("", "Google Cloud project of the gs:// spool.")
+    gcs_backup_project_id: str = Field(
+        "",
+        description="Google Cloud project of the gs:// spool's Cloud Storage client "
+        "(ignored with a local spool, as in the Java adapter).",
+    )
     persistent_file_upload_retry_amount: int = Field(
         0, description="Upload retries for spooled instances before they move to failed/."
     )
@@ -316,9 +321,10 @@ class ImporterSettings(CommonSettings):
             )
         location = self.persistent_file_storage_location
         if location.startswith("gs://"):
-            problems.append(
-                ("persistent_file_storage_location", "gs:// spools are not supported yet")
-            )
+            try:
+                GcsLocation.parse(location)
+            except ValueError as exc:
+                problems.append(("persistent_file_storage_location", str(exc)))
         if self.auto_ack_cstore and not location:
             problems.append(("auto_ack_cstore", "needs --persistent_file_storage_location"))
         if self.send_to_all_matching_destinations and not location:

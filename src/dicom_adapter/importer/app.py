@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import ssl
@@ -56,6 +57,8 @@ from dicom_adapter.importer.store import InstanceStore, StoreService
 from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import Spool
+from dicom_adapter.spool.gcs import GcsLocation, GcsSpool, Storage, is_gcs, replica_name
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 
@@ -79,7 +82,7 @@ class ImportService:
         self._http: httpx.AsyncClient | None = None
         self._bridge: Bridge | None = None
         self._spool: CStoreSpool | None = None
-        self._local_spool: LocalSpool | None = None
+        self._local_spool: Spool | None = None
         self._uploader: SpoolUploader | None = None
         self._registry = MetricsRegistry(process=True)
         self.metrics = ImportMetrics(self._registry)
@@ -240,18 +243,27 @@ class ImportService:
             allowed_calling_aets=settings.allowed_calling_aet_list,
         )
         metrics = self.metrics
-        intake = (
-            await self._open_local_spool(store)
-            if settings.persistent_file_storage_location
-            else None
-        )
-        # C-STORE data sets spool in a directory of this run; stale runs' files are swept
-        # (inside the durable spool when there is one: a rename moves a file into its queue)
-        incoming = intake.spool.incoming if intake is not None else None
-        counter = intake.spool.add_incoming if intake is not None else None
-        self._spool = spool = await asyncio.to_thread(
-            lambda: CStoreSpool(incoming, on_bytes=counter)
-        )
+        location = settings.persistent_file_storage_location
+        if is_gcs(location):
+            # received in this run's temp directory, written to Cloud Storage from there
+            self._spool = spool = await asyncio.to_thread(CStoreSpool)
+            try:
+                intake: SpoolIntake | None = await self._open_gcs_spool(store, spool.dir)
+            except BaseException:
+                await self._stop_uploader()
+                await http.aclose()
+                await self._close_spool()
+                await self._stop_health()
+                raise
+        else:
+            intake = await self._open_local_spool(store) if location else None
+            # C-STORE data sets spool in a directory of this run; stale runs' files are swept
+            # (inside the durable spool when there is one: a rename moves a file into its queue)
+            incoming = intake.spool.incoming if intake is not None else None
+            counter = intake.spool.add_incoming if intake is not None else None
+            self._spool = spool = await asyncio.to_thread(
+                lambda: CStoreSpool(incoming, on_bytes=counter)
+            )
         spool.install()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (
@@ -461,6 +473,45 @@ class ImportService:
             headroom_bytes=settings.spool_free_space_headroom,
             max_bytes=settings.spool_max_bytes,
         )
+        return await self._start_uploader(local, store, str(local.root), "fsynced")
+
+    async def _open_gcs_spool(self, store: StoreService, scratch: Path) -> SpoolIntake:
+        """The gs:// spool (this replica's prefix) and its uploader; bad access stops startup."""
+        settings = self._settings
+        location = settings.persistent_file_storage_location
+        try:
+            replica = replica_name(self._environ)
+        except ValueError as exc:
+            raise ConfigError("persistent_file_storage_location", str(exc)) from None
+        # object writes are bounded like a STOW: the C-STORE waits for the write
+        storage = await asyncio.to_thread(
+            functools.partial(
+                Storage,
+                GcsLocation.parse(location),
+                settings.gcs_backup_project_id,
+                timeout=settings.http_timeout,
+                retry_seconds=settings.upstream_retry_deadline,
+            )
+        )
+        gcs = GcsSpool(
+            storage,
+            replica,
+            scratch=scratch,
+            headroom_bytes=settings.spool_free_space_headroom,
+            keep_received=not settings.auto_ack_cstore,
+        )
+        try:
+            await asyncio.to_thread(gcs.queued)
+        except OSError as exc:
+            raise ConfigError(
+                "persistent_file_storage_location", f"cannot list {gcs.root}: {exc}"
+            ) from None
+        return await self._start_uploader(gcs, store, gcs.root, "written to Cloud Storage")
+
+    async def _start_uploader(
+        self, local: Spool, store: StoreService, where: str, durable: str
+    ) -> SpoolIntake:
+        settings = self._settings
         self.metrics.spool_depth.set_function(local.depth)
         self.metrics.spool_oldest_age.set_function(local.oldest_age)
         uploader = SpoolUploader(
@@ -478,14 +529,15 @@ class ImportService:
         self._local_spool, self._uploader = local, uploader
         await uploader.start()
         destinations = None
-        # also without routing rules: queues an earlier run's rules left are still uploaded
-        left = await asyncio.to_thread(recorded_destinations, local.root)
-        if len(self._routing) > 0 or left:
-            destinations = await self._open_destination_spools(local, uploader, store)
+        if isinstance(local, LocalSpool):  # routing is refused with a gs:// spool
+            # also without routing rules: queues an earlier run's rules left are still uploaded
+            left = await asyncio.to_thread(recorded_destinations, local.root)
+            if len(self._routing) > 0 or left:
+                destinations = await self._open_destination_spools(local, uploader, store)
         logger.info(
             "spool %s: C-STORE %s",
-            local.root,
-            "acknowledged once fsynced, uploaded in the background"
+            where,
+            f"acknowledged once {durable}, uploaded in the background"
             if settings.auto_ack_cstore
             else "answered after its STOW-RS",
         )

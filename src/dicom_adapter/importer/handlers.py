@@ -43,7 +43,7 @@ from dicom_adapter.importer.prepare import Preparation
 from dicom_adapter.importer.routing import Destination
 from dicom_adapter.importer.store import InstanceIdentity, StoreService, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.base import Spool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status, is_failure_code, is_stored, is_warning_code
 
@@ -113,7 +113,7 @@ class SpoolIntake:
 
     def __init__(
         self,
-        spool: LocalSpool,
+        spool: Spool,
         uploader: SpoolUploader,
         *,
         auto_ack: bool,
@@ -231,10 +231,12 @@ class CStoreHandler:
         fields: dict[str, str],
         chosen: list[Destination] | None = None,
     ) -> tuple[int, str]:
-        """fsync + rename into queue/, then success (auto-ack) or the STOW's own status.
+        """fsync + rename into queue/ (or the gs:// object write), then success (auto-ack)
+        or the STOW's own status.
 
         Nothing is acknowledged that is not durable: a volume below the headroom, a spool at
-        its byte cap, or a failed fsync or rename (ENOSPC) answers 0xA700 (retry later).
+        its byte cap, or a failed fsync, rename (ENOSPC) or object write answers 0xA700 (retry
+        later). This runs on pynetdicom's thread, never on the event loop.
         """
         spool = intake.spool
         size = path.stat().st_size

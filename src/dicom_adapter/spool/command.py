@@ -3,6 +3,7 @@
 Safe while dicom-import runs: it never takes `.owner.lock`; it only renames within the spool
 (atomic on one filesystem) and unlinks failed items, which the uploader no longer touches.
 A requeued item gets a new queue name; the running uploader adopts it on its next rescan.
+A gs://bucket/prefix location is handled by spool/gcs_command.py (plus `adopt`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
 from pydicom.errors import InvalidDicomError
@@ -95,7 +96,7 @@ def failed_items(root: Path) -> list[FailedItem]:
     return [FailedItem(p, _load_reason(p.with_name(p.name + ".json"))) for p in found]
 
 
-def _age(path: Path, now_ns: int) -> str:
+def _age(path: PurePath, now_ns: int) -> str:
     ns = arrival_ns(path)
     if ns is None:
         return "?"
@@ -143,13 +144,7 @@ def status(root: Path) -> int:
             f"--persistent_file_storage_location={directory})"
         )
     for item in failed[:SHOWN_FAILED]:
-        why = item.reason
-        print(
-            f"failed {item.path.name} ({_age(item.path, now)} old): "
-            f"HTTP {why.get('http_status', '?')} -> {why.get('dimse_status', '?')} "
-            f"after {why.get('attempts', '?')} attempts, at {why.get('failed_at', '?')}: "
-            f"{_one_line(why.get('body_excerpt', 'no reason file'))}"
-        )
+        print_failed(item.path, item.reason, now)
     return 0
 
 
@@ -164,6 +159,16 @@ def _destination_text(directory: Path) -> str:
     if isinstance(data, dict):
         return f"{data.get('name')}@{data.get('host')}:{data.get('port')}"
     return "unknown"
+
+
+def print_failed(path: PurePath, why: dict[str, Any], now_ns: int) -> None:
+    """One line per failed item: its age and the reason the uploader recorded."""
+    print(
+        f"failed {path.name} ({_age(path, now_ns)} old): "
+        f"HTTP {why.get('http_status', '?')} -> {why.get('dimse_status', '?')} "
+        f"after {why.get('attempts', '?')} attempts, at {why.get('failed_at', '?')}: "
+        f"{_one_line(why.get('body_excerpt', 'no reason file'))}"
+    )
 
 
 def _selected(root: Path, study_uid: str | None) -> list[FailedItem]:
@@ -216,16 +221,31 @@ def purge_failed(root: Path, study_uid: str | None, *, yes: bool) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Inspect and repair a dicom-import spool directory.")
+    parser = _Parser(
+        prog=PROG, description="Inspect and repair a dicom-import spool (directory or gs://)."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in (
         ("status", "counts, oldest ages and the oldest failed items with their reason"),
         ("requeue", "move failed instances back into the upload queue"),
         ("purge", "delete failed instances"),
+        ("adopt", "gs:// only: move a gone replica's queued and failed items to this replica"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--persistent_file_storage_location", required=True, metavar="DIR")
-        if name != "status":
+        sub.add_argument(
+            "--persistent_file_storage_location", required=True, metavar="DIR|gs://BUCKET/PREFIX"
+        )
+        sub.add_argument(
+            "--replica",
+            metavar="NAME",
+            help="gs:// only: this replica's prefix (default: env HOSTNAME, the pod name)",
+        )
+        sub.add_argument(
+            "--gcs_backup_project_id", default="", metavar="PROJECT", help="gs:// only"
+        )
+        if name == "adopt":
+            sub.add_argument("--from_replica", required=True, metavar="NAME")
+        if name in ("requeue", "purge"):
             sub.add_argument("--study_uid", metavar="UID", help="only this study's instances")
         if name == "purge":
             sub.add_argument("--failed", action="store_true", required=True)
@@ -237,6 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dicom-spool`; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.persistent_file_storage_location.startswith("gs://"):
+        from dicom_adapter.spool.gcs_command import run_gcs
+
+        return run_gcs(args)
+    if args.command == "adopt" or args.replica:
+        print(
+            f"{PROG}: {args.command} --replica/--from_replica need a gs:// location",
+            file=sys.stderr,
+        )
+        return 2
     root = Path(args.persistent_file_storage_location)
     if not (root / QUEUE).is_dir() or not (root / FAILED).is_dir():
         print(f"{PROG}: {root} is not a spool directory (no queue/ and failed/)", file=sys.stderr)

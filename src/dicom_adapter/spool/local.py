@@ -25,21 +25,20 @@ import fcntl
 import itertools
 import json
 import os
-import re
 import shutil
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from dicom_adapter.errors import ConfigError
+from dicom_adapter.spool.base import SUFFIX, name_arrival_ns, queue_name
 
 INCOMING = "incoming"
 QUEUE = "queue"
 FAILED = "failed"
-SUFFIX = ".dcm"
-_UNSAFE = re.compile(r"[^0-9A-Za-z.]")
 RECOUNT_SECONDS = 2.0  # at most one walk of the spool this often, and only while over the cap
+__all__ = ["FAILED", "INCOMING", "QUEUE", "SUFFIX", "LocalSpool", "arrival_ns", "fsync_dir"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -85,14 +84,15 @@ def tree_bytes(directory: Path) -> int:
     return total
 
 
-def arrival_ns(path: Path) -> int | None:
+def arrival_ns(path: PurePath) -> int | None:
     """The arrival time encoded in a queue name, None for a name that is not ours."""
-    head = path.name.split("-", 1)[0]
-    return int(head) if head.isdigit() else None
+    return name_arrival_ns(path.name)
 
 
 class LocalSpool:
     """The three areas of a local spool directory and the moves between them."""
+
+    rescan_seconds = 1.0  # queue/ is checked this often for items `dicom-spool requeue` put there
 
     def __init__(self, root: Path, *, headroom_bytes: int, max_bytes: int = 0) -> None:
         self.root = root
@@ -218,8 +218,8 @@ class LocalSpool:
         """fsync a received file, rename it into queue/ and fsync queue/; returns its new path."""
         fsync_file(path)
         size = _file_size(path)
-        name = f"{time.time_ns()}-{next(self._serial)}-{_UNSAFE.sub('_', sop_instance_uid)}"
-        target = self.queue / (name + SUFFIX)
+        target = self.queue / queue_name(time.time_ns(), next(self._serial), sop_instance_uid)
+        name = target.stem
         try:
             os.rename(path, target)
         except OSError as exc:
@@ -248,8 +248,16 @@ class LocalSpool:
         known = [t for t in times if t is not None]
         return max(0.0, (time.time_ns() - min(known)) / 1e9) if known else 0.0
 
-    def delivered(self, path: Path) -> None:
+    def materialize(self, item: PurePath) -> Path:
+        """The queued file itself (no copy)."""
+        return Path(item)
+
+    def release(self, item: PurePath, local: Path) -> None:
+        """Nothing to clean up: materialize() made no copy."""
+
+    def delivered(self, item: PurePath) -> None:
         """The upstream stored it: remove it (a replay after a crash finds it upstream)."""
+        path = Path(item)
         size = _file_size(path)
         try:
             path.unlink()
@@ -257,8 +265,9 @@ class LocalSpool:
             return
         self._add_bytes(-size)
 
-    def fail(self, path: Path, reason: dict[str, Any]) -> Path:
+    def fail(self, item: PurePath, reason: dict[str, Any]) -> Path:
         """Move an instance to failed/ with `<name>.json` beside it; returns its new path."""
+        path = Path(item)
         target = self.failed / path.name
         os.rename(path, target)
         note = target.with_name(target.name + ".json")

@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from dicom_adapter.errors import (
     AdapterError,
@@ -23,18 +23,17 @@ from dicom_adapter.importer.store import (
     read_identity,
 )
 from dicom_adapter.observability.metrics import ImportMetrics
-from dicom_adapter.spool.local import LocalSpool
+from dicom_adapter.spool.base import Spool, name_sop_instance_uid
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
 
 BODY_EXCERPT_CHARS = 500
-RESCAN_SECONDS = 1.0  # how often queue/ is checked for items put there by `dicom-spool requeue`
 
 
 @dataclass
 class _Item:
-    path: Path
+    path: PurePath
     attempts: int = 0
     waiting: bool = False  # a retry timer holds it
     settled: bool = False  # this attempt's outcome was acted on (delivered, retry or failed/)
@@ -55,9 +54,12 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
-def _size(path: Path) -> int:
+def _size(item: PurePath) -> int:
+    """A local queued file's size; 0 for a gs:// object (only the count bounds its batch)."""
+    if not isinstance(item, Path):
+        return 0
     try:
-        return path.stat().st_size
+        return item.stat().st_size
     except OSError:  # an operator removed it: its attempt finds out
         return 0
 
@@ -79,11 +81,13 @@ class SpoolUploader:
     A worker takes up to `batch` instances already waiting (never waits for more), at most
     `batch_bytes` of them unless one alone is larger, in queue order, into one request.
     An instance waiting for its next attempt holds no worker, so it never blocks the others.
+    Memory: a worker streams one instance from a local file (a gs:// item is downloaded to a
+    scratch file first), so uploads hold at most one instance per worker on disk, none in RAM.
     """
 
     def __init__(
         self,
-        spool: LocalSpool,
+        spool: Spool,
         store: InstanceStore,
         metrics: ImportMetrics,
         *,
@@ -141,17 +145,17 @@ class SpoolUploader:
                 await task
         self._workers, self._rescan_task = [], None
 
-    def enqueue_threadsafe(self, path: Path) -> None:
+    def enqueue_threadsafe(self, path: PurePath) -> None:
         """Queue a committed instance for upload (from a pynetdicom thread)."""
         if self._loop is None:
             raise RuntimeError("uploader not started")
         self._loop.call_soon_threadsafe(self._adopt, path)
 
-    def _adopt(self, path: Path) -> None:
+    def _adopt(self, path: PurePath) -> None:
         self._known.add(path.name)
         self._queue.put_nowait(_Item(path))
 
-    async def upload_now(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
+    async def upload_now(self, path: PurePath, identity: InstanceIdentity) -> StoreOutcome:
         """Synchronous mode: one STOW for the waiting C-STORE; the file leaves queue/ after it.
 
         Whatever the answer, the sender is told it and owns any retry; only a crash before
@@ -159,10 +163,16 @@ class SpoolUploader:
         """
         self._known.add(path.name)  # the rescan must not upload it a second time
         try:
-            return await self._store.store_answer(path, identity)
+            local = await asyncio.to_thread(self._spool.materialize, path)
+            try:
+                return await self._store.store_answer(local, identity)
+            finally:
+                await asyncio.to_thread(self._spool.release, path, local)
         finally:
-            self._spool.delivered(path)
-            self._known.discard(path.name)
+            try:  # off the loop: a gs:// delete is a network call
+                await asyncio.to_thread(self._spool.delivered, path)
+            finally:
+                self._known.discard(path.name)
 
     async def _rescan(self) -> None:
         """Adopt files that appeared in queue/ unannounced (requeued by an operator).
@@ -172,7 +182,7 @@ class SpoolUploader:
         """
         unannounced: set[str] = set()
         while True:
-            await asyncio.sleep(RESCAN_SECONDS)
+            await asyncio.sleep(self._spool.rescan_seconds)
             seen: set[str] = set()
             for path in await asyncio.to_thread(self._spool.queued):
                 if path.name in self._known:
@@ -221,17 +231,36 @@ class SpoolUploader:
                     self._known.discard(item.path.name)
 
     async def _attempt(self, batch: list[_Item]) -> None:
-        """One STOW-RS for the batch; each instance then goes its own way on its own outcome."""
+        """One STOW-RS for the batch; each instance then goes its own way on its own outcome.
+
+        Each item is read from a local file: the queued file itself, or a gs:// object's
+        scratch download, released (removed) once the attempt is over.
+        """
         for item in batch:
             item.attempts += 1
             item.waiting = item.settled = False
-        identities = await asyncio.to_thread(_identities, [item.path for item in batch])
-        ready: list[tuple[_Item, InstanceIdentity]] = []
-        for item, identity in zip(batch, identities, strict=True):
+        files: list[tuple[_Item, Path]] = []
+        try:
+            for item in batch:
+                try:
+                    files.append(
+                        (item, await asyncio.to_thread(self._spool.materialize, item.path))
+                    )
+                except FileNotFoundError:  # an operator removed or moved it
+                    item.settled = True
+            await self._upload(files)
+        finally:
+            for item, local in files:
+                await asyncio.to_thread(self._spool.release, item.path, local)
+
+    async def _upload(self, files: list[tuple[_Item, Path]]) -> None:
+        identities = await asyncio.to_thread(_identities, [local for _, local in files])
+        ready: list[tuple[_Item, Path, InstanceIdentity]] = []
+        for (item, local), identity in zip(files, identities, strict=True):
             if isinstance(identity, InstanceIdentity):
                 item.study_uid = identity.study_uid
-                ready.append((item, identity))
-            elif not item.path.exists():  # an operator removed it
+                ready.append((item, local, identity))
+            elif not local.exists():  # an operator removed it
                 item.settled = True
             else:
                 outcome = StoreOutcome(int(identity.status), 0, str(identity))
@@ -241,17 +270,17 @@ class SpoolUploader:
             return
         try:
             if len(ready) == 1:
-                [(item, identity)] = ready
-                outcomes = [await self._store.store_outcome(item.path, identity, may_exist=True)]
+                [(item, local, identity)] = ready
+                outcomes = [await self._store.store_outcome(local, identity, may_exist=True)]
             else:
-                pairs = [(item.path, identity) for item, identity in ready]
+                pairs = [(local, identity) for _, local, identity in ready]
                 outcomes = await self._store.store_batch(pairs, may_exist=True)
         except AdapterError as exc:
             failure = StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
             if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
                 failure = StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
             outcomes = [failure] * len(ready)
-        results = list(zip((item for item, _ in ready), outcomes, strict=True))
+        results = list(zip((item for item, _, _ in ready), outcomes, strict=True))
         stored = [item for item, outcome in results if is_stored(outcome.status)]
         if stored:
             await asyncio.to_thread(self._delivered, [item.path for item in stored])
@@ -267,7 +296,7 @@ class SpoolUploader:
             await self._retry_or_fail(item, outcome, retry=transient)
             item.settled = True
 
-    def _delivered(self, paths: list[Path]) -> None:
+    def _delivered(self, paths: list[PurePath]) -> None:
         for path in paths:
             self._spool.delivered(path)
 
@@ -287,7 +316,7 @@ class SpoolUploader:
             self._timers.add(timer)
             return
         reason = {
-            "sop_instance_uid": item.path.stem.split("-", 2)[-1],
+            "sop_instance_uid": name_sop_instance_uid(item.path.name),
             "study_instance_uid": item.study_uid or None,
             "dimse_status": f"0x{outcome.status:04X}",
             "http_status": outcome.http_status,
