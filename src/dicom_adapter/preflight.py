@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,9 +32,12 @@ from dicom_adapter.dimse.scu import (
     RequestedContext,
     ScuTimeouts,
     associate,
+    client_tls_context,
 )
 from dicom_adapter.dimse.server import server_tls_context
 from dicom_adapter.errors import AdapterError, ConfigError
+from dicom_adapter.importer.routing import RoutingTable, load_destination_config
+from dicom_adapter.spool.gcs import GcsLocation, Storage, is_gcs, replica_name
 
 Verdict = Literal["OK", "FAIL", "WARN"]
 VERIFICATION = "1.2.840.10008.1.1"
@@ -150,16 +154,31 @@ async def _dicomweb_checks(
 # ------------------------------------------------------------------------------ DIMSE peers
 
 
-def check_peer(what: str, calling_aet: str, called_aet: str, host: str, port: int) -> CheckResult:
+def check_peer(
+    what: str,
+    calling_aet: str,
+    called_aet: str,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+) -> CheckResult:
     """Blocking: does `host` resolve, and does the peer accept an association and C-ECHO?"""
     where = f"{called_aet}@{host}:{port}"
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         return CheckResult("WARN", what, f"{host} does not resolve ({exc}): fix the host name")
-    try:  # the TCP connect alone first: its error names the cause
-        with socket.create_connection((host, port), timeout=ECHO_TIMEOUTS.connection):
-            pass
+    try:  # the TCP connect (and TLS handshake) alone first: its error names the cause
+        with socket.create_connection((host, port), timeout=ECHO_TIMEOUTS.connection) as raw:
+            if tls is not None:
+                tls.wrap_socket(raw, server_hostname=host).close()
+    except ssl.SSLError as exc:
+        return CheckResult(
+            "WARN",
+            what,
+            f"{where}: TLS handshake failed ({exc.reason or exc}): check its certificate "
+            "against --outgoing_tls_ca_certificates and --outgoing_tls_certificate",
+        )
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return CheckResult(
@@ -168,7 +187,7 @@ def check_peer(what: str, calling_aet: str, called_aet: str, host: str, port: in
             f"{where}: {reason.lower()}: is it running, is the port right, "
             "does the firewall allow it?",
         )
-    target = AssociationTarget(calling_aet, called_aet, host, port)
+    target = AssociationTarget(calling_aet, called_aet, host, port, tls=tls)
     contexts = [RequestedContext(VERIFICATION, (IMPLICIT_VR_LE,))]
     try:
         with associate(target, contexts, timeouts=ECHO_TIMEOUTS) as assoc:
@@ -188,10 +207,45 @@ def check_peer(what: str, calling_aet: str, called_aet: str, host: str, port: in
     if code != 0:
         said = "no answer" if code is None else f"status 0x{code:04X}"
         return CheckResult("WARN", what, f"{where} associated but C-ECHO gave {said}")
-    return CheckResult("OK", what, f"{where} answered C-ECHO")
+    over = " over DICOM TLS" if tls is not None else ""
+    return CheckResult("OK", what, f"{where} answered C-ECHO{over}")
+
+
+def check_outgoing_tls(
+    settings: ImporterSettings | ExporterSettings,
+) -> tuple[CheckResult, ssl.SSLContext | None]:
+    """The --outgoing_tls_* files load (a peer needs DICOM TLS); the context for the echoes."""
+    try:
+        context = client_tls_context(**settings.outgoing_tls_options)
+    except ConfigError as exc:
+        return CheckResult("FAIL", "outgoing DICOM TLS", f"{exc}: give PEM files it can read"), None
+    trust = settings.outgoing_tls_ca_certificates or "the system's trust store"
+    return CheckResult("OK", "outgoing DICOM TLS", f"peers verified against {trust}"), context
 
 
 # ------------------------------------------------------------------------------ local files
+
+
+def check_gcs_spool(location: str, project: str, environ: Mapping[str, str]) -> CheckResult:
+    """Blocking: this replica's gs:// prefix can be listed and takes (and loses) an object."""
+    what = f"spool {location}"
+    try:
+        replica = replica_name(environ)
+        storage = Storage(GcsLocation.parse(location), project, timeout=5.0, retry_seconds=1.0)
+        probe = f"{storage.location.replica_root(replica)}.check-{os.getpid()}"
+        storage.names(storage.location.area(replica, "queue"))
+        storage.upload_json(probe, {"check": True})
+        storage.delete(probe)
+    except (ConfigError, ValueError) as exc:
+        return CheckResult("FAIL", what, str(exc))
+    except OSError as exc:
+        return CheckResult(
+            "FAIL",
+            what,
+            f"cannot write objects ({exc}): the service account needs "
+            "roles/storage.objectAdmin on the bucket (and the bucket must exist)",
+        )
+    return CheckResult("OK", what, f"objects can be listed, written and deleted as {replica}")
 
 
 def check_spool(location: str, headroom: int) -> CheckResult:
@@ -293,22 +347,59 @@ async def import_checks(
     except ConfigError as exc:
         results.append(CheckResult("FAIL", "AET dictionary", str(exc)))
     else:
+        try:
+            routing = load_destination_config(
+                settings.destination_config_inline,
+                settings.destination_config_path,
+                environ,
+                send_to_all=settings.send_to_all_matching_destinations,
+            )
+        except ConfigError as exc:
+            results.append(CheckResult("FAIL", "destination config", str(exc)))
+            routing = RoutingTable([], send_to_all=False)
+        peers = [p for p in (aets.get(name) for name in aets.names) if p is not None]
+        destinations = routing.destinations
+        tls: ssl.SSLContext | None = None
+        if any(p.tls for p in peers) or any(d.tls for d in destinations):
+            tls_result, tls = check_outgoing_tls(settings)
+            results.append(tls_result)
+        web = [d for d in destinations if not d.is_dimse]
+        results += (
+            await _dicomweb_checks(
+                [(f"destination {d.stow_url}", d.stow_url.removesuffix("/studies")) for d in web],
+                settings,
+                force_google=False,
+                transport=transport,
+            )
+            if web
+            else []
+        )
         calling = settings.dimse_cmove_aet or settings.dimse_aet
-        peers = [aets.get(name) for name in aets.names]
+        targets = [(f"peer {p.name}", p.name, p.host, p.port, p.tls) for p in peers]
+        targets += [
+            (f"destination {d.aet}", d.aet, d.host, d.port, d.tls)
+            for d in destinations
+            if d.is_dimse
+        ]
         results += await asyncio.gather(
             *(
-                asyncio.to_thread(check_peer, f"peer {p.name}", calling, p.name, p.host, p.port)
-                for p in peers
-                if p is not None
+                asyncio.to_thread(
+                    check_peer, what, calling, aet, host, port, tls if secure else None
+                )
+                for what, aet, host, port, secure in targets
+                if tls is not None or not secure
             )
         )
-    if settings.persistent_file_storage_location:
+    location = settings.persistent_file_storage_location
+    if is_gcs(location):
         results.append(
             await asyncio.to_thread(
-                check_spool,
-                settings.persistent_file_storage_location,
-                settings.spool_free_space_headroom,
+                check_gcs_spool, location, settings.gcs_backup_project_id, environ
             )
+        )
+    elif location:
+        results.append(
+            await asyncio.to_thread(check_spool, location, settings.spool_free_space_headroom)
         )
     if settings.tls_certificate:
         results.append(
@@ -339,16 +430,22 @@ async def export_checks(
         transport=transport,
     )
     if not settings.stow_sink:
-        results.append(
-            await asyncio.to_thread(
-                check_peer,
-                f"sink {settings.peer_dimse_aet}",
-                settings.client_aet,
-                settings.peer_dimse_aet,
-                settings.peer_dimse_ip,
-                settings.peer_dimse_port,
+        tls: ssl.SSLContext | None = None
+        if settings.peer_dimse_tls:
+            tls_result, tls = check_outgoing_tls(settings)
+            results.append(tls_result)
+        if tls is not None or not settings.peer_dimse_tls:
+            results.append(
+                await asyncio.to_thread(
+                    check_peer,
+                    f"sink {settings.peer_dimse_aet}",
+                    settings.client_aet,
+                    settings.peer_dimse_aet,
+                    settings.peer_dimse_ip,
+                    settings.peer_dimse_port,
+                    tls,
+                )
             )
-        )
     results.append(await asyncio.to_thread(subscription_check, settings.subscription_path))
     return results
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.gcs_emulator import StorageEmulator
 from tests.pubsub_server import PubSubServer
-from tests.rig import Orthanc, free_port
+from tests.rig import Orthanc, StoreSCP, free_port, make_pki
 
 PROJECT = "check-project"
 TOPIC = f"projects/{PROJECT}/topics/instances"
@@ -129,3 +130,85 @@ def test_export_check_with_a_missing_subscription_fails(
     assert lines[-1].startswith(
         f"FAIL Pub/Sub projects/{PROJECT}/subscriptions/missing — subscription not found"
     )
+
+
+def test_import_check_covers_routing_outgoing_tls_and_a_gs_spool(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with (
+        StoreSCP(tmp_path / "received", aet="TLSSCP", tls=pki) as scp,
+        StorageEmulator(bucket="check-bucket", log_dir=tmp_path) as emulator,
+    ):
+        routes = [
+            {"filter": "Modality=MG", "dicomweb_destination": orthanc.dicomweb_url},
+            {"filter": "", "name": "TLSSCP", "host": "127.0.0.1", "port": scp.port, "tls": True},
+        ]
+        flags = [
+            "--dimse_aet=ADAPTER",
+            f"--dicomweb_address={orthanc.dicomweb_url}",
+            f"--destination_config_inline={json.dumps(routes)}",
+            "--send_to_all_matching_destinations",
+            f"--outgoing_tls_ca_certificates={pki.ca}",
+            f"--outgoing_tls_certificate={pki.client_cert}",
+            f"--outgoing_tls_private_key={pki.client_key}",
+        ]
+        local = f"--persistent_file_storage_location={tmp_path / 'spool'}"
+        code, lines = run_check("dicom-import", *flags, local, "--spool_free_space_headroom=0")
+        assert code == 0
+        assert [line.split(" — ")[0] for line in lines] == [
+            "OK flags",
+            f"OK DICOMweb {orthanc.dicomweb_url}",
+            "OK outgoing DICOM TLS",
+            f"OK destination {orthanc.dicomweb_url}/studies",
+            "OK destination TLSSCP",
+            f"OK spool {tmp_path / 'spool'}",
+        ]
+        assert lines[4].endswith("answered C-ECHO over DICOM TLS")
+
+        untrusted = [f for f in flags if not f.startswith("--outgoing_tls_ca")]
+        untrusted.append(f"--outgoing_tls_ca_certificates={pki.stranger_cert}")
+        code, lines = run_check("dicom-import", *untrusted, local, "--spool_free_space_headroom=0")
+        assert code == 0  # a peer is only ever a warning
+        assert any(
+            line.startswith("WARN destination TLSSCP") and "CERTIFICATE_VERIFY_FAILED" in line
+            for line in lines
+        )
+
+        gs_flags = ["--dimse_aet=ADAPTER", f"--dicomweb_address={orthanc.dicomweb_url}"]
+        env = {**emulator.env, "HOSTNAME": "pod-check"}
+        code, lines = run_check(
+            "dicom-import",
+            *gs_flags,
+            "--persistent_file_storage_location=gs://check-bucket/spool",
+            env=env,
+        )
+        assert code == 0
+        assert lines[-1].startswith("OK spool gs://check-bucket/spool")
+        code, lines = run_check(
+            "dicom-import",
+            *gs_flags,
+            "--persistent_file_storage_location=gs://no-such-bucket/spool",
+            env=env,
+        )
+        assert code == 1
+        assert lines[-1].startswith("FAIL spool gs://no-such-bucket/spool")
+
+
+def test_export_check_loads_the_outgoing_tls_files(
+    orthanc: Orthanc, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    code, lines = run_check(
+        "dicom-export",
+        f"--dicomweb_addr={orthanc.dicomweb_url}",
+        f"--project_id={PROJECT}",
+        "--subscription_id=any",
+        "--peer_dimse_aet=SINK",
+        "--peer_dimse_ip=127.0.0.1",
+        f"--peer_dimse_port={free_port()}",
+        "--peer_dimse_tls",
+        f"--outgoing_tls_ca_certificates={tmp_path / 'missing-ca.pem'}",
+        env={"PUBSUB_EMULATOR_HOST": pubsub.host},
+    )
+    assert code == 1
+    assert any(line.startswith("FAIL outgoing DICOM TLS") for line in lines)
