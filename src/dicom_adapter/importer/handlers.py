@@ -411,7 +411,8 @@ class RetrieveHandlers:
         fields: dict[str, str],
         store_assoc: Callable[[], Any],
     ) -> Iterator[tuple[int, Any]]:
-        fetched = self._bridge.iterate(self._retrieve.fetch_in_order, refs, spool, samples)
+        level = str(getattr(event.identifier, "QueryRetrieveLevel", "") or "").upper()
+        fetched = self._bridge.iterate(self._retrieve.fetch_bulk, refs, spool, samples, level)
         try:
             for index, item in enumerate(fetched):
                 if event.is_cancelled:

@@ -187,34 +187,67 @@ class RetrieveService:
         )
         return dict(zip(firsts.values(), fetched, strict=True))
 
-    async def fetch_in_order(
-        self, refs: list[InstanceRef], spool: Path, ready: dict[int, Fetched]
+    async def fetch_bulk(
+        self, refs: list[InstanceRef], spool: Path, ready: dict[int, Fetched], level: str
     ) -> AsyncIterator[Fetched]:
-        """Every instance in order, keeping up to `concurrency` WADO-RS requests ahead."""
-        pending: dict[int, asyncio.Task[Fetched]] = {}
-        next_index = 0
+        """Every listed instance, as WADO-RS delivers it: one request per series (per
+        instance at IMAGE level), up to `concurrency` at once, each part spooled to a file.
 
-        def top_up(position: int) -> None:
-            nonlocal next_index
-            while next_index < len(refs) and next_index < position + self._concurrency:
-                if next_index not in ready:
-                    pending[next_index] = asyncio.ensure_future(
-                        self.fetch_one(next_index, refs[next_index], spool)
-                    )
-                next_index += 1
-
+        `ready` (already fetched) comes first; parts the listing did not name are dropped;
+        instances the server did not return come last, as failures. At most QUEUE_DEPTH
+        fetched files wait for the sender.
+        """
+        wanted = {ref.sop_instance_uid: ref for i, ref in enumerate(refs) if i not in ready}
+        for item in ready.values():
+            yield item
+        queue: asyncio.Queue[FetchedInstance | None] = asyncio.Queue(QUEUE_DEPTH)
+        paths = fetch_paths(list(wanted.values()), "IMAGE" if level == "IMAGE" else "SERIES")
+        producer = asyncio.ensure_future(self._produce_files(paths, spool, queue))
         try:
-            for position in range(len(refs)):
-                top_up(position)
-                if position in ready:
-                    yield ready[position]
-                else:
-                    yield await pending.pop(position)
+            while (part := await queue.get()) is not None:
+                meta = part.meta
+                ref = wanted.pop(meta.sop_instance_uid, None) if meta is not None else None
+                if ref is None or part.path is None or meta is None:
+                    await part.adiscard()  # not listed (or a duplicate, or unusable)
+                    continue
+                yield Fetched(ref, part.path, transfer_syntax=meta.transfer_syntax)
+            for ref in wanted.values():
+                yield Fetched(ref, None, error="not returned by WADO-RS")
         finally:
-            for task in pending.values():
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending.values(), return_exceptions=True)
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            while not queue.empty():
+                leftover = queue.get_nowait()
+                if leftover is not None:
+                    leftover.discard()
+
+    async def _produce_files(
+        self, paths: list[str], spool: Path, queue: asyncio.Queue[FetchedInstance | None]
+    ) -> None:
+        pending = iter(paths)
+
+        async def worker() -> None:
+            for path in pending:
+                try:
+                    async for part in self._client.wado_instances(
+                        f"{self._root}/{path}", spool_dir=spool, memory_limit=-1
+                    ):
+                        try:
+                            await queue.put(part)
+                        except BaseException:  # cancelled while the queue was full
+                            part.discard()
+                            raise
+                except (AdapterError, OSError) as exc:
+                    logger.warning("WADO-RS of %s failed: %s", path, exc)
+
+        workers = max(1, min(self._concurrency, len(paths)))
+        try:
+            await asyncio.gather(*(worker() for _ in range(workers)))
+        except asyncio.CancelledError:
+            raise  # the consumer stopped: it wants no end marker
+        except Exception:  # a bug: still end the stream, so what was not sent counts as failed
+            logger.exception("fetching the instances failed")
+        await queue.put(None)
 
     @staticmethod
     def new_spool() -> Path:
