@@ -49,6 +49,7 @@ def test_the_guide_uses_the_manifests_aet_and_port() -> None:
 def test_files_the_guide_names_exist() -> None:
     text = GUIDE.read_text(encoding="utf-8")
     names = set(re.findall(r"`((?:deploy/[\w.-]*)|Dockerfile\.\w+)`", text))
+    names |= set(re.findall(r"deploy/[\w-]+\.yaml", text))
     names |= set(re.findall(r"-f (Dockerfile\.\w+)", text))
     assert names, "the guide names no files"
     missing = [name for name in sorted(names) if not (ROOT / name).exists()]
