@@ -154,15 +154,23 @@ def open_association(
             tls_args=(target.tls, target.host) if target.tls is not None else None,
         )
     except OSError as exc:
-        raise PeerUnreachableError(f"cannot connect to {where}: {exc}") from exc
+        raise PeerUnreachableError(
+            f"cannot connect to {where}: {exc}", comment=f"{target.called_aet}: cannot connect"
+        ) from exc
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
-        raise AssociationRejectedError(f"{where} rejected the association")
+        raise AssociationRejectedError(
+            f"{where} rejected the association",
+            comment=f"{target.called_aet} rejected the association",
+        )
     if not connected:
-        raise PeerUnreachableError(f"cannot connect to {where}")
+        raise PeerUnreachableError(
+            f"cannot connect to {where}", comment=f"{target.called_aet}: cannot connect"
+        )
     raise AssociationRejectedError(
-        f"{where} aborted the association or accepted none of the proposed contexts"
+        f"{where} aborted the association or accepted none of the proposed contexts",
+        comment=f"{target.called_aet} aborted or accepted no context",
     )
 
 

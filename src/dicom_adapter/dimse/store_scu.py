@@ -109,10 +109,14 @@ class StoreAssociation:
                 )
         except ssl.SSLError as exc:  # reached, but the TLS handshake failed: say why
             raise AssociationRejectedError(
-                f"TLS handshake with {where} failed: {exc.reason or exc}"
+                f"TLS handshake with {where} failed: {exc.reason or exc}",
+                comment=f"{target.called_aet}: TLS {exc.reason or 'handshake failed'}",
             ) from exc
         except (OSError, TimeoutError) as exc:
-            raise PeerUnreachableError(f"cannot connect to {where}: {exc!r}") from exc
+            raise PeerUnreachableError(
+                f"cannot connect to {where}: {exc!r}",
+                comment=f"{target.called_aet}: {connect_cause(exc)}",
+            ) from exc
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -124,14 +128,18 @@ class StoreAssociation:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, pdu.PduError) as exc:
             writer.close()
             raise AssociationRejectedError(
-                f"{where} did not answer the association: {exc!r}"
+                f"{where} did not answer the association: {exc!r}",
+                comment=f"{target.called_aet}: no answer to the association",
             ) from exc
         except BaseException:  # cancelled while negotiating: do not leave the socket open
             writer.close()
             raise
         if pdu_type == pdu.A_ASSOCIATE_RJ:
             writer.close()
-            raise AssociationRejectedError(f"{where} {pdu.describe_reject(body)}")
+            raise AssociationRejectedError(
+                f"{where} {pdu.describe_reject(body)}",
+                comment=f"{target.called_aet} rejected the association",
+            )
         if pdu_type != pdu.A_ASSOCIATE_AC:
             writer.close()
             raise AssociationRejectedError(f"{where} answered the association with PDU {pdu_type}")
@@ -353,6 +361,19 @@ def _open_at(path: Path, offset: int) -> BinaryIO:
         stream.close()
         raise
     return stream
+
+
+def connect_cause(exc: BaseException) -> str:
+    """A connect failure in an operator's words, short enough for an ErrorComment."""
+    if isinstance(exc, TimeoutError):
+        return "connect timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "host not found"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
 
 
 def _describe(exc: BaseException) -> str:

@@ -617,6 +617,7 @@ class _Sender:
         self._assoc: StoreAssociation | None = None
         self._opens = 0
         self._unreachable = ""
+        self._unreachable_comment = ""  # the short cause, for the final ErrorComment
 
     async def handle(
         self, ref: InstanceRef, instance: FetchedInstance, progress: MoveProgress
@@ -665,6 +666,7 @@ class _Sender:
         except AssociationError as exc:
             logger.error("C-MOVE destination: %s", exc)
             self._unreachable = str(exc)
+            self._unreachable_comment = exc.comment
             return None
         logger.info(
             "association opened to %s@%s:%d (%d contexts accepted)",
@@ -678,7 +680,7 @@ class _Sender:
     def _cause(self, code: int | None) -> str:
         """Why a sub-operation failed, for the final response's ErrorComment."""
         if self._unreachable:
-            return lo_text(f"destination: {self._unreachable}")
+            return lo_text(f"destination {self._unreachable_comment}")
         if code is not None:
             return f"destination answered C-STORE 0x{code:04X}"
         return "instance could not be sent to the destination"
