@@ -23,6 +23,7 @@ import httpx
 from dicom_adapter.aets import load_aet_dictionary
 from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.dicom.transcode import transcoding_step
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DICOM_JSON, failure_cause, make_http_client
 from dicom_adapter.dicomweb.problem import explain_refusal, read_problem
@@ -280,6 +281,20 @@ def check_spool(location: str, headroom: int) -> CheckResult:
     return CheckResult("OK", what, f"writable, {free_text}")
 
 
+def check_transcoding(settings: ImporterSettings) -> CheckResult:
+    """The codecs for --store_compress_to_transfer_syntax are installed (else startup stops)."""
+    what = "transcoding"
+    try:
+        transcoding_step(
+            settings.store_compress_to_transfer_syntax,
+            settings.transcode_max_bytes,
+            settings.transcode_max_seconds,
+        )
+    except ConfigError as exc:
+        return CheckResult("FAIL", what, str(exc))
+    return CheckResult("OK", what, f"codecs for {settings.store_compress_to_transfer_syntax}")
+
+
 def check_tls(certificate: str, private_key: str, ca_certificates: str) -> CheckResult:
     """The DICOM TLS certificate, key (and CA) load as the server would load them."""
     try:
@@ -357,6 +372,15 @@ async def import_checks(
         except ConfigError as exc:
             results.append(CheckResult("FAIL", "destination config", str(exc)))
             routing = RoutingTable([], send_to_all=False)
+        if len(routing) and is_gcs(settings.persistent_file_storage_location):
+            results.append(
+                CheckResult(
+                    "FAIL",
+                    "destination config",
+                    "routing needs a local spool directory: dicom-import refuses it with a "
+                    "gs:// --persistent_file_storage_location",
+                )
+            )
         peers = [p for p in (aets.get(name) for name in aets.names) if p is not None]
         destinations = routing.destinations
         tls: ssl.SSLContext | None = None
@@ -401,6 +425,8 @@ async def import_checks(
         results.append(
             await asyncio.to_thread(check_spool, location, settings.spool_free_space_headroom)
         )
+    if settings.store_compress_to_transfer_syntax:
+        results.append(check_transcoding(settings))
     if settings.tls_certificate:
         results.append(
             check_tls(

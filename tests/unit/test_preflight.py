@@ -10,7 +10,18 @@ import httpx
 import pytest
 
 from dicom_adapter.cli import run_export, run_import
-from dicom_adapter.preflight import CheckResult, check_dicomweb, check_spool, check_tls, report
+from dicom_adapter.config.importer import ImporterSettings
+from dicom_adapter.config.parse import parse_settings
+from dicom_adapter.dicom import transcode
+from dicom_adapter.preflight import (
+    CheckResult,
+    check_dicomweb,
+    check_spool,
+    check_tls,
+    check_transcoding,
+    import_checks,
+    report,
+)
 
 ROOT = (
     "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
@@ -129,3 +140,43 @@ def test_without_check_a_flag_problem_is_still_exit_2(capsys: pytest.CaptureFixt
     assert "dicomweb_address: is required" in capsys.readouterr().err
     assert run_import(["--check", "false", "--dimse_aet=ADAPTER"]) == 2
     assert "dicomweb_address: is required" in capsys.readouterr().err
+
+
+def import_settings(*flags: str) -> ImporterSettings:
+    base = ["--dimse_aet=ADAPTER", "--dicomweb_address=http://dicomweb.test/dicom-web"]
+    return parse_settings(
+        ImporterSettings, [*base, *flags], prog="dicom-import", description="t", environ={}
+    )
+
+
+def test_transcoding_without_the_codecs_fails_as_startup_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = import_settings("--store_compress_to_transfer_syntax=1.2.840.10008.1.2.4.90")
+    assert check_transcoding(settings).verdict == "OK"
+    monkeypatch.setattr(transcode, "missing_codecs", lambda: ["pylibjpeg-openjpeg"])
+    result = check_transcoding(settings)
+    assert result.verdict == "FAIL"
+    assert "dicom-adapter[codecs]" in result.line
+
+
+def test_routing_with_a_gs_spool_fails_as_startup_would() -> None:
+    routes = '[{"filter": "Modality=MG", "dicomweb_destination": "http://other.test/dicom-web"}]'
+    settings = import_settings(
+        f"--destination_config_inline={routes}",
+        "--persistent_file_storage_location=gs://bucket/spool",
+    )
+
+    def ok(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[])
+
+    results = asyncio.run(
+        import_checks(
+            settings,
+            {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"},
+            transport=httpx.MockTransport(ok),
+        )
+    )
+    refusals = [r for r in results if r.what == "destination config"]
+    assert [r.verdict for r in refusals] == ["FAIL"]
+    assert "local spool directory" in refusals[0].line
