@@ -693,3 +693,20 @@ def test_stow_duplicate_is_stored_when_the_instance_is_there(
     query = queries[0]
     assert query.url.path == "/dicom-web/instances"
     assert query.url.params["SOPInstanceUID"] == "1.2.3.1"
+
+
+def test_pool_close_releases_all_and_refuses_later_sends() -> None:
+    peers = [FakePeer(), FakePeer()]
+    pool = CStoreSinkPool([sink_for(peer) for peer in peers])
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(pool.send(fetched(CT, f"1.2.6.{i}", EXPLICIT_VR_LE)) for i in range(2))
+        )
+        await pool.close()
+        with pytest.raises(SinkUnavailable, match="closed"):
+            await pool.send(fetched(CT, "1.2.6.9", EXPLICIT_VR_LE))
+
+    asyncio.run(main())
+    assert all(a.released for peer in peers for a in peer.associations)
+    assert sum(peer.connects for peer in peers) == 2  # no association opened after close

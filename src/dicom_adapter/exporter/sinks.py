@@ -348,6 +348,7 @@ class CStoreSinkPool:
         for sink in reversed(self._sinks):
             self._idle.put_nowait(sink)
         self._down: SinkUnavailable | None = None
+        self._closed = False
 
     @property
     def associations_opened(self) -> int:
@@ -356,6 +357,8 @@ class CStoreSinkPool:
 
     async def send(self, instance: FetchedInstance, refetch: Refetch | None = None) -> None:
         """Send on an idle association (waiting for one when all are busy)."""
+        if self._closed:
+            raise SinkUnavailable("the C-STORE sink is closed (shutting down)")
         if self._down is not None:
             raise SinkUnavailable(str(self._down))
         sink = await self._idle.get()
@@ -379,9 +382,9 @@ class CStoreSinkPool:
             member.forget_failure()
 
     async def close(self) -> None:
-        """Release every association."""
-        for sink in self._sinks:
-            await sink.close()
+        """Release every association, all at once (each may wait for its peer's answer)."""
+        self._closed = True
+        await asyncio.gather(*(sink.close() for sink in self._sinks))
 
 
 class StowSink:
