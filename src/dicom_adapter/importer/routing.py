@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,8 +359,19 @@ def read_filter_attributes(path: Path, tags: Sequence[int]) -> dict[int, list[st
     try:
         with path.open("rb") as stream:
             ds = read_partial(stream, stop_when=past_last, specific_tags=list(tags))
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-        raise InvalidDatasetError(f"dataset cannot be parsed: {exc}") from exc
+    except (
+        InvalidDicomError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        TypeError,
+        zlib.error,
+    ) as exc:
+        # the type only: pydicom's message may quote a value (patient data)
+        raise InvalidDatasetError(
+            f"dataset cannot be parsed ({type(exc).__name__})", comment="dataset cannot be parsed"
+        ) from exc
     found: dict[int, list[str]] = {}
     for tag in tags:
         if tag in ds:
@@ -367,5 +379,8 @@ def read_filter_attributes(path: Path, tags: Sequence[int]) -> dict[int, list[st
                 found[tag] = element_values(ds[tag])
             except (ValueError, TypeError, KeyError) as exc:
                 name = keyword_for_tag(tag) or f"{tag:08X}"
-                raise InvalidDatasetError(f"{name} cannot be decoded: {exc}") from exc
+                raise InvalidDatasetError(
+                    f"{name} cannot be decoded ({type(exc).__name__})",
+                    comment=f"{name} cannot be decoded",
+                ) from exc
     return found
