@@ -10,9 +10,9 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 
+from dicom_adapter.dimse.part10 import FileMeta, NeedMoreData, read_file_meta
 from dicom_adapter.errors import InvalidDatasetError
 
 # 64 MiB inflated: far above a Deflated instance's usual size (Deflated carries structured
@@ -20,8 +20,8 @@ from dicom_adapter.errors import InvalidDatasetError
 MAX_INFLATED_BYTES = 64 << 20
 TOO_LARGE_COMMENT = "deflated data set too large"
 UNPARSABLE_COMMENT = "dataset cannot be parsed"
-_META_START = 144  # preamble, "DICM" and (0002,0000) itself; its value counts the bytes after
 _INFLATE_CHUNK = 1 << 20
+_META_READ = 64 << 10  # a meta group longer than this is not a pynetdicom-written file
 
 
 class DeflateError(ValueError):
@@ -33,15 +33,14 @@ def inflated_bytes(path: Path, limit: int) -> int:
 
     Raises DeflateError when the meta group's length is missing or the stream is corrupt.
     """
-    meta = read_file_meta_info(path)
-    group_length = meta.get("FileMetaInformationGroupLength")
-    if group_length is None:
-        raise DeflateError("no (0002,0000) group length: where the data set starts is unknown")
+    meta = _file_meta(path)
+    if meta is None:
+        raise DeflateError("no readable meta group: where the data set starts is unknown")
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     try:
         with path.open("rb") as source:
-            source.seek(_META_START + int(group_length))
+            source.seek(meta.dataset_offset)
             while total < limit and (chunk := source.read(_INFLATE_CHUNK)):
                 while chunk and total < limit:
                     total += len(inflater.decompress(chunk, min(limit - total, _INFLATE_CHUNK)))
@@ -52,12 +51,22 @@ def inflated_bytes(path: Path, limit: int) -> int:
 
 
 def is_deflated(path: Path) -> bool:
-    """True when the file's meta group names a Deflated transfer syntax (False if unreadable)."""
+    """True when the file's meta group names a Deflated transfer syntax (False if unreadable).
+
+    Hot path (every C-STORE): the meta group's bytes are parsed directly, without pydicom.
+    """
+    meta = _file_meta(path)
+    return meta is not None and UID(meta.transfer_syntax).is_deflated
+
+
+def _file_meta(path: Path) -> FileMeta | None:
+    """The meta group (None: not Part-10, truncated or longer than we read)."""
     try:
-        meta = read_file_meta_info(path)
-    except Exception:  # not Part-10 or truncated: the readers after this one refuse it
-        return False
-    return UID(str(meta.get("TransferSyntaxUID") or "")).is_deflated
+        with path.open("rb") as source:
+            head = source.read(_META_READ)
+        return read_file_meta(head, complete=len(head) < _META_READ)
+    except (NeedMoreData, ValueError, OSError):  # the readers after this one refuse it
+        return None
 
 
 def check_inflated_size(path: Path, limit: int | None = None) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -41,7 +41,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicom_adapter.dicom import tags
 from dicom_adapter.dicom.deflate import MAX_INFLATED_BYTES, inflated_bytes, is_deflated
+from dicom_adapter.dicom.tags import EXTENDED_OFFSET_TABLE, PIXEL_DATA
 from dicom_adapter.errors import InvalidDatasetError
 
 logger = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ PROFILES = (CHC_BASIC, "TAG_FILTER_PROFILE_UNSPECIFIED")
 CHC_BASIC_RESOURCE = "chc_basic_remove_list.txt"
 
 MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
-PIXEL_DATA = 0x7FE00010
-EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)  # and its lengths
 # Replaced by the Java formula wherever they occur, never emptied.
 REPLACED_UIDS = frozenset({0x00080018, 0x0020000D, 0x0020000E})  # SOP Instance, Study, Series
 # Kept by a keep list even when it does not name them: without them the instance cannot be
@@ -90,12 +90,12 @@ class RedactionConfigError(ValueError):
 def parse_tag(text: str) -> int:
     """A DICOM keyword (`PatientName`) or 8 hex digits (`00100010`) → tag number."""
     name = text.strip()
-    tag = tag_for_keyword(name)
-    if tag is not None:
-        return int(tag)
-    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
-        return int(name, 16)
-    raise RedactionConfigError(f"unknown tag {name!r} (not a DICOM keyword or 8 hex digits)")
+    try:
+        return tags.parse_tag(name)
+    except ValueError:
+        raise RedactionConfigError(
+            f"unknown tag {name!r} (not a DICOM keyword or 8 hex digits)"
+        ) from None
 
 
 def parse_tag_list(text: str) -> frozenset[int]:
@@ -213,7 +213,8 @@ class Redactor:
                 bulk_at = src.tell()
                 # deflated: the offsets are in the inflated stream; mis-encoded: pydicom has to
                 # re-encode every element. Both are read whole, pixel data included: capped.
-                if deflated or _misencoded(head):
+                syntax = UID(str(head.file_meta.get("TransferSyntaxUID", "")))
+                if deflated or syntax.is_deflated or _misencoded(head):
                     self._check_in_memory(size)
                     self._redact_in_memory(source, target)
                     return

@@ -46,6 +46,7 @@ from pydicom.uid import (
 )
 
 from dicom_adapter.dicom.deflate import inflated_bytes
+from dicom_adapter.dicom.tags import EXTENDED_OFFSET_TABLE, PIXEL_DATA
 from dicom_adapter.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
 # What the extra installs, by import name: numpy, pylibjpeg, pylibjpeg-openjpeg (JPEG 2000),
 # pylibjpeg-libjpeg (JPEG, JPEG-LS decoding), pylibjpeg-rle, pyjpegls (JPEG-LS encoding).
 CODEC_MODULES = ("numpy", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls")
-_EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
-PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # pydicom logs each codec plugin's failure with a traceback, then raises with all their messages
 _PLUGIN_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
@@ -291,7 +290,7 @@ def _write_native(ds: Dataset, source: UID, target: UID, dest: Path, deadline: f
     """Decompressed (Explicit VR LE or Deflated): pydicom holds all decoded frames, twice."""
     if ds.get("PixelData") and source.is_compressed:
         ds.decompress(as_rgb=True, generate_instance_uid=False)
-        for tag in _EXTENDED_OFFSET_TABLE:  # described the fragments just decoded
+        for tag in EXTENDED_OFFSET_TABLE:  # described the fragments just decoded
             if tag in ds:
                 del ds[tag]
     _check_time(deadline)
@@ -315,7 +314,7 @@ def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path, deadl
     first, properties = next(frames)  # decoding may change the photometric interpretation
     header = Dataset({elem.tag: elem for elem in ds if elem.tag < PIXEL_DATA})
     trailing = Dataset({elem.tag: elem for elem in ds if elem.tag > PIXEL_DATA})
-    for tag in _EXTENDED_OFFSET_TABLE:
+    for tag in EXTENDED_OFFSET_TABLE:
         if tag in header:
             del header[tag]
     header.PhotometricInterpretation = properties["photometric_interpretation"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
@@ -27,12 +27,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from dicom_adapter.config.common import check_http_url, valid_aet
+from dicom_adapter.dicom.tags import PIXEL_DATA, parse_tag
 from dicom_adapter.errors import ConfigError, InvalidDatasetError
 
 ENV_DESTINATION_CONFIG_JSON = "ENV_DESTINATION_CONFIG_JSON"
 AE_TITLE_KEY = "AETitle"
-PIXEL_DATA = 0x7FE00010
-_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _UNSAFE = re.compile(r"[^0-9A-Za-z.-]+")
 
 
@@ -170,16 +169,6 @@ def _java_split(text: str, sep: str) -> list[str]:
     while parts and parts[-1] == "":
         parts.pop()
     return parts
-
-
-def parse_tag(key: str) -> int:
-    """A DICOM keyword or 8 hex digits; ValueError when it is neither."""
-    if _HEX_TAG.match(key):
-        return int(key, 16)
-    tag = tag_for_keyword(key) if key else None
-    if tag is None:
-        raise ValueError(f"unknown DICOM keyword {key!r} (use a keyword or 8 hex digits)")
-    return int(tag)
 
 
 def parse_filter(text: str) -> tuple[str | None, tuple[Condition, ...]]:
