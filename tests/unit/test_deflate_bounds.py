@@ -245,8 +245,10 @@ def _sof(rows: int, columns: int) -> bytes:
     return b"\xff\xc0\x00\x0b\x08" + struct.pack(">HH", rows, columns) + b"\x01\x01\x11\x00"
 
 
-def test_a_jpeg_header_past_the_window_or_with_zero_rows_is_unreadable() -> None:
+def test_a_jpeg_header_after_a_long_walk_or_with_zero_rows_is_unreadable() -> None:
     assert codestream_shape(b"\xff\xd8" + _sof(64, 64)) == (64, 64, 1)
+    icc = b"\xff\xe2\xff\xff" + bytes(0xFFFD)  # large APP2 segments: one step each
+    assert codestream_shape(b"\xff\xd8" + icc * 4 + _sof(64, 64)) == (64, 64, 1)
     assert codestream_shape(b"\xff\xd8" + b"\xff" * (64 << 10) + _sof(64, 64)) is None
     assert codestream_shape(b"\xff\xd8" + _sof(0, 64)) is None
     assert codestream_shape(b"\xff\xd8" + _sof(64, 0)) is None

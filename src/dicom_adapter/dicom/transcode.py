@@ -111,9 +111,10 @@ _JPEG_SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}  # F7:
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _J2K_SEARCH = 4096  # a JP2 wrapper (not DICOM, but seen) puts boxes before the codestream
-# A JPEG's tables before its SOF take a few KiB; a longer walk (fill bytes, junk segments) is
-# Python byte work under the transcoder lock, so past this the frame counts as unreadable.
-_JPEG_HEADER_WINDOW = 64 << 10
+# A JPEG has a handful of marker segments before its SOF (each, even a large ICC profile, one
+# step); a longer walk (runs of fill bytes, junk segments) is Python work under the transcoder
+# lock, so past this many steps (about 1 ms) the frame counts as unreadable.
+_JPEG_MAX_STEPS = 4096
 
 
 def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
@@ -123,8 +124,9 @@ def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
     """
     if frame[:2] == b"\xff\xd8":  # JPEG / JPEG-LS: walk the marker segments up to SOF
         pos = 2
-        end = min(len(frame), _JPEG_HEADER_WINDOW)
-        while pos + 4 <= end:
+        for _ in range(_JPEG_MAX_STEPS):
+            if pos + 4 > len(frame):
+                return None
             if frame[pos] != 0xFF:
                 return None
             code = frame[pos + 1]
