@@ -31,6 +31,7 @@ from tests.rig import generate_ct_series
 from dicom_adapter.cli import run_import
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import flag_status, parse_settings
+from dicom_adapter.dicom.deflate import inflated_bytes
 from dicom_adapter.dicom.transcode import (
     CODEC_MODULES,
     TARGETS,
@@ -38,7 +39,6 @@ from dicom_adapter.dicom.transcode import (
     Transcoder,
     codestream_shape,
     decoded_pixel_bytes,
-    inflated_bytes,
     transcoding_step,
 )
 from dicom_adapter.dimse.part10 import read_file_meta
@@ -386,8 +386,8 @@ def test_inflated_bytes_of_a_deflated_file(tmp_path: Path) -> None:
     meta = pydicom.filereader.read_file_meta_info(path)
     body = path.read_bytes()[144 + meta.FileMetaInformationGroupLength :]
     size = len(zlib.decompress(body, -zlib.MAX_WBITS))
-    assert inflated_bytes(path, meta, 1 << 30) == size
-    assert inflated_bytes(path, meta, 1000) == 1000  # counting stops at the limit
+    assert inflated_bytes(path, 1 << 30) == size
+    assert inflated_bytes(path, 1000) == 1000  # counting stops at the limit
 
 
 def test_deflated_file_that_inflates_past_the_cap_is_never_read(

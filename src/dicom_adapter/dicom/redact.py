@@ -23,13 +23,14 @@ import io
 import logging
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -40,6 +41,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicom_adapter.dicom import tags
+from dicom_adapter.dicom.deflate import MAX_INFLATED_BYTES, inflated_bytes, is_deflated
+from dicom_adapter.dicom.tags import EXTENDED_OFFSET_TABLE, PIXEL_DATA
 from dicom_adapter.errors import InvalidDatasetError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +54,6 @@ PROFILES = (CHC_BASIC, "TAG_FILTER_PROFILE_UNSPECIFIED")
 CHC_BASIC_RESOURCE = "chc_basic_remove_list.txt"
 
 MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
-PIXEL_DATA = 0x7FE00010
 # Replaced by the Java formula wherever they occur, never emptied.
 REPLACED_UIDS = frozenset({0x00080018, 0x0020000D, 0x0020000E})  # SOP Instance, Study, Series
 # Kept by a keep list even when it does not name them: without them the instance cannot be
@@ -87,12 +90,12 @@ class RedactionConfigError(ValueError):
 def parse_tag(text: str) -> int:
     """A DICOM keyword (`PatientName`) or 8 hex digits (`00100010`) → tag number."""
     name = text.strip()
-    tag = tag_for_keyword(name)
-    if tag is not None:
-        return int(tag)
-    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
-        return int(name, 16)
-    raise RedactionConfigError(f"unknown tag {name!r} (not a DICOM keyword or 8 hex digits)")
+    try:
+        return tags.parse_tag(name)
+    except ValueError:
+        raise RedactionConfigError(
+            f"unknown tag {name!r} (not a DICOM keyword or 8 hex digits)"
+        ) from None
 
 
 def parse_tag_list(text: str) -> frozenset[int]:
@@ -142,6 +145,8 @@ class Redactor:
 
     tags: frozenset[int]
     keep: bool = False
+    # a file read whole (Deflated: its inflated size; mis-encoded) is refused past this
+    max_in_memory: int = MAX_INFLATED_BYTES
 
     def removes(self, tag: int) -> bool:
         """True when the attribute's value must be emptied."""
@@ -173,25 +178,44 @@ class Redactor:
                     for item in value:
                         self.redact_dataset(item)
 
-    def redact_meta(self, meta: FileMetaDataset, pixels_emptied: bool) -> None:
-        """The file meta: MediaStorageSOPInstanceUID replaced; the syntax if pixels went."""
+    def redact_meta(
+        self, meta: FileMetaDataset, pixels_emptied: bool, ds: Dataset | None = None
+    ) -> None:
+        """The file meta: MediaStorageSOPInstanceUID replaced; the syntax if pixels went.
+
+        Pixels emptied in an encapsulated syntax: the Extended Offset Table in `ds`, which
+        described the fragments, goes with them.
+        """
         if MEDIA_STORAGE_SOP_INSTANCE_UID in meta:
             elem = meta[MEDIA_STORAGE_SOP_INSTANCE_UID]
             elem.value = _replaced(elem.value)
         syntax = UID(str(meta.get("TransferSyntaxUID", "")))
         if pixels_emptied and syntax.is_compressed:
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            for tag in EXTENDED_OFFSET_TABLE:
+                if ds is not None and tag in ds:
+                    del ds[tag]
 
     def redact_file(self, source: Path, target: Path) -> None:
         """Write the redacted `source` to `target` (a new file); raises InvalidDatasetError."""
         try:
             with source.open("rb") as src:
+                # pydicom inflates a Deflated body whole, even for the header: bound it first
+                deflated = is_deflated(source)
+                size = (
+                    inflated_bytes(source, self.max_in_memory + 1)
+                    if deflated
+                    else source.stat().st_size
+                )
+                if deflated:
+                    self._check_in_memory(size)
                 head = dcmread(src, stop_before_pixels=True)
                 bulk_at = src.tell()
-                syntax = UID(str(head.file_meta.get("TransferSyntaxUID", "")))
                 # deflated: the offsets are in the inflated stream; mis-encoded: pydicom has to
-                # re-encode every element. Both are read whole, pixel data included.
-                if syntax.is_deflated or _misencoded(head):
+                # re-encode every element. Both are read whole, pixel data included: capped.
+                syntax = UID(str(head.file_meta.get("TransferSyntaxUID", "")))
+                if deflated or syntax.is_deflated or _misencoded(head):
+                    self._check_in_memory(size)
                     self._redact_in_memory(source, target)
                     return
                 self._redact_streaming(src, head, bulk_at, target)
@@ -205,16 +229,24 @@ class Redactor:
             AttributeError,  # pydicom: required file meta elements missing
             EOFError,
             struct.error,
+            zlib.error,
         ) as exc:
             # the type only: a parser message may quote a value (patient data)
             raise InvalidDatasetError(f"dataset cannot be redacted ({type(exc).__name__})") from exc
+
+    def _check_in_memory(self, size: int) -> None:
+        if size > self.max_in_memory:
+            raise InvalidDatasetError(
+                f"dataset too large to redact in memory ({size} bytes)",
+                comment="dataset too large to redact",
+            )
 
     def _redact_in_memory(self, source: Path, target: Path) -> None:
         ds = dcmread(source)
         ds.walk(lambda _ds, _elem: None)  # every element decoded, written in the declared syntax
         self.redact_dataset(ds)
         emptied = PIXEL_DATA in ds and not ds[PIXEL_DATA].value
-        self.redact_meta(ds.file_meta, emptied)
+        self.redact_meta(ds.file_meta, emptied, ds)
         ds.save_as(target, enforce_file_format=True)
 
     def _redact_streaming(self, src: BinaryIO, head: Dataset, bulk_at: int, target: Path) -> None:
@@ -235,7 +267,7 @@ class Redactor:
             bulk is not None and bulk.tag == PIXEL_DATA and (bulk_emptied or bulk.value_length == 0)
         )
         meta = head.file_meta
-        self.redact_meta(meta, pixels_emptied)
+        self.redact_meta(meta, pixels_emptied, head)
         charset = head.get("SpecificCharacterSet", "ISO_IR 6")
         with target.open("wb") as out:
             out.write(b"\0" * 128 + b"DICM")

@@ -24,7 +24,6 @@ import os
 import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_adapter.dicom.deflate import inflated_bytes
+from dicom_adapter.dicom.tags import EXTENDED_OFFSET_TABLE, PIXEL_DATA
 from dicom_adapter.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,6 @@ CODECS_INSTALL = "pip install 'dicom-adapter[codecs]'"
 # What the extra installs, by import name: numpy, pylibjpeg, pylibjpeg-openjpeg (JPEG 2000),
 # pylibjpeg-libjpeg (JPEG, JPEG-LS decoding), pylibjpeg-rle, pyjpegls (JPEG-LS encoding).
 CODEC_MODULES = ("numpy", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls")
-_EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
-PIXEL_DATA = 0x7FE00010
-_META_START = 144  # preamble, "DICM" and (0002,0000) itself; its value counts the bytes after
-_INFLATE_CHUNK = 1 << 20
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # pydicom logs each codec plugin's failure with a traceback, then raises with all their messages
 _PLUGIN_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
@@ -114,6 +111,10 @@ _JPEG_SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}  # F7:
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _J2K_SEARCH = 4096  # a JP2 wrapper (not DICOM, but seen) puts boxes before the codestream
+# A JPEG has a handful of marker segments before its SOF (each, even a large ICC profile, one
+# step); a longer walk (runs of fill bytes, junk segments) is Python work under the transcoder
+# lock, so past this many steps (about 1 ms) the frame counts as unreadable.
+_JPEG_MAX_STEPS = 4096
 
 
 def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
@@ -123,7 +124,9 @@ def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
     """
     if frame[:2] == b"\xff\xd8":  # JPEG / JPEG-LS: walk the marker segments up to SOF
         pos = 2
-        while pos + 4 <= len(frame):
+        for _ in range(_JPEG_MAX_STEPS):
+            if pos + 4 > len(frame):
+                return None
             if frame[pos] != 0xFF:
                 return None
             code = frame[pos + 1]
@@ -135,7 +138,8 @@ def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
                 continue
             if code in _JPEG_SOF and pos + 10 <= len(frame):
                 rows, columns, components = struct.unpack_from(">HHB", frame, pos + 5)
-                return rows, columns, components
+                # rows 0: the JPEG's DNL marker gives them later; we do not look for it
+                return (rows, columns, components) if rows and columns else None
             if code == 0xDA:  # start of scan before any frame header
                 return None
             pos += 2 + int.from_bytes(frame[pos + 2 : pos + 4], "big")
@@ -148,12 +152,13 @@ def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
     return max(0, y - y0), max(0, x - x0), components
 
 
-def _check_codestreams(ds: Dataset) -> None:
+def _check_codestreams(ds: Dataset, deadline: float) -> None:
     """Refuse, before decoding, frames that claim more pixels than the data set describes."""
     rows, columns = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel") or 1)
     frames = int(ds.get("NumberOfFrames") or 1)
     for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        _check_time(deadline)
         shape = codestream_shape(frame)
         if shape is None:
             raise TranscodeError(f"frame {index + 1} has no readable frame header")
@@ -162,25 +167,6 @@ def _check_codestreams(ds: Dataset) -> None:
                 f"frame {index + 1} claims {shape[0]}x{shape[1]}x{shape[2]} pixels, the data set "
                 f"{rows}x{columns}x{samples}"
             )
-
-
-def inflated_bytes(path: Path, meta: Dataset, limit: int) -> int:
-    """Bytes a Deflated file's data set inflates to, counted up to `limit` (nothing kept).
-
-    Raises TranscodeError when the meta group's length is missing (the data set's start unknown).
-    """
-    group_length = meta.get("FileMetaInformationGroupLength")
-    if group_length is None:
-        raise TranscodeError("no (0002,0000) group length: where the data set starts is unknown")
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    with path.open("rb") as source:
-        source.seek(_META_START + int(group_length))
-        while total < limit and (chunk := source.read(_INFLATE_CHUNK)):
-            while chunk and total < limit:
-                total += len(inflater.decompress(chunk, min(limit - total, _INFLATE_CHUNK)))
-                chunk = inflater.unconsumed_tail
-    return total
 
 
 def decoded_pixel_bytes(header: Dataset) -> int:
@@ -235,7 +221,7 @@ class Transcoder:
                 return Outcome.ALREADY
             size = path.stat().st_size
             if source.is_deflated:  # reading the header inflates it all: bound that first
-                size = max(size, inflated_bytes(path, meta, self.max_bytes + 1))
+                size = max(size, inflated_bytes(path, self.max_bytes + 1))
             if size <= self.max_bytes:
                 header = dcmread(path, stop_before_pixels=True)
                 sop_instance_uid = str(header.get("SOPInstanceUID") or sop_instance_uid)
@@ -284,10 +270,11 @@ class Transcoder:
         if source == ExplicitVRBigEndian:
             raise TranscodeError("Explicit VR Big Endian input is not converted")
         ds = dcmread(path)
-        if "PixelData" not in ds and self.target.is_compressed:
+        has_pixels = bool(ds.get("PixelData"))  # redaction may have emptied it
+        if not has_pixels and self.target.is_compressed:
             return Outcome.NO_PIXELS
-        if "PixelData" in ds and source.is_encapsulated and source != RLELossless:
-            _check_codestreams(ds)  # a codec allocates what its codestream says
+        if has_pixels and source.is_encapsulated and source != RLELossless:
+            _check_codestreams(ds, deadline)  # a codec allocates what its codestream says
         # A name the C-STORE spool's sweep removes (cstore-*.dcm) if we die while writing it.
         sibling = path.with_name(f"{path.stem}.transcoded{path.suffix}")
         try:
@@ -303,9 +290,9 @@ class Transcoder:
 
 def _write_native(ds: Dataset, source: UID, target: UID, dest: Path, deadline: float) -> None:
     """Decompressed (Explicit VR LE or Deflated): pydicom holds all decoded frames, twice."""
-    if "PixelData" in ds and source.is_compressed:
+    if ds.get("PixelData") and source.is_compressed:
         ds.decompress(as_rgb=True, generate_instance_uid=False)
-        for tag in _EXTENDED_OFFSET_TABLE:  # described the fragments just decoded
+        for tag in EXTENDED_OFFSET_TABLE:  # described the fragments just decoded
             if tag in ds:
                 del ds[tag]
     _check_time(deadline)
@@ -329,7 +316,7 @@ def _write_encapsulated(ds: Dataset, source: UID, target: UID, dest: Path, deadl
     first, properties = next(frames)  # decoding may change the photometric interpretation
     header = Dataset({elem.tag: elem for elem in ds if elem.tag < PIXEL_DATA})
     trailing = Dataset({elem.tag: elem for elem in ds if elem.tag > PIXEL_DATA})
-    for tag in _EXTENDED_OFFSET_TABLE:
+    for tag in EXTENDED_OFFSET_TABLE:
         if tag in header:
             del header[tag]
     header.PhotometricInterpretation = properties["photometric_interpretation"]

@@ -18,6 +18,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
+from dicom_adapter.dicom.deflate import check_inflated_size
 from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.server import (
     PATIENT_ROOT_FIND,
@@ -191,6 +192,8 @@ class CStoreHandler:
                 if self._intake is not None:
                     self._intake.spool.refused(unwritten.received)
                 return int(Status.OUT_OF_RESOURCES), "adapter disk full"
+            # every reader after this inflates a Deflated data set whole: bound it once here
+            check_inflated_size(path)
             # routing reads the attributes as received: before redaction and transcoding
             chosen = (
                 self._router.destinations(path, fields["calling_aet"])

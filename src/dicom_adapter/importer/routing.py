@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
@@ -26,12 +27,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from dicom_adapter.config.common import check_http_url, valid_aet
+from dicom_adapter.dicom.tags import PIXEL_DATA, parse_tag
 from dicom_adapter.errors import ConfigError, InvalidDatasetError
 
 ENV_DESTINATION_CONFIG_JSON = "ENV_DESTINATION_CONFIG_JSON"
 AE_TITLE_KEY = "AETitle"
-PIXEL_DATA = 0x7FE00010
-_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _UNSAFE = re.compile(r"[^0-9A-Za-z.-]+")
 
 
@@ -169,16 +169,6 @@ def _java_split(text: str, sep: str) -> list[str]:
     while parts and parts[-1] == "":
         parts.pop()
     return parts
-
-
-def parse_tag(key: str) -> int:
-    """A DICOM keyword or 8 hex digits; ValueError when it is neither."""
-    if _HEX_TAG.match(key):
-        return int(key, 16)
-    tag = tag_for_keyword(key) if key else None
-    if tag is None:
-        raise ValueError(f"unknown DICOM keyword {key!r} (use a keyword or 8 hex digits)")
-    return int(tag)
 
 
 def parse_filter(text: str) -> tuple[str | None, tuple[Condition, ...]]:
@@ -358,8 +348,19 @@ def read_filter_attributes(path: Path, tags: Sequence[int]) -> dict[int, list[st
     try:
         with path.open("rb") as stream:
             ds = read_partial(stream, stop_when=past_last, specific_tags=list(tags))
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-        raise InvalidDatasetError(f"dataset cannot be parsed: {exc}") from exc
+    except (
+        InvalidDicomError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        TypeError,
+        zlib.error,
+    ) as exc:
+        # the type only: pydicom's message may quote a value (patient data)
+        raise InvalidDatasetError(
+            f"dataset cannot be parsed ({type(exc).__name__})", comment="dataset cannot be parsed"
+        ) from exc
     found: dict[int, list[str]] = {}
     for tag in tags:
         if tag in ds:
@@ -367,5 +368,8 @@ def read_filter_attributes(path: Path, tags: Sequence[int]) -> dict[int, list[st
                 found[tag] = element_values(ds[tag])
             except (ValueError, TypeError, KeyError) as exc:
                 name = keyword_for_tag(tag) or f"{tag:08X}"
-                raise InvalidDatasetError(f"{name} cannot be decoded: {exc}") from exc
+                raise InvalidDatasetError(
+                    f"{name} cannot be decoded ({type(exc).__name__})",
+                    comment=f"{name} cannot be decoded",
+                ) from exc
     return found

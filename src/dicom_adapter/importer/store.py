@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,15 @@ def read_identity(path: Path) -> InstanceIdentity:
     try:
         with path.open("rb") as stream:
             ds = read_partial(stream, stop_when=_past_identity, specific_tags=_IDENTITY_TAGS)
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+    except (
+        InvalidDicomError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        TypeError,
+        zlib.error,
+    ) as exc:
         raise InvalidDatasetError(
             f"dataset cannot be parsed: {exc}", comment="dataset cannot be parsed"
         ) from exc

@@ -1,0 +1,86 @@
+"""Bounded inflation of a Deflated Part-10 file: how large its data set is, before pydicom reads it.
+
+Hazard, memory: pydicom inflates a Deflated data set whole (one zlib.decompress), even when it
+reads only a few attributes; 1 KB deflates from about 1 MB of zeros, so a small file can make
+any reader allocate hundreds of MiB. Callers measure with `inflated_bytes` first.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+from pydicom.uid import UID
+
+from dicom_adapter.dimse.part10 import FileMeta, NeedMoreData, read_file_meta
+from dicom_adapter.errors import InvalidDatasetError
+
+# 64 MiB inflated: far above a Deflated instance's usual size (Deflated carries structured
+# reports, presentation states, small images) and a bounded peak for pydicom's whole-body read.
+MAX_INFLATED_BYTES = 64 << 20
+TOO_LARGE_COMMENT = "deflated data set too large"
+UNPARSABLE_COMMENT = "dataset cannot be parsed"
+_INFLATE_CHUNK = 1 << 20
+_META_READ = 64 << 10  # a meta group longer than this is not a pynetdicom-written file
+
+
+class DeflateError(ValueError):
+    """A Deflated file whose data set's start is unknown or whose stream is corrupt."""
+
+
+def inflated_bytes(path: Path, limit: int) -> int:
+    """Bytes a Deflated file's data set inflates to, counted up to `limit` (nothing kept).
+
+    Raises DeflateError when the meta group's length is missing or the stream is corrupt.
+    """
+    meta = _file_meta(path)
+    if meta is None:
+        raise DeflateError("no readable meta group: where the data set starts is unknown")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        with path.open("rb") as source:
+            source.seek(meta.dataset_offset)
+            while total < limit and (chunk := source.read(_INFLATE_CHUNK)):
+                while chunk and total < limit:
+                    total += len(inflater.decompress(chunk, min(limit - total, _INFLATE_CHUNK)))
+                    chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DeflateError(f"corrupt deflated stream ({exc})") from exc
+    return total
+
+
+def is_deflated(path: Path) -> bool:
+    """True when the file's meta group names a Deflated transfer syntax (False if unreadable).
+
+    Hot path (every C-STORE): the meta group's bytes are parsed directly, without pydicom.
+    """
+    meta = _file_meta(path)
+    return meta is not None and UID(meta.transfer_syntax).is_deflated
+
+
+def _file_meta(path: Path) -> FileMeta | None:
+    """The meta group (None: not Part-10, truncated or longer than we read)."""
+    try:
+        with path.open("rb") as source:
+            head = source.read(_META_READ)
+        return read_file_meta(head, complete=len(head) < _META_READ)
+    except (NeedMoreData, ValueError, OSError):  # the readers after this one refuse it
+        return None
+
+
+def check_inflated_size(path: Path, limit: int | None = None) -> None:
+    """Refuse (InvalidDatasetError, 0xC000) a Deflated file inflating past `limit` or corrupt."""
+    if not is_deflated(path):
+        return
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    try:
+        size = inflated_bytes(path, limit + 1)
+    except (DeflateError, ValueError, OSError, EOFError) as exc:
+        raise InvalidDatasetError(
+            f"dataset cannot be parsed ({type(exc).__name__})", comment=UNPARSABLE_COMMENT
+        ) from exc
+    if size > limit:
+        raise InvalidDatasetError(
+            f"deflated data set inflates past {limit} bytes", comment=TOO_LARGE_COMMENT
+        )
