@@ -118,3 +118,76 @@ def test_one_process_owns_a_spool(tmp_path: Path) -> None:
         LocalSpool(tmp_path / "spool", headroom_bytes=0)
     owner.close()
     LocalSpool(tmp_path / "spool", headroom_bytes=0).close()
+
+
+def test_retry_delay_is_capped_after_a_thousand_attempts(tmp_path: Path) -> None:
+    """A long outage with a large retry amount keeps retrying at the maximum delay."""
+    spool = spool_with(tmp_path, 1)
+    store = ScriptedStore([A700])
+
+    async def scenario() -> list[tuple[float, bool]]:
+        metrics = ImportMetrics(MetricsRegistry())
+        uploader = SpoolUploader(
+            spool, store, metrics, concurrency=1, retries=5000, min_delay=0.01, max_delay=0.02
+        )
+        await uploader.start()  # the workers have not run yet: the replayed item waits
+        for item in list(uploader._queue._queue):  # type: ignore[attr-defined]
+            item.attempts = 1030  # as after a long outage
+        try:
+            deadline = time.monotonic() + 5
+            while len(store.calls) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await uploader.stop()
+        return store.calls
+
+    calls = asyncio.run(scenario())
+    assert len(calls) >= 4  # still retrying past attempt 1025
+    assert spool.queued()
+
+
+def test_a_worker_survives_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error moving one instance to failed/ does not stop the uploads of the next ones."""
+    spool = spool_with(tmp_path, 2)
+    first, second = spool.queued()
+
+    def broken_fail(path: Path, reason: object) -> Path:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(spool, "fail", broken_fail)
+    outcomes: dict[str, StoreOutcome] = {
+        first.name: StoreOutcome(Status.PROCESSING_FAILURE, 400, "no"),
+        second.name: StoreOutcome(Status.SUCCESS),
+    }
+
+    class ByName(ScriptedStore):
+        async def store_outcome(
+            self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
+        ) -> StoreOutcome:
+            self.calls.append((time.monotonic(), may_exist))
+            return outcomes[path.name]
+
+    async def scenario() -> None:
+        metrics = ImportMetrics(MetricsRegistry())
+        uploader = SpoolUploader(
+            spool,
+            ByName([A700]),
+            metrics,
+            concurrency=1,
+            retries=0,
+            min_delay=0.01,
+            max_delay=0.02,
+        )
+        await uploader.start()
+        try:
+            deadline = time.monotonic() + 5
+            while second.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await uploader.stop()
+
+    asyncio.run(scenario())
+    assert not second.exists()  # delivered by the same, single worker
+    assert first.exists()  # left in queue/ for the next run

@@ -29,6 +29,7 @@ from dicom_adapter.status import Status, is_stored
 logger = logging.getLogger(__name__)
 
 BODY_EXCERPT_CHARS = 500
+_MAX_EXPONENT = 60  # 2**60 times any positive delay exceeds every sane maximum
 
 
 @dataclass
@@ -223,7 +224,7 @@ class SpoolUploader:
                         await self._retry_or_fail(
                             item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True
                         )
-                    except OSError:  # failed/ not writable: it stays in queue/ for the next run
+                    except Exception:  # e.g. failed/ not writable: stays in queue/ for the next run
                         logger.exception("spooled instance %s left in queue/", item.path.name)
                         item.waiting = False
             for item in batch:
@@ -303,7 +304,9 @@ class SpoolUploader:
     async def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
         item.waiting = retry and item.attempts <= self._retries
         if item.waiting:
-            delay = min(self._max_delay, self._min_delay * 2 ** (item.attempts - 1))
+            # the exponent is capped: 2.0**1024 overflows a float on a long outage's retries
+            exponent = min(item.attempts - 1, _MAX_EXPONENT)
+            delay = min(self._max_delay, self._min_delay * 2.0**exponent)
             loop = asyncio.get_running_loop()
             timer: asyncio.TimerHandle | None = None
 
