@@ -568,12 +568,7 @@ class ImportService:
         configured = self._routing.destinations
         recorded = await asyncio.to_thread(recorded_destinations, root)
         for destination in dict.fromkeys([*configured, *recorded]):
-            dest_spool = await asyncio.to_thread(
-                DestinationSpools.open_spool,
-                root,
-                destination,
-                headroom_bytes=self._settings.spool_free_space_headroom,
-            )
+            dest_spool = await asyncio.to_thread(DestinationSpools.open_spool, local, destination)
             dest_store = self._destination_store(destination)
             dest_uploader = self._spool_uploader(dest_spool, dest_store)
             spools.add(DestinationQueue(destination, dest_spool, dest_uploader, dest_store))

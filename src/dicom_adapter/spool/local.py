@@ -37,8 +37,18 @@ from dicom_adapter.spool.base import SUFFIX, name_arrival_ns, queue_name
 INCOMING = "incoming"
 QUEUE = "queue"
 FAILED = "failed"
+DEST_AREA = "dest"  # importer/destinations.py: one spool directory per routed destination
 RECOUNT_SECONDS = 2.0  # at most one walk of the spool this often, and only while over the cap
-__all__ = ["FAILED", "INCOMING", "QUEUE", "SUFFIX", "LocalSpool", "arrival_ns", "fsync_dir"]
+__all__ = [
+    "DEST_AREA",
+    "FAILED",
+    "INCOMING",
+    "QUEUE",
+    "SUFFIX",
+    "LocalSpool",
+    "arrival_ns",
+    "fsync_dir",
+]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -84,6 +94,27 @@ def tree_bytes(directory: Path) -> int:
     return total
 
 
+def _inode_bytes(directories: list[Path], seen: set[tuple[int, int]]) -> int:
+    """Bytes of the regular files directly in `directories`, each inode (hard link) once."""
+    total = 0
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_size
+    return total
+
+
 def arrival_ns(path: PurePath) -> int | None:
     """The arrival time encoded in a queue name, None for a name that is not ours."""
     return name_arrival_ns(path.name)
@@ -94,8 +125,19 @@ class LocalSpool:
 
     rescan_seconds = 1.0  # queue/ is checked this often for items `dicom-spool requeue` put there
 
-    def __init__(self, root: Path, *, headroom_bytes: int, max_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        headroom_bytes: int,
+        max_bytes: int = 0,
+        counter: LocalSpool | None = None,
+    ) -> None:
+        """`counter`: the spool whose byte counter (and cap) this one's files count in (a
+        routed destination's spool counts in the root spool: one instance, one count)."""
         self.root = root
+        self._counter = counter if counter is not None else self
+        self._links_lock = threading.Lock()  # stat + unlink of a possibly shared inode
         self.incoming = root / INCOMING
         self.queue = root / QUEUE
         self.failed = root / FAILED
@@ -146,17 +188,29 @@ class LocalSpool:
             self._incoming = max(0, self._incoming + delta)
 
     def recount(self) -> int:
-        """Walk queue/ and failed/ and reset their byte counter to what is on disk; returns it.
+        """Walk queue/, failed/ and each dest/*/{queue,failed}/ and reset their byte counter
+        to what is on disk, a file linked into several queues once; returns it.
 
         Moves during the walk may be counted twice or missed: the next walk corrects them.
         """
-        total = tree_bytes(self.queue) + tree_bytes(self.failed)
+        areas = [self.queue, self.failed]
+        try:
+            for entry in sorted(os.scandir(self.root / DEST_AREA), key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False):
+                    areas += [Path(entry.path) / QUEUE, Path(entry.path) / FAILED]
+        except FileNotFoundError:
+            pass
+        total = _inode_bytes(areas, set())
         with self._bytes_lock:
             self._bytes = total
             self._counted_at = time.monotonic()
         return total
 
-    def _add_bytes(self, delta: int) -> None:
+    def add_bytes(self, delta: int) -> None:
+        """Bytes added to (or removed from) queue/ + failed/, counted where they count."""
+        if self._counter is not self:
+            self._counter.add_bytes(delta)
+            return
         with self._bytes_lock:
             self._bytes = max(0, self._bytes + delta)
 
@@ -231,7 +285,7 @@ class LocalSpool:
             fsync_file(partial)
             os.rename(partial, target)
         fsync_dir(self.queue)
-        self._add_bytes(size)
+        self.add_bytes(size)
         return target
 
     def queued(self) -> list[Path]:
@@ -258,12 +312,14 @@ class LocalSpool:
     def delivered(self, item: PurePath) -> None:
         """The upstream stored it: remove it (a replay after a crash finds it upstream)."""
         path = Path(item)
-        size = _file_size(path)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        self._add_bytes(-size)
+        with self._counter._links_lock:  # the last of several links frees the bytes, once
+            try:
+                stat = path.stat()
+                path.unlink()
+            except FileNotFoundError:
+                return
+        if stat.st_nlink <= 1:
+            self.add_bytes(-stat.st_size)
 
     def fail(self, item: PurePath, reason: dict[str, Any]) -> Path:
         """Move an instance to failed/ with `<name>.json` beside it; returns its new path."""
@@ -278,5 +334,5 @@ class LocalSpool:
             os.fsync(stream.fileno())
         os.rename(partial, note)
         fsync_dir(self.failed)
-        self._add_bytes(_file_size(note))
+        self.add_bytes(_file_size(note))
         return target
