@@ -11,6 +11,9 @@ from pathlib import Path
 
 import httpx
 
+from dicom_adapter.importer.destinations import DestinationSpools
+from dicom_adapter.importer.routing import Destination
+from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.status import Status
 from tests.component.conftest import RunningImporter
 from tests.component.test_store_status import JSON, c_store, make_ct, stow_json
@@ -85,3 +88,25 @@ def test_queue_of_a_destination_no_longer_configured_is_still_uploaded(
     second.upstream.responder = stored(str(ds.SOPInstanceUID))
     wait_for(lambda: not left.exists())
     assert [str(r.url) for r in second.upstream.requests] == ["http://mg.test/dicom-web/studies"]
+
+
+def test_toggling_tls_of_a_dimse_destination_keeps_its_spool_usable(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    """The recorded entry (tls on) and the configured one (tls off) share one directory:
+    the importer starts and serves it once, as configured."""
+    spool = tmp_path / "spool"
+    recorded = Destination(aet="PACS", host="127.0.0.1", port=1, tls=True)
+    root = LocalSpool(spool, headroom_bytes=0)
+    DestinationSpools.open_spool(root, recorded).close()
+    root.close()
+    routes = [{"filter": "Modality=MG", "name": "PACS", "host": "127.0.0.1", "port": 1}]
+    importer = start_importer(
+        f"--destination_config_inline={json.dumps(routes)}",
+        "--send_to_all_matching_destinations",
+        f"--persistent_file_storage_location={spool}",
+        *FAST,
+    )
+    importer.upstream.responder = stored("1")
+    note = json.loads(next(spool.glob("dest/*/destination.json")).read_text())
+    assert note["tls"] is False  # the configured entry won

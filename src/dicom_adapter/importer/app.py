@@ -533,7 +533,7 @@ class ImportService:
             # also without routing rules: queues an earlier run's rules left are still uploaded
             left = await asyncio.to_thread(recorded_destinations, local.root)
             if len(self._routing) > 0 or left:
-                destinations = await self._open_destination_spools(local, uploader, store)
+                destinations = await self._open_destination_spools(local, uploader, store, left)
         logger.info(
             "spool %s: C-STORE %s",
             where,
@@ -559,15 +559,24 @@ class ImportService:
         )
 
     async def _open_destination_spools(
-        self, local: LocalSpool, uploader: SpoolUploader, store: StoreService
+        self,
+        local: LocalSpool,
+        uploader: SpoolUploader,
+        store: StoreService,
+        recorded: list[Destination],
     ) -> DestinationSpools:
         """One queue and uploader per destination: configured ones, plus any an earlier run
-        recorded in the spool (a changed config must not strand acknowledged instances)."""
-        root = local.root
+        recorded in the spool (a changed config must not strand acknowledged instances).
+
+        One per directory: a recorded entry differing only in what the directory name does
+        not hash (e.g. "tls") is the configured one, which wins.
+        """
         spools = DestinationSpools(DestinationQueue(None, local, uploader, store))
         configured = self._routing.destinations
-        recorded = await asyncio.to_thread(recorded_destinations, root)
-        for destination in dict.fromkeys([*configured, *recorded]):
+        by_id: dict[str, Destination] = {}
+        for destination in [*configured, *recorded]:
+            by_id.setdefault(destination.id, destination)
+        for destination in by_id.values():
             dest_spool = await asyncio.to_thread(DestinationSpools.open_spool, local, destination)
             dest_store = self._destination_store(destination)
             dest_uploader = self._spool_uploader(dest_spool, dest_store)
