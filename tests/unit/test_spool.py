@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -191,3 +192,65 @@ def test_a_worker_survives_an_unexpected_error(
     asyncio.run(scenario())
     assert not second.exists()  # delivered by the same, single worker
     assert first.exists()  # left in queue/ for the next run
+
+
+def test_metrics_read_the_queue_from_memory_after_a_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics calls depth() and oldest_age() on the event loop: no listing of queue/."""
+    spool = spool_with(tmp_path, 3)
+    first, second, third = spool.queued()  # the uploader's periodic scan
+    listings: list[object] = []
+    real_listdir = os.listdir
+
+    def counting_listdir(path: str | os.PathLike[str]) -> list[str]:
+        listings.append(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    assert spool.depth() == 3
+    spool.delivered(first)
+    assert spool.depth() == 2
+    oldest = (time.time_ns() - int(second.name.split("-")[0])) / 1e9
+    assert spool.oldest_age() == pytest.approx(oldest, abs=0.5)
+    spool.fail(second, {})
+    spool.delivered(third)
+    [fresh] = list(generate_ct_series(spool.incoming, 1, rows=4, cols=4))
+    spool.commit(fresh, fresh.stem)
+    assert spool.depth() == 1
+    assert spool.oldest_age() < 5
+    assert listings == []
+
+
+def test_the_rescan_pauses_longer_when_listing_the_queue_is_costly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = spool_with(tmp_path, 1)
+    monkeypatch.setattr(spool, "rescan_seconds", 0.01)
+    scans: list[float] = []
+    real_queued = spool.queued
+
+    def slow_queued() -> list[Path]:
+        scans.append(time.monotonic())
+        time.sleep(0.05)  # a long queue's listing
+        return real_queued()
+
+    monkeypatch.setattr(spool, "queued", slow_queued)
+
+    async def scenario() -> None:
+        uploader = SpoolUploader(
+            spool,
+            ScriptedStore([A700]),
+            ImportMetrics(MetricsRegistry()),
+            concurrency=1,
+            retries=1000,
+            min_delay=10,
+            max_delay=10,
+        )
+        await uploader.start()
+        await asyncio.sleep(1.2)
+        await uploader.stop()
+
+    asyncio.run(scenario())
+    # the start's listing, then one rescan every 10 x 0.05 s at most (not every 0.06 s)
+    assert 2 <= len(scans) <= 4

@@ -296,8 +296,9 @@ class DestinationSpools:
             for _, linked in done:  # not acknowledged: nothing may stay queued
                 linked.unlink(missing_ok=True)
             raise
-        for queue, _ in done:
+        for queue, linked in done:
             fsync_dir(queue.spool.queue)
+            queue.spool.note_queued(linked)
         path.unlink()
         self.default.spool.add_bytes(size)  # once, however many queues link it
         return done

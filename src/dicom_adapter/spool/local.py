@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import itertools
 import json
 import os
@@ -39,6 +40,7 @@ QUEUE = "queue"
 FAILED = "failed"
 DEST_AREA = "dest"  # importer/destinations.py: one spool directory per routed destination
 RECOUNT_SECONDS = 2.0  # at most one walk of the spool this often, and only while over the cap
+SCAN_FRESH_SECONDS = 60.0  # depth()/oldest_age() answer from the last queued() this long
 __all__ = [
     "DEST_AREA",
     "FAILED",
@@ -163,6 +165,12 @@ class LocalSpool:
             area.mkdir(mode=0o700, exist_ok=True)
         fsync_dir(root)
         self._serial = itertools.count()
+        # what the last queued() listed, kept current by this process's own moves
+        self._scan_lock = threading.Lock()
+        self._scanned_at = -SCAN_FRESH_SECONDS
+        self._depth = 0
+        self._arrivals: list[int] = []  # min-heap of queued arrival ns
+        self._gone: dict[int, int] = {}  # arrival ns left queue/ but still in the heap: count
         if self.max_bytes:  # only the cap needs the count
             self.recount()
 
@@ -286,21 +294,61 @@ class LocalSpool:
             os.rename(partial, target)
         fsync_dir(self.queue)
         self.add_bytes(size)
+        self.note_queued(target)
         return target
 
+    def note_queued(self, path: Path) -> None:
+        """An instance entered queue/ (kept in what depth() and oldest_age() say)."""
+        arrival = arrival_ns(path)
+        with self._scan_lock:
+            self._depth += 1
+            if arrival is not None:
+                heapq.heappush(self._arrivals, arrival)
+
+    def _note_left(self, path: Path) -> None:
+        arrival = arrival_ns(path)
+        with self._scan_lock:
+            self._depth = max(0, self._depth - 1)
+            if arrival is not None:
+                self._gone[arrival] = self._gone.get(arrival, 0) + 1
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._scanned_at < SCAN_FRESH_SECONDS
+
     def queued(self) -> list[Path]:
-        """The queue in arrival order."""
-        return sorted(self.queue.glob("*" + SUFFIX), key=lambda p: (arrival_ns(p) or 0, p.name))
+        """The queue in arrival order; also refreshes what depth() and oldest_age() say."""
+        found = [(arrival_ns(p), p) for p in self.queue.glob("*" + SUFFIX)]
+        found.sort(key=lambda pair: (pair[0] or 0, pair[1].name))
+        with self._scan_lock:
+            self._depth = len(found)
+            self._arrivals = [a for a, _ in found if a is not None]  # sorted: a heap
+            self._gone = {}
+            self._scanned_at = time.monotonic()
+        return [p for _, p in found]
 
     def depth(self) -> int:
-        """How many instances wait in queue/."""
+        """How many instances wait in queue/: from memory while the uploader's periodic
+        queued() keeps it fresh (/metrics calls it on the event loop), else one listing."""
+        if self._fresh():
+            return self._depth
         return sum(1 for name in os.listdir(self.queue) if name.endswith(SUFFIX))
 
     def oldest_age(self) -> float:
-        """Seconds since the oldest queued instance arrived (0 when the queue is empty)."""
-        times = [arrival_ns(self.queue / n) for n in os.listdir(self.queue) if n.endswith(SUFFIX)]
-        known = [t for t in times if t is not None]
-        return max(0.0, (time.time_ns() - min(known)) / 1e9) if known else 0.0
+        """Seconds since the oldest queued instance arrived (0 when the queue is empty);
+        from memory like depth()."""
+        oldest: int | None = None
+        if self._fresh():
+            with self._scan_lock:
+                while self._arrivals and self._gone.get(self._arrivals[0], 0):
+                    left = heapq.heappop(self._arrivals)
+                    self._gone[left] -= 1
+                    if not self._gone[left]:
+                        del self._gone[left]
+                oldest = self._arrivals[0] if self._arrivals else None
+        else:
+            names = [n for n in os.listdir(self.queue) if n.endswith(SUFFIX)]
+            oldest = min(filter(None, (arrival_ns(Path(n)) for n in names)), default=None)
+        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
 
     def materialize(self, item: PurePath) -> Path:
         """The queued file itself (no copy)."""
@@ -318,6 +366,7 @@ class LocalSpool:
                 path.unlink()
             except FileNotFoundError:
                 return
+        self._note_left(path)
         if stat.st_nlink <= 1:
             self.add_bytes(-stat.st_size)
 
@@ -326,6 +375,7 @@ class LocalSpool:
         path = Path(item)
         target = self.failed / path.name
         os.rename(path, target)
+        self._note_left(path)
         note = target.with_name(target.name + ".json")
         partial = note.with_name("." + note.name + ".tmp")
         with partial.open("w", encoding="utf-8") as stream:

@@ -29,6 +29,8 @@ from dicom_adapter.status import Status, is_stored
 logger = logging.getLogger(__name__)
 
 BODY_EXCERPT_CHARS = 500
+SCAN_COST_FACTOR = 10  # the rescan sleeps at least this many times its last listing's duration
+MAX_RESCAN_SECONDS = 30.0  # below local.SCAN_FRESH_SECONDS: depth() stays answered from memory
 _MAX_EXPONENT = 60  # 2**60 times any positive delay exceeds every sane maximum
 
 
@@ -179,13 +181,19 @@ class SpoolUploader:
         """Adopt files that appeared in queue/ unannounced (requeued by an operator).
 
         A file must be unknown on two scans in a row: one committed by a receiving thread
-        is announced within microseconds, so it is never taken twice.
+        is announced within microseconds, so it is never taken twice. A long queue's listing
+        costs (0.9 s of CPU, holding the GIL, at 200k files): the pause grows with it.
         """
         unannounced: set[str] = set()
+        cost = 0.0
         while True:
-            await asyncio.sleep(self._spool.rescan_seconds)
+            every = self._spool.rescan_seconds
+            await asyncio.sleep(max(every, min(SCAN_COST_FACTOR * cost, MAX_RESCAN_SECONDS)))
+            started = time.monotonic()
+            listed = await asyncio.to_thread(self._spool.queued)
+            cost = time.monotonic() - started
             seen: set[str] = set()
-            for path in await asyncio.to_thread(self._spool.queued):
+            for path in listed:
                 if path.name in self._known:
                     continue
                 if path.name in unannounced:
