@@ -110,3 +110,36 @@ def test_toggling_tls_of_a_dimse_destination_keeps_its_spool_usable(
     importer.upstream.responder = stored("1")
     note = json.loads(next(spool.glob("dest/*/destination.json")).read_text())
     assert note["tls"] is False  # the configured entry won
+
+
+def test_a_destination_queue_uploads_in_batches_like_the_default_queue(
+    start_importer: Callable[..., RunningImporter], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    routes = [{"filter": "Modality=MG", "dicomweb_destination": "http://mg.test/dicom-web"}]
+    flags = [
+        f"--destination_config_inline={json.dumps(routes)}",
+        f"--persistent_file_storage_location={spool}",
+        "--auto_ack_cstore",
+        "--persistent_file_upload_retry_amount=100",
+        "--min_upload_delay=5000",
+        "--max_waiting_time_between_uploads=5000",
+        *FAST,
+    ]
+    first = start_importer(*flags)
+    first.upstream.responder = lambda request: httpx.Response(503, text="down")
+    uids = []
+    for _ in range(3):
+        ds = make_ct()
+        ds.Modality = "MG"
+        uids.append(str(ds.SOPInstanceUID))
+        assert c_store(first, ds) == Status.SUCCESS
+    asyncio.run_coroutine_threadsafe(first.service.stop(), first.loop).result(30)
+    left = list(spool.glob("dest/*/queue/*.dcm"))
+    assert len(left) == 3
+
+    second = start_importer(*flags, "--spool_upload_batch=10")
+    body = stow_json([(uid, None) for uid in uids])
+    second.upstream.responder = lambda request: httpx.Response(200, headers=JSON, content=body)
+    wait_for(lambda: not any(path.exists() for path in left))
+    assert len(second.upstream.requests) == 1  # the replayed three in one STOW-RS request

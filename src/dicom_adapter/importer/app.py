@@ -514,18 +514,7 @@ class ImportService:
         settings = self._settings
         self.metrics.spool_depth.set_function(local.depth)
         self.metrics.spool_oldest_age.set_function(local.oldest_age)
-        uploader = SpoolUploader(
-            local,
-            store,
-            self.metrics,
-            concurrency=settings.spool_upload_concurrency,
-            retries=settings.persistent_file_upload_retry_amount,
-            min_delay=settings.min_upload_delay / 1000,
-            max_delay=settings.max_waiting_time_between_uploads / 1000,
-            retry_codes=settings.http_error_codes_to_retry,
-            batch=settings.spool_upload_batch,
-            batch_bytes=settings.spool_upload_batch_bytes,
-        )
+        uploader = self._spool_uploader(local, store)
         self._local_spool, self._uploader = local, uploader
         await uploader.start()
         destinations = None
@@ -545,7 +534,8 @@ class ImportService:
             local, uploader, auto_ack=settings.auto_ack_cstore, destinations=destinations
         )
 
-    def _spool_uploader(self, local: LocalSpool, store: InstanceStore) -> SpoolUploader:
+    def _spool_uploader(self, local: Spool, store: InstanceStore) -> SpoolUploader:
+        """The one uploader factory: the spool's own queue and each destination's."""
         settings = self._settings
         return SpoolUploader(
             local,
@@ -556,6 +546,8 @@ class ImportService:
             min_delay=settings.min_upload_delay / 1000,
             max_delay=settings.max_waiting_time_between_uploads / 1000,
             retry_codes=settings.http_error_codes_to_retry,
+            batch=settings.spool_upload_batch,
+            batch_bytes=settings.spool_upload_batch_bytes,
         )
 
     async def _open_destination_spools(
