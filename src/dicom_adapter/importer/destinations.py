@@ -89,8 +89,12 @@ class DimseStore:
     async def store_batch(
         self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
     ) -> list[StoreOutcome]:
-        """C-STORE has no batches: one after the other on the kept association."""
-        return [await self.store_outcome(path, identity) for path, identity in items]
+        """C-STORE has no batches: one after the other on the kept association (so each
+        outcome is the instance's own)."""
+        return [
+            replace(await self.store_outcome(path, identity), named=True)
+            for path, identity in items
+        ]
 
     async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
         """One C-STORE for a waiting sender: the failure's cause is its ErrorComment."""

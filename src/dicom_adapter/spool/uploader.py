@@ -53,6 +53,13 @@ def _no_answer(exc: AdapterError) -> bool:
     )
 
 
+def _failure(exc: AdapterError) -> StoreOutcome:
+    """The outcome of a request that raised instead of answering."""
+    if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
+        return StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
+    return StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
@@ -285,10 +292,12 @@ class SpoolUploader:
                 pairs = [(local, identity) for _, local, identity in ready]
                 outcomes = await self._store.store_batch(pairs, may_exist=True)
         except AdapterError as exc:
-            failure = StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
-            if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
-                failure = StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
-            outcomes = [failure] * len(ready)
+            outcomes = [_failure(exc)] * len(ready)
+        if len(ready) > 1:
+            outcomes = [
+                await self._alone_if_refused_whole(local, identity, outcome)
+                for (_, local, identity), outcome in zip(ready, outcomes, strict=True)
+            ]
         results = list(zip((item for item, _, _ in ready), outcomes, strict=True))
         stored = [item for item, outcome in results if is_stored(outcome.status)]
         if stored:
@@ -298,12 +307,24 @@ class SpoolUploader:
         for item, outcome in results:
             if item.settled:
                 continue
-            transient = (
-                outcome.status == Status.OUT_OF_RESOURCES
-                or outcome.http_status in self._retry_codes
-            )
-            await self._retry_or_fail(item, outcome, retry=transient)
+            await self._retry_or_fail(item, outcome, retry=self._transient(outcome))
             item.settled = True
+
+    def _transient(self, outcome: StoreOutcome) -> bool:
+        return outcome.status == Status.OUT_OF_RESOURCES or outcome.http_status in self._retry_codes
+
+    async def _alone_if_refused_whole(
+        self, local: Path, identity: InstanceIdentity, outcome: StoreOutcome
+    ) -> StoreOutcome:
+        """A batch's permanent failure the answer did not give this instance itself (a bare
+        400/409/413 for the whole request, maybe for another part): ask for it alone, once,
+        within the same attempt, so one bad part does not send its batch to failed/."""
+        if is_stored(outcome.status) or outcome.named or self._transient(outcome):
+            return outcome
+        try:
+            return await self._store.store_outcome(local, identity, may_exist=True)
+        except AdapterError as exc:
+            return _failure(exc)
 
     def _delivered(self, paths: list[PurePath]) -> None:
         for path in paths:
