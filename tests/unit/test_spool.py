@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -254,3 +256,32 @@ def test_the_rescan_pauses_longer_when_listing_the_queue_is_costly(
     asyncio.run(scenario())
     # the start's listing, then one rescan every 10 x 0.05 s at most (not every 0.06 s)
     assert 2 <= len(scans) <= 4
+
+
+def test_half_written_files_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed copy leaves no `.X.partial`; what a kill -9 left is swept at the next open."""
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    [path] = generate_ct_series(tmp_path / "elsewhere", 1, rows=4, cols=4)
+    real_rename = os.rename
+
+    def cross_volume(src: Path, dst: Path) -> None:
+        if Path(src).parent != spool.queue:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst)
+
+    def copy_then_full(src: Path, dst: Path) -> None:
+        Path(dst).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", cross_volume)
+    monkeypatch.setattr(shutil, "copyfile", copy_then_full)
+    with pytest.raises(OSError, match="No space"):
+        spool.commit(path, path.stem)
+    monkeypatch.undo()
+    assert os.listdir(spool.queue) == []
+    spool.close()
+
+    (spool.queue / ".1-0-1.2.3.dcm.partial").write_bytes(b"half")
+    (spool.failed / ".1-0-1.2.4.dcm.json.tmp").write_text("{")
+    LocalSpool(tmp_path / "spool", headroom_bytes=0).close()
+    assert os.listdir(spool.queue) == [] and os.listdir(spool.failed) == []

@@ -36,7 +36,14 @@ from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE
 from dicom_adapter.errors import InvalidDatasetError, lo_text
 from dicom_adapter.importer.routing import Destination, RoutingTable, read_filter_attributes
 from dicom_adapter.importer.store import InstanceIdentity, InstanceStore, StoreOutcome
-from dicom_adapter.spool.local import DEST_AREA, SUFFIX, LocalSpool, fsync_dir, fsync_file
+from dicom_adapter.spool.local import (
+    DEST_AREA,
+    SUFFIX,
+    LocalSpool,
+    fsync_dir,
+    fsync_file,
+    write_through,
+)
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
@@ -321,9 +328,7 @@ class DestinationSpools:
                     raise
             # no hard link possible (another volume): one copy, fsynced
             partial = queue / f".{target.name}.partial"
-            shutil.copyfile(path, partial)
-            fsync_file(partial)
-            os.rename(partial, target)
+            write_through(partial, target, lambda to: shutil.copyfile(path, to))
             return target
 
     async def upload_now(

@@ -29,6 +29,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -69,6 +70,24 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_through(partial: Path, target: Path, write: Callable[[Path], object]) -> None:
+    """`write` the partial file, fsync it, rename it to `target`; no partial stays behind."""
+    try:
+        write(partial)
+        fsync_file(partial)
+        os.rename(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _sweep_partials(area: Path) -> None:
+    """Remove what a failed copy or a kill -9 left half-written (`.X.partial`, `.X.tmp`)."""
+    for entry in os.scandir(area):
+        if entry.name.startswith(".") and entry.name.endswith((".partial", ".tmp")):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def _file_size(path: Path) -> int:
@@ -163,6 +182,8 @@ class LocalSpool:
             ) from None
         for area in (self.incoming, self.queue, self.failed):
             area.mkdir(mode=0o700, exist_ok=True)
+        for area in (self.queue, self.failed):
+            _sweep_partials(area)
         fsync_dir(root)
         self._serial = itertools.count()
         # what the last queued() listed, kept current by this process's own moves
@@ -289,9 +310,7 @@ class LocalSpool:
                 raise
             # received outside the spool's volume (no spool_files hook): one copy, fsynced
             partial = self.queue / f".{name}.partial"
-            shutil.copyfile(path, partial)
-            fsync_file(partial)
-            os.rename(partial, target)
+            write_through(partial, target, lambda to: shutil.copyfile(path, to))
         fsync_dir(self.queue)
         self.add_bytes(size)
         self.note_queued(target)
@@ -378,11 +397,8 @@ class LocalSpool:
         self._note_left(path)
         note = target.with_name(target.name + ".json")
         partial = note.with_name("." + note.name + ".tmp")
-        with partial.open("w", encoding="utf-8") as stream:
-            json.dump(reason, stream, indent=2, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.rename(partial, note)
+        text = json.dumps(reason, indent=2, sort_keys=True)
+        write_through(partial, note, lambda to: to.write_text(text, encoding="utf-8"))
         fsync_dir(self.failed)
         self.add_bytes(_file_size(note))
         return target
