@@ -97,6 +97,7 @@ class ImportService:
         self._outgoing_tls_context: ssl.SSLContext | None = None
         self._dimse_stores: list[DimseStore] = []
         self._dest_uploaders: list[SpoolUploader] = []
+        self._left_in_spool: list[Destination] = []  # read once at startup
         self._dest_local_spools: list[LocalSpool] = []
         self._google_credentials: Any = None
 
@@ -177,6 +178,7 @@ class ImportService:
         left_in_spool = (  # queues of destinations earlier rules named are uploaded too
             await asyncio.to_thread(recorded_destinations, Path(location)) if location else []
         )
+        self._left_in_spool = left_in_spool
         google_credentials = await credentials_if_needed(
             [
                 settings.stow_url,
@@ -520,7 +522,7 @@ class ImportService:
         destinations = None
         if isinstance(local, LocalSpool):  # routing is refused with a gs:// spool
             # also without routing rules: queues an earlier run's rules left are still uploaded
-            left = await asyncio.to_thread(recorded_destinations, local.root)
+            left = self._left_in_spool
             if len(self._routing) > 0 or left:
                 destinations = await self._open_destination_spools(local, uploader, store, left)
         logger.info(

@@ -91,8 +91,10 @@ class SpoolUploader:
     A worker takes up to `batch` instances already waiting (never waits for more), at most
     `batch_bytes` of them unless one alone is larger, in queue order, into one request.
     An instance waiting for its next attempt holds no worker, so it never blocks the others.
-    Memory: a worker streams one instance from a local file (a gs:// item is downloaded to a
-    scratch file first), so uploads hold at most one instance per worker on disk, none in RAM.
+    Memory: a request streams its instances from local files (a gs:// item is downloaded to
+    a scratch file first), so uploads hold none in RAM; on scratch disk, a gs:// batch of
+    up to `batch` instances per worker (their size is not known before the download, so
+    only the count bounds a gs:// batch).
     """
 
     def __init__(
