@@ -285,3 +285,47 @@ def test_half_written_files_are_removed(tmp_path: Path, monkeypatch: pytest.Monk
     (spool.failed / ".1-0-1.2.4.dcm.json.tmp").write_text("{")
     LocalSpool(tmp_path / "spool", headroom_bytes=0).close()
     assert os.listdir(spool.queue) == [] and os.listdir(spool.failed) == []
+
+
+def test_a_failed_rescan_does_not_stop_adopting_requeued_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    monkeypatch.setattr(spool, "rescan_seconds", 0.01)
+    real_queued = spool.queued
+    calls: list[int] = []
+
+    def flaky_queued() -> list[Path]:
+        calls.append(1)
+        if len(calls) == 2:  # the first rescan
+            raise OSError(errno.EIO, "Input/output error")
+        return real_queued()
+
+    monkeypatch.setattr(spool, "queued", flaky_queued)
+    store = ScriptedStore([StoreOutcome(Status.SUCCESS)])
+
+    async def scenario() -> None:
+        uploader = SpoolUploader(
+            spool,
+            store,
+            ImportMetrics(MetricsRegistry()),
+            concurrency=1,
+            retries=0,
+            min_delay=0.01,
+            max_delay=0.01,
+        )
+        await uploader.start()
+        try:
+            deadline = time.monotonic() + 5
+            while len(calls) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            # an operator's requeue: unannounced to the uploader
+            for path in generate_ct_series(spool.incoming, 1, rows=4, cols=4):
+                spool.commit(path, path.stem)
+            while real_queued() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await uploader.stop()
+
+    asyncio.run(scenario())
+    assert not real_queued() and len(store.calls) == 1

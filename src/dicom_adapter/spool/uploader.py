@@ -199,7 +199,11 @@ class SpoolUploader:
             every = self._spool.rescan_seconds
             await asyncio.sleep(max(every, min(SCAN_COST_FACTOR * cost, MAX_RESCAN_SECONDS)))
             started = time.monotonic()
-            listed = await asyncio.to_thread(self._spool.queued)
+            try:
+                listed = await asyncio.to_thread(self._spool.queued)
+            except Exception:  # e.g. a listing error: the next scan tries again
+                logger.exception("rescan of the spool queue failed")
+                continue
             cost = time.monotonic() - started
             seen: set[str] = set()
             for path in listed:
