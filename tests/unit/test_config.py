@@ -576,3 +576,8 @@ def test_auto_ack_needs_a_spool() -> None:
     error = config_error([*BASE, "--auto_ack_cstore"])
     assert error.flag == "auto_ack_cstore"
     assert "--persistent_file_storage_location" in str(error)
+
+
+def test_min_upload_delay_must_be_positive() -> None:
+    error = config_error([*BASE, "--min_upload_delay=0"])
+    assert error.flag == "min_upload_delay"

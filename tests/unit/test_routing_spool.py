@@ -21,12 +21,12 @@ PACS = Destination(aet="PACS", host="pacs.test", port=104)
 NO_HEADROOM = 0
 
 
-def spools(root: Path) -> DestinationSpools:
+def spools(root: Path, max_bytes: int = 0) -> DestinationSpools:
     nothing: Any = None  # commit touches only the spools
-    local = LocalSpool(root, headroom_bytes=NO_HEADROOM)
+    local = LocalSpool(root, headroom_bytes=NO_HEADROOM, max_bytes=max_bytes)
     result = DestinationSpools(DestinationQueue(None, local, nothing, nothing))
     for destination in (WEB, PACS):
-        spool = DestinationSpools.open_spool(root, destination, headroom_bytes=NO_HEADROOM)
+        spool = DestinationSpools.open_spool(local, destination)
         result.add(DestinationQueue(destination, spool, nothing, nothing))
     return result
 
@@ -90,3 +90,22 @@ def test_destinations_are_recorded_beside_their_queue(tmp_path: Path) -> None:
     assert sorted(recorded_destinations(tmp_path), key=lambda d: d.key) == sorted(
         [WEB, PACS], key=lambda d: d.key
     )
+
+
+def test_the_byte_cap_counts_a_routed_instance_once_until_its_last_delivery(
+    tmp_path: Path,
+) -> None:
+    size = len(b"instance bytes")
+    fanout = spools(tmp_path, max_bytes=2 * size)
+    root = fanout.default.spool
+    done = fanout.commit(received(tmp_path), "1.2.3", [WEB, PACS])
+    fanout.commit(received(tmp_path, "cstore-2.dcm"), "1.2.4", [WEB])
+    assert root.used_bytes == 2 * size
+    assert root.refusal(size) is not None  # the cap holds with routing
+    assert root.recount() == 2 * size  # the walk sees dest/ and each inode once
+    (web_queue, web_path), (pacs_queue, pacs_path) = done
+    web_queue.spool.delivered(web_path)
+    assert root.used_bytes == 2 * size  # still linked in PACS's queue
+    pacs_queue.spool.delivered(pacs_path)
+    assert root.used_bytes == size
+    assert root.refusal(size) is None

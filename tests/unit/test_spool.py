@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -118,3 +121,211 @@ def test_one_process_owns_a_spool(tmp_path: Path) -> None:
         LocalSpool(tmp_path / "spool", headroom_bytes=0)
     owner.close()
     LocalSpool(tmp_path / "spool", headroom_bytes=0).close()
+
+
+def test_retry_delay_is_capped_after_a_thousand_attempts(tmp_path: Path) -> None:
+    """A long outage with a large retry amount keeps retrying at the maximum delay."""
+    spool = spool_with(tmp_path, 1)
+    store = ScriptedStore([A700])
+
+    async def scenario() -> list[tuple[float, bool]]:
+        metrics = ImportMetrics(MetricsRegistry())
+        uploader = SpoolUploader(
+            spool, store, metrics, concurrency=1, retries=5000, min_delay=0.01, max_delay=0.02
+        )
+        await uploader.start()  # the workers have not run yet: the replayed item waits
+        for item in list(uploader._queue._queue):  # type: ignore[attr-defined]
+            item.attempts = 1030  # as after a long outage
+        try:
+            deadline = time.monotonic() + 5
+            while len(store.calls) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await uploader.stop()
+        return store.calls
+
+    calls = asyncio.run(scenario())
+    assert len(calls) >= 4  # still retrying past attempt 1025
+    assert spool.queued()
+
+
+def test_a_worker_survives_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error moving one instance to failed/ does not stop the uploads of the next ones."""
+    spool = spool_with(tmp_path, 2)
+    first, second = spool.queued()
+
+    def broken_fail(path: Path, reason: object) -> Path:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(spool, "fail", broken_fail)
+    outcomes: dict[str, StoreOutcome] = {
+        first.name: StoreOutcome(Status.PROCESSING_FAILURE, 400, "no"),
+        second.name: StoreOutcome(Status.SUCCESS),
+    }
+
+    class ByName(ScriptedStore):
+        async def store_outcome(
+            self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
+        ) -> StoreOutcome:
+            self.calls.append((time.monotonic(), may_exist))
+            return outcomes[path.name]
+
+    async def scenario() -> None:
+        metrics = ImportMetrics(MetricsRegistry())
+        uploader = SpoolUploader(
+            spool,
+            ByName([A700]),
+            metrics,
+            concurrency=1,
+            retries=0,
+            min_delay=0.01,
+            max_delay=0.02,
+        )
+        await uploader.start()
+        try:
+            deadline = time.monotonic() + 5
+            while second.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await uploader.stop()
+
+    asyncio.run(scenario())
+    assert not second.exists()  # delivered by the same, single worker
+    assert first.exists()  # left in queue/ for the next run
+
+
+def test_metrics_read_the_queue_from_memory_after_a_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics calls depth() and oldest_age() on the event loop: no listing of queue/."""
+    spool = spool_with(tmp_path, 3)
+    first, second, third = spool.queued()  # the uploader's periodic scan
+    listings: list[object] = []
+    real_listdir = os.listdir
+
+    def counting_listdir(path: str | os.PathLike[str]) -> list[str]:
+        listings.append(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    assert spool.depth() == 3
+    spool.delivered(first)
+    assert spool.depth() == 2
+    oldest = (time.time_ns() - int(second.name.split("-")[0])) / 1e9
+    assert spool.oldest_age() == pytest.approx(oldest, abs=0.5)
+    spool.fail(second, {})
+    spool.delivered(third)
+    [fresh] = list(generate_ct_series(spool.incoming, 1, rows=4, cols=4))
+    spool.commit(fresh, fresh.stem)
+    assert spool.depth() == 1
+    assert spool.oldest_age() < 5
+    assert listings == []
+
+
+def test_the_rescan_pauses_longer_when_listing_the_queue_is_costly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = spool_with(tmp_path, 1)
+    monkeypatch.setattr(spool, "rescan_seconds", 0.01)
+    scans: list[float] = []
+    real_queued = spool.queued
+
+    def slow_queued() -> list[Path]:
+        scans.append(time.monotonic())
+        time.sleep(0.05)  # a long queue's listing
+        return real_queued()
+
+    monkeypatch.setattr(spool, "queued", slow_queued)
+
+    async def scenario() -> None:
+        uploader = SpoolUploader(
+            spool,
+            ScriptedStore([A700]),
+            ImportMetrics(MetricsRegistry()),
+            concurrency=1,
+            retries=1000,
+            min_delay=10,
+            max_delay=10,
+        )
+        await uploader.start()
+        await asyncio.sleep(1.2)
+        await uploader.stop()
+
+    asyncio.run(scenario())
+    # the start's listing, then one rescan every 10 x 0.05 s at most (not every 0.06 s)
+    assert 2 <= len(scans) <= 4
+
+
+def test_half_written_files_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed copy leaves no `.X.partial`; what a kill -9 left is swept at the next open."""
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    [path] = generate_ct_series(tmp_path / "elsewhere", 1, rows=4, cols=4)
+    real_rename = os.rename
+
+    def cross_volume(src: Path, dst: Path) -> None:
+        if Path(src).parent != spool.queue:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst)
+
+    def copy_then_full(src: Path, dst: Path) -> None:
+        Path(dst).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", cross_volume)
+    monkeypatch.setattr(shutil, "copyfile", copy_then_full)
+    with pytest.raises(OSError, match="No space"):
+        spool.commit(path, path.stem)
+    monkeypatch.undo()
+    assert os.listdir(spool.queue) == []
+    spool.close()
+
+    (spool.queue / ".1-0-1.2.3.dcm.partial").write_bytes(b"half")
+    (spool.failed / ".1-0-1.2.4.dcm.json.tmp").write_text("{")
+    LocalSpool(tmp_path / "spool", headroom_bytes=0).close()
+    assert os.listdir(spool.queue) == [] and os.listdir(spool.failed) == []
+
+
+def test_a_failed_rescan_does_not_stop_adopting_requeued_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    monkeypatch.setattr(spool, "rescan_seconds", 0.01)
+    real_queued = spool.queued
+    calls: list[int] = []
+
+    def flaky_queued() -> list[Path]:
+        calls.append(1)
+        if len(calls) == 2:  # the first rescan
+            raise OSError(errno.EIO, "Input/output error")
+        return real_queued()
+
+    monkeypatch.setattr(spool, "queued", flaky_queued)
+    store = ScriptedStore([StoreOutcome(Status.SUCCESS)])
+
+    async def scenario() -> None:
+        uploader = SpoolUploader(
+            spool,
+            store,
+            ImportMetrics(MetricsRegistry()),
+            concurrency=1,
+            retries=0,
+            min_delay=0.01,
+            max_delay=0.01,
+        )
+        await uploader.start()
+        try:
+            deadline = time.monotonic() + 5
+            while len(calls) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            # an operator's requeue: unannounced to the uploader
+            for path in generate_ct_series(spool.incoming, 1, rows=4, cols=4):
+                spool.commit(path, path.stem)
+            while real_queued() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await uploader.stop()
+
+    asyncio.run(scenario())
+    assert not real_queued() and len(store.calls) == 1

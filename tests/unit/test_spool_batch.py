@@ -169,7 +169,8 @@ def test_a_transient_failure_in_a_batch_is_retried_alone(tmp_path: Path) -> None
 
 
 def test_a_refused_request_fails_each_instance_with_its_own_reason(tmp_path: Path) -> None:
-    """HTTP 400 without sequences: 0xC000 for each instance, each in failed/, counted each."""
+    """HTTP 400 without sequences: each instance asked for alone once (within its first
+    attempt), then 0xC000 for each, each in failed/, counted each."""
     spool, uids = spool_of(tmp_path, 3)
 
     def answer(sent: list[str]) -> tuple[int, dict[str, object]]:
@@ -177,11 +178,32 @@ def test_a_refused_request_fails_each_instance_with_its_own_reason(tmp_path: Pat
 
     upstream = Upstream(answer)
     metrics = upload(spool, upstream, batch=10)
-    assert upstream.requests == [uids]
+    assert upstream.requests == [uids, *([uid] for uid in uids)]
     notes = [json.loads(p.read_text()) for p in spool.failed.glob("*.json")]
     assert sorted(n["sop_instance_uid"] for n in notes) == sorted(uids)
     assert {(n["dimse_status"], n["http_status"]) for n in notes} == {("0xC000", 400)}
+    assert {n["attempts"] for n in notes} == {1}
     assert metrics.cstore_backup_errors.value() == 3
+
+
+def test_one_bad_part_refusing_the_whole_request_fails_alone(tmp_path: Path) -> None:
+    """A bare 400 for the batch because of one part: the others, asked for alone, are
+    stored; only the bad one goes to failed/."""
+    spool, uids = spool_of(tmp_path, 3)
+    bad = uids[1]
+
+    def answer(sent: list[str]) -> tuple[int, dict[str, object]]:
+        if bad in sent:
+            return 400, {}
+        return 200, stow_body(sent, {})
+
+    upstream = Upstream(answer)
+    metrics = upload(spool, upstream, batch=10)
+    assert upstream.requests == [uids, [uids[0]], [bad], [uids[2]]]
+    assert not spool.queued()
+    [failed] = spool.failed.glob("*.dcm")
+    assert dcmread(failed).SOPInstanceUID == bad
+    assert metrics.cstore_backup_errors.value() == 1
 
 
 def test_batches_respect_the_count_and_byte_bounds_in_queue_order(tmp_path: Path) -> None:

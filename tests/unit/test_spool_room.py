@@ -18,6 +18,7 @@ from pydicom import Dataset, dcmread
 from tests.rig import generate_ct_series
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
+from dicom_adapter.importer.destinations import DestinationQueue, DestinationSpools
 from dicom_adapter.importer.handlers import CStoreHandler, SpoolIntake
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
@@ -213,6 +214,36 @@ def test_enospc_at_fsync_or_rename_answers_a700_and_queues_nothing(
     assert isinstance(answer, Dataset)  # a failure carries its ErrorComment
     assert answer.Status == Status.OUT_OF_RESOURCES
     assert answer.ErrorComment == "adapter spool write failed"
+    monkeypatch.undo()
+    assert not spool.queued() and not uploader.queued
+    monkeypatch.setattr(spool, "free_bytes", lambda: path.stat().st_size - 1)
+    assert not spool.has_room()  # not ready until that instance would fit
+    spool.close()
+
+
+def test_enospc_linking_a_routed_instance_makes_readyz_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    [path] = received(spool, 1, side=4)
+    uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    nothing: Any = None
+    uploader = _Uploader()
+    fanout = DestinationSpools(DestinationQueue(None, spool, cast(Any, uploader), nothing))
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    handler = CStoreHandler(
+        cast(Any, None),
+        cast(Any, None),
+        1.0,
+        intake=SpoolIntake(spool, cast(Any, uploader), auto_ack=True, destinations=fanout),
+    )
+    answer = handler(_store_event(path, uid))
+    assert isinstance(answer, Dataset)
+    assert answer.Status == Status.OUT_OF_RESOURCES
     monkeypatch.undo()
     assert not spool.queued() and not uploader.queued
     monkeypatch.setattr(spool, "free_bytes", lambda: path.stat().st_size - 1)

@@ -137,7 +137,7 @@ class ImporterSettings(CommonSettings):
         "upload in the background (needs --persistent_file_storage_location).",
     )
     min_upload_delay: int = Field(
-        100, description="Minimum delay before a spooled upload retry (ms)."
+        100, gt=0, description="Minimum delay before a spooled upload retry (ms)."
     )
     max_waiting_time_between_uploads: int = Field(
         5000,

@@ -97,6 +97,7 @@ class ImportService:
         self._outgoing_tls_context: ssl.SSLContext | None = None
         self._dimse_stores: list[DimseStore] = []
         self._dest_uploaders: list[SpoolUploader] = []
+        self._left_in_spool: list[Destination] = []  # read once at startup
         self._dest_local_spools: list[LocalSpool] = []
         self._google_credentials: Any = None
 
@@ -177,6 +178,7 @@ class ImportService:
         left_in_spool = (  # queues of destinations earlier rules named are uploaded too
             await asyncio.to_thread(recorded_destinations, Path(location)) if location else []
         )
+        self._left_in_spool = left_in_spool
         google_credentials = await credentials_if_needed(
             [
                 settings.stow_url,
@@ -514,26 +516,15 @@ class ImportService:
         settings = self._settings
         self.metrics.spool_depth.set_function(local.depth)
         self.metrics.spool_oldest_age.set_function(local.oldest_age)
-        uploader = SpoolUploader(
-            local,
-            store,
-            self.metrics,
-            concurrency=settings.spool_upload_concurrency,
-            retries=settings.persistent_file_upload_retry_amount,
-            min_delay=settings.min_upload_delay / 1000,
-            max_delay=settings.max_waiting_time_between_uploads / 1000,
-            retry_codes=settings.http_error_codes_to_retry,
-            batch=settings.spool_upload_batch,
-            batch_bytes=settings.spool_upload_batch_bytes,
-        )
+        uploader = self._spool_uploader(local, store)
         self._local_spool, self._uploader = local, uploader
         await uploader.start()
         destinations = None
         if isinstance(local, LocalSpool):  # routing is refused with a gs:// spool
             # also without routing rules: queues an earlier run's rules left are still uploaded
-            left = await asyncio.to_thread(recorded_destinations, local.root)
+            left = self._left_in_spool
             if len(self._routing) > 0 or left:
-                destinations = await self._open_destination_spools(local, uploader, store)
+                destinations = await self._open_destination_spools(local, uploader, store, left)
         logger.info(
             "spool %s: C-STORE %s",
             where,
@@ -545,7 +536,8 @@ class ImportService:
             local, uploader, auto_ack=settings.auto_ack_cstore, destinations=destinations
         )
 
-    def _spool_uploader(self, local: LocalSpool, store: InstanceStore) -> SpoolUploader:
+    def _spool_uploader(self, local: Spool, store: InstanceStore) -> SpoolUploader:
+        """The one uploader factory: the spool's own queue and each destination's."""
         settings = self._settings
         return SpoolUploader(
             local,
@@ -556,24 +548,30 @@ class ImportService:
             min_delay=settings.min_upload_delay / 1000,
             max_delay=settings.max_waiting_time_between_uploads / 1000,
             retry_codes=settings.http_error_codes_to_retry,
+            batch=settings.spool_upload_batch,
+            batch_bytes=settings.spool_upload_batch_bytes,
         )
 
     async def _open_destination_spools(
-        self, local: LocalSpool, uploader: SpoolUploader, store: StoreService
+        self,
+        local: LocalSpool,
+        uploader: SpoolUploader,
+        store: StoreService,
+        recorded: list[Destination],
     ) -> DestinationSpools:
         """One queue and uploader per destination: configured ones, plus any an earlier run
-        recorded in the spool (a changed config must not strand acknowledged instances)."""
-        root = local.root
+        recorded in the spool (a changed config must not strand acknowledged instances).
+
+        One per directory: a recorded entry differing only in what the directory name does
+        not hash (e.g. "tls") is the configured one, which wins.
+        """
         spools = DestinationSpools(DestinationQueue(None, local, uploader, store))
         configured = self._routing.destinations
-        recorded = await asyncio.to_thread(recorded_destinations, root)
-        for destination in dict.fromkeys([*configured, *recorded]):
-            dest_spool = await asyncio.to_thread(
-                DestinationSpools.open_spool,
-                root,
-                destination,
-                headroom_bytes=self._settings.spool_free_space_headroom,
-            )
+        by_id: dict[str, Destination] = {}
+        for destination in [*configured, *recorded]:
+            by_id.setdefault(destination.id, destination)
+        for destination in by_id.values():
+            dest_spool = await asyncio.to_thread(DestinationSpools.open_spool, local, destination)
             dest_store = self._destination_store(destination)
             dest_uploader = self._spool_uploader(dest_spool, dest_store)
             spools.add(DestinationQueue(destination, dest_spool, dest_uploader, dest_store))

@@ -36,13 +36,19 @@ from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE
 from dicom_adapter.errors import InvalidDatasetError, lo_text
 from dicom_adapter.importer.routing import Destination, RoutingTable, read_filter_attributes
 from dicom_adapter.importer.store import InstanceIdentity, InstanceStore, StoreOutcome
-from dicom_adapter.spool.local import SUFFIX, LocalSpool, fsync_dir, fsync_file
+from dicom_adapter.spool.local import (
+    DEST_AREA,
+    SUFFIX,
+    LocalSpool,
+    fsync_dir,
+    fsync_file,
+    write_through,
+)
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
 
-DEST_AREA = "dest"
 DESTINATION_FILE = "destination.json"
 VERIFICATION = "1.2.840.10008.1.1"
 _META_READ = 64 << 10
@@ -90,8 +96,12 @@ class DimseStore:
     async def store_batch(
         self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
     ) -> list[StoreOutcome]:
-        """C-STORE has no batches: one after the other on the kept association."""
-        return [await self.store_outcome(path, identity) for path, identity in items]
+        """C-STORE has no batches: one after the other on the kept association (so each
+        outcome is the instance's own)."""
+        return [
+            replace(await self.store_outcome(path, identity), named=True)
+            for path, identity in items
+        ]
 
     async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
         """One C-STORE for a waiting sender: the failure's cause is its ErrorComment."""
@@ -252,11 +262,12 @@ class DestinationSpools:
         self._serial = itertools.count()
 
     @staticmethod
-    def open_spool(root: Path, destination: Destination, *, headroom_bytes: int) -> LocalSpool:
-        """`root/dest/<id>/` with its queue/ and failed/, and destination.json (blocking)."""
-        directory = root / DEST_AREA / destination.id
-        (root / DEST_AREA).mkdir(mode=0o700, exist_ok=True)
-        spool = LocalSpool(directory, headroom_bytes=headroom_bytes)
+    def open_spool(root: LocalSpool, destination: Destination) -> LocalSpool:
+        """`root/dest/<id>/` with its queue/ and failed/, and destination.json (blocking);
+        its bytes count in the root spool's counter and cap."""
+        directory = root.root / DEST_AREA / destination.id
+        (root.root / DEST_AREA).mkdir(mode=0o700, exist_ok=True)
+        spool = LocalSpool(directory, headroom_bytes=root.headroom_bytes, counter=root)
         _write_note(directory, destination)
         return spool
 
@@ -285,6 +296,7 @@ class DestinationSpools:
         remove the received name. Empty `destinations`: the default queue."""
         queues = [self._queues[d] for d in destinations] or [self.default]
         fsync_file(path)
+        size = path.stat().st_size
         uid = _UNSAFE.sub("_", sop_instance_uid)
         name = f"{time.time_ns()}-{next(self._serial)}-{uid}{SUFFIX}"  # one name in every queue
         done: list[tuple[DestinationQueue, Path]] = []
@@ -295,9 +307,11 @@ class DestinationSpools:
             for _, linked in done:  # not acknowledged: nothing may stay queued
                 linked.unlink(missing_ok=True)
             raise
-        for queue, _ in done:
+        for queue, linked in done:
             fsync_dir(queue.spool.queue)
+            queue.spool.note_queued(linked)
         path.unlink()
+        self.default.spool.add_bytes(size)  # once, however many queues link it
         return done
 
     def _link(self, path: Path, queue: Path, name: str, uid: str) -> Path:
@@ -314,9 +328,7 @@ class DestinationSpools:
                     raise
             # no hard link possible (another volume): one copy, fsynced
             partial = queue / f".{target.name}.partial"
-            shutil.copyfile(path, partial)
-            fsync_file(partial)
-            os.rename(partial, target)
+            write_through(partial, target, lambda to: shutil.copyfile(path, to))
             return target
 
     async def upload_now(

@@ -250,7 +250,7 @@ class CStoreHandler:
         identity = read_identity(path)
         if intake.destinations is not None:
             return self._fanned_out(
-                intake, intake.destinations, path, identity, fields, chosen or []
+                intake, intake.destinations, path, identity, fields, chosen or [], size
             )
         try:
             queued = spool.commit(path, identity.sop_instance_uid)
@@ -276,12 +276,15 @@ class CStoreHandler:
         identity: InstanceIdentity,
         fields: dict[str, str],
         chosen: list[Destination],
+        size: int,
     ) -> tuple[int, str]:
         """Routing with a spool: linked into each chosen destination's queue (default: queue/)."""
         try:
             targets = destinations.commit(path, identity.sop_instance_uid, chosen)
         except OSError as exc:
             logger.error("C-STORE not spooled (%s) -> 0xA700", exc, extra=fields)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                intake.spool.refused(size)  # /readyz: not ready until it would fit
             return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
             for queue, queued in targets:

@@ -42,6 +42,7 @@ class StoreOutcome:
     http_status: int = 0
     body_excerpt: str = ""
     comment: str = ""  # ErrorComment when the instance was not stored
+    named: bool = False  # the answer had a result of this instance's own (not the request's)
 
 
 _LAST_IDENTITY_TAG = 0x0020000E  # SeriesInstanceUID: nothing after it is needed
@@ -202,7 +203,9 @@ class StoreService:
                 extra={"sop_instance_uid": identity.sop_instance_uid},
             )
         comment = "" if is_stored(status) else failure_comment(response, identity.sop_instance_uid)
-        return StoreOutcome(status, response.http_status, response.body_excerpt, comment)
+        uid = identity.sop_instance_uid
+        named = uid in response.referenced or uid in response.failed
+        return StoreOutcome(status, response.http_status, response.body_excerpt, comment, named)
 
     async def _is_stored(self, identity: InstanceIdentity) -> bool:
         """QIDO-RS by SOP Instance UID: is this instance upstream, with the same SOP class?"""

@@ -9,7 +9,6 @@ A gs://bucket/prefix location is handled by spool/gcs_command.py (plus `adopt`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -18,16 +17,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from dicom_adapter.spool.local import FAILED, INCOMING, QUEUE, SUFFIX, arrival_ns, fsync_dir
+from dicom_adapter.spool.local import (
+    DEST_AREA,
+    FAILED,
+    INCOMING,
+    QUEUE,
+    SUFFIX,
+    arrival_ns,
+    fsync_dir,
+    tree_bytes,
+)
 
 PROG = "dicom-spool"
-DEST_AREA = "dest"  # importer/destinations.py: one spool directory per routed destination
 SHOWN_FAILED = 5
 _STUDY_UID_TAG = 0x0020000D
 
@@ -64,14 +71,22 @@ class FailedItem:
 
 
 def read_study_uid(path: Path) -> str | None:
-    """Study Instance UID, reading no further than (0020,000D)."""
+    """Study Instance UID of a file, reading no further than (0020,000D)."""
+    try:
+        with path.open("rb") as stream:
+            return study_uid_in(stream)
+    except OSError:
+        return None
+
+
+def study_uid_in(stream: BinaryIO) -> str | None:
+    """Study Instance UID of a Part-10 stream (a file or an object's first bytes)."""
 
     def past_study(tag: BaseTag, vr: str | None, length: int) -> bool:
         return int(tag) > _STUDY_UID_TAG
 
     try:
-        with path.open("rb") as stream:
-            ds = read_partial(stream, stop_when=past_study, specific_tags=[_STUDY_UID_TAG])
+        ds = read_partial(stream, stop_when=past_study, specific_tags=[_STUDY_UID_TAG])
     except (OSError, InvalidDicomError, ValueError, EOFError):
         return None
     value = ds.get("StudyInstanceUID")
@@ -113,15 +128,6 @@ def _one_line(text: object, limit: int = 120) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _tree_bytes(directory: Path) -> int:
-    total = 0
-    for base, _dirs, files in os.walk(directory):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):  # committed meanwhile
-                total += os.lstat(os.path.join(base, name)).st_size
-    return total
-
-
 def status(root: Path) -> int:
     """Counts, oldest ages and the oldest failed items with their reason."""
     now = time.time_ns()
@@ -132,7 +138,7 @@ def status(root: Path) -> int:
     print(f"spool: {root}")
     print(f"queue: {len(queued)} instances{oldest_q}")
     print(f"failed: {len(failed)} instances{oldest_f}")
-    print(f"incoming: {_tree_bytes(root / INCOMING)} bytes")
+    print(f"incoming: {tree_bytes(root / INCOMING)} bytes")
     dest_area = root / DEST_AREA
     routed = sorted(d for d in dest_area.iterdir() if d.is_dir()) if dest_area.is_dir() else []
     for directory in routed:  # routed destinations' queues

@@ -17,13 +17,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.tag import BaseTag
-
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.spool.base import SUFFIX, name_arrival_ns, name_sop_instance_uid, queue_name
-from dicom_adapter.spool.command import PROG, SHOWN_FAILED, _age, print_failed
+from dicom_adapter.spool.command import PROG, SHOWN_FAILED, _age, print_failed, study_uid_in
 from dicom_adapter.spool.gcs import (
     FAILED,
     NOTE_SUFFIX,
@@ -35,7 +31,6 @@ from dicom_adapter.spool.gcs import (
 )
 
 HEADER_BYTES = 64 * 1024  # enough for the Study Instance UID of any sane file
-_STUDY_UID_TAG = 0x0020000D
 _serial = itertools.count()
 
 
@@ -68,17 +63,11 @@ def _study_uid(area: Area, name: str, reason: dict[str, Any]) -> str | None:
     recorded = reason.get("study_instance_uid")
     if isinstance(recorded, str) and recorded:
         return recorded
-
-    def past_study(tag: BaseTag, vr: str | None, length: int) -> bool:
-        return int(tag) > _STUDY_UID_TAG
-
     try:
         head = area.storage.head(name, HEADER_BYTES)
-        ds = read_partial(io.BytesIO(head), stop_when=past_study, specific_tags=[_STUDY_UID_TAG])
-    except (OSError, InvalidDicomError, ValueError, EOFError):
+    except OSError:
         return None
-    value = ds.get("StudyInstanceUID")
-    return str(value) if value else None
+    return study_uid_in(io.BytesIO(head))
 
 
 def status(area: Area) -> int:

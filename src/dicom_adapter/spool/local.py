@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import itertools
 import json
 import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -37,8 +39,19 @@ from dicom_adapter.spool.base import SUFFIX, name_arrival_ns, queue_name
 INCOMING = "incoming"
 QUEUE = "queue"
 FAILED = "failed"
+DEST_AREA = "dest"  # importer/destinations.py: one spool directory per routed destination
 RECOUNT_SECONDS = 2.0  # at most one walk of the spool this often, and only while over the cap
-__all__ = ["FAILED", "INCOMING", "QUEUE", "SUFFIX", "LocalSpool", "arrival_ns", "fsync_dir"]
+SCAN_FRESH_SECONDS = 60.0  # depth()/oldest_age() answer from the last queued() this long
+__all__ = [
+    "DEST_AREA",
+    "FAILED",
+    "INCOMING",
+    "QUEUE",
+    "SUFFIX",
+    "LocalSpool",
+    "arrival_ns",
+    "fsync_dir",
+]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -57,6 +70,24 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_through(partial: Path, target: Path, write: Callable[[Path], object]) -> None:
+    """`write` the partial file, fsync it, rename it to `target`; no partial stays behind."""
+    try:
+        write(partial)
+        fsync_file(partial)
+        os.rename(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _sweep_partials(area: Path) -> None:
+    """Remove what a failed copy or a kill -9 left half-written (`.X.partial`, `.X.tmp`)."""
+    for entry in os.scandir(area):
+        if entry.name.startswith(".") and entry.name.endswith((".partial", ".tmp")):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def _file_size(path: Path) -> int:
@@ -84,6 +115,27 @@ def tree_bytes(directory: Path) -> int:
     return total
 
 
+def _inode_bytes(directories: list[Path], seen: set[tuple[int, int]]) -> int:
+    """Bytes of the regular files directly in `directories`, each inode (hard link) once."""
+    total = 0
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_size
+    return total
+
+
 def arrival_ns(path: PurePath) -> int | None:
     """The arrival time encoded in a queue name, None for a name that is not ours."""
     return name_arrival_ns(path.name)
@@ -94,8 +146,19 @@ class LocalSpool:
 
     rescan_seconds = 1.0  # queue/ is checked this often for items `dicom-spool requeue` put there
 
-    def __init__(self, root: Path, *, headroom_bytes: int, max_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        headroom_bytes: int,
+        max_bytes: int = 0,
+        counter: LocalSpool | None = None,
+    ) -> None:
+        """`counter`: the spool whose byte counter (and cap) this one's files count in (a
+        routed destination's spool counts in the root spool: one instance, one count)."""
         self.root = root
+        self._counter = counter if counter is not None else self
+        self._links_lock = threading.Lock()  # stat + unlink of a possibly shared inode
         self.incoming = root / INCOMING
         self.queue = root / QUEUE
         self.failed = root / FAILED
@@ -119,8 +182,16 @@ class LocalSpool:
             ) from None
         for area in (self.incoming, self.queue, self.failed):
             area.mkdir(mode=0o700, exist_ok=True)
+        for area in (self.queue, self.failed):
+            _sweep_partials(area)
         fsync_dir(root)
         self._serial = itertools.count()
+        # what the last queued() listed, kept current by this process's own moves
+        self._scan_lock = threading.Lock()
+        self._scanned_at = -SCAN_FRESH_SECONDS
+        self._depth = 0
+        self._arrivals: list[int] = []  # min-heap of queued arrival ns
+        self._gone: dict[int, int] = {}  # arrival ns left queue/ but still in the heap: count
         if self.max_bytes:  # only the cap needs the count
             self.recount()
 
@@ -146,17 +217,29 @@ class LocalSpool:
             self._incoming = max(0, self._incoming + delta)
 
     def recount(self) -> int:
-        """Walk queue/ and failed/ and reset their byte counter to what is on disk; returns it.
+        """Walk queue/, failed/ and each dest/*/{queue,failed}/ and reset their byte counter
+        to what is on disk, a file linked into several queues once; returns it.
 
         Moves during the walk may be counted twice or missed: the next walk corrects them.
         """
-        total = tree_bytes(self.queue) + tree_bytes(self.failed)
+        areas = [self.queue, self.failed]
+        try:
+            for entry in sorted(os.scandir(self.root / DEST_AREA), key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False):
+                    areas += [Path(entry.path) / QUEUE, Path(entry.path) / FAILED]
+        except FileNotFoundError:
+            pass
+        total = _inode_bytes(areas, set())
         with self._bytes_lock:
             self._bytes = total
             self._counted_at = time.monotonic()
         return total
 
-    def _add_bytes(self, delta: int) -> None:
+    def add_bytes(self, delta: int) -> None:
+        """Bytes added to (or removed from) queue/ + failed/, counted where they count."""
+        if self._counter is not self:
+            self._counter.add_bytes(delta)
+            return
         with self._bytes_lock:
             self._bytes = max(0, self._bytes + delta)
 
@@ -227,26 +310,64 @@ class LocalSpool:
                 raise
             # received outside the spool's volume (no spool_files hook): one copy, fsynced
             partial = self.queue / f".{name}.partial"
-            shutil.copyfile(path, partial)
-            fsync_file(partial)
-            os.rename(partial, target)
+            write_through(partial, target, lambda to: shutil.copyfile(path, to))
         fsync_dir(self.queue)
-        self._add_bytes(size)
+        self.add_bytes(size)
+        self.note_queued(target)
         return target
 
+    def note_queued(self, path: Path) -> None:
+        """An instance entered queue/ (kept in what depth() and oldest_age() say)."""
+        arrival = arrival_ns(path)
+        with self._scan_lock:
+            self._depth += 1
+            if arrival is not None:
+                heapq.heappush(self._arrivals, arrival)
+
+    def _note_left(self, path: Path) -> None:
+        arrival = arrival_ns(path)
+        with self._scan_lock:
+            self._depth = max(0, self._depth - 1)
+            if arrival is not None:
+                self._gone[arrival] = self._gone.get(arrival, 0) + 1
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._scanned_at < SCAN_FRESH_SECONDS
+
     def queued(self) -> list[Path]:
-        """The queue in arrival order."""
-        return sorted(self.queue.glob("*" + SUFFIX), key=lambda p: (arrival_ns(p) or 0, p.name))
+        """The queue in arrival order; also refreshes what depth() and oldest_age() say."""
+        found = [(arrival_ns(p), p) for p in self.queue.glob("*" + SUFFIX)]
+        found.sort(key=lambda pair: (pair[0] or 0, pair[1].name))
+        with self._scan_lock:
+            self._depth = len(found)
+            self._arrivals = [a for a, _ in found if a is not None]  # sorted: a heap
+            self._gone = {}
+            self._scanned_at = time.monotonic()
+        return [p for _, p in found]
 
     def depth(self) -> int:
-        """How many instances wait in queue/."""
+        """How many instances wait in queue/: from memory while the uploader's periodic
+        queued() keeps it fresh (/metrics calls it on the event loop), else one listing."""
+        if self._fresh():
+            return self._depth
         return sum(1 for name in os.listdir(self.queue) if name.endswith(SUFFIX))
 
     def oldest_age(self) -> float:
-        """Seconds since the oldest queued instance arrived (0 when the queue is empty)."""
-        times = [arrival_ns(self.queue / n) for n in os.listdir(self.queue) if n.endswith(SUFFIX)]
-        known = [t for t in times if t is not None]
-        return max(0.0, (time.time_ns() - min(known)) / 1e9) if known else 0.0
+        """Seconds since the oldest queued instance arrived (0 when the queue is empty);
+        from memory like depth()."""
+        oldest: int | None = None
+        if self._fresh():
+            with self._scan_lock:
+                while self._arrivals and self._gone.get(self._arrivals[0], 0):
+                    left = heapq.heappop(self._arrivals)
+                    self._gone[left] -= 1
+                    if not self._gone[left]:
+                        del self._gone[left]
+                oldest = self._arrivals[0] if self._arrivals else None
+        else:
+            names = [n for n in os.listdir(self.queue) if n.endswith(SUFFIX)]
+            oldest = min(filter(None, (arrival_ns(Path(n)) for n in names)), default=None)
+        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
 
     def materialize(self, item: PurePath) -> Path:
         """The queued file itself (no copy)."""
@@ -258,25 +379,26 @@ class LocalSpool:
     def delivered(self, item: PurePath) -> None:
         """The upstream stored it: remove it (a replay after a crash finds it upstream)."""
         path = Path(item)
-        size = _file_size(path)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        self._add_bytes(-size)
+        with self._counter._links_lock:  # the last of several links frees the bytes, once
+            try:
+                stat = path.stat()
+                path.unlink()
+            except FileNotFoundError:
+                return
+        self._note_left(path)
+        if stat.st_nlink <= 1:
+            self.add_bytes(-stat.st_size)
 
     def fail(self, item: PurePath, reason: dict[str, Any]) -> Path:
         """Move an instance to failed/ with `<name>.json` beside it; returns its new path."""
         path = Path(item)
         target = self.failed / path.name
         os.rename(path, target)
+        self._note_left(path)
         note = target.with_name(target.name + ".json")
         partial = note.with_name("." + note.name + ".tmp")
-        with partial.open("w", encoding="utf-8") as stream:
-            json.dump(reason, stream, indent=2, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.rename(partial, note)
+        text = json.dumps(reason, indent=2, sort_keys=True)
+        write_through(partial, note, lambda to: to.write_text(text, encoding="utf-8"))
         fsync_dir(self.failed)
-        self._add_bytes(_file_size(note))
+        self.add_bytes(_file_size(note))
         return target

@@ -29,6 +29,9 @@ from dicom_adapter.status import Status, is_stored
 logger = logging.getLogger(__name__)
 
 BODY_EXCERPT_CHARS = 500
+SCAN_COST_FACTOR = 10  # the rescan sleeps at least this many times its last listing's duration
+MAX_RESCAN_SECONDS = 30.0  # below local.SCAN_FRESH_SECONDS: depth() stays answered from memory
+_MAX_EXPONENT = 60  # 2**60 times any positive delay exceeds every sane maximum
 
 
 @dataclass
@@ -48,6 +51,13 @@ def _no_answer(exc: AdapterError) -> bool:
         and not isinstance(exc, UpstreamAuthError)
         and not exc.http_status
     )
+
+
+def _failure(exc: AdapterError) -> StoreOutcome:
+    """The outcome of a request that raised instead of answering."""
+    if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
+        return StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
+    return StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
 
 
 def _iso(timestamp: float) -> str:
@@ -81,8 +91,10 @@ class SpoolUploader:
     A worker takes up to `batch` instances already waiting (never waits for more), at most
     `batch_bytes` of them unless one alone is larger, in queue order, into one request.
     An instance waiting for its next attempt holds no worker, so it never blocks the others.
-    Memory: a worker streams one instance from a local file (a gs:// item is downloaded to a
-    scratch file first), so uploads hold at most one instance per worker on disk, none in RAM.
+    Memory: a request streams its instances from local files (a gs:// item is downloaded to
+    a scratch file first), so uploads hold none in RAM; on scratch disk, a gs:// batch of
+    up to `batch` instances per worker (their size is not known before the download, so
+    only the count bounds a gs:// batch).
     """
 
     def __init__(
@@ -178,13 +190,23 @@ class SpoolUploader:
         """Adopt files that appeared in queue/ unannounced (requeued by an operator).
 
         A file must be unknown on two scans in a row: one committed by a receiving thread
-        is announced within microseconds, so it is never taken twice.
+        is announced within microseconds, so it is never taken twice. A long queue's listing
+        costs (0.9 s of CPU, holding the GIL, at 200k files): the pause grows with it.
         """
         unannounced: set[str] = set()
+        cost = 0.0
         while True:
-            await asyncio.sleep(self._spool.rescan_seconds)
+            every = self._spool.rescan_seconds
+            await asyncio.sleep(max(every, min(SCAN_COST_FACTOR * cost, MAX_RESCAN_SECONDS)))
+            started = time.monotonic()
+            try:
+                listed = await asyncio.to_thread(self._spool.queued)
+            except Exception:  # e.g. a listing error: the next scan tries again
+                logger.exception("rescan of the spool queue failed")
+                continue
+            cost = time.monotonic() - started
             seen: set[str] = set()
-            for path in await asyncio.to_thread(self._spool.queued):
+            for path in listed:
                 if path.name in self._known:
                     continue
                 if path.name in unannounced:
@@ -223,7 +245,7 @@ class SpoolUploader:
                         await self._retry_or_fail(
                             item, StoreOutcome(Status.PROCESSING_FAILURE), retry=True
                         )
-                    except OSError:  # failed/ not writable: it stays in queue/ for the next run
+                    except Exception:  # e.g. failed/ not writable: stays in queue/ for the next run
                         logger.exception("spooled instance %s left in queue/", item.path.name)
                         item.waiting = False
             for item in batch:
@@ -276,10 +298,12 @@ class SpoolUploader:
                 pairs = [(local, identity) for _, local, identity in ready]
                 outcomes = await self._store.store_batch(pairs, may_exist=True)
         except AdapterError as exc:
-            failure = StoreOutcome(int(exc.status), getattr(exc, "http_status", 0), str(exc))
-            if _no_answer(exc):  # e.g. a gateway's HTML page for the existence check
-                failure = StoreOutcome(Status.OUT_OF_RESOURCES, 0, str(exc))
-            outcomes = [failure] * len(ready)
+            outcomes = [_failure(exc)] * len(ready)
+        if len(ready) > 1:
+            outcomes = [
+                await self._alone_if_refused_whole(local, identity, outcome)
+                for (_, local, identity), outcome in zip(ready, outcomes, strict=True)
+            ]
         results = list(zip((item for item, _, _ in ready), outcomes, strict=True))
         stored = [item for item, outcome in results if is_stored(outcome.status)]
         if stored:
@@ -289,12 +313,24 @@ class SpoolUploader:
         for item, outcome in results:
             if item.settled:
                 continue
-            transient = (
-                outcome.status == Status.OUT_OF_RESOURCES
-                or outcome.http_status in self._retry_codes
-            )
-            await self._retry_or_fail(item, outcome, retry=transient)
+            await self._retry_or_fail(item, outcome, retry=self._transient(outcome))
             item.settled = True
+
+    def _transient(self, outcome: StoreOutcome) -> bool:
+        return outcome.status == Status.OUT_OF_RESOURCES or outcome.http_status in self._retry_codes
+
+    async def _alone_if_refused_whole(
+        self, local: Path, identity: InstanceIdentity, outcome: StoreOutcome
+    ) -> StoreOutcome:
+        """A batch's permanent failure the answer did not give this instance itself (a bare
+        400/409/413 for the whole request, maybe for another part): ask for it alone, once,
+        within the same attempt, so one bad part does not send its batch to failed/."""
+        if is_stored(outcome.status) or outcome.named or self._transient(outcome):
+            return outcome
+        try:
+            return await self._store.store_outcome(local, identity, may_exist=True)
+        except AdapterError as exc:
+            return _failure(exc)
 
     def _delivered(self, paths: list[PurePath]) -> None:
         for path in paths:
@@ -303,7 +339,9 @@ class SpoolUploader:
     async def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
         item.waiting = retry and item.attempts <= self._retries
         if item.waiting:
-            delay = min(self._max_delay, self._min_delay * 2 ** (item.attempts - 1))
+            # the exponent is capped: 2.0**1024 overflows a float on a long outage's retries
+            exponent = min(item.attempts - 1, _MAX_EXPONENT)
+            delay = min(self._max_delay, self._min_delay * 2.0**exponent)
             loop = asyncio.get_running_loop()
             timer: asyncio.TimerHandle | None = None
 
