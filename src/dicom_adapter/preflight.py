@@ -372,15 +372,6 @@ async def import_checks(
         except ConfigError as exc:
             results.append(CheckResult("FAIL", "destination config", str(exc)))
             routing = RoutingTable([], send_to_all=False)
-        if len(routing) and is_gcs(settings.persistent_file_storage_location):
-            results.append(
-                CheckResult(
-                    "FAIL",
-                    "destination config",
-                    "routing needs a local spool directory: dicom-import refuses it with a "
-                    "gs:// --persistent_file_storage_location",
-                )
-            )
         peers = [p for p in (aets.get(name) for name in aets.names) if p is not None]
         destinations = routing.destinations
         tls: ssl.SSLContext | None = None

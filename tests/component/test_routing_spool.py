@@ -8,10 +8,11 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from dicom_adapter.importer.destinations import DestinationSpools
+from dicom_adapter.importer.destinations import DestinationQueue, DestinationSpools
 from dicom_adapter.importer.routing import Destination
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.status import Status
@@ -99,7 +100,8 @@ def test_toggling_tls_of_a_dimse_destination_keeps_its_spool_usable(
     spool = tmp_path / "spool"
     recorded = Destination(aet="PACS", host="127.0.0.1", port=1, tls=True)
     root = LocalSpool(spool, headroom_bytes=0)
-    DestinationSpools.open_spool(root, recorded).close()
+    nothing: Any = None  # opening a destination's directory touches only the spool
+    DestinationSpools(DestinationQueue(None, root, nothing, nothing)).open_spool(recorded).close()
     root.close()
     routes = [{"filter": "Modality=MG", "name": "PACS", "host": "127.0.0.1", "port": 1}]
     importer = start_importer(

@@ -26,7 +26,7 @@ from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
 from tests.faults.spool_rig import assert_all_in_orthanc, new_instances, poll, send, spool_args
 from tests.gcs_emulator import StorageEmulator
-from tests.rig import Importer, Orthanc, free_port, scrape_metrics
+from tests.rig import Importer, Orthanc, StoreSCP, free_port, scrape_metrics
 
 PREFIX = "spool/import"
 
@@ -203,3 +203,48 @@ def test_refused_instance_lands_in_failed_with_its_reason_and_is_requeued(
         assert "requeued 1 instances" in done.stdout, done
         assert_all_in_orthanc(orthanc, instances)
         poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+
+
+def test_routing_with_a_gs_spool_queues_per_destination_and_survives_a_restart(
+    orthanc: Orthanc, gcs: StorageEmulator, tmp_path: Path
+) -> None:
+    """MG to a DIMSE destination (down at first), CT to the default: each in its own prefix;
+    after kill -9 and a restart WITHOUT the rules, the recorded destination still gets its
+    queue; in the end every prefix is empty."""
+    ct = new_instances(tmp_path, 3)
+    mg = new_instances(tmp_path, 2)
+    for path in mg.values():
+        ds = dcmread(path)
+        ds.Modality = "MG"
+        ds.save_as(path, enforce_file_format=True)
+    scp_port = free_port()
+    routes = [{"filter": "Modality=MG", "name": "STORESCP", "host": "127.0.0.1", "port": scp_port}]
+    rules = [
+        "--auto_ack_cstore",
+        "--send_to_all_matching_destinations",
+        f"--destination_config_inline={json.dumps(routes)}",
+    ]
+    first = replica(gcs, "pod-r", orthanc.dicomweb_url, *rules, log_dir=tmp_path / "l1")
+    with first:
+        assert send(first, {**ct, **mg}) == dict.fromkeys({**ct, **mg}, Status.SUCCESS)
+        assert_all_in_orthanc(orthanc, ct)  # no rule matched: the default address
+        [dest_id] = gcs_folders(gcs, f"{PREFIX}/pod-r/dest/")
+        queued = objects(gcs, "pod-r", f"dest/{dest_id}/queue")
+        assert sorted(n.split("-", 2)[2].removesuffix(".dcm") for n in queued) == sorted(mg)
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+    second = replica(
+        gcs, "pod-r", orthanc.dicomweb_url, "--auto_ack_cstore", log_dir=tmp_path / "l2"
+    )
+    with second, StoreSCP(tmp_path / "scp", aet="STORESCP", port=scp_port, fork=True) as scp:
+        poll(lambda: scp.received_uids() == set(mg), 30.0, "the MG instances at storescp")
+        poll(lambda: not objects(gcs, "pod-r", f"dest/{dest_id}/queue"), 10.0, "empty dest queue")
+        assert "no longer configured" in second.log_text()
+    assert not [n for n in gcs.names(f"{PREFIX}/") if "/queue/" in n or "/failed/" in n]
+    assert all(orthanc.find_instance(uid) is None for uid in mg)  # routed away, not default
+
+
+def gcs_folders(gcs: StorageEmulator, prefix: str) -> list[str]:
+    """The 'directories' right under a prefix."""
+    return sorted({n[len(prefix) :].split("/", 1)[0] for n in gcs.names(prefix)})

@@ -19,7 +19,6 @@ from dicom_adapter.preflight import (
     check_spool,
     check_tls,
     check_transcoding,
-    import_checks,
     report,
 )
 
@@ -158,25 +157,3 @@ def test_transcoding_without_the_codecs_fails_as_startup_would(
     result = check_transcoding(settings)
     assert result.verdict == "FAIL"
     assert "dicom-adapter[codecs]" in result.line
-
-
-def test_routing_with_a_gs_spool_fails_as_startup_would() -> None:
-    routes = '[{"filter": "Modality=MG", "dicomweb_destination": "http://other.test/dicom-web"}]'
-    settings = import_settings(
-        f"--destination_config_inline={routes}",
-        "--persistent_file_storage_location=gs://bucket/spool",
-    )
-
-    def ok(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json=[])
-
-    results = asyncio.run(
-        import_checks(
-            settings,
-            {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"},
-            transport=httpx.MockTransport(ok),
-        )
-    )
-    refusals = [r for r in results if r.what == "destination config"]
-    assert [r.verdict for r in refusals] == ["FAIL"]
-    assert "local spool directory" in refusals[0].line

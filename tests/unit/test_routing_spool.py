@@ -26,7 +26,7 @@ def spools(root: Path, max_bytes: int = 0) -> DestinationSpools:
     local = LocalSpool(root, headroom_bytes=NO_HEADROOM, max_bytes=max_bytes)
     result = DestinationSpools(DestinationQueue(None, local, nothing, nothing))
     for destination in (WEB, PACS):
-        spool = DestinationSpools.open_spool(local, destination)
+        spool = result.open_spool(destination)
         result.add(DestinationQueue(destination, spool, nothing, nothing))
     return result
 
@@ -44,7 +44,7 @@ def test_commit_links_one_inode_into_each_destination_queue(tmp_path: Path) -> N
     done = fanout.commit(path, "1.2.3", [WEB, PACS])
     assert [queue.destination for queue, _ in done] == [WEB, PACS]
     assert not path.exists()  # the received name is gone
-    linked = [p for _, p in done]
+    linked = [Path(p) for _, p in done]
     assert [p.parent for p in linked] == [
         tmp_path / "dest" / WEB.id / "queue",
         tmp_path / "dest" / PACS.id / "queue",
@@ -98,6 +98,7 @@ def test_the_byte_cap_counts_a_routed_instance_once_until_its_last_delivery(
     size = len(b"instance bytes")
     fanout = spools(tmp_path, max_bytes=2 * size)
     root = fanout.default.spool
+    assert isinstance(root, LocalSpool)
     done = fanout.commit(received(tmp_path), "1.2.3", [WEB, PACS])
     fanout.commit(received(tmp_path, "cstore-2.dcm"), "1.2.4", [WEB])
     assert root.used_bytes == 2 * size

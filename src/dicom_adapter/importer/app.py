@@ -39,8 +39,10 @@ from dicom_adapter.importer.destinations import (
     DestinationQueue,
     DestinationSpools,
     DimseStore,
+    GcsDestinationSpools,
     Router,
     recorded_destinations,
+    recorded_gcs_destinations,
 )
 from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
@@ -98,7 +100,7 @@ class ImportService:
         self._dimse_stores: list[DimseStore] = []
         self._dest_uploaders: list[SpoolUploader] = []
         self._left_in_spool: list[Destination] = []  # read once at startup
-        self._dest_local_spools: list[LocalSpool] = []
+        self._dest_local_spools: list[Spool] = []
         self._google_credentials: Any = None
 
     @property
@@ -149,11 +151,6 @@ class ImportService:
             self._environ,
             send_to_all=settings.send_to_all_matching_destinations,
         )
-        if len(routing) and settings.persistent_file_storage_location.startswith("gs://"):
-            raise ConfigError(
-                "persistent_file_storage_location",
-                "destination routing needs a local spool directory (gs:// not yet)",
-            )
         if any(d.tls for d in routing.destinations):  # bad files: a startup error
             self._outgoing_tls()
         transcode = transcoding_step(  # before anything starts: no codecs is exit 2
@@ -176,7 +173,9 @@ class ImportService:
             logger.info("AET dictionary: %d peers (%s)", len(aets), ", ".join(aets.names))
         location = settings.persistent_file_storage_location
         left_in_spool = (  # queues of destinations earlier rules named are uploaded too
-            await asyncio.to_thread(recorded_destinations, Path(location)) if location else []
+            await asyncio.to_thread(recorded_destinations, Path(location))
+            if location and not is_gcs(location)
+            else []  # a gs:// spool's are read once its storage is open
         )
         self._left_in_spool = left_in_spool
         google_credentials = await credentials_if_needed(
@@ -520,11 +519,17 @@ class ImportService:
         self._local_spool, self._uploader = local, uploader
         await uploader.start()
         destinations = None
-        if isinstance(local, LocalSpool):  # routing is refused with a gs:// spool
-            # also without routing rules: queues an earlier run's rules left are still uploaded
-            left = self._left_in_spool
-            if len(self._routing) > 0 or left:
-                destinations = await self._open_destination_spools(local, uploader, store, left)
+        # also without routing rules: queues an earlier run's rules left are still uploaded
+        left = self._left_in_spool
+        if isinstance(local, GcsSpool):
+            left = self._left_in_spool = await asyncio.to_thread(recorded_gcs_destinations, local)
+        if len(self._routing) > 0 or left:
+            fanout: DestinationSpools = (
+                GcsDestinationSpools(DestinationQueue(None, local, uploader, store))
+                if isinstance(local, GcsSpool)
+                else DestinationSpools(DestinationQueue(None, local, uploader, store))
+            )
+            destinations = await self._open_destination_spools(fanout, store, left)
         logger.info(
             "spool %s: C-STORE %s",
             where,
@@ -554,8 +559,7 @@ class ImportService:
 
     async def _open_destination_spools(
         self,
-        local: LocalSpool,
-        uploader: SpoolUploader,
+        spools: DestinationSpools,
         store: StoreService,
         recorded: list[Destination],
     ) -> DestinationSpools:
@@ -565,13 +569,12 @@ class ImportService:
         One per directory: a recorded entry differing only in what the directory name does
         not hash (e.g. "tls") is the configured one, which wins.
         """
-        spools = DestinationSpools(DestinationQueue(None, local, uploader, store))
         configured = self._routing.destinations
         by_id: dict[str, Destination] = {}
         for destination in [*configured, *recorded]:
             by_id.setdefault(destination.id, destination)
         for destination in by_id.values():
-            dest_spool = await asyncio.to_thread(DestinationSpools.open_spool, local, destination)
+            dest_spool = await asyncio.to_thread(spools.open_spool, destination)
             dest_store = self._destination_store(destination)
             dest_uploader = self._spool_uploader(dest_spool, dest_store)
             spools.add(DestinationQueue(destination, dest_spool, dest_uploader, dest_store))

@@ -11,6 +11,7 @@ inode is freed when the last destination's link goes. No copies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import json
@@ -21,7 +22,8 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
 from dicom_adapter.dimse.part10 import DatasetFile, FileMeta, NeedMoreData, read_file_meta
 from dicom_adapter.dimse.scu import (
@@ -36,6 +38,8 @@ from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE
 from dicom_adapter.errors import InvalidDatasetError, lo_text
 from dicom_adapter.importer.routing import Destination, RoutingTable, read_filter_attributes
 from dicom_adapter.importer.store import InstanceIdentity, InstanceStore, StoreOutcome
+from dicom_adapter.spool.base import Spool, queue_name
+from dicom_adapter.spool.gcs import GcsSpool
 from dicom_adapter.spool.local import (
     DEST_AREA,
     SUFFIX,
@@ -211,12 +215,12 @@ class DestinationQueue:
     """One destination's spool area, its uploader and its store."""
 
     destination: Destination | None  # None: --dicomweb_address (the spool's own queue/)
-    spool: LocalSpool
+    spool: Spool  # LocalSpool, or GcsSpool under GcsDestinationSpools
     uploader: SpoolUploader
     store: InstanceStore
 
 
-UploaderFactory = Callable[[LocalSpool, InstanceStore], SpoolUploader]
+UploaderFactory = Callable[[Spool, InstanceStore], SpoolUploader]
 
 
 def recorded_destinations(root: Path) -> list[Destination]:
@@ -224,21 +228,32 @@ def recorded_destinations(root: Path) -> list[Destination]:
     found: list[Destination] = []
     for note in sorted((root / DEST_AREA).glob(f"*/{DESTINATION_FILE}")):
         try:
-            data = json.loads(note.read_text(encoding="utf-8"))
-            if "dicomweb_destination" in data:
-                found.append(Destination(stow_url=str(data["dicomweb_destination"])))
-            else:
-                found.append(
-                    Destination(
-                        aet=data["name"],
-                        host=data["host"],
-                        port=data["port"],
-                        tls=bool(data.get("tls", False)),
-                    )
-                )
+            found.append(_recorded(json.loads(note.read_text(encoding="utf-8"))))
         except (OSError, ValueError, KeyError, TypeError):
             logger.warning("unreadable %s: its queue is not uploaded", note)
     return found
+
+
+def recorded_gcs_destinations(root: GcsSpool) -> list[Destination]:
+    """The same for a gs:// spool: `<replica>/dest/<id>/destination.json` objects (blocking)."""
+    found: list[Destination] = []
+    prefix = f"{root.area_root}{DEST_AREA}/"
+    for folder in root.storage.subfolders(prefix):
+        name = f"{prefix}{folder}/{DESTINATION_FILE}"
+        try:
+            found.append(_recorded(root.storage.read_json(name)))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("unreadable %s: its queue is not uploaded", name)
+    return found
+
+
+def _recorded(data: dict[str, Any]) -> Destination:
+    """A destination as `Destination.to_json` wrote it (KeyError/TypeError when it is not)."""
+    if "dicomweb_destination" in data:
+        return Destination(stow_url=str(data["dicomweb_destination"]))
+    return Destination(
+        aet=data["name"], host=data["host"], port=data["port"], tls=bool(data.get("tls", False))
+    )
 
 
 def _write_note(directory: Path, destination: Destination) -> None:
@@ -261,10 +276,11 @@ class DestinationSpools:
         self._queues: dict[Destination, DestinationQueue] = {}
         self._serial = itertools.count()
 
-    @staticmethod
-    def open_spool(root: LocalSpool, destination: Destination) -> LocalSpool:
+    def open_spool(self, destination: Destination) -> Spool:
         """`root/dest/<id>/` with its queue/ and failed/, and destination.json (blocking);
         its bytes count in the root spool's counter and cap."""
+        root = self.default.spool
+        assert isinstance(root, LocalSpool)
         directory = root.root / DEST_AREA / destination.id
         (root.root / DEST_AREA).mkdir(mode=0o700, exist_ok=True)
         spool = LocalSpool(directory, headroom_bytes=root.headroom_bytes, counter=root)
@@ -291,7 +307,7 @@ class DestinationSpools:
 
     def commit(
         self, path: Path, sop_instance_uid: str, destinations: Sequence[Destination]
-    ) -> list[tuple[DestinationQueue, Path]]:
+    ) -> list[tuple[DestinationQueue, PurePath]]:
         """fsync the received file, link it into each destination's queue/ (fsynced), then
         remove the received name. Empty `destinations`: the default queue."""
         queues = [self._queues[d] for d in destinations] or [self.default]
@@ -302,17 +318,23 @@ class DestinationSpools:
         done: list[tuple[DestinationQueue, Path]] = []
         try:
             for queue in queues:
-                done.append((queue, self._link(path, queue.spool.queue, name, uid)))
+                local = queue.spool
+                assert isinstance(local, LocalSpool)
+                done.append((queue, self._link(path, local.queue, name, uid)))
         except BaseException:
             for _, linked in done:  # not acknowledged: nothing may stay queued
                 linked.unlink(missing_ok=True)
             raise
         for queue, linked in done:
-            fsync_dir(queue.spool.queue)
-            queue.spool.note_queued(linked)
+            local = queue.spool
+            assert isinstance(local, LocalSpool)
+            fsync_dir(local.queue)
+            local.note_queued(linked)
         path.unlink()
-        self.default.spool.add_bytes(size)  # once, however many queues link it
-        return done
+        root = self.default.spool
+        assert isinstance(root, LocalSpool)
+        root.add_bytes(size)  # once, however many queues link it
+        return [(queue, linked) for queue, linked in done]
 
     def _link(self, path: Path, queue: Path, name: str, uid: str) -> Path:
         target = queue / name
@@ -332,7 +354,7 @@ class DestinationSpools:
             return target
 
     async def upload_now(
-        self, targets: Sequence[tuple[DestinationQueue, Path]], identity: InstanceIdentity
+        self, targets: Sequence[tuple[DestinationQueue, PurePath]], identity: InstanceIdentity
     ) -> StoreOutcome:
         """Without auto-ack: upload to each destination at once; the worst outcome answers."""
         outcomes = await asyncio.gather(
@@ -343,3 +365,43 @@ class DestinationSpools:
             return failures[0]
         warnings = [o for o in outcomes if o.status != Status.SUCCESS]
         return warnings[0] if warnings else StoreOutcome(Status.SUCCESS)
+
+
+class GcsDestinationSpools(DestinationSpools):
+    """The gs:// flavour: each destination's queue under `<replica>/dest/<id>/`; a commit
+    writes one object per chosen destination (Cloud Storage has no hard links)."""
+
+    def open_spool(self, destination: Destination) -> Spool:
+        """The destination's prefix, with destination.json beside its queue (blocking)."""
+        root = self.default.spool
+        assert isinstance(root, GcsSpool)
+        spool = GcsSpool(
+            root.storage,
+            root.replica,
+            scratch=root.scratch,
+            headroom_bytes=root.headroom_bytes,
+            area=f"{DEST_AREA}/{destination.id}/",
+        )
+        root.storage.upload_json(f"{spool.area_root}{DESTINATION_FILE}", destination.to_json())
+        return spool
+
+    def commit(
+        self, path: Path, sop_instance_uid: str, destinations: Sequence[Destination]
+    ) -> list[tuple[DestinationQueue, PurePath]]:
+        """Write the received file into each chosen destination's queue (every write done
+        before the answer), then remove it. Empty `destinations`: the default queue."""
+        queues = [self._queues[d] for d in destinations] or [self.default]
+        name = queue_name(time.time_ns(), next(self._serial), sop_instance_uid)
+        done: list[tuple[DestinationQueue, PurePath]] = []
+        try:
+            for queue in queues:
+                spool = queue.spool
+                assert isinstance(spool, GcsSpool)
+                done.append((queue, spool.commit_as(path, name)))
+        except BaseException:
+            for queue, written in done:  # not acknowledged: nothing may stay queued
+                with contextlib.suppress(OSError):
+                    queue.spool.delivered(written)
+            raise
+        path.unlink(missing_ok=True)
+        return done

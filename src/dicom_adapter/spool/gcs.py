@@ -257,13 +257,16 @@ class GcsSpool:
         scratch: Path,
         headroom_bytes: int,
         keep_received: bool = False,
+        area: str = "",
     ) -> None:
         check_replica(replica)
         self.storage = storage
         self.location = storage.location
         self.replica = replica
-        self.queue_prefix = self.location.area(replica, QUEUE)
-        self.failed_prefix = self.location.area(replica, FAILED)
+        # `area`: "" for the replica's own queue, `dest/<id>/` for a routing destination's
+        self.area_root = self.location.replica_root(replica) + area
+        self.queue_prefix = f"{self.area_root}{QUEUE}/"
+        self.failed_prefix = f"{self.area_root}{FAILED}/"
         self.scratch = scratch
         self.headroom_bytes = headroom_bytes
         self._wanted = 0  # bytes of the last refused instance: not ready until they would fit
@@ -309,16 +312,21 @@ class GcsSpool:
 
     def commit(self, path: Path, sop_instance_uid: str) -> PurePath:
         """Write the received file to `queue/<name>`; after that the local file is removed."""
-        arrival = time.time_ns()
-        name = queue_name(arrival, next(self._serial), sop_instance_uid)
+        name = queue_name(time.time_ns(), next(self._serial), sop_instance_uid)
+        item = self.commit_as(path, name)
+        if self._keep_received:
+            with self._lock:
+                self._held[name] = path
+        else:
+            path.unlink(missing_ok=True)
+        return item
+
+    def commit_as(self, path: Path, name: str) -> PurePath:
+        """Write `path` to `queue/<name>` and count it queued; the local file is left alone."""
         item = PurePosixPath(self.queue_prefix + name)
         self.storage.upload_file(path, str(item))
         with self._lock:
-            self._waiting[name] = arrival
-            if self._keep_received:
-                self._held[name] = path
-        if not self._keep_received:
-            path.unlink(missing_ok=True)
+            self._waiting[name] = name_arrival_ns(name) or time.time_ns()
         return item
 
     def queued(self) -> list[PurePath]:
