@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -584,3 +586,83 @@ def image_level(study: str, series: str, uids: Sequence[str]) -> Dataset:
 
 def remaining(result: MoveResult) -> list[int]:
     return [int(p.NumberOfRemainingSuboperations) for p in result.pending]
+
+
+# --- C-STORE helpers shared by the component tests ---------------------------------------
+
+
+JSON = {"Content-Type": "application/dicom+json"}
+
+
+def make_ct(transfer_syntax: UID = ExplicitVRLittleEndian) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "P1"
+    ds.Modality = "CT"
+    ds.Rows = 4
+    ds.Columns = 4
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(32))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds
+
+
+def stow_json(
+    referenced: Sequence[tuple[str, int | None]] = (),
+    failed: Sequence[tuple[str, int | None]] = (),
+) -> bytes:
+    def item(uid: str, tag: str, reason: int | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "00081150": {"vr": "UI", "Value": [CTImageStorage]},
+            "00081155": {"vr": "UI", "Value": [uid]},
+        }
+        if reason is not None:
+            entry[tag] = {"vr": "US", "Value": [reason]}
+        return entry
+
+    body: dict[str, Any] = {}
+    if referenced:
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [item(uid, "00081196", reason) for uid, reason in referenced],
+        }
+    if failed:
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [item(uid, "00081197", reason) for uid, reason in failed],
+        }
+    return json.dumps(body).encode()
+
+
+def c_store(importer: RunningImporter, ds: Dataset, ts: UID = ExplicitVRLittleEndian) -> int:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ts)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(ds)
+        assert rsp, "no C-STORE response"
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def write_without(tmp_path: Path, keyword: str) -> tuple[Path, str]:
+    ds = make_ct()
+    sop_class, sop_instance = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance
+    delattr(ds, keyword)
+    path = tmp_path / f"no-{keyword}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, sop_class

@@ -23,8 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse import server as dimse_server
 from dicom_adapter.status import Status
-from tests.component.conftest import RunningImporter
-from tests.component.test_store_status import JSON, c_store, make_ct, stow_json
+from tests.component.conftest import JSON, RunningImporter, c_store, make_ct, stow_json
 
 
 def associate(importer: RunningImporter) -> object:

@@ -20,10 +20,11 @@ from tests.component.conftest import (
     RunningImporter,
     c_move,
     dictionary_flag,
+    make_ct,
     make_study,
     study_level,
+    write_without,
 )
-from tests.component.test_store_status import _write_without, make_ct
 from tests.rig import free_port
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -103,7 +104,7 @@ def test_c_store_of_a_data_set_without_uid_says_which(
 ) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     importer = start_importer()
-    path, sop_class = _write_without(tmp_path, "SOPInstanceUID")
+    path, sop_class = write_without(tmp_path, "SOPInstanceUID")
 
     rsp = store(importer, path, sop_class)
 

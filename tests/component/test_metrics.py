@@ -16,17 +16,20 @@ from pynetdicom.dsutils import encode
 from dicom_adapter.status import Status
 from tests.component.conftest import (
     CT_BOTH,
+    JSON,
     Archive,
     Destination,
     RunningImporter,
     c_move,
+    c_store,
     dataset_bytes,
     dictionary_flag,
+    make_ct,
     make_study,
+    stow_json,
     study_level,
 )
 from tests.component.test_find import find, paged_studies
-from tests.component.test_store_status import JSON, c_store, make_ct, stow_json
 from tests.rig import VERIFICATION, http_get, scrape_metrics
 
 PREFIX = "dicomadapter_import_"

@@ -9,22 +9,19 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
-    CTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    generate_uid,
 )
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
@@ -36,74 +33,16 @@ from dicom_adapter.dicomweb.multipart import (
     boundary_from_content_type,
 )
 from dicom_adapter.status import Status
-from tests.component.conftest import Responder, RunningImporter
+from tests.component.conftest import (
+    JSON,
+    Responder,
+    RunningImporter,
+    c_store,
+    make_ct,
+    stow_json,
+    write_without,
+)
 from tests.rig import _c_store_command, _item, _pdu, _recv_exactly
-
-JSON = {"Content-Type": "application/dicom+json"}
-
-
-def make_ct(transfer_syntax: UID = ExplicitVRLittleEndian) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "P1"
-    ds.Modality = "CT"
-    ds.Rows = 4
-    ds.Columns = 4
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(range(32))
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    return ds
-
-
-def stow_json(
-    referenced: Sequence[tuple[str, int | None]] = (),
-    failed: Sequence[tuple[str, int | None]] = (),
-) -> bytes:
-    def item(uid: str, tag: str, reason: int | None) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "00081150": {"vr": "UI", "Value": [CTImageStorage]},
-            "00081155": {"vr": "UI", "Value": [uid]},
-        }
-        if reason is not None:
-            entry[tag] = {"vr": "US", "Value": [reason]}
-        return entry
-
-    body: dict[str, Any] = {}
-    if referenced:
-        body["00081199"] = {
-            "vr": "SQ",
-            "Value": [item(uid, "00081196", reason) for uid, reason in referenced],
-        }
-    if failed:
-        body["00081198"] = {
-            "vr": "SQ",
-            "Value": [item(uid, "00081197", reason) for uid, reason in failed],
-        }
-    return json.dumps(body).encode()
-
-
-def c_store(importer: RunningImporter, ds: Dataset, ts: UID = ExplicitVRLittleEndian) -> int:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(ds.SOPClassUID, ts)
-    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
-    assert assoc.is_established
-    try:
-        rsp = assoc.send_c_store(ds)
-        assert rsp, "no C-STORE response"
-        return int(rsp.Status)
-    finally:
-        assoc.release()
-
 
 Script = Callable[[str], Callable[[httpx.Request], httpx.Response]]
 
@@ -289,17 +228,6 @@ def test_stow_body_is_the_peer_dataset_in_its_own_syntax(
     assert received.PixelData == ds.PixelData
 
 
-def _write_without(tmp_path: Path, keyword: str) -> tuple[Path, str]:
-    ds = make_ct()
-    sop_class, sop_instance = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance
-    delattr(ds, keyword)
-    path = tmp_path / f"no-{keyword}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path, sop_class
-
-
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
 def test_dataset_without_sop_uid_gets_cannot_understand(
     start_importer: Callable[..., RunningImporter],
@@ -311,7 +239,7 @@ def test_dataset_without_sop_uid_gets_cannot_understand(
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     importer = start_importer()
     importer.upstream.responder = lambda r: httpx.Response(500)
-    path, sop_class = _write_without(tmp_path, keyword)
+    path, sop_class = write_without(tmp_path, keyword)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)

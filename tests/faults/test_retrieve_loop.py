@@ -18,14 +18,16 @@ from pynetdicom import AE, _config
 from dicom_adapter.status import Status
 from tests.component import conftest as component
 from tests.component.conftest import (
+    JSON,
     Archive,
     RunningImporter,
     Setup,
     c_move,
+    make_ct,
     make_study,
+    stow_json,
     study_level,
 )
-from tests.component.test_store_status import JSON, make_ct, stow_json
 
 start_importer = component.start_importer  # the fixtures of the component harness
 setup = component.setup

@@ -11,45 +11,18 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from tests.rig import generate_ct_series
+from tests.spool_testing import ScriptedStore, spool_with
 
-from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
 from dicom_adapter.errors import ConfigError, UpstreamUnavailableError
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService
+from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status
 
 A700 = StoreOutcome(Status.OUT_OF_RESOURCES, 503, "busy")
-
-
-class ScriptedStore(StoreService):
-    """Answers each upload attempt with the next scripted outcome (an exception is raised)."""
-
-    def __init__(self, script: list[StoreOutcome | Exception]) -> None:
-        client = DicomwebClient(httpx.AsyncClient(), RetryPolicy(deadline=1.0))
-        super().__init__(client, stow_url="http://x/studies", dicomweb_root="", overwrite=False)
-        self.script = script
-        self.calls: list[tuple[float, bool]] = []
-
-    async def store_outcome(
-        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
-    ) -> StoreOutcome:
-        self.calls.append((time.monotonic(), may_exist))
-        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
-        if isinstance(step, Exception):
-            raise step
-        return step
-
-
-def spool_with(tmp_path: Path, n: int) -> LocalSpool:
-    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
-    for path in generate_ct_series(spool.incoming, n, rows=4, cols=4):
-        spool.commit(path, path.stem)
-    return spool
 
 
 async def run_until(spool: LocalSpool, store: ScriptedStore, retries: int) -> ImportMetrics:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -12,14 +11,9 @@ from pathlib import Path
 import httpx
 from pydicom import dcmread
 from tests.rig import generate_ct_series
+from tests.spool_testing import part_uids
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
-from dicom_adapter.dicomweb.multipart import (
-    MultipartParser,
-    PartData,
-    PartEnd,
-    boundary_from_content_type,
-)
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
@@ -28,20 +22,6 @@ from dicom_adapter.status import Status
 
 # decides a STOW answer from the SOP Instance UIDs of its parts (in request order)
 Answer = Callable[[list[str]], tuple[int, dict[str, object]]]
-
-
-def part_uids(request: httpx.Request) -> list[str]:
-    """The SOP Instance UIDs of a STOW-RS request's parts, in order."""
-    parser = MultipartParser(boundary_from_content_type(request.headers["content-type"]))
-    uids, current = [], bytearray()
-    for event in parser.feed(request.content):
-        if isinstance(event, PartData):
-            current += event.data
-        elif isinstance(event, PartEnd):
-            uids.append(str(dcmread(io.BytesIO(bytes(current))).SOPInstanceUID))
-            current = bytearray()
-    parser.close()
-    return uids
 
 
 def stow_body(stored: list[str], failed: Mapping[str, int]) -> dict[str, object]:

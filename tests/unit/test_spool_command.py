@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from tests.rig import generate_ct_series
-from tests.unit.test_spool import ScriptedStore
+from tests.spool_testing import ScriptedStore, single_uploader
 
 from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
@@ -184,15 +184,7 @@ def test_reason_file_records_the_study(tmp_path: Path) -> None:
     store = ScriptedStore([StoreOutcome(Status.NOT_AUTHORIZED, 403, "no")])
 
     async def scenario() -> None:
-        uploader = SpoolUploader(
-            spool,
-            store,
-            ImportMetrics(MetricsRegistry()),
-            concurrency=1,
-            retries=0,
-            min_delay=0,
-            max_delay=0,
-        )
+        uploader = single_uploader(spool, store)
         await uploader.start()
         try:
             deadline = time.monotonic() + 5

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from tests.rig import generate_ct_series
-from tests.unit.test_spool import ScriptedStore
+from tests.spool_testing import ScriptedStore, single_uploader
 
 from dicom_adapter.importer.store import StoreOutcome, read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
@@ -156,15 +156,7 @@ def test_synchronous_mode_stows_the_received_file_without_a_download(tmp_path: P
     store.store_answer = stow  # type: ignore[method-assign]
 
     async def scenario() -> StoreOutcome:
-        uploader = SpoolUploader(
-            spool,
-            store,
-            ImportMetrics(MetricsRegistry()),
-            concurrency=1,
-            retries=0,
-            min_delay=0,
-            max_delay=0,
-        )
+        uploader = single_uploader(spool, store)
         await uploader.start()
         try:
             return await uploader.upload_now(item, read_identity(received))
