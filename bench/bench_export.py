@@ -28,7 +28,7 @@ the N instance paths and time from the first publish until all N are acked (poll
 messages/s and the ratio (a)/(b) in messages/s. Targets: ratio >= 3.0 and (a) >= 100 msg/s;
 (a4) >= 0.8 x (d) and (a4) >= 5 x (b) (issue 12).
 
-Usage: python bench/bench_export.py [--messages 200] [--reps 3]
+Usage: python bench/bench_export.py [--messages 200] [--reps 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -363,6 +363,7 @@ def main() -> int:
     parser.add_argument("--subscription", help=argparse.SUPPRESS)
     parser.add_argument("--scp-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spool", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.baseline_consumer:
         return run_baseline_consumer(args)
@@ -442,6 +443,8 @@ def main() -> int:
         "target_pool4_vs_per_message": TARGET_POOL_VS_PER_MESSAGE,
     }
     print(json.dumps(results, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     ok = (
         ratio >= TARGET_RATIO
         and reuse_rate >= TARGET_RATE

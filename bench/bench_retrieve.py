@@ -22,7 +22,7 @@ repetition then moves through each, in rotating order, and every find round asks
 the per-repetition time ratio httpx/asyncio (> 1: ours is faster).
 
 Usage: python bench/bench_retrieve.py [--instances 200] [--reps 3] [--finds 50]
-                                      [--transports asyncio[,httpx]]
+                                      [--transports asyncio[,httpx]] [--json PATH]
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def main() -> int:
         default="asyncio",
         help="comma-separated HTTP transports for the adapter: asyncio (ours), httpx",
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     count: int = args.instances
     transports: list[str] = args.transports.split(",")
@@ -347,6 +348,8 @@ def main() -> int:
             per_find = [h / a for h, a in zip(cfind["httpx"], cfind["asyncio"], strict=True)]
             results["cfind_httpx_over_asyncio_median"] = round(statistics.median(per_find), 3)
     print(json.dumps(results, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     ok = ratio >= TARGET_RATIO and get_ratio >= TARGET_RATIO
     print(
         "targets met"

@@ -11,7 +11,7 @@ every repetition, in rotating order, through dicom-import's DICOM_ADAPTER_HTTP_T
 switch, and reports the per-repetition time ratio httpx/asyncio (> 1: ours is faster).
 
 Usage: python bench/bench_store.py [--instances 200] [--reps 3] [--large-mb 1024]
-                                   [--transports asyncio[,httpx]]
+                                   [--transports asyncio[,httpx]] [--json PATH]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main() -> int:
         default="asyncio",
         help="comma-separated HTTP transports for the adapter: asyncio (ours), httpx",
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     transports: list[str] = args.transports.split(",")
     if not transports or not set(transports) <= {"asyncio", "httpx"}:
@@ -157,6 +158,8 @@ def main() -> int:
             print(f"large {size_mb:.0f} MB: {seconds:.1f} s, adapter peak RSS {peak:.0f} MB")
 
     print(json.dumps(results, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     ok = results["throughput_ratio"] >= 0.5 and (  # type: ignore[operator]
         not args.large_mb or results["large_adapter_peak_rss_mb"] <= 200  # type: ignore[operator]
     )
