@@ -5,8 +5,8 @@ machine, the date and the exact command, in `docs/benchmarks/results/<name>.json
 charts (matplotlib, Agg backend, PNG in `docs/benchmarks/`) and the page are then drawn from
 every result file there, so a partial rerun (`--only`) keeps the other results.
 
-Default sizes are small so a full run takes about 10 minutes on 2 cores; `--heavy` uses the
-scripts' own defaults (200 instances, 3-5 repetitions, 1 GB in the memory sweep), and
+Default sizes are small so a full run takes about 7 minutes on 2 cores; `--heavy` uses the
+scripts' own defaults (200 instances, 3-5 repetitions, up to 2 GB in the memory sweep), and
 `--only memory_targets` measures the issue-12 targets (4 GB C-STORE, 2 GB C-MOVE and export;
 about 10 minutes, 10 GB of temporary disk).
 
@@ -61,12 +61,13 @@ BENCHES = (
     Bench("spool_p1", "bench_spool.py", ("--only", "p1", "--instances", "100", "--reps", "3"),
           ("--only", "p1", "--reps", "5")),
     Bench("spool_p2", "bench_spool.py",
-          ("--only", "p2", "--instances", "50", "--reps", "1", "--delays", "0,20,50,100"),
+          ("--only", "p2", "--instances", "100", "--reps", "1", "--delays", "0,20,50,100"),
           ("--only", "p2", "--reps", "3", "--delays", "0,20,50,100")),
     Bench("retrieve", "bench_retrieve.py", ("--instances", "100", "--reps", "3", "--finds", "20"),
           ("--reps", "5")),
     Bench("export", "bench_export.py", ("--messages", "100", "--reps", "3"), ("--reps", "5")),
-    Bench("memory", "bench_memory.py", ("--sizes", "64,256,512"), ("--sizes", "64,256,1024")),
+    Bench("memory", "bench_memory.py", ("--sizes", "64,256,1024"),
+          ("--sizes", "64,256,1024,2000")),
     Bench("memory_targets", "bench_memory.py", ("--sizes", "2000,4000"),
           ("--sizes", "2000,4000"), default=False),
 )  # fmt: skip
@@ -588,13 +589,13 @@ def page(runs: dict[str, dict[str, Any]]) -> str:
         "DICOMweb plugin and DCMTK run on the same machine, so they compete with the adapter "
         "for the cores.",
         "",
-        "Rerun everything: `python bench/report.py` (about 10 minutes with the small default "
-        "sizes; `--heavy` uses each script's own defaults: 200 instances, 5 repetitions, 1 GB "
-        "in the memory sweep). One chart: `--only NAME` (store, spool_p1, spool_p2, retrieve, "
-        "export, memory); the memory targets (4 GB C-STORE, 2 GB C-MOVE and export, about 10 "
-        "minutes and 10 GB of temporary disk): `--only memory_targets`. Redraw without "
-        "running: `--from docs/benchmarks/results`. Each script also runs on its own and "
-        "prints its JSON (`--json PATH` writes it).",
+        "Rerun everything: `python bench/report.py` (about 7 minutes with the small default "
+        "sizes; `--heavy` uses each script's own defaults: 200 instances, 3-5 repetitions, up "
+        "to 2 GB in the memory sweep). One chart: `--only NAME` (store, spool_p1, spool_p2, "
+        "retrieve, export, memory); the memory targets (4 GB C-STORE, 2 GB C-MOVE and "
+        "export, about 10 minutes and 10 GB of temporary disk): `--only memory_targets`. "
+        "Redraw without running: `--from docs/benchmarks/results`. Each script also runs on "
+        "its own and prints its JSON (`--json PATH` writes it).",
         "",
     ]
     for section in SECTIONS:
