@@ -10,6 +10,8 @@ reported beside it:
           answers a DICOM JSON STOW response naming the instance. Orthanc is NOT the upstream
           here: it holds a whole STOW-RS body in memory (GBs), so it would measure Orthanc.
           Target <= 100 MB at 4 GB.
+  cstore_spool: the same with the durable spool and --auto_ack_cstore (the instance is
+          written to the spool, answered, then uploaded), until the sink has the whole body.
   cmove:  C-MOVE (pynetdicom SCU) through dicom-import, whose WADO-RS source is Orthanc
           (loaded with dcmsend), to a DCMTK storescp writing to disk; the received file must
           have the original size. Target <= 150 MB at 2 GB.
@@ -60,8 +62,14 @@ from tests.rig import (
     write_large_instance,
 )
 
-PATHS = ("cstore", "cmove", "export")
-TARGET_MB = {"cstore": (4000, 100.0), "cmove": (2000, 150.0), "export": (2000, 150.0)}
+PATHS = ("cstore", "cstore_spool", "cmove", "export")
+SPOOL_FLAGS = ("--auto_ack_cstore", "--persistent_file_upload_retry_amount=5")
+TARGET_MB = {
+    "cstore": (4000, 100.0),
+    "cstore_spool": (4000, 100.0),
+    "cmove": (2000, 150.0),
+    "export": (2000, 150.0),
+}
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 DEST_AET = "MEMDEST"
 PROJECT = "bench-project"
@@ -188,20 +196,27 @@ def reset_peak(pid: int) -> dict[str, float]:
     return {"startup_peak_mb": before.peak_rss_kib / 1024, "idle_mb": before.rss_kib / 1024}
 
 
-def measure_cstore(big: Path, uid: str) -> dict[str, float]:
-    """dicom-import receiving `big` by C-STORE and posting it to the discarding sink."""
+def measure_cstore(big: Path, uid: str, spool: Path | None = None) -> dict[str, float]:
+    """dicom-import receiving `big` by C-STORE and posting it to the discarding sink.
+
+    With `spool`: through the durable spool with --auto_ack_cstore, until the upload is done.
+    """
     size = big.stat().st_size
-    with StowSink() as sink, Importer(sink.url) as importer:
+    flags = [] if spool is None else [*SPOOL_FLAGS, f"--persistent_file_storage_location={spool}"]
+    with StowSink() as sink, Importer(sink.url, *flags) as importer:
         assert importer.proc is not None
         sink.expect(uid)
         idle = reset_peak(importer.proc.pid)
         started = time.perf_counter()
         result = dcmsend("127.0.0.1", importer.port, importer.aet, [big.parent], timeout=TIMEOUT)
-        seconds = time.perf_counter() - started
         if result.returncode != 0:
             raise RuntimeError(f"dcmsend failed ({result.returncode}): {result.stderr[-2000:]}")
-        if sink.received < size:
-            raise RuntimeError(f"the sink received {sink.received} bytes of {size}")
+        deadline = time.monotonic() + TIMEOUT
+        while sink.received < size:  # synchronous: already there; spool: uploading
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink received {sink.received} bytes of {size}")
+            time.sleep(POLL)
+        seconds = time.perf_counter() - started
         return {"peak_rss_mb": peak_mb(importer.proc.pid), "seconds": seconds, **idle}
 
 
@@ -315,6 +330,10 @@ def measure_size(
         if "cstore" in paths:
             out["cstore"] = measure_cstore(big, uid)
             report(size_mb, "cstore", out["cstore"])
+        if "cstore_spool" in paths:
+            out["cstore_spool"] = measure_cstore(big, uid, spool=work / f"spool-{size_mb}")
+            report(size_mb, "cstore_spool", out["cstore_spool"])
+            shutil.rmtree(work / f"spool-{size_mb}", ignore_errors=True)
         via_orthanc = [p for p in paths if p in ("cmove", "export")]
         if via_orthanc and size_mb > orthanc_max_mb:
             print(f"{size_mb} MB: {via_orthanc} skipped (above --orthanc-max-mb)", flush=True)
@@ -344,7 +363,7 @@ def measure_size(
 
 def report(size_mb: int, path: str, row: dict[str, float]) -> None:
     print(
-        f"{size_mb} MB {path:<6}: peak RSS {row['peak_rss_mb']:.0f} MB "
+        f"{size_mb} MB {path:<12}: peak RSS {row['peak_rss_mb']:.0f} MB "
         f"(idle {row['idle_mb']:.0f} MB, start-up peak {row['startup_peak_mb']:.0f} MB), "
         f"{row['seconds']:.1f} s, "
         f"{size_mb / row['seconds']:.0f} MB/s",

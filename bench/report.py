@@ -303,6 +303,7 @@ def chart_export(runs: dict[str, dict[str, Any]], out: Path) -> str | None:
 
 MEMORY_LABELS = {
     "cstore": "C-STORE into dicom-import (synchronous)",
+    "cstore_spool": "C-STORE into dicom-import (spool, --auto_ack_cstore)",
     "cmove": "C-MOVE served by dicom-import",
     "export": "dicom-export delivering by C-STORE",
 }
@@ -542,7 +543,8 @@ def section_memory(runs: dict[str, dict[str, Any]]) -> list[str]:
         "",
         "One instance of each size (an 8-bit multi-frame Secondary Capture written to disk in "
         "chunks) moved once along each path, by a fresh process: C-STORE with `dcmsend` into "
-        "dicom-import, whose upstream is a local STOW-RS sink in the benchmark that reads and "
+        "dicom-import (synchronous, and through the spool with `--auto_ack_cstore` until the "
+        "upload is done), whose upstream is a local STOW-RS sink in the benchmark that reads and "
         "discards the body (Orthanc holds a whole STOW-RS body in memory, several GB here, so "
         "it would measure Orthanc rather than the adapter); "
         "a C-MOVE served by dicom-import from Orthanc (WADO-RS) to `storescp`; dicom-export "
