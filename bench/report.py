@@ -616,13 +616,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     results = args.out / "benchmarks" / "results"
+    failed: list[str] = []
     if args.source is None:
         names = args.only.split(",") if args.only else [b.name for b in BENCHES if b.default]
         unknown = set(names) - set(BY_NAME)
         if unknown:
             parser.error(f"unknown benchmarks {sorted(unknown)}; known: {sorted(BY_NAME)}")
         for name in names:
-            run(BY_NAME[name], args.heavy, args.shared, results)
+            try:
+                run(BY_NAME[name], args.heavy, args.shared, results)
+            except (RuntimeError, OSError, ValueError) as exc:  # the others still run
+                failed.append(name)
+                print(f"== {name} FAILED: {exc}", flush=True)
     runs = load(args.source if args.source is not None else results)
     if not runs:
         parser.error("no results to draw")
@@ -631,7 +636,9 @@ def main() -> int:
     drawn = [name for chart in CHARTS if (name := chart(runs, charts))]
     (args.out / "benchmarks.md").write_text(page(runs))
     print(f"wrote {args.out / 'benchmarks.md'} and {', '.join(drawn)}")
-    return 0
+    if failed:
+        print(f"FAILED (their earlier results, if any, were drawn): {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
