@@ -438,7 +438,10 @@ def section_rtt(runs: dict[str, dict[str, Any]]) -> list[str]:
         "Java adapter does) with the proxy answering `Connection: close`, so every request "
         "opens a new HTTP connection, and charging one more delay per connection for its TCP "
         "handshake (a TLS handshake, which a real HTTPS upstream adds, is not emulated). "
-        "Our client has no switch to drop keep-alive, hence the proxy.",
+        "Our client has no switch to drop keep-alive, hence the proxy. With the spool the "
+        "answer does not wait for the upstream, so its rate does not depend on the delay; its "
+        "spread across delays is run-to-run noise (one repetition by default, on a shared "
+        "machine; `--heavy` runs three).",
         "",
         "| delay (ms) | synchronous | spool --auto_ack_cstore | Java emulated |",
         "|---|---|---|---|",
