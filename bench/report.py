@@ -97,6 +97,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def commit() -> str:
+    """The checked-out commit measured (`+` when src/ has uncommitted changes)."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def run(bench: Bench, heavy: bool, shared: bool, results: Path) -> None:
     """Run one benchmark subprocess; keep its JSON wrapped with machine, date and command."""
     args = bench.heavy if heavy else bench.args
@@ -117,6 +126,7 @@ def run(bench: Bench, heavy: bool, shared: bool, results: Path) -> None:
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "shared": shared,  # other work ran on the machine at the same time
+        "commit": commit(),
         "results": data,
     }
     results.mkdir(parents=True, exist_ok=True)
@@ -378,9 +388,9 @@ CHARTS: tuple[Callable[[dict[str, dict[str, Any]], Path], str | None], ...] = (
 def provenance(run: dict[str, Any]) -> str:
     code = run.get("exit_code")
     missed = " (it exited non-zero: a target was missed)" if code not in (None, 0) else ""
-    return (
-        f"Measured {run['date']} on {machine_line(run).split(';')[0]}: `{run['command']}`{missed}."
-    )
+    code_at = f" at commit {run['commit']}" if run.get("commit") else ""
+    where = machine_line(run).split(";")[0]
+    return f"Measured {run['date']} on {where}{code_at}: `{run['command']}`{missed}."
 
 
 def section_ingest(runs: dict[str, dict[str, Any]]) -> list[str]:
