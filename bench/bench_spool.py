@@ -6,11 +6,14 @@ Three measurements, each repeated `--reps` times with fresh Orthanc storage, sam
   p1:     dcmsend of N CT instances to dicom-import with --auto_ack_cstore, time until ALL are
           stored in Orthanc (its /statistics polled), against dcmsend straight to Orthanc.
           Target: direct time / adapter time >= 1.0.
+  ceiling: P1's upper bound: dicom-import acknowledging with --auto_ack_cstore while it
+          uploads nothing, with and without fsync (eatmydata, if installed), against dcmsend
+          straight to Orthanc: instances/s and ratios.
   p2:     one association, dcmsend of N CT instances, dicom-import -> a proxy adding
           --delay-ms to every request -> Orthanc: synchronous (no spool) against
           --auto_ack_cstore, instances/s as the sender sees them. Target with the spool >= 150.
 
-Usage: python bench/bench_spool.py [--only matrix,p1,p2] [--instances 200] [--reps 3]
+Usage: python bench/bench_spool.py [--only matrix,p1,p2,ceiling] [--instances 200] [--reps 3]
                                    [--batches 1,5,10,20] [--concurrency 1,4] [--delay-ms 100]
                                    [--batch N (p1/p2: --spool_upload_batch, default: the flag's)]
 """
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydicom import dcmread
 from tests.faults.fault_proxy import FaultProxy
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, proc_status
+from tests.rig import Importer, Orthanc, dcmsend, free_port, generate_ct_series, proc_status
 
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
@@ -248,6 +251,57 @@ def run_p2(
     }
 
 
+# ------------------------------------------------------------------------------- ceiling
+
+
+class _NoSyncImporter(Importer):
+    """dicom-import under eatmydata (LD_PRELOAD: fsync/fdatasync return at once): what the
+    receive path costs without durability. For the benchmark only, never for a real spool."""
+
+    @property
+    def args(self) -> list[str]:
+        return ["eatmydata", *super().args]
+
+
+def run_ceiling(work: Path, folder: Path, count: int, reps: int) -> dict[str, object]:
+    """P1's ceiling: how fast dicom-import acknowledges with --auto_ack_cstore when it uploads
+    nothing (upstream: a closed port, retries far apart), against dcmsend straight to Orthanc.
+
+    P1 cannot beat this ratio: the sender's last instance is acknowledged no earlier than
+    here, and uploading only adds work on the same cores.
+    """
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    flags = [
+        "--auto_ack_cstore",
+        "--persistent_file_upload_retry_amount=100",
+        "--min_upload_delay=600000",
+        "--max_waiting_time_between_uploads=600",
+    ]
+    kinds = ["direct", "receive"] + (["receive_no_fsync"] if shutil.which("eatmydata") else [])
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for rep in range(reps):
+        for kind in kinds if rep % 2 == 0 else list(reversed(kinds)):
+            if kind == "direct":
+                with Orthanc() as orthanc:
+                    rates[kind].append(count / send(orthanc.dicom_port, orthanc.aet, folder))
+                    wait_stored(orthanc, count, timeout=0)
+            else:
+                spool = work / f"ceiling-{kind}-{rep}"
+                cls = _NoSyncImporter if kind == "receive_no_fsync" else Importer
+                with cls(dead, f"--persistent_file_storage_location={spool}", *flags) as importer:
+                    rates[kind].append(count / send(importer.port, importer.aet, folder))
+                shutil.rmtree(spool)
+            print(f"rep {rep}: {kind} {rates[kind][-1]:.1f} inst/s", flush=True)
+    result: dict[str, object] = {
+        f"ceiling_{kind}_inst_per_s_median": round(statistics.median(values), 1)
+        for kind, values in rates.items()
+    }
+    direct = statistics.median(rates["direct"])
+    for kind in kinds[1:]:
+        result[f"ceiling_{kind}_vs_direct"] = round(statistics.median(rates[kind]) / direct, 3)
+    return result
+
+
 def number(value: object) -> float:
     if not isinstance(value, int | float):
         raise TypeError(f"not a number: {value!r}")
@@ -265,8 +319,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help="p1/p2 --spool_upload_batch")
     args = parser.parse_args()
     parts = set(args.only.split(","))
-    if not parts <= {"matrix", "p1", "p2"}:
-        parser.error("--only takes matrix, p1, p2")
+    if not parts <= {"matrix", "p1", "p2", "ceiling"}:
+        parser.error("--only takes matrix, p1, p2, ceiling")
 
     results: dict[str, object] = {
         "instances": args.instances,
@@ -285,6 +339,8 @@ def main() -> int:
             results.update(run_matrix(work, series, args.reps, batches, concurrencies))
         if "p1" in parts:
             results.update(run_p1(work, folder, args.instances, args.reps, args.batch))
+        if "ceiling" in parts:
+            results.update(run_ceiling(work, folder, args.instances, args.reps))
         if "p2" in parts:
             delay = args.delay_ms / 1000
             results.update(run_p2(work, folder, args.instances, args.reps, delay, args.batch))
