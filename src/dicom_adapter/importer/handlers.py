@@ -19,6 +19,7 @@ from pydicom import Dataset, dcmread
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicom.deflate import check_inflated_size
+from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.server import (
     PATIENT_ROOT_FIND,
@@ -27,7 +28,6 @@ from dicom_adapter.dimse.server import (
     send_spooled_files,
     spooled,
 )
-from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError, error_comment, lo_text
 from dicom_adapter.importer.cstore_spool import CStoreSpool, ReceivingFile, discard
 from dicom_adapter.importer.destinations import DestinationSpools, Router
