@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from pydicom import dcmread
 
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
 from dicom_adapter.dicomweb.multipart import (
     MultipartParser,
@@ -16,7 +17,7 @@ from dicom_adapter.dicomweb.multipart import (
     PartEnd,
     boundary_from_content_type,
 )
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService
+from dicom_adapter.importer.store import StoreOutcome, StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.base import Spool
 from dicom_adapter.spool.local import LocalSpool

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any
 
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_filter_attributes
 from dicom_adapter.dicom.part10 import DatasetFile, read_path_meta
 from dicom_adapter.dicom.syntaxes import IMPLICIT_VR_LE
 from dicom_adapter.dimse.scu import (
@@ -36,8 +37,8 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation
 from dicom_adapter.errors import InvalidDatasetError, lo_text
-from dicom_adapter.importer.routing import Destination, RoutingTable, read_filter_attributes
-from dicom_adapter.importer.store import InstanceIdentity, InstanceStore, StoreOutcome
+from dicom_adapter.importer.routing import Destination, RoutingTable
+from dicom_adapter.importer.store import InstanceStore, StoreOutcome
 from dicom_adapter.spool.base import Spool, queue_name
 from dicom_adapter.spool.gcs import GcsSpool
 from dicom_adapter.spool.local import (

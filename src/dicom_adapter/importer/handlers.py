@@ -18,6 +18,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.dicom.deflate import check_inflated_size
 from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.dicomweb.qido import QueryRoot
@@ -42,7 +43,7 @@ from dicom_adapter.importer.move import (
 )
 from dicom_adapter.importer.prepare import Preparation
 from dicom_adapter.importer.routing import Destination
-from dicom_adapter.importer.store import InstanceIdentity, StoreService, read_identity
+from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.base import Spool
 from dicom_adapter.spool.uploader import SpoolUploader
