@@ -48,6 +48,7 @@ from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
     AssociationCleanup,
     CFindHandler,
+    CommitmentHandler,
     CStoreHandler,
     RetrieveHandlers,
     SpoolIntake,
@@ -335,7 +336,7 @@ class ImportService:
                 scu_timeouts=sub_operation_timeouts,
                 metrics=metrics,
             )
-            handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
+            handlers.append((evt.EVT_N_ACTION, CommitmentHandler(commitment, metrics=metrics)))
         try:
             self._server = start_server(
                 ae,
