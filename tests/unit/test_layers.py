@@ -29,6 +29,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "dicomweb": frozenset({f"{ROOT}.dimse", f"{ROOT}.importer", f"{ROOT}.exporter"}),
     # the association layer only: neither side, nor the DICOMweb client
     "dimse": frozenset({f"{ROOT}.dicomweb", f"{ROOT}.importer", f"{ROOT}.exporter"}),
+    # the durable queue serves the importer: it defines what it needs of a store
+    "spool": frozenset({f"{ROOT}.importer", f"{ROOT}.exporter"}),
     # siblings: what both sides need lives a layer below
     "importer": frozenset({f"{ROOT}.exporter"}),
     "exporter": frozenset({f"{ROOT}.importer"}),

@@ -38,8 +38,7 @@ from dicom_adapter.dimse.scu import (
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation
 from dicom_adapter.errors import InvalidDatasetError, lo_text
 from dicom_adapter.importer.routing import Destination, RoutingTable
-from dicom_adapter.importer.store import InstanceStore, StoreOutcome
-from dicom_adapter.spool.base import Spool, queue_name
+from dicom_adapter.spool.base import InstanceStore, Spool, StoreOutcome, queue_name
 from dicom_adapter.spool.gcs import GcsSpool
 from dicom_adapter.spool.local import (
     DEST_AREA,

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.stow import StowResponse, failure_comment, status_for
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """A STOW-RS result: the DIMSE status, plus the HTTP answer for a failed-area reason file."""
-
-    status: int
-    http_status: int = 0
-    body_excerpt: str = ""
-    comment: str = ""  # ErrorComment when the instance was not stored
-    named: bool = False  # the answer had a result of this instance's own (not the request's)
 
 
 def _already_there(response: StowResponse, sop_instance_uid: str) -> bool:
@@ -178,23 +167,3 @@ def _json_value(match: dict[str, Any], tag: str) -> str:
     if isinstance(values, list) and values:
         return str(values[0]).strip()
     return ""
-
-
-class InstanceStore(Protocol):
-    """What an uploader needs of a destination (StoreService for STOW-RS, DimseStore)."""
-
-    async def store(self, path: Path, identity: InstanceIdentity) -> int:
-        """Store one instance; the DIMSE status."""
-
-    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
-        """Store one instance for a waiting C-STORE; the status and its ErrorComment."""
-
-    async def store_batch(
-        self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
-    ) -> list[StoreOutcome]:
-        """Store several spooled instances; one outcome each, in order."""
-
-    async def store_outcome(
-        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
-    ) -> StoreOutcome:
-        """Store one spooled instance; the status plus details for a failed-area reason."""

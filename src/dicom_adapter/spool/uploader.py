@@ -17,9 +17,8 @@ from dicom_adapter.errors import (
     UpstreamAuthError,
     UpstreamError,
 )
-from dicom_adapter.importer.store import InstanceStore, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics
-from dicom_adapter.spool.base import Spool, name_sop_instance_uid
+from dicom_adapter.spool.base import InstanceStore, Spool, StoreOutcome, name_sop_instance_uid
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
