@@ -175,7 +175,7 @@ class _Uploader:
     def __init__(self) -> None:
         self.queued: list[Path] = []
 
-    def enqueue_threadsafe(self, path: Path) -> None:
+    def enqueue_threadsafe(self, path: Path, identity: object = None) -> None:
         self.queued.append(path)
 
 

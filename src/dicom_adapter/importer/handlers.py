@@ -262,7 +262,7 @@ class CStoreHandler:
                 spool.refused(size)
             return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
-            intake.uploader.enqueue_threadsafe(queued)
+            intake.uploader.enqueue_threadsafe(queued, identity)
             return int(Status.SUCCESS), ""
         started = self._bridge.start(intake.uploader.upload_now, queued, identity)
         outcome = self._bridge.result(started, self._timeout)
@@ -290,7 +290,7 @@ class CStoreHandler:
             return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
             for queue, queued in targets:
-                queue.uploader.enqueue_threadsafe(queued)
+                queue.uploader.enqueue_threadsafe(queued, identity)
             return int(Status.SUCCESS), ""
         started = self._bridge.start(destinations.upload_now, targets, identity)
         outcome = self._bridge.result(started, self._timeout)
