@@ -25,10 +25,14 @@ FORBIDDEN: dict[str, frozenset[str]] = {
             "google",
         }
     ),
-    # the DICOMweb client knows nothing of DIMSE or either side
-    "dicomweb": frozenset({f"{ROOT}.dimse", f"{ROOT}.importer", f"{ROOT}.exporter"}),
-    # the association layer only: neither side, nor the DICOMweb client
-    "dimse": frozenset({f"{ROOT}.dicomweb", f"{ROOT}.importer", f"{ROOT}.exporter"}),
+    # the DICOMweb client knows nothing of DIMSE, the spool or either side
+    "dicomweb": frozenset(
+        {f"{ROOT}.dimse", f"{ROOT}.spool", f"{ROOT}.importer", f"{ROOT}.exporter"}
+    ),
+    # the association layer only: neither side, nor the DICOMweb client, nor the spool
+    "dimse": frozenset(
+        {f"{ROOT}.dicomweb", f"{ROOT}.spool", f"{ROOT}.importer", f"{ROOT}.exporter"}
+    ),
     # the durable queue serves the importer: it defines what it needs of a store
     "spool": frozenset({f"{ROOT}.importer", f"{ROOT}.exporter"}),
     # siblings: what both sides need lives a layer below
