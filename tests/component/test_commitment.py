@@ -23,6 +23,8 @@ from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import STORAGE_COMMITMENT_PUSH_MODEL, build_ae, start_server
 from dicom_adapter.importer.commitment import STORAGE_COMMITMENT_INSTANCE, CommitmentService
+from dicom_adapter.importer.handlers import CommitmentHandler
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status
 
 ROOT = "http://dicomweb.test/dicom-web"
@@ -154,6 +156,7 @@ class Harness:
     requester: Requester
     bridge: Bridge
     service: CommitmentService
+    metrics: ImportMetrics
 
 
 def action_information(
@@ -214,7 +217,9 @@ def start_commitment() -> Iterator[Callable[..., Harness]]:
             network_timeout=10,
         )
         ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, SYNTAXES)
-        server = start_server(ae, "127.0.0.1", 0, [(evt.EVT_N_ACTION, service.on_n_action)])
+        metrics = ImportMetrics(MetricsRegistry())
+        handler = CommitmentHandler(service, metrics=metrics)
+        server = start_server(ae, "127.0.0.1", 0, [(evt.EVT_N_ACTION, handler)])
         if listen:
             requester.listen()
 
@@ -229,7 +234,7 @@ def start_commitment() -> Iterator[Callable[..., Harness]]:
 
         stops.append(stop)
         port = int(server.server_address[1])
-        return Harness(port, upstream, requester, bridge, service)
+        return Harness(port, upstream, requester, bridge, service, metrics)
 
     yield start
     for stop in stops:
@@ -327,6 +332,36 @@ def test_malformed_request_is_refused(start_commitment: Callable[..., Harness]) 
     assert status.Status == Status.PROCESSING_FAILURE
     assert "ReferencedSOPSequence" in str(status.ErrorComment)
     assert h.bridge.pending_tasks == 0
+
+
+def test_other_action_types_are_no_such_action_and_counted(
+    start_commitment: Callable[..., Harness],
+) -> None:
+    h = start_commitment()
+    info = action_information(store(h, 1))
+
+    status = h.requester.request(h.port, info, action_type=2)
+
+    assert status.Status == Status.NO_SUCH_ACTION
+    assert status.ErrorComment == "only action type 1 is supported"
+    assert h.bridge.pending_tasks == 0
+    assert h.requester.request(h.port, info).Status == Status.SUCCESS
+    assert h.requester.wait_report().event_type == 1
+    assert h.metrics.commitment_requests.value() == 2
+    assert h.metrics.commitment_errors.value() == 1
+
+
+def test_a_request_during_shutdown_asks_to_retry_later(
+    start_commitment: Callable[..., Harness],
+) -> None:
+    h = start_commitment()
+    asyncio.run_coroutine_threadsafe(h.bridge.close(grace=1), h.bridge.loop).result(WAIT)
+
+    status = h.requester.request(h.port, action_information(store(h, 1)))
+
+    assert status.Status == Status.OUT_OF_RESOURCES  # 0xA7xx: the modality retries later
+    assert status.ErrorComment == "the adapter is shutting down"
+    assert h.upstream.queried == []
 
 
 class _Signal(logging.Handler):

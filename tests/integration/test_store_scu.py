@@ -24,8 +24,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 
+from dicom_adapter.dicom.part10 import DatasetFile, FileMeta, read_file_meta
 from dicom_adapter.dimse import pdu, store_scu
-from dicom_adapter.dimse.part10 import DatasetFile, FileMeta, read_file_meta
 from dicom_adapter.dimse.scu import (
     AssociationRejectedError,
     AssociationTarget,

@@ -15,9 +15,10 @@ import pytest
 from tests.rig import generate_ct_series
 from tests.spool_testing import ScriptedStore, spool_with
 
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.errors import ConfigError, UpstreamUnavailableError
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status

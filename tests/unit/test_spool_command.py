@@ -14,8 +14,9 @@ from pydicom import dcmread
 from tests.rig import generate_ct_series
 from tests.spool_testing import ScriptedStore, single_uploader
 
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.spool.command import main
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader

@@ -12,8 +12,9 @@ import pytest
 from tests.rig import generate_ct_series
 from tests.spool_testing import ScriptedStore, single_uploader
 
-from dicom_adapter.importer.store import StoreOutcome, read_identity
+from dicom_adapter.dicom.attributes import read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.spool.gcs import GcsLocation, GcsSpool, Storage
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status

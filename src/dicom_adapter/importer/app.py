@@ -48,6 +48,7 @@ from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
     AssociationCleanup,
     CFindHandler,
+    CommitmentHandler,
     CStoreHandler,
     RetrieveHandlers,
     SpoolIntake,
@@ -55,11 +56,11 @@ from dicom_adapter.importer.handlers import (
 from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.prepare import build_preparation
 from dicom_adapter.importer.routing import Destination, RoutingTable, load_destination_config
-from dicom_adapter.importer.store import InstanceStore, StoreService
+from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool.base import Spool
+from dicom_adapter.spool.base import InstanceStore, Spool
 from dicom_adapter.spool.gcs import GcsLocation, GcsSpool, Storage, is_gcs, replica_name
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -335,7 +336,7 @@ class ImportService:
                 scu_timeouts=sub_operation_timeouts,
                 metrics=metrics,
             )
-            handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
+            handlers.append((evt.EVT_N_ACTION, CommitmentHandler(commitment, metrics=metrics)))
         try:
             self._server = start_server(
                 ae,

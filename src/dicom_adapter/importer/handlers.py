@@ -18,7 +18,9 @@ from pydicom import Dataset, dcmread
 
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.dicom.deflate import check_inflated_size
+from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.server import (
     PATIENT_ROOT_FIND,
@@ -27,8 +29,8 @@ from dicom_adapter.dimse.server import (
     send_spooled_files,
     spooled,
 )
-from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError, error_comment, lo_text
+from dicom_adapter.importer.commitment import CommitmentService
 from dicom_adapter.importer.cstore_spool import CStoreSpool, ReceivingFile, discard
 from dicom_adapter.importer.destinations import DestinationSpools, Router
 from dicom_adapter.importer.find import FindService
@@ -42,7 +44,7 @@ from dicom_adapter.importer.move import (
 )
 from dicom_adapter.importer.prepare import Preparation
 from dicom_adapter.importer.routing import Destination
-from dicom_adapter.importer.store import InstanceIdentity, StoreService, read_identity
+from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.base import Spool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -300,6 +302,33 @@ class CStoreHandler:
 def _cleaned_up(path: Path | None) -> bool:
     """True once AssociationCleanup removed the data set's file: nobody awaits the answer."""
     return path is not None and not path.exists()
+
+
+class CommitmentHandler:
+    """EVT_N_ACTION (Storage Commitment Push Model): answered at once; the report follows later."""
+
+    def __init__(self, service: CommitmentService, *, metrics: ImportMetrics | None = None) -> None:
+        self._service = service
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
+
+    def __call__(self, event: Any) -> tuple[int | Dataset, None]:
+        fields = association_fields(event)
+        try:
+            # the Action Information is decoded on access: inside the try
+            info = event.action_information
+            self._service.request(fields["calling_aet"], event.action_type, info, fields)
+            status, comment = int(Status.SUCCESS), ""
+        except AdapterError as exc:
+            logger.error("storage commitment request refused: %s", exc, extra=fields)
+            status, comment = int(exc.status), error_comment(exc)
+        except Exception as exc:
+            logger.exception("storage commitment request failed unexpectedly", extra=fields)
+            status, comment = int(Status.PROCESSING_FAILURE), error_comment(exc)
+        with _never_raises("storage commitment"):
+            self._metrics.commitment_requests.inc()
+            if status != Status.SUCCESS:
+                self._metrics.commitment_errors.inc()
+        return status_answer(status, comment), None
 
 
 class CFindHandler:

@@ -20,11 +20,12 @@ from pathlib import Path
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
+from dicom_adapter.dicom.part10 import FileMeta
+from dicom_adapter.dicom.syntaxes import UNCOMPRESSED, uncompressed_for
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance, MemoryBudget
 from dicom_adapter.dicomweb.qido import IdentifierError, QueryRoot
 from dicom_adapter.dimse import pdu
-from dicom_adapter.dimse.part10 import FileMeta
 from dicom_adapter.dimse.scu import (
     MAX_CONTEXTS,
     AssociationError,
@@ -33,7 +34,6 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
 )
 from dicom_adapter.dimse.store_scu import StoreAssociation
-from dicom_adapter.dimse.syntaxes import UNCOMPRESSED, uncompressed_for
 from dicom_adapter.errors import AdapterError, InvalidDatasetError, lo_text
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status, is_stored, is_warning_code

@@ -10,20 +10,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.errors import (
     AdapterError,
     InvalidDatasetError,
     UpstreamAuthError,
     UpstreamError,
 )
-from dicom_adapter.importer.store import (
-    InstanceIdentity,
-    InstanceStore,
-    StoreOutcome,
-    read_identity,
-)
 from dicom_adapter.observability.metrics import ImportMetrics
-from dicom_adapter.spool.base import Spool, name_sop_instance_uid
+from dicom_adapter.spool.base import InstanceStore, Spool, StoreOutcome, name_sop_instance_uid
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
