@@ -8,7 +8,6 @@ import json
 import logging
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -42,7 +41,7 @@ from tests.component.conftest import (
     stow_json,
     write_without,
 )
-from tests.rig import _c_store_command, _item, _pdu, _recv_exactly
+from tests.rig import _c_store_command, _item, _pdu, _recv_exactly, wait_until
 
 Script = Callable[[str], Callable[[httpx.Request], httpx.Response]]
 
@@ -395,11 +394,13 @@ def test_abort_after_whole_data_sets_leaves_no_file(
     store_twice_then_abort(importer, path)
     spool = service.cstore_spool_dir
     assert spool is not None
-    deadline = time.monotonic() + 10
     # The association was accepted before the data sets were sent, and its thread ends only
     # after the DUL read the A-ABORT, which follows both data sets: they were spooled by then.
-    while list(spool.iterdir()) or service.active_associations:
-        assert time.monotonic() < deadline, f"{list(spool.iterdir())} left"
-        time.sleep(0.05)
+    wait_until(
+        lambda: not list(spool.iterdir()) and not service.active_associations,
+        10.0,
+        "an empty spool and no association",
+        detail=lambda: f"{list(spool.iterdir())} left",
+    )
     # a data set dispatched after its file was removed is not an error of ours
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -28,6 +28,7 @@ from tests.rig import (
     http_get,
     proc_status,
     send_file,
+    wait_until,
 )
 
 ACSE_TIMEOUT = 2.0
@@ -78,15 +79,6 @@ def assert_store_in_time(importer: Importer, folder: Path) -> None:
 def pid_of(importer: Importer) -> int:
     assert importer.proc is not None
     return importer.proc.pid
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def connect(importer: Importer) -> socket.socket:
@@ -251,7 +243,11 @@ def test_pending_bound_drops_the_oldest_first(importer: Importer) -> None:
         assert all(closed_by_peer(sock, ACSE_TIMEOUT / 2) for sock in held[:extra])
         assert not closed_by_peer(held[-1], 0.1)
         # an operator sees it: how many wait, how many were dropped
-        assert wait_until(lambda: metric(importer, "pending_associations") == MAX_PENDING, 5.0)
+        wait_until(
+            lambda: metric(importer, "pending_associations") == MAX_PENDING,
+            5.0,
+            f"{MAX_PENDING} pending associations on /metrics",
+        )
         assert metric(importer, "pending_dropped_total") == extra
         assert_echo_in_time(importer)
     finally:
@@ -300,7 +296,7 @@ def test_connect_flood_and_resets(importer: Importer, tmp_path: Path) -> None:
     established.close()
     assert_echo_in_time(importer)
     assert_back_to_baseline(pid, baseline)
-    assert wait_until(lambda: "lost: [Errno 104]" in importer.log_text(), 5.0)
+    wait_until(lambda: "lost: [Errno 104]" in importer.log_text(), 5.0, "the reset in the log")
     assert "Traceback" not in importer.log_text()
     levels = [record.get("level") for record in importer.log_records()]
     assert "ERROR" not in levels
@@ -347,7 +343,9 @@ def test_readyz_turns_not_ready_when_every_slot_is_taken(importer: Importer) -> 
     finally:
         for assoc in held:
             assoc.release()
-    assert wait_until(lambda: http_get(importer.metrics_url + "/readyz").status_code == 200, 5.0)
+    wait_until(
+        lambda: http_get(importer.metrics_url + "/readyz").status_code == 200, 5.0, "/readyz 200"
+    )
     assert http_get(importer.metrics_url + "/healthz").status_code == 200
 
 
@@ -362,4 +360,10 @@ def assert_back_to_baseline(pid: int, baseline: ProcStatus) -> None:
             and now.fds <= baseline.fds * 1.1 + 1
         )
 
-    assert wait_until(back, 10.0, 0.2), f"baseline {baseline}, now {proc_status(pid)}"
+    wait_until(
+        back,
+        10.0,
+        "RSS, threads and open files back to baseline",
+        interval=0.2,
+        detail=lambda: f"baseline {baseline}, now {proc_status(pid)}",
+    )

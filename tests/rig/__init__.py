@@ -35,6 +35,7 @@ from tests.rig.dimse import (
 )
 from tests.rig.orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc, store_jpeg_instance
 from tests.rig.pki import Pki, make_pki
+from tests.rig.poll import PollTimeout, wait_until, wait_until_async
 from tests.rig.processes import (
     LOG_TAIL_CHARS,
     POLL_INTERVAL,
@@ -44,6 +45,7 @@ from tests.rig.processes import (
     http_get,
     parse_metrics,
     proc_status,
+    raise_if_exited,
     scrape_metrics,
 )
 from tests.rig.services import Importer, LoggedProcess, importer_binary, json_records
@@ -63,6 +65,7 @@ __all__ = [
     "LoggedProcess",
     "Orthanc",
     "Pki",
+    "PollTimeout",
     "ProcStatus",
     "StoreSCP",
     "_c_store_command",
@@ -85,9 +88,12 @@ __all__ = [
     "parse_metrics",
     "part10_bytes",
     "proc_status",
+    "raise_if_exited",
     "run_dcmtk",
     "scrape_metrics",
     "send_file",
     "store_jpeg_instance",
+    "wait_until",
+    "wait_until_async",
     "write_large_instance",
 ]

@@ -6,7 +6,6 @@ import os
 import signal as _signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,10 +16,12 @@ from pydicom.dataset import Dataset
 
 from tests.rig.dimse import echo
 from tests.rig.pki import Pki
+from tests.rig.poll import wait_until
 from tests.rig.processes import (
     STARTUP_TIMEOUT,
     _local_env,
     free_port,
+    raise_if_exited,
 )
 
 DCMTK_TOOLS = ("dcmsend", "echoscu", "storescu")
@@ -161,14 +162,15 @@ class StoreSCP:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # forked children share the group: stop() ends them all
         )
+        proc = self.proc
+
+        def answers() -> bool:
+            raise_if_exited(proc, "storescp")
+            return self._answers_echo()
+
         try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while self.probe and not self._answers_echo():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"storescp exited with code {self.proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("storescp did not answer C-ECHO")
-                time.sleep(0.05)
+            if self.probe:
+                wait_until(answers, STARTUP_TIMEOUT, f"storescp to answer C-ECHO on {self.port}")
         except BaseException:
             self.stop()
             raise

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +21,7 @@ from pydicom.uid import (
 )
 
 from tests.rig.dcmtk import dcmsend
+from tests.rig.poll import wait_until
 from tests.rig.processes import (
     POLL_INTERVAL,
     STARTUP_TIMEOUT,
@@ -29,6 +29,7 @@ from tests.rig.processes import (
     _stop_process,
     _tail,
     free_port,
+    raise_if_exited,
 )
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -141,26 +142,23 @@ class Orthanc:
             raise
 
     def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
+        proc = self.proc
+        assert proc is not None
+
+        def answers() -> bool:
+            raise_if_exited(proc, "Orthanc", self.log_path)
             try:
-                if self.client.get("/system", timeout=2.0).status_code == 200:
-                    return
+                return self.client.get("/system", timeout=2.0).status_code == 200
             except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Orthanc did not answer GET /system within {self.startup_timeout} s; "
-                    f"log tail:\n{_tail(self.log_path)}"
-                )
-            try:  # doubles as the poll interval and as death detection
-                code = self.proc.wait(timeout=POLL_INTERVAL)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(
-                f"Orthanc exited with code {code} during startup; log tail:\n{_tail(self.log_path)}"
-            )
+                return False
+
+        wait_until(
+            answers,
+            self.startup_timeout,
+            "Orthanc to answer GET /system",
+            interval=POLL_INTERVAL,
+            detail=lambda: f"log tail:\n{_tail(self.log_path)}",
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate Orthanc and remove its temporary directory (unless one was given)."""

@@ -13,9 +13,7 @@ from pathlib import Path
 import httpx
 
 STARTUP_TIMEOUT = 30.0
-
 POLL_INTERVAL = 0.1
-
 LOG_TAIL_CHARS = 4000
 
 
@@ -58,6 +56,14 @@ def _accepts_tcp(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def raise_if_exited(proc: subprocess.Popen[bytes], what: str, log: Path | None = None) -> None:
+    """RuntimeError if `proc` has exited: whatever a poll waits for from it will not come."""
+    code = proc.poll()
+    if code is not None:
+        tail = f"; log tail:\n{_tail(log)}" if log is not None else ""
+        raise RuntimeError(f"{what} exited with code {code} during startup{tail}")
 
 
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:

@@ -8,7 +8,6 @@ import signal as _signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +16,7 @@ from typing import Any, Self
 import httpx
 
 from tests.rig.dimse import echo
+from tests.rig.poll import wait_until
 from tests.rig.processes import (
     LOG_TAIL_CHARS,
     STARTUP_TIMEOUT,
@@ -26,6 +26,7 @@ from tests.rig.processes import (
     _tail,
     free_port,
     http_get,
+    raise_if_exited,
 )
 
 
@@ -134,29 +135,21 @@ class Importer:
             return False
 
     def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
+        proc = self.proc
+        assert proc is not None
+
+        def answers() -> bool:
+            raise_if_exited(proc, f"importer {self.args}", self.log_path)
             # TCP first: pynetdicom logs an error for every refused association attempt
-            if (
-                self.proc.poll() is None
-                and _accepts_tcp("127.0.0.1", self.port)
-                and self._answers()
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"importer did not answer C-ECHO on port {self.port} within "
-                    f"{self.startup_timeout} s; log tail:\n{self.log_text()[-LOG_TAIL_CHARS:]}"
-                )
-            try:  # doubles as the poll interval and as death detection
-                code = self.proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(
-                f"importer exited with code {code} during startup; command: {self.args}; "
-                f"log:\n{self.log_text()[-LOG_TAIL_CHARS:]}"
-            )
+            return _accepts_tcp("127.0.0.1", self.port) and self._answers()
+
+        wait_until(
+            answers,
+            self.startup_timeout,
+            f"the importer to answer on port {self.port}",
+            interval=0.2,
+            detail=lambda: f"log tail:\n{self.log_text()[-LOG_TAIL_CHARS:]}",
+        )
 
     def running(self) -> bool:
         """True while the process has not exited."""
@@ -230,16 +223,19 @@ class LoggedProcess:
                 self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env,
             )  # fmt: skip
-        deadline = time.monotonic() + self.startup_timeout
+        proc = self.proc
+
+        def ready() -> bool:
+            raise_if_exited(proc, self.args[0], self.log_path)
+            return self.ready in self.log_text()
+
         try:
-            while self.ready not in self.log_text():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.args[0]} not ready:\n{self.log_text()[-4000:]}")
-                try:  # doubles as the poll interval and as death detection
-                    code = self.proc.wait(timeout=0.05)
-                except subprocess.TimeoutExpired:
-                    continue
-                raise RuntimeError(f"{self.args[0]} exited with {code}:\n{self.log_text()[-4000:]}")
+            wait_until(
+                ready,
+                self.startup_timeout,
+                f"{self.args[0]} to log {self.ready!r}",
+                detail=lambda: f"log tail:\n{self.log_text()[-LOG_TAIL_CHARS:]}",
+            )
         except BaseException:
             self.stop()
             raise
