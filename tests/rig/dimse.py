@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import socket
-import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
+
+from dicom_adapter.dimse import pdu
 
 VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
 
@@ -76,15 +78,8 @@ def send_file(
     return int(status.Status) if status and "Status" in status else None
 
 
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
-
-
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(body)) + body
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from `sock`; ConnectionError if the peer closes first."""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -94,24 +89,43 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _c_store_command(sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """A C-STORE-RQ command set, implicit VR little endian, with its group length."""
-    elements = b""
-    for element, value in (
-        (0x0002, _uid_bytes(sop_class_uid)),  # Affected SOP Class UID
-        (0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-        (0x0110, struct.pack("<H", 1)),  # Message ID
-        (0x0700, struct.pack("<H", 0)),  # Priority: medium
-        (0x0800, struct.pack("<H", 0x0000)),  # Command Data Set Type: a data set follows
-        (0x1000, _uid_bytes(sop_instance_uid)),  # Affected SOP Instance UID
-    ):
-        elements += struct.pack("<HHI", 0x0000, element, len(value)) + value
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(elements)) + elements
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """(PDU type, body) of the next whole PDU on `sock`."""
+    pdu_type, length = pdu.parse_pdu_header(recv_exactly(sock, 6))
+    return pdu_type, recv_exactly(sock, length)
 
 
-def _uid_bytes(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
+def raw_associate(
+    sock: socket.socket,
+    called_aet: str,
+    calling_aet: str,
+    contexts: Sequence[tuple[str, str]],
+    max_pdu: int = 16384,
+) -> pdu.AssociateAccept:
+    """Negotiate an association over a raw socket with the production codec (dimse/pdu.py).
+
+    `contexts` are (abstract syntax, transfer syntax) pairs, proposed with IDs 1, 3, 5, ...
+    Raises ConnectionError unless the answer is an A-ASSOCIATE-AC accepting every context.
+    """
+    proposed = [
+        pdu.ProposedContext(2 * index + 1, abstract, (syntax,))
+        for index, (abstract, syntax) in enumerate(contexts)
+    ]
+    sock.sendall(pdu.associate_rq(calling_aet, called_aet, proposed, max_pdu))
+    pdu_type, body = read_pdu(sock)
+    if pdu_type == pdu.A_ASSOCIATE_RJ:
+        raise ConnectionError(f"association {pdu.describe_reject(body)}")
+    if pdu_type != pdu.A_ASSOCIATE_AC:
+        raise ConnectionError(f"association not accepted (PDU type {pdu_type:#04x})")
+    accept = pdu.parse_associate_ac(body)
+    if not accept.contexts or not all(cx.accepted for cx in accept.contexts):
+        raise ConnectionError(f"presentation context rejected: {accept.contexts}")
+    return accept
+
+
+def p_data(context_id: int, payload: bytes, *, command: bool, last: bool) -> bytes:
+    """One P-DATA-TF PDU carrying `payload` as its single PDV."""
+    return pdu.pdv_header(context_id, len(payload), command=command, last=last) + payload
 
 
 def interrupt_c_store(
@@ -126,56 +140,19 @@ def interrupt_c_store(
 ) -> None:
     """Start a C-STORE of a Part-10 file over a raw socket, then stop after `send_bytes`.
 
-    Speaks just enough of the DICOM upper layer to get an association (one presentation
-    context: the file's SOP class and transfer syntax), sends the command and the first
-    `send_bytes` of the data set, then sends an A-ABORT (`abort=True`) or simply closes the
-    connection, as a crashed sender would. Deterministic, unlike aborting a pynetdicom
-    association from another thread mid-send.
+    Associates (one presentation context: the file's SOP class and transfer syntax), sends
+    the command and the first `send_bytes` of the data set, then sends an A-ABORT
+    (`abort=True`) or simply closes the connection, as a crashed sender would. Deterministic,
+    unlike aborting a pynetdicom association from another thread mid-send.
     """
     meta = read_file_meta_info(path)
-    context_id = 1
-    presentation_context = _item(
-        0x20,
-        struct.pack(">BBBB", context_id, 0, 0, 0)
-        + _item(0x30, str(meta.MediaStorageSOPClassUID).encode("ascii"))
-        + _item(0x40, str(meta.TransferSyntaxUID).encode("ascii")),
-    )
-    user_information = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
-    associate_rq = _pdu(
-        0x01,
-        struct.pack(">HH", 1, 0)
-        + called_aet.encode("ascii").ljust(16)
-        + calling_aet.encode("ascii").ljust(16)
-        + bytes(32)
-        + _item(0x10, b"1.2.840.10008.3.1.1.1")
-        + presentation_context
-        + user_information,
-    )
+    sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
     max_pdv = 16000  # fits pynetdicom's default maximum PDU (16382) and most others
-
-    def p_data(payload: bytes, control: int) -> bytes:
-        pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
-        return _pdu(0x04, pdv)
-
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(associate_rq)
-        pdu_type, _, length = struct.unpack(">BBI", _recv_exactly(sock, 6))
-        body = _recv_exactly(sock, length)
-        if pdu_type != 0x02:
-            raise ConnectionError(f"association not accepted (PDU type {pdu_type:#04x})")
-        # The single presentation context item in the A-ASSOCIATE-AC: result byte at offset 2
-        offset = 68
-        while offset < len(body):
-            item_type, _, item_length = struct.unpack(">BBH", body[offset : offset + 4])
-            if item_type == 0x21 and body[offset + 6] != 0:
-                raise ConnectionError("presentation context rejected")
-            offset += 4 + item_length
-        sock.sendall(
-            p_data(
-                _c_store_command(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID),
-                0x03,
-            )
-        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw_associate(sock, called_aet, calling_aet, [(sop_class, syntax)])
+        command = pdu.c_store_rq(1, sop_class, str(meta.MediaStorageSOPInstanceUID))
+        sock.sendall(p_data(1, command, command=True, last=True))
         with path.open("rb") as fh:
             fh.seek(split_dataset(path)[1])  # skip preamble and file meta
             remaining = send_bytes
@@ -183,10 +160,11 @@ def interrupt_c_store(
                 chunk = fh.read(min(max_pdv, remaining))
                 if not chunk:
                     break
-                sock.sendall(p_data(chunk, 0x00))  # data set fragment, not the last one
+                # a data set fragment, never the last one
+                sock.sendall(p_data(1, chunk, command=False, last=False))
                 remaining -= len(chunk)
         if abort:
-            sock.sendall(_pdu(0x07, bytes(4)))  # A-ABORT, source: service user
+            sock.sendall(pdu.abort())  # from the service user
 
 
 def c_find(port: int, aet: str, sop_class: str, identifier: Dataset) -> list[Dataset]:
