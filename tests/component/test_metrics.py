@@ -23,12 +23,13 @@ from tests.component.conftest import (
     c_store,
     dataset_bytes,
     dictionary_flag,
+    find,
     make_ct,
     make_study,
+    paged_studies,
     stow_json,
     study_level,
 )
-from tests.component.test_find import find, paged_studies
 from tests.rig import VERIFICATION, http_get, scrape_metrics, wait_until
 
 PREFIX = "dicomadapter_import_"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from tests.integration.test_import_find import write_dataset
 from tests.rig import Importer, Orthanc, dcmsend, wait_until
+from tests.rig.find import write_dataset
 
 
 def test_push_query_and_retrieve_back(tmp_path: Path) -> None:
