@@ -1,4 +1,5 @@
-"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport)."""
+"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport), or a real
+server through the production transport."""
 
 from __future__ import annotations
 
@@ -87,12 +88,14 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
     """Factory: start an in-process importer with extra flags; stopped at teardown."""
     stops: list[Callable[[], None]] = []
 
-    def start(*flags: str) -> RunningImporter:
+    def start(*flags: str, dicomweb_url: str | None = None) -> RunningImporter:
+        """`dicomweb_url`: a real server, reached with the production transport instead of
+        the scripted `upstream` behind httpx.MockTransport."""
         upstream = Upstream()
         argv = [
             "--dimse_aet=ADAPTER",
             "--dimse_port=0",
-            "--dicomweb_address=http://dicomweb.test/dicom-web",
+            f"--dicomweb_address={dicomweb_url or 'http://dicomweb.test/dicom-web'}",
             "--log_format=text",
             "--metrics_port=0",  # any free port: never the default 9090
             *flags,
@@ -101,7 +104,8 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
-        service = ImportService(settings, {}, transport=httpx.MockTransport(upstream.handle))
+        mock = None if dicomweb_url else httpx.MockTransport(upstream.handle)
+        service = ImportService(settings, {}, transport=mock)
         port = asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
 
         def stop() -> None:
