@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import STORAGE_COMMITMENT_PUSH_MODEL, build_ae, start_server
 from dicom_adapter.importer.commitment import CommitmentService
 from dicom_adapter.status import Status
+from tests.rig import free_port
 from tests.rig.commitment import (
     OUR_AET,
     REQUESTER_AET,
@@ -35,12 +35,6 @@ from tests.rig.commitment import (
 )
 
 ROOT = "http://dicomweb.test/dicom-web"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

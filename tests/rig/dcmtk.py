@@ -19,8 +19,8 @@ from tests.rig.pki import Pki
 from tests.rig.poll import wait_until
 from tests.rig.processes import (
     STARTUP_TIMEOUT,
-    _local_env,
     free_port,
+    local_env,
     raise_if_exited,
 )
 
@@ -46,7 +46,7 @@ def dcmtk_tool(name: str) -> str:
 
 def dcmtk_env() -> dict[str, str]:
     """Environment for DCMTK tools: the current one plus TCP_NODELAY=1."""
-    return _local_env()
+    return local_env()
 
 
 def run_dcmtk(args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:

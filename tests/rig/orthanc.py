@@ -25,11 +25,11 @@ from tests.rig.poll import wait_until
 from tests.rig.processes import (
     POLL_INTERVAL,
     STARTUP_TIMEOUT,
-    _local_env,
-    _stop_process,
-    _tail,
     free_port,
+    local_env,
+    log_tail,
     raise_if_exited,
+    stop_process,
 )
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -131,7 +131,7 @@ class Orthanc:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_local_env(),
+                env=local_env(),
                 cwd=self.workdir,
             )
         self._client = httpx.Client(base_url=self.http_url, timeout=60.0, trust_env=False)
@@ -157,7 +157,7 @@ class Orthanc:
             self.startup_timeout,
             "Orthanc to answer GET /system",
             interval=POLL_INTERVAL,
-            detail=lambda: f"log tail:\n{_tail(self.log_path)}",
+            detail=lambda: f"log tail:\n{log_tail(self.log_path)}",
         )
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -166,7 +166,7 @@ class Orthanc:
             self._client.close()
             self._client = None
         if self.proc is not None:
-            _stop_process(self.proc, timeout)
+            stop_process(self.proc, timeout)
             self.proc = None
         if self._given_workdir is None and self.workdir != Path() and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -25,7 +25,7 @@ def free_port() -> int:
         return port
 
 
-def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
     """Return the last `chars` characters of a log file (empty if it does not exist)."""
     try:
         text = path.read_text(errors="replace")
@@ -34,7 +34,7 @@ def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
     return text[-chars:]
 
 
-def _local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for child processes: TCP_NODELAY on, loopback never proxied."""
     env = dict(os.environ)
     env["TCP_NODELAY"] = "1"
@@ -49,7 +49,7 @@ def _local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _accepts_tcp(host: str, port: int) -> bool:
+def accepts_tcp(host: str, port: int) -> bool:
     """True if something accepts TCP connections on host:port."""
     try:
         with socket.create_connection((host, port), timeout=1.0):
@@ -62,11 +62,11 @@ def raise_if_exited(proc: subprocess.Popen[bytes], what: str, log: Path | None =
     """RuntimeError if `proc` has exited: whatever a poll waits for from it will not come."""
     code = proc.poll()
     if code is not None:
-        tail = f"; log tail:\n{_tail(log)}" if log is not None else ""
+        tail = f"; log tail:\n{log_tail(log)}" if log is not None else ""
         raise RuntimeError(f"{what} exited with code {code} during startup{tail}")
 
 
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """SIGTERM a process, wait up to `timeout`, SIGKILL if needed; return its exit code."""
     if proc.poll() is None:
         proc.send_signal(_signal.SIGTERM)

@@ -20,13 +20,13 @@ from tests.rig.poll import wait_until
 from tests.rig.processes import (
     LOG_TAIL_CHARS,
     STARTUP_TIMEOUT,
-    _accepts_tcp,
-    _local_env,
-    _stop_process,
-    _tail,
+    accepts_tcp,
     free_port,
     http_get,
+    local_env,
+    log_tail,
     raise_if_exited,
+    stop_process,
 )
 
 
@@ -95,7 +95,7 @@ class Importer:
         tb: TracebackType | None,
     ) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            _stop_process(self.proc, 30.0)
+            stop_process(self.proc, 30.0)
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             self._own_dir = None
@@ -118,12 +118,12 @@ class Importer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_local_env(self.extra_env),
+                env=local_env(self.extra_env),
             )
         try:
             self._wait_ready()
         except BaseException:
-            _stop_process(self.proc, 5.0)
+            stop_process(self.proc, 5.0)
             raise
 
     def _answers(self) -> bool:
@@ -141,7 +141,7 @@ class Importer:
         def answers() -> bool:
             raise_if_exited(proc, f"importer {self.args}", self.log_path)
             # TCP first: pynetdicom logs an error for every refused association attempt
-            return _accepts_tcp("127.0.0.1", self.port) and self._answers()
+            return accepts_tcp("127.0.0.1", self.port) and self._answers()
 
         wait_until(
             answers,
@@ -174,7 +174,7 @@ class Importer:
 
     def log_text(self) -> str:
         """Everything the process wrote to stdout/stderr so far."""
-        return _tail(self.log_path, chars=sys.maxsize)
+        return log_tail(self.log_path, chars=sys.maxsize)
 
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log lines (lines that are not JSON objects are skipped)."""
@@ -213,7 +213,7 @@ class LoggedProcess:
         self.args = list(args)
         self.log_path = log_path
         self.ready = ready
-        self.env = _local_env(env)
+        self.env = local_env(env)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -252,11 +252,11 @@ class LoggedProcess:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (SIGKILL after `timeout`); the exit code, or None if it was not running."""
         proc, self.proc = self.proc, None
-        return None if proc is None else _stop_process(proc, timeout)
+        return None if proc is None else stop_process(proc, timeout)
 
     def log_text(self) -> str:
         """Everything the process wrote so far."""
-        return _tail(self.log_path, chars=sys.maxsize)
+        return log_tail(self.log_path, chars=sys.maxsize)
 
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log lines."""
