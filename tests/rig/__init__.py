@@ -2,7 +2,11 @@
 
 Plain helpers without pytest, so `bench/` scripts can import them as `from tests.rig import ...`.
 Every server gets a free port and is polled for readiness; nothing sleeps to wait for a server.
-One module per concern; this package re-exports their names so existing imports keep working.
+One module per concern: processes (ports, child processes, /proc, metrics), poll (the one
+way to wait), orthanc, services (dicom-import, dicom-export), dcmtk (tools, storescp), dimse
+(pynetdicom clients, raw associations over dimse/pdu.py), pki, data (generated instances),
+find (the C-FIND data tree), commitment (a storage-commitment requester), stow_server (a
+STOW-RS server on a socket). This package re-exports the common names.
 """
 
 from tests.rig.data import (

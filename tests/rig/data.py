@@ -96,9 +96,7 @@ def generate_ct_series(
 
 
 LARGE_FRAME_ROWS = 1024
-
 LARGE_FRAME_COLS = 1024
-
 CHUNK_BYTES = 8 * 1024 * 1024
 
 

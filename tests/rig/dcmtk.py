@@ -17,12 +17,7 @@ from pydicom.dataset import Dataset
 from tests.rig.dimse import echo
 from tests.rig.pki import Pki
 from tests.rig.poll import wait_until
-from tests.rig.processes import (
-    STARTUP_TIMEOUT,
-    free_port,
-    local_env,
-    raise_if_exited,
-)
+from tests.rig.processes import STARTUP_TIMEOUT, free_port, local_env, raise_if_exited
 
 DCMTK_TOOLS = ("dcmsend", "echoscu", "storescu")
 

@@ -16,9 +16,7 @@ import httpx
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    generate_uid,
-)
+from pydicom.uid import generate_uid
 
 from tests.rig.dcmtk import dcmsend
 from tests.rig.poll import wait_until
@@ -33,7 +31,6 @@ from tests.rig.processes import (
 )
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
-
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
