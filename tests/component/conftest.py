@@ -1,4 +1,5 @@
-"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport)."""
+"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport), or a real
+server through the production transport."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -44,6 +46,7 @@ from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse.server import STUDY_ROOT_MOVE
 from dicom_adapter.importer.app import ImportService
 from dicom_adapter.status import Status
+from tests.rig.find import STUDY_ROOT_FIND
 
 Responder = Callable[[httpx.Request], httpx.Response]
 
@@ -85,12 +88,14 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
     """Factory: start an in-process importer with extra flags; stopped at teardown."""
     stops: list[Callable[[], None]] = []
 
-    def start(*flags: str) -> RunningImporter:
+    def start(*flags: str, dicomweb_url: str | None = None) -> RunningImporter:
+        """`dicomweb_url`: a real server, reached with the production transport instead of
+        the scripted `upstream` behind httpx.MockTransport."""
         upstream = Upstream()
         argv = [
             "--dimse_aet=ADAPTER",
             "--dimse_port=0",
-            "--dicomweb_address=http://dicomweb.test/dicom-web",
+            f"--dicomweb_address={dicomweb_url or 'http://dicomweb.test/dicom-web'}",
             "--log_format=text",
             "--metrics_port=0",  # any free port: never the default 9090
             *flags,
@@ -99,7 +104,8 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
-        service = ImportService(settings, {}, transport=httpx.MockTransport(upstream.handle))
+        mock = None if dicomweb_url else httpx.MockTransport(upstream.handle)
+        service = ImportService(settings, {}, transport=mock)
         port = asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
 
         def stop() -> None:
@@ -666,3 +672,59 @@ def write_without(tmp_path: Path, keyword: str) -> tuple[Path, str]:
     path = tmp_path / f"no-{keyword}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path, sop_class
+
+
+# --- C-FIND against a paged QIDO-RS upstream ---------------------------------------------
+
+
+def study(n: int) -> dict[str, object]:
+    """QIDO-RS JSON of study `n`, with one attribute a C-FIND must not pass on."""
+    return {
+        "0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": f"Doe^Patient{n}"}]},
+        "00100020": {"vr": "LO", "Value": [f"P{n}"]},
+        "00081030": {"vr": "LO", "Value": ["extra attribute that must not leak"]},
+    }
+
+
+def paged_studies(total: int, cap: int = 10**9) -> Callable[[httpx.Request], httpx.Response]:
+    """A QIDO server over `total` studies that answers at most `cap` per page."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        query = dict(parse_qsl(request.url.query.decode()))
+        offset, limit = int(query["offset"]), min(cap, int(query["limit"]))
+        page = [study(n) for n in range(offset, min(total, offset + limit))]
+        return httpx.Response(200, headers=JSON, content=json.dumps(page).encode())
+
+    return respond
+
+
+def query() -> Dataset:
+    """A study-level C-FIND identifier matching every `study(n)`."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientName = "Doe^*"
+    ds.StudyInstanceUID = ""
+    return ds
+
+
+def find(importer: RunningImporter, cancel_after: int | None = None) -> tuple[int, list[Dataset]]:
+    """C-FIND `query()`; C-CANCEL after `cancel_after` answers; (final status, answers)."""
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    answers: list[Dataset] = []
+    final = -1
+    try:
+        for status, answer in assoc.send_c_find(query(), STUDY_ROOT_FIND, msg_id=7):
+            if status.Status == Status.PENDING:
+                assert answer is not None
+                answers.append(answer)
+                if cancel_after is not None and len(answers) == cancel_after:
+                    assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
+            else:
+                final = int(status.Status)
+    finally:
+        assoc.release()
+    return final, answers

@@ -12,7 +12,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
-from tests.integration.test_import_find import identifier, write_dataset
 from tests.rig import (
     Importer,
     Orthanc,
@@ -22,6 +21,7 @@ from tests.rig import (
     run_dcmtk,
     store_jpeg_instance,
 )
+from tests.rig.find import identifier, write_dataset
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
