@@ -49,7 +49,7 @@ def c_get(importer: RunningImporter, identifier: Dataset) -> tuple[list[Dataset]
     return responses, stored
 
 
-def test_c_get_fetches_per_series_and_fails_only_what_is_missing(
+def test_c_get_fetches_the_study_in_one_request_and_fails_only_what_is_missing(
     start_importer: Callable[..., RunningImporter],
 ) -> None:
     instances = make_study(3, 2)
@@ -63,7 +63,5 @@ def test_c_get_fetches_per_series_and_fails_only_what_is_missing(
     assert final.Status == Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (4, 1)
     assert sorted(stored) == sorted(i.uid for i in instances if i.uid != missing)
-    series_fetches = [
-        relative_path(r) for r in wado_requests(importer) if "/instances/" not in r.url.path
-    ]
-    assert len(series_fetches) == 2  # one WADO-RS per series, not one per instance
+    fetches = [relative_path(r) for r in wado_requests(importer)]
+    assert fetches == [f"studies/{instances[0].study}"]  # like C-MOVE: one WADO-RS per study

@@ -1,4 +1,7 @@
-"""Outgoing DIMSE associations (commitment reports, C-MOVE sub-operations): blocking, for workers.
+"""Outgoing pynetdicom associations (storage commitment reports): blocking, for workers.
+
+C-MOVE and C-GET sub-operations do not go through pynetdicom's SCU: see store_scu.py and
+get_sender.py; their association settings (AssociationTarget, contexts) are defined here.
 
 Call these from a worker thread (`Bridge.run_blocking`), never from the event loop: pynetdicom
 blocks while it connects, negotiates and waits for responses. pynetdicom's failures (refused

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from pathlib import Path
 from typing import Any, cast
 
 from pydicom import Dataset
@@ -64,7 +63,7 @@ def configure_pynetdicom() -> None:
     - pydicom's value validation is off: datasets are forwarded, never built or changed.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as they are (see spooled())
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a pynetdicom C-STORE of a file streams it
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     hooks.check()  # one WARNING per private internal that is not as expected
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
@@ -93,7 +92,7 @@ class MoveRequest:
         self.assoc = service.assoc
         self.message_id = int(request.MessageID)
         self.sop_class_uid = str(request.AffectedSOPClassUID)
-        self.move_destination = str(request.MoveDestination or "").strip()
+        self.move_destination = str(getattr(request, "MoveDestination", "") or "").strip()
 
     def identifier(self) -> Dataset:
         """The decoded request identifier (ValueError and friends when it cannot be)."""
@@ -148,7 +147,7 @@ class MoveRequest:
         error_comment: str = "",
     ) -> None:
         """Send a C-MOVE-RSP; a final one carries FailedSOPInstanceUIDList when given."""
-        rsp = C_MOVE()
+        rsp = self._primitive()
         rsp.MessageIDBeingRespondedTo = self.message_id
         rsp.AffectedSOPClassUID = self.sop_class_uid
         rsp.Status = status
@@ -161,7 +160,7 @@ class MoveRequest:
         if warning is not None:
             rsp.NumberOfWarningSuboperations = warning
         if error_comment:
-            rsp.ErrorComment = error_comment[:64]  # type: ignore[assignment]
+            rsp.ErrorComment = error_comment[:64]
         if failed_uids:
             syntax = self._context.transfer_syntax[0]
             identifier = Dataset()
@@ -170,6 +169,12 @@ class MoveRequest:
                 identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
             )
             rsp.Identifier = BytesIO(cast(bytes, encoded))
+        self._send(rsp)
+
+    def _primitive(self) -> Any:
+        return C_MOVE()
+
+    def _send(self, rsp: Any) -> None:
         self._service.dimse.send_msg(rsp, self._context.context_id)
 
 
@@ -337,37 +342,6 @@ class ConnectionTuner:
 _SCU_TUNER = ConnectionTuner(0)
 tune_connection = _SCU_TUNER.open  # for our SCU associations (scu.py): nothing to replay
 release_connection = ConnectionTuner.close
-
-
-_SPOOL_PATH = "_spool_path"
-
-
-def spooled(path: Path, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
-    """A stand-in Dataset for a Part-10 file that `send_spooled_files` sends byte for byte.
-
-    pynetdicom's Q/R SCPs insist on yielding Datasets and would decode and re-encode every
-    instance (all of it in memory, ~4 ms per 512 KB); this keeps sub-operations streaming.
-    """
-    marker = Dataset()
-    marker.SOPClassUID = sop_class_uid
-    marker.SOPInstanceUID = sop_instance_uid
-    object.__setattr__(marker, _SPOOL_PATH, path)
-    return marker
-
-
-wait_for_reactor_resume = hooks.wait_for_reactor_resume
-
-
-def send_spooled_files(assoc: Any) -> None:
-    """Make this association's C-STORE send a `spooled()` stand-in's file without decoding."""
-    original = assoc.send_c_store
-
-    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        path = getattr(dataset, _SPOOL_PATH, None) if isinstance(dataset, Dataset) else None
-        wait_for_reactor_resume(assoc)
-        return original(path if path is not None else dataset, *args, **kwargs)
-
-    assoc.send_c_store = send_c_store
 
 
 def build_ae(

@@ -1,10 +1,10 @@
-"""C-MOVE / C-GET → QIDO-RS + WADO-RS (SPEC §1.6): list the instances, fetch them to the spool.
+"""C-MOVE and C-GET → QIDO-RS + WADO-RS + C-STORE (SPEC §1.6): ONE retrieve pipeline.
 
-pynetdicom's Q/R SCP does the C-STORE sub-operations (one association per C-MOVE, or the
-requesting association for C-GET), the pending counts and FailedSOPInstanceUIDList; this
-module supplies the instances. The first instance of each SOP class is fetched before the
-destination association opens, so it can offer the transfer syntaxes the instances have;
-the rest are fetched with several WADO-RS requests in flight while earlier ones are sent.
+QIDO-RS lists the instances; WADO-RS fetches them (a study or series per request, started
+with the listing) into a bounded queue; one sub-operation loop sends each in a syntax the
+receiver accepted (one rule: refetch uncompressed what it refused) and counts the outcome.
+Two senders: C-MOVE's our asyncio C-STORE SCU on one association to the destination; C-GET's
+the requesting association (dimse/get_sender.py). The caller answers the requester.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
@@ -24,6 +25,7 @@ from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import DEFAULT_MEMORY_LIMIT, FetchedInstance, MemoryBudget
 from dicom_adapter.dicomweb.qido import IdentifierError, QueryRoot
 from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse.get_sender import RequesterStore
 from dicom_adapter.dimse.part10 import FileMeta
 from dicom_adapter.dimse.scu import (
     MAX_CONTEXTS,
@@ -32,10 +34,10 @@ from dicom_adapter.dimse.scu import (
     RequestedContext,
     ScuTimeouts,
 )
-from dicom_adapter.dimse.store_scu import StoreAssociation
+from dicom_adapter.dimse.store_scu import StoreAssociation, StoreResponse
 from dicom_adapter.dimse.syntaxes import UNCOMPRESSED, uncompressed_for
 from dicom_adapter.errors import AdapterError, InvalidDatasetError, lo_text
-from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry, RetrieveCounters
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
@@ -57,16 +59,6 @@ class InstanceRef:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """An instance in the spool (path) or the reason it could not be fetched."""
-
-    ref: InstanceRef
-    path: Path | None
-    transfer_syntax: str = ""
-    error: str = ""
 
 
 def _values(identifier: Dataset, keyword: str) -> list[str]:
@@ -112,12 +104,11 @@ def _first(item: dict[str, object], tag: str) -> str:
 
 
 class RetrieveService:
-    """Finds and fetches the instances of a C-MOVE or C-GET request."""
+    """Lists the instances of a C-MOVE or C-GET request (QIDO-RS)."""
 
-    def __init__(self, client: DicomwebClient, dicomweb_root: str, *, concurrency: int = 6) -> None:
+    def __init__(self, client: DicomwebClient, dicomweb_root: str) -> None:
         self._client = client
         self._root = dicomweb_root.rstrip("/")
-        self._concurrency = concurrency
 
     @property
     def client(self) -> DicomwebClient:
@@ -143,111 +134,6 @@ class RetrieveService:
             if ref.study_uid and ref.series_uid and ref.sop_instance_uid:
                 refs.setdefault(ref.sop_instance_uid, ref)
         return list(refs.values())
-
-    async def fetch_one(
-        self, index: int, ref: InstanceRef, spool: Path, transfer_syntax: str = "*"
-    ) -> Fetched:
-        """WADO-RS one instance into `spool` (original syntax by default); failures reported.
-
-        The file is written in threads (a spooling collector with no memory allowance).
-        """
-        url = (
-            f"{self._root}/studies/{ref.study_uid}/series/{ref.series_uid}"
-            f"/instances/{ref.sop_instance_uid}"
-        )
-        first: FetchedInstance | None = None
-        try:
-            async for part in self._client.wado_instances(
-                url, spool_dir=spool, transfer_syntax=transfer_syntax, memory_limit=-1
-            ):
-                if first is None:
-                    first = part
-                else:
-                    await part.adiscard()
-        except (AdapterError, OSError) as exc:
-            if first is not None:
-                await first.adiscard()
-            logger.warning("WADO-RS of instance failed: %s", exc)
-            return Fetched(ref, None, error=str(exc))
-        if first is None or first.meta is None or first.path is None:
-            error = "response had no parts" if first is None else first.error or "empty part"
-            if first is not None:
-                await first.adiscard()
-            logger.warning("WADO-RS of instance failed: %s", error)
-            return Fetched(ref, None, error=error)
-        return Fetched(ref, first.path, transfer_syntax=first.meta.transfer_syntax)
-
-    async def fetch_samples(self, refs: list[InstanceRef], spool: Path) -> dict[int, Fetched]:
-        """The first instance of each SOP class, by position in `refs`."""
-        firsts: dict[str, int] = {}
-        for index, ref in enumerate(refs):
-            firsts.setdefault(ref.sop_class_uid, index)
-        fetched = await asyncio.gather(
-            *(self.fetch_one(index, refs[index], spool) for index in firsts.values())
-        )
-        return dict(zip(firsts.values(), fetched, strict=True))
-
-    async def fetch_bulk(
-        self, refs: list[InstanceRef], spool: Path, ready: dict[int, Fetched], level: str
-    ) -> AsyncIterator[Fetched]:
-        """Every listed instance, as WADO-RS delivers it: one request per series (per
-        instance at IMAGE level), up to `concurrency` at once, each part spooled to a file.
-
-        `ready` (already fetched) comes first; parts the listing did not name are dropped;
-        instances the server did not return come last, as failures. At most QUEUE_DEPTH
-        fetched files wait for the sender.
-        """
-        wanted = {ref.sop_instance_uid: ref for i, ref in enumerate(refs) if i not in ready}
-        for item in ready.values():
-            yield item
-        queue: asyncio.Queue[FetchedInstance | None] = asyncio.Queue(QUEUE_DEPTH)
-        paths = fetch_paths(list(wanted.values()), "IMAGE" if level == "IMAGE" else "SERIES")
-        producer = asyncio.ensure_future(self._produce_files(paths, spool, queue))
-        try:
-            while (part := await queue.get()) is not None:
-                meta = part.meta
-                ref = wanted.pop(meta.sop_instance_uid, None) if meta is not None else None
-                if ref is None or part.path is None or meta is None:
-                    await part.adiscard()  # not listed (or a duplicate, or unusable)
-                    continue
-                yield Fetched(ref, part.path, transfer_syntax=meta.transfer_syntax)
-            for ref in wanted.values():
-                yield Fetched(ref, None, error="not returned by WADO-RS")
-        finally:
-            producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
-            while not queue.empty():
-                leftover = queue.get_nowait()
-                if leftover is not None:
-                    leftover.discard()
-
-    async def _produce_files(
-        self, paths: list[str], spool: Path, queue: asyncio.Queue[FetchedInstance | None]
-    ) -> None:
-        pending = iter(paths)
-
-        async def worker() -> None:
-            for path in pending:
-                try:
-                    async for part in self._client.wado_instances(
-                        f"{self._root}/{path}", spool_dir=spool, memory_limit=-1
-                    ):
-                        try:
-                            await queue.put(part)
-                        except BaseException:  # cancelled while the queue was full
-                            part.discard()
-                            raise
-                except (AdapterError, OSError) as exc:
-                    logger.warning("WADO-RS of %s failed: %s", path, exc)
-
-        workers = max(1, min(self._concurrency, len(paths)))
-        try:
-            await asyncio.gather(*(worker() for _ in range(workers)))
-        except asyncio.CancelledError:
-            raise  # the consumer stopped: it wants no end marker
-        except Exception:  # a bug: still end the stream, so what was not sent counts as failed
-            logger.exception("fetching the instances failed")
-        await queue.put(None)
 
     @staticmethod
     def new_spool() -> Path:
@@ -388,9 +274,10 @@ def fetch_paths(refs: list[InstanceRef], level: str) -> list[str]:
 
 
 class InstanceMover:
-    """C-MOVE sub-operations: bulk WADO-RS (a study or series per request) into a bounded
-    queue, C-STORE over ONE association (our asyncio SCU), refetching uncompressed what the
-    receiver refuses."""
+    """The retrieve pipeline: bulk WADO-RS (a study or series per request) into a bounded
+    queue, one sub-operation loop, refetching uncompressed what the receiver refuses.
+    `move` sends over ONE association to the destination (our asyncio SCU), `get` on the
+    requesting association."""
 
     def __init__(
         self,
@@ -407,21 +294,56 @@ class InstanceMover:
         self._budget = budget
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
-    async def move(
+    def move(
         self,
         identifier: Dataset,
         root: QueryRoot,
         destination: MoveDestination,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[list[MoveProgress]]:
+        """C-MOVE: the sub-operations go to `destination` (see `retrieve`)."""
+        counters = self._metrics.cmove
+
+        def sender(refs: list[InstanceRef], spool: Path) -> _Sender:
+            delivery = _MoveDelivery(refs, destination, self._timeouts)
+            return _Sender(self, delivery, spool, counters)
+
+        return self.retrieve(identifier, root, sender, counters, is_cancelled)
+
+    def get(
+        self,
+        identifier: Dataset,
+        root: QueryRoot,
+        requester: RequesterStore,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[list[MoveProgress]]:
+        """C-GET: the sub-operations go back on the requesting association (see `retrieve`)."""
+        counters = self._metrics.cget
+
+        def sender(refs: list[InstanceRef], spool: Path) -> _Sender:
+            return _Sender(self, _GetDelivery(requester), spool, counters)
+
+        return self.retrieve(identifier, root, sender, counters, is_cancelled, interrupt=False)
+
+    async def retrieve(
+        self,
+        identifier: Dataset,
+        root: QueryRoot,
+        new_sender: Callable[[list[InstanceRef], Path], _Sender],
+        counters: RetrieveCounters,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        *,
+        interrupt: bool = True,
+    ) -> AsyncIterator[list[MoveProgress]]:
         """Yield the progress after listing (remaining = total), then after each sub-operation
         (batched: every update that is ready, so a slow consumer costs one hop per batch).
 
         A study or series is fetched in one WADO-RS request, started together with the QIDO
         listing (Orthanc takes ~130 ms to list 200 instances). Stopping early (closing the
-        generator) cancels the fetches and releases the association. `is_cancelled` (polled
-        on the loop) ends the move with a `cancelled` update; a sub-operation that does not
-        finish within CANCEL_GRACE is aborted with its association, never released half sent.
+        generator) cancels the fetches and closes the sender. `is_cancelled` (polled on the
+        loop) ends the retrieve with a `cancelled` update; with `interrupt`, a sub-operation
+        that does not finish within CANCEL_GRACE is aborted with its association, never
+        released half sent (C-GET: the requester's own association, so it is waited for).
         """
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         spool = await asyncio.to_thread(RetrieveService.new_spool)
@@ -434,7 +356,7 @@ class InstanceMover:
             early = early_fetch_paths(identifier, root)
             if early is not None:
                 tasks.append(asyncio.ensure_future(self._produce(early, 1, spool, queue)))
-            refs = await self._list(identifier, root)
+            refs = await self._list(identifier, root, counters)
             progress = MoveProgress(remaining=len(refs))
             yield [progress.snapshot()]
             if not refs:
@@ -444,16 +366,15 @@ class InstanceMover:
                 concurrency = FETCH_CONCURRENCY if level == "IMAGE" else 1
                 tasks.append(asyncio.ensure_future(self._produce(paths, concurrency, spool, queue)))
             updates: asyncio.Queue[MoveProgress | None] = asyncio.Queue()
-            sender = _Sender(
-                self, refs, destination, spool, timeouts=self._timeouts, metrics=self._metrics
-            )
+            sender = new_sender(refs, spool)
             # Sending runs ahead of the consumer of this generator (a pynetdicom thread
             # answering pending responses): a slow consumer never holds up the next C-STORE.
             sending = asyncio.ensure_future(
                 self._send_all(refs, queue, sender, progress, updates, stop)
             )
             tasks.append(sending)
-            tasks.append(asyncio.ensure_future(_interrupt(stop, sending)))
+            if interrupt:
+                tasks.append(asyncio.ensure_future(_interrupt(stop, sending)))
             finished = False
             while not finished:
                 batch: list[MoveProgress] = []
@@ -467,7 +388,7 @@ class InstanceMover:
                 if batch:
                     yield batch
             if not stop.is_set():
-                await sending  # re-raise a bug instead of reporting a short move
+                await sending  # re-raise a bug instead of reporting a short retrieve
         finally:
             for task in tasks:
                 task.cancel()
@@ -480,15 +401,17 @@ class InstanceMover:
                 await sender.close()
             await asyncio.to_thread(shutil.rmtree, spool, ignore_errors=True)
 
-    async def _list(self, identifier: Dataset, root: QueryRoot) -> list[InstanceRef]:
+    async def _list(
+        self, identifier: Dataset, root: QueryRoot, counters: RetrieveCounters
+    ) -> list[InstanceRef]:
         """The QIDO-RS listing, counted (an identifier we cannot translate is no QIDO error)."""
-        self._metrics.cmove_qidors_requests.inc()
+        counters.qidors_requests.inc()
         try:
             return await self._retrieve.list_instances(identifier, root)
         except IdentifierError:
             raise
         except AdapterError:
-            self._metrics.cmove_qidors_errors.inc()
+            counters.qidors_errors.inc()
             raise
 
     @staticmethod
@@ -595,36 +518,165 @@ class InstanceMover:
         return None
 
 
+class _Delivery(Protocol):
+    """Where the sub-operations go: an association that accepted some (class, syntax) pairs."""
+
+    unreachable: str  # why it cannot be used ("" while it can)
+    unreachable_comment: str  # the short cause, for the final ErrorComment
+    receiver: str  # "destination" or "requester", for messages
+
+    async def ready(self, meta: FileMeta) -> bool:
+        """Open the association if needed; False when it cannot be had."""
+        ...
+
+    def accepted(self) -> dict[tuple[str, str], int]:
+        """(SOP class, transfer syntax) -> accepted presentation context ID."""
+        ...
+
+    async def c_store(
+        self, context_id: int, instance: FetchedInstance, meta: FileMeta
+    ) -> StoreResponse:
+        """One C-STORE; AssociationError when the association broke."""
+        ...
+
+    async def close(self) -> None:
+        """Release what was opened."""
+        ...
+
+
+class _MoveDelivery:
+    """C-MOVE's destination: our asyncio SCU, opened on the first instance (reopened at most
+    MAX_REOPENS times)."""
+
+    receiver = "destination"
+
+    def __init__(
+        self, refs: list[InstanceRef], destination: MoveDestination, timeouts: ScuTimeouts
+    ) -> None:
+        self._classes = list(dict.fromkeys(ref.sop_class_uid for ref in refs if ref.sop_class_uid))
+        self._destination = destination
+        self._timeouts = timeouts
+        self._assoc: StoreAssociation | None = None
+        self._opens = 0
+        self.unreachable = ""
+        self.unreachable_comment = ""
+
+    async def ready(self, meta: FileMeta) -> bool:
+        if self._assoc is not None and self._assoc.is_open:
+            return True
+        if self.unreachable or self._opens > MAX_REOPENS:
+            return False
+        self._opens += 1
+        classes = self._classes
+        if meta.sop_class_uid not in classes:
+            classes = [*classes, meta.sop_class_uid]
+        contexts = move_contexts(classes, {meta.sop_class_uid: meta.transfer_syntax})
+        target = self._destination.target
+        try:
+            self._assoc = await StoreAssociation.open(target, contexts, timeouts=self._timeouts)
+        except AssociationError as exc:
+            logger.error("C-MOVE destination: %s", exc)
+            self.unreachable = str(exc)
+            self.unreachable_comment = exc.comment
+            return False
+        logger.info(
+            "association opened to %s@%s:%d (%d contexts accepted)",
+            target.called_aet,
+            target.host,
+            target.port,
+            len(self._assoc.accepted),
+        )
+        return True
+
+    def accepted(self) -> dict[tuple[str, str], int]:
+        return self._assoc.accepted if self._assoc is not None else {}
+
+    async def c_store(
+        self, context_id: int, instance: FetchedInstance, meta: FileMeta
+    ) -> StoreResponse:
+        assert self._assoc is not None
+        return await self._assoc.c_store(
+            context_id,
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+            instance.dataset(),
+            move_originator_aet=self._destination.originator_aet,
+            move_originator_message_id=self._destination.originator_message_id,
+        )
+
+    async def close(self) -> None:
+        if self._assoc is not None:
+            await self._assoc.release()
+            self._assoc = None
+
+
+class _GetDelivery:
+    """C-GET's requesting association: each C-STORE runs in a worker thread (it blocks on the
+    socket and on pynetdicom's DIMSE queue); the association's own thread is the runner's."""
+
+    receiver = "requester"
+
+    def __init__(self, requester: RequesterStore) -> None:
+        self._requester = requester
+        self._accepted = requester.accepted()
+        self._running: asyncio.Future[StoreResponse] | None = None
+        self.unreachable = ""
+        self.unreachable_comment = ""
+
+    async def ready(self, meta: FileMeta) -> bool:
+        return not self.unreachable
+
+    def accepted(self) -> dict[tuple[str, str], int]:
+        return self._accepted
+
+    async def c_store(
+        self, context_id: int, instance: FetchedInstance, meta: FileMeta
+    ) -> StoreResponse:
+        self._running = asyncio.ensure_future(
+            asyncio.to_thread(
+                self._requester.store,
+                context_id,
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
+                instance.dataset(),
+            )
+        )
+        try:
+            # shielded: the thread cannot be stopped mid-write; close() waits for it
+            return await asyncio.shield(self._running)
+        except AssociationError as exc:
+            self.unreachable = str(exc)
+            self.unreachable_comment = "association lost"
+            raise
+
+    async def close(self) -> None:
+        self._requester.abandon()
+        if self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)
+            self._running = None
+
+
 class _Sender:
-    """The destination side of one C-MOVE: opens the association on the first instance."""
+    """One retrieve's sub-operations: the syntax rule, the C-STORE, the counts and metrics."""
 
     def __init__(
         self,
         mover: InstanceMover,
-        refs: list[InstanceRef],
-        destination: MoveDestination,
+        delivery: _Delivery,
         spool: Path,
-        *,
-        timeouts: ScuTimeouts,
-        metrics: ImportMetrics,
+        counters: RetrieveCounters,
     ) -> None:
         self._mover = mover
-        self._timeouts = timeouts
-        self._metrics = metrics
-        self._classes = list(dict.fromkeys(ref.sop_class_uid for ref in refs if ref.sop_class_uid))
-        self._destination = destination
+        self._delivery = delivery
         self._spool = spool
-        self._assoc: StoreAssociation | None = None
-        self._opens = 0
-        self._unreachable = ""
-        self._unreachable_comment = ""  # the short cause, for the final ErrorComment
+        self._counters = counters
 
     async def handle(
         self, ref: InstanceRef, instance: FetchedInstance, progress: MoveProgress
     ) -> None:
         """One sub-operation: send the instance and count the outcome."""
-        metrics = self._metrics
-        metrics.cmove_cstore_requests.inc()
+        counters = self._counters
+        counters.cstore_requests.inc()
         try:
             code, size = await self._send(ref, instance)
         except BaseException:  # cancelled: give the memory back now, without awaiting
@@ -633,62 +685,31 @@ class _Sender:
         await instance.adiscard()
         progress.remaining -= 1
         if code is None or not is_stored(code):
-            metrics.cmove_cstore_errors.inc()
+            counters.cstore_errors.inc()
             progress.failed += 1
             progress.failed_uids.append(ref.sop_instance_uid)
             if not progress.cause:
                 progress.cause = self._cause(code)
         else:
-            metrics.cmove_cstore_bytes.inc(size)
+            counters.cstore_bytes.inc(size)
             if is_warning_code(code):
                 progress.warning += 1
             else:
                 progress.completed += 1
 
-    async def _association(self, meta: FileMeta) -> StoreAssociation | None:
-        if self._assoc is not None and self._assoc.is_open:
-            return self._assoc
-        if self._unreachable or self._opens > MAX_REOPENS:
-            return None
-        self._opens += 1
-        classes = (
-            self._classes
-            if meta.sop_class_uid in self._classes
-            else [
-                *self._classes,
-                meta.sop_class_uid,
-            ]
-        )
-        contexts = move_contexts(classes, {meta.sop_class_uid: meta.transfer_syntax})
-        target = self._destination.target
-        try:
-            self._assoc = await StoreAssociation.open(target, contexts, timeouts=self._timeouts)
-        except AssociationError as exc:
-            logger.error("C-MOVE destination: %s", exc)
-            self._unreachable = str(exc)
-            self._unreachable_comment = exc.comment
-            return None
-        logger.info(
-            "association opened to %s@%s:%d (%d contexts accepted)",
-            target.called_aet,
-            target.host,
-            target.port,
-            len(self._assoc.accepted),
-        )
-        return self._assoc
-
     def _cause(self, code: int | None) -> str:
         """Why a sub-operation failed, for the final response's ErrorComment."""
-        if self._unreachable:
-            return lo_text(f"destination {self._unreachable_comment}")
+        receiver = self._delivery.receiver
+        if self._delivery.unreachable:
+            return lo_text(f"{receiver} {self._delivery.unreachable_comment}")
         if code is not None:
-            return f"destination answered C-STORE 0x{code:04X}"
-        return "instance could not be sent to the destination"
+            return f"{receiver} answered C-STORE 0x{code:04X}"
+        return f"instance could not be sent to the {receiver}"
 
     @property
     def unreachable(self) -> str:
-        """Why the destination cannot be reached ("" while it can)."""
-        return self._unreachable
+        """Why the receiver cannot be reached ("" while it can)."""
+        return self._delivery.unreachable
 
     async def _send(self, ref: InstanceRef, instance: FetchedInstance) -> tuple[int | None, int]:
         """The C-STORE status (None when it could not be sent) and the data set's size."""
@@ -699,30 +720,23 @@ class _Sender:
             # this instance only: proposing it would make the association fail for all the rest
             logger.warning("instance with a UID no DIMSE message can carry: %s", meta)
             return None, 0
-        assoc = await self._association(meta)
-        if assoc is None:
+        delivery = self._delivery
+        if not await delivery.ready(meta):
             return None, 0
-        context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
+        context_id = delivery.accepted().get((meta.sop_class_uid, meta.transfer_syntax))
         replacement: FetchedInstance | None = None
         if context_id is None:
-            replacement = await self._in_accepted_syntax(assoc, ref, meta)
+            replacement = await self._in_accepted_syntax(ref, meta)
             if replacement is None or replacement.meta is None:
                 return None, 0
             instance, meta = replacement, replacement.meta
-            context_id = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
+            context_id = delivery.accepted().get((meta.sop_class_uid, meta.transfer_syntax))
             if context_id is None:
                 await replacement.adiscard()
                 return None, 0
         size = max(0, instance.size - meta.dataset_offset)
         try:
-            response = await assoc.c_store(
-                context_id,
-                meta.sop_class_uid,
-                meta.sop_instance_uid,
-                instance.dataset(),
-                move_originator_aet=self._destination.originator_aet,
-                move_originator_message_id=self._destination.originator_message_id,
-            )
+            response = await delivery.c_store(context_id, instance, meta)
         except (AssociationError, InvalidDatasetError) as exc:
             logger.warning("C-STORE sub-operation failed: %s", exc)
             return None, 0
@@ -737,22 +751,23 @@ class _Sender:
             )
         return response.status, size
 
-    async def _in_accepted_syntax(
-        self, assoc: StoreAssociation, ref: InstanceRef, meta: FileMeta
-    ) -> FetchedInstance | None:
-        """The receiver refused the stored syntax: ask the server for an uncompressed one."""
-        syntax = uncompressed_for(assoc.accepted_syntaxes(meta.sop_class_uid), meta.transfer_syntax)
+    async def _in_accepted_syntax(self, ref: InstanceRef, meta: FileMeta) -> FetchedInstance | None:
+        """THE syntax rule of C-MOVE and C-GET: the receiver refused the stored syntax, so ask
+        the DICOMweb server for an uncompressed one it accepted (the server transcodes)."""
+        accepted = [ts for (cls, ts) in self._delivery.accepted() if cls == meta.sop_class_uid]
+        syntax = uncompressed_for(accepted, meta.transfer_syntax)
         if syntax is None:
             logger.warning(
-                "the destination accepts SOP class %s in none of the syntaxes offered",
+                "the %s accepts SOP class %s in none of the syntaxes offered",
+                self._delivery.receiver,
                 meta.sop_class_uid,
             )
             return None
-        logger.info("destination refused %s; fetching %s", meta.transfer_syntax, syntax)
+        logger.info(
+            "%s refused %s; fetching %s", self._delivery.receiver, meta.transfer_syntax, syntax
+        )
         return await self._mover.refetch(ref, syntax, self._spool)
 
     async def close(self) -> None:
         """Release the association (if one was opened)."""
-        if self._assoc is not None:
-            await self._assoc.release()
-            self._assoc = None
+        await self._delivery.close()
