@@ -54,6 +54,7 @@ class RequesterStore:
         self._fragment = pdu.max_fragment(peer_max)
         self._message_id = 0
         self._abandoned = threading.Event()
+        self.lost = False  # the association broke under a sub-operation
         self.lock = threading.Lock()  # held while any DIMSE message is written (see above)
 
     @property
@@ -95,9 +96,13 @@ class RequesterStore:
         try:
             with self.lock:
                 self._write_all(self._pieces(context_id, dataset, [head, command]))
+            return self._response(message_id)
         except OSError as exc:
+            self.lost = True
             raise AssociationLostError(f"C-STORE to the requester: {exc}") from exc
-        return self._response(message_id)
+        except AssociationLostError:
+            self.lost = True
+            raise
 
     def write_command(self, context_id: int, command: bytes) -> bool:
         """One command-only message (a pending C-GET-RSP); False if it could not be sent."""
@@ -138,6 +143,7 @@ class RequesterStore:
             self._assoc.dimse.send_msg(req, context_id)
         _, rsp = self._assoc.dimse.get_msg(block=True)
         if rsp is None or getattr(rsp, "Status", None) is None:
+            self.lost = True
             raise AssociationLostError("no C-STORE-RSP from the requester")
         return StoreResponse(int(rsp.Status), str(getattr(rsp, "ErrorComment", "") or ""))
 
@@ -283,6 +289,11 @@ class GetRequest(MoveRequest):
         )
         if not self.requester.write_command(self._context.context_id, command):
             logger.debug("pending C-GET-RSP not sent")
+
+    @property
+    def gone(self) -> bool:
+        """True when nobody can be answered (a sub-operation found the association broken)."""
+        return self.requester.lost or super().gone
 
     def _primitive(self) -> Any:
         return C_GET()

@@ -104,6 +104,11 @@ class MoveRequest:
             syntax.is_deflated,
         )
 
+    @property
+    def gone(self) -> bool:
+        """True when the requesting association is no longer established."""
+        return not self.assoc.is_established
+
     def is_cancelled(self) -> bool:
         """True once the requester sent a C-CANCEL for this request."""
         return bool(self._service.is_cancelled(self.message_id))

@@ -477,7 +477,7 @@ class RetrieveHandlers:
             close = getattr(updates, "close", None)
             if close is not None:
                 close()  # stops fetching and sending, releases the destination association
-        if not request.assoc.is_established:  # the requester aborted: nobody to answer
+        if request.gone:  # the requester aborted: nobody to answer
             logger.info("%s ended: the requester's association is gone", what, extra=fields)
             return Status.OUT_OF_RESOURCES_SUBOPERATIONS
         if cancelled and progress is not None:
