@@ -1,26 +1,30 @@
 """C-STORE sub-operations of a C-GET, sent on the requesting association (PS3.4 C.4.3).
 
-Blocking, for a worker thread while the association's own thread waits in the C-GET runner.
-The C-STORE-RQ command and data set are framed by `pdu` and written to the socket in groups
-of PDUs sized to the peer's maximum PDU length (hook raw_p_data); pynetdicom's `send_c_store`
-hands every PDU to its DUL thread (~6 ms per 512 KB instance at 16 KB PDUs). The C-STORE-RSP
-comes through pynetdicom's DIMSE queue: nothing else reads it while the runner holds the
-association's thread. Without the hook (or over TLS), `send_c_store` does the sending.
+The requesting association belongs to pynetdicom: its DUL thread reads the socket, and the
+association's own thread runs the C-GET runner, blocked until the retrieve ends. The
+sub-operations are sent from the event loop: the C-STORE-RQ command and data set are framed
+by `pdu` and written to the socket in groups of PDUs sized to the peer's maximum PDU length
+(hook raw_p_data), without blocking (a full socket buffer hands the rest to a thread); the
+C-STORE-RSP comes through pynetdicom's DIMSE queue, whose `put` wakes the loop (one thread
+hop per sub-operation). Pending C-GET-RSPs go out the same way, in order with the C-STOREs.
+pynetdicom's `send_c_store` costs ~6 ms per 512 KB instance (a DUL hand-off per PDU, and a
+thread hop each way when called from the loop). Without the hook (or over TLS), pynetdicom's
+DIMSE provider sends, from a worker thread.
 
-Hazard: two threads write the socket during a C-GET (the worker: C-STORE-RQs; the runner:
-pending C-GET-RSPs and, through the DUL, the final one). Every write goes through `lock`, one
-whole DIMSE message at a time, so PDUs of different messages never interleave.
+Hazard: the DUL thread also writes this socket (the final response, A-ABORT). Every write
+of ours holds `lock` for one whole DIMSE message, and the final response is queued holding
+it, so PDUs of different messages never interleave.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from typing import Any
@@ -39,27 +43,43 @@ logger = logging.getLogger(__name__)
 FILE_READ = 1 << 20  # bytes read from a spooled instance at a time
 WRITE_GROUP = 256 << 10  # PDUs handed to one sendmsg() call
 MAX_BUFFERS = 512  # per sendmsg() (below IOV_MAX), for peers with a tiny maximum PDU
-RESPONSE_POLL = 0.05  # how often a waiting sub-operation checks whether it was abandoned
+
+Groups = Iterator[list[bytes | memoryview]]
 
 
 class RequesterStore:
-    """The C-STORE SCU side of one C-GET's requesting association (pynetdicom `Association`)."""
+    """The C-STORE SCU side of one C-GET's requesting association (pynetdicom `Association`).
 
-    def __init__(self, assoc: Any, *, dimse_timeout: float, network_timeout: float) -> None:
+    `c_store` and `pending` are called from the event loop, one at a time.
+    """
+
+    def __init__(
+        self,
+        assoc: Any,
+        *,
+        get_message_id: int,
+        get_sop_class_uid: str,
+        get_context_id: int,
+        dimse_timeout: float,
+        network_timeout: float,
+    ) -> None:
         self._assoc = assoc
         self._sock: socket.socket | None = hooks.raw_socket(assoc)
+        self._get = (get_message_id, get_sop_class_uid, get_context_id)
         self._dimse_timeout = dimse_timeout
         self._network_timeout = network_timeout
         peer_max = int(getattr(getattr(assoc, "requestor", None), "maximum_length", 0) or 0)
         self._fragment = pdu.max_fragment(peer_max)
         self._message_id = 0
-        self._abandoned = threading.Event()
+        self._abandoned = False
+        self._arrived: asyncio.Event | None = None  # set (thread-safely) by each DIMSE put
+        self._messages: Any = None
         self.lost = False  # the association broke under a sub-operation
         self.lock = threading.Lock()  # held while any DIMSE message is written (see above)
 
     @property
     def raw(self) -> bool:
-        """True when sub-operations are framed by us (False: pynetdicom's send_c_store)."""
+        """True when sub-operations are framed by us (False: pynetdicom's DIMSE provider)."""
         return self._sock is not None
 
     def accepted(self) -> dict[tuple[str, str], int]:
@@ -73,49 +93,87 @@ class RequesterStore:
         return found
 
     def abandon(self) -> None:
-        """Stop waiting for a C-STORE-RSP (the C-GET ended or was abandoned)."""
-        self._abandoned.set()
+        """Stop waiting for C-STORE-RSPs and give pynetdicom its DIMSE queue back (the C-GET
+        ended); from the loop."""
+        self._abandoned = True
+        if self._arrived is not None:
+            self._arrived.set()
+        if self._messages is not None:
+            hooks.unwatch_dimse_messages(self._assoc)
+            self._messages = None
 
-    def store(
-        self,
-        context_id: int,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        dataset: DatasetSource,
+    async def c_store(
+        self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DatasetSource
     ) -> StoreResponse:
         """One C-STORE sub-operation of the encoded `dataset` (in the context's syntax);
         AssociationLostError when the association broke."""
-        if self._abandoned.is_set() or not self._assoc.is_established:
+        if self._abandoned or self.lost or not self._assoc.is_established:
             raise AssociationLostError("the requesting association is gone")
         self._message_id = self._message_id % 0xFFFF + 1
         message_id = self._message_id
-        if self._sock is None:
-            return self._send_msg(context_id, sop_class_uid, sop_instance_uid, dataset, message_id)
-        command = pdu.c_store_rq(message_id, sop_class_uid, sop_instance_uid)
+        try:
+            if self._sock is None:
+                return await asyncio.to_thread(
+                    self._send_msg, context_id, sop_class_uid, sop_instance_uid, dataset, message_id
+                )
+            self._watch()
+            command = pdu.c_store_rq(message_id, sop_class_uid, sop_instance_uid)
+            head = pdu.pdv_header(context_id, len(command), command=True, last=True)
+            if isinstance(dataset, DatasetFile):  # file reads: all of it in a thread
+                groups = self._pieces(context_id, dataset, [head, command])
+                await asyncio.to_thread(self._write_locked, groups)
+            else:
+                await self._write(
+                    _framed(context_id, dataset, self._fragment, True, [head, command])
+                )
+            return await self._response(message_id)
+        except (OSError, AssociationLostError) as exc:
+            self.lost = True
+            if isinstance(exc, AssociationLostError):
+                raise
+            raise AssociationLostError(f"C-STORE to the requester: {exc}") from exc
+
+    async def pending(self, *, remaining: int, completed: int, failed: int, warning: int) -> None:
+        """A pending C-GET-RSP (counts only), in order with the sub-operations."""
+        if self.lost or self._abandoned:
+            return
+        message_id, sop_class_uid, context_id = self._get
+        command = pdu.c_move_pending_rsp(
+            message_id,
+            sop_class_uid,
+            Status.PENDING,
+            remaining=remaining,
+            completed=completed,
+            failed=failed,
+            warning=warning,
+            command_field=pdu.C_GET_RSP,
+        )
         head = pdu.pdv_header(context_id, len(command), command=True, last=True)
         try:
-            with self.lock:
-                self._write_all(self._pieces(context_id, dataset, [head, command]))
-            return self._response(message_id)
-        except OSError as exc:
-            self.lost = True
-            raise AssociationLostError(f"C-STORE to the requester: {exc}") from exc
-        except AssociationLostError:
-            self.lost = True
-            raise
-
-    def write_command(self, context_id: int, command: bytes) -> bool:
-        """One command-only message (a pending C-GET-RSP); False if it could not be sent."""
-        head = pdu.pdv_header(context_id, len(command), command=True, last=True)
-        with self.lock:
             if self._sock is None:
-                return hooks.send_p_data(self._assoc, context_id, b"\x03" + command)
-            try:
-                self._write_all(iter([[head, command]]))
-            except OSError as exc:
-                logger.info("pending C-GET-RSP not sent: %s", exc)
-                return False
-        return True
+                await asyncio.to_thread(self._queue_p_data, context_id, b"\x03" + command)
+            else:
+                await self._write(iter([[head, command]]))
+        except OSError as exc:
+            logger.info("pending C-GET-RSP not sent: %s", exc)
+
+    def _queue_p_data(self, context_id: int, fragment: bytes) -> None:
+        with self.lock:
+            hooks.send_p_data(self._assoc, context_id, fragment)
+
+    def _watch(self) -> None:
+        """Have pynetdicom's DIMSE queue wake the loop on every message it is given."""
+        if self._messages is not None:
+            return
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+
+        def wake() -> None:  # in the DUL thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(arrived.set)
+
+        self._messages = hooks.watch_dimse_messages(self._assoc, wake)
+        self._arrived = arrived
 
     def _send_msg(
         self,
@@ -125,9 +183,9 @@ class RequesterStore:
         dataset: DatasetSource,
         message_id: int,
     ) -> StoreResponse:
-        """Without the hook: pynetdicom's DIMSE provider sends (the data set in memory) and
-        receives. Not `send_c_store`: it waits for the reactor to pause, and the reactor
-        is this C-GET's runner."""
+        """Without the hook, in a worker thread: pynetdicom's DIMSE provider sends (the data
+        set in memory) and receives. Not `send_c_store`: it waits for the reactor to pause,
+        and the reactor is this C-GET's runner."""
         req = C_STORE()
         req.MessageID = message_id
         req.AffectedSOPClassUID = sop_class_uid
@@ -143,84 +201,125 @@ class RequesterStore:
             self._assoc.dimse.send_msg(req, context_id)
         _, rsp = self._assoc.dimse.get_msg(block=True)
         if rsp is None or getattr(rsp, "Status", None) is None:
-            self.lost = True
             raise AssociationLostError("no C-STORE-RSP from the requester")
         return StoreResponse(int(rsp.Status), str(getattr(rsp, "ErrorComment", "") or ""))
 
     def _pieces(
-        self, context_id: int, dataset: DatasetSource, first: list[bytes | memoryview]
-    ) -> Iterator[list[bytes | memoryview]]:
-        """Groups of whole PDUs (about WRITE_GROUP bytes each): the command's, then the data
-        set's, read from its file as it goes."""
-        fragment = self._fragment
-        if isinstance(dataset, DatasetFile):
-            with dataset.path.open("rb") as stream:
-                stream.seek(dataset.offset)
-                chunk = stream.read(FILE_READ)
-                pending = first
-                while True:
-                    following = stream.read(FILE_READ) if chunk else b""
-                    yield from _framed(context_id, chunk, fragment, not following, pending)
-                    pending = []
-                    if not following:
-                        return
-                    chunk = following
-        yield from _framed(context_id, memoryview(dataset), fragment, True, first)
+        self, context_id: int, dataset: DatasetFile, first: list[bytes | memoryview]
+    ) -> Groups:
+        """Groups of whole PDUs: the command's, then the data set's, read as it goes."""
+        with dataset.path.open("rb") as stream:
+            stream.seek(dataset.offset)
+            chunk = stream.read(FILE_READ)
+            pending = first
+            while True:
+                following = stream.read(FILE_READ) if chunk else b""
+                yield from _framed(context_id, chunk, self._fragment, not following, pending)
+                pending = []
+                if not following:
+                    return
+                chunk = following
 
-    def _write_all(self, groups: Iterator[list[bytes | memoryview]]) -> None:
-        """Write every group; the socket stays in pynetdicom's (blocking) mode, so each send
-        is non-blocking by flag and waits for room with select() up to the network timeout."""
+    async def _write(self, groups: Groups) -> None:
+        """Write from the loop without blocking it; once the socket buffer is full, the rest
+        is written by a thread (the lock stays held: one message at a time)."""
         sock = self._sock
         assert sock is not None
-        for group in groups:
-            buffers = [memoryview(b) for b in group]
-            while buffers:
-                try:
-                    sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    _, writable, _ = select.select([], [sock], [], self._network_timeout)
-                    if not writable:
-                        raise TimeoutError("the requester stopped reading") from None
-                    continue
-                while sent and buffers:
-                    if sent >= len(buffers[0]):
-                        sent -= len(buffers.pop(0))
-                    else:
-                        buffers[0] = buffers[0][sent:]
-                        sent = 0
+        if not self.lock.acquire(blocking=False):  # only a final response holds it this long
+            await asyncio.to_thread(self._write_locked, groups)
+            return
+        handed_over = False
+        try:
+            for group in groups:
+                buffers = [memoryview(b) for b in group]
+                while buffers:
+                    try:
+                        sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        handed_over = True
+                        await asyncio.to_thread(self._write_rest, buffers, groups)
+                        return
+                    _consume(buffers, sent)
+        finally:
+            if not handed_over:
+                self.lock.release()
 
-    def _response(self, message_id: int) -> StoreResponse:
-        """The C-STORE-RSP for `message_id`, from pynetdicom's DIMSE queue."""
-        messages = hooks.dimse_messages(self._assoc)
-        deadline = time.monotonic() + self._dimse_timeout
-        while time.monotonic() < deadline:
-            if self._abandoned.is_set():
-                raise AssociationLostError("C-GET abandoned while waiting for a C-STORE-RSP")
+    def _write_rest(self, buffers: list[memoryview], groups: Groups) -> None:
+        """In a thread, holding the lock `_write` took: the rest of one message."""
+        try:
+            self._blocking_write(buffers)
+            for group in groups:
+                self._blocking_write([memoryview(b) for b in group])
+        finally:
+            self.lock.release()
+
+    def _write_locked(self, groups: Groups) -> None:
+        with self.lock:
+            for group in groups:
+                self._blocking_write([memoryview(b) for b in group])
+
+    def _blocking_write(self, buffers: list[memoryview]) -> None:
+        """The socket stays in pynetdicom's (blocking) mode: each send is non-blocking by flag
+        and waits for room with select() up to the network timeout."""
+        sock = self._sock
+        assert sock is not None
+        while buffers:
             try:
-                context_id, message = messages.get(timeout=RESPONSE_POLL)
-            except queue.Empty:
+                sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                _, writable, _ = select.select([], [sock], [], self._network_timeout)
+                if not writable:
+                    raise TimeoutError("the requester stopped reading") from None
                 continue
-            if message is None:  # aborted or closed: leave the marker for pynetdicom
-                messages.put((context_id, message))
-                raise AssociationLostError("the requester aborted the association")
-            responded = getattr(message, "MessageIDBeingRespondedTo", None)
-            status = getattr(message, "Status", None)
-            if (
-                type(message).__name__ == "C_STORE"
-                and responded == message_id
-                and status is not None
-            ):
-                comment = getattr(message, "ErrorComment", None)
-                return StoreResponse(int(status), str(comment or ""))
-            logger.warning(
-                "C-GET: ignoring a %s message from the requester", type(message).__name__
-            )
-        raise AssociationLostError("no C-STORE-RSP from the requester within the DIMSE timeout")
+            _consume(buffers, sent)
+
+    async def _response(self, message_id: int) -> StoreResponse:
+        """The C-STORE-RSP for `message_id`, from pynetdicom's DIMSE queue."""
+        messages, arrived = self._messages, self._arrived
+        assert messages is not None and arrived is not None
+        try:
+            async with asyncio.timeout(self._dimse_timeout):
+                while True:
+                    arrived.clear()
+                    if self._abandoned:
+                        raise AssociationLostError("C-GET abandoned waiting for a C-STORE-RSP")
+                    try:
+                        context_id, message = messages.get_nowait()
+                    except queue.Empty:
+                        await arrived.wait()
+                        continue
+                    if message is None:  # aborted or closed: leave the marker for pynetdicom
+                        messages.put((context_id, message))
+                        raise AssociationLostError("the requester aborted the association")
+                    responded = getattr(message, "MessageIDBeingRespondedTo", None)
+                    status = getattr(message, "Status", None)
+                    if (
+                        isinstance(message, C_STORE)
+                        and responded == message_id
+                        and status is not None
+                    ):
+                        comment = getattr(message, "ErrorComment", None)
+                        return StoreResponse(int(status), str(comment or ""))
+                    logger.warning(
+                        "C-GET: ignoring a %s from the requester", type(message).__name__
+                    )
+        except TimeoutError:
+            raise AssociationLostError("no C-STORE-RSP from the requester in time") from None
+
+
+def _consume(buffers: list[memoryview], sent: int) -> None:
+    """Drop `sent` bytes from the front of `buffers`."""
+    while sent and buffers:
+        if sent >= len(buffers[0]):
+            sent -= len(buffers.pop(0))
+        else:
+            buffers[0] = buffers[0][sent:]
+            sent = 0
 
 
 def _framed(
     context_id: int,
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     fragment: int,
     last: bool,
     prefix: list[bytes | memoryview],
@@ -259,11 +358,11 @@ def held(lock: threading.Lock, timeout: float) -> Iterator[bool]:
 
 
 class GetRequest(MoveRequest):
-    """A C-GET request handed to our runner: same answers as a C-MOVE (C-GET-RSPs), and the
-    sub-operations go back on this association through `requester`.
+    """A C-GET request handed to our runner: answered like a C-MOVE (C-GET-RSPs); the
+    sub-operations and pending responses go out through `requester`, from the event loop.
 
-    Every response is written holding `requester.lock` (no PDU of it may fall between two
-    PDUs of a C-STORE-RQ being written by the sub-operation thread).
+    The final response is queued holding `requester.lock` (no PDU of it may fall between two
+    PDUs of a C-STORE-RQ still being written).
     """
 
     def __init__(self, service: Any, request: Any, context: Any) -> None:
@@ -271,24 +370,15 @@ class GetRequest(MoveRequest):
         self.move_destination = ""
         self.requester = RequesterStore(
             self.assoc,
+            get_message_id=self.message_id,
+            get_sop_class_uid=self.sop_class_uid,
+            get_context_id=int(context.context_id),
             dimse_timeout=float(self.assoc.dimse_timeout or 30),
             network_timeout=float(self.assoc.network_timeout or 60),
         )
 
     def pending(self, *, remaining: int, completed: int, failed: int, warning: int) -> None:
-        """A pending C-GET-RSP, encoded by us (counts only)."""
-        command = pdu.c_move_pending_rsp(
-            self.message_id,
-            self.sop_class_uid,
-            Status.PENDING,
-            remaining=remaining,
-            completed=completed,
-            failed=failed,
-            warning=warning,
-            command_field=pdu.C_GET_RSP,
-        )
-        if not self.requester.write_command(self._context.context_id, command):
-            logger.debug("pending C-GET-RSP not sent")
+        """Nothing: `requester` writes the pending C-GET-RSPs, in order with the C-STOREs."""
 
     @property
     def gone(self) -> bool:

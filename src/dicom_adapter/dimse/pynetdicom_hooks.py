@@ -11,9 +11,10 @@ Hooks (name: internal -> what it buys; without it):
 - get_routing: `QueryRetrieveServiceClass._get_scp` -> C-GET runs the same retrieve pipeline
   as C-MOVE, sending on the requesting association; without it, C-GET is answered 0xA702.
 - raw_p_data: `assoc.dul.socket.socket` -> a C-GET's C-STORE-RQ P-DATA framed by us and
-  written to the requesting association's socket, several PDUs per write (pynetdicom's
-  `send_c_store` costs ~6 ms per 512 KB instance: one DUL hand-off per PDU); the C-STORE-RSP
-  still comes through pynetdicom's DIMSE queue. Not over TLS. Without it, `send_c_store`.
+  written to the requesting association's socket from the event loop, several PDUs per
+  write; `DIMSEServiceProvider.msg_queue.put` wrapped so the C-STORE-RSP wakes the loop
+  (pynetdicom's `send_c_store` costs ~6 ms per 512 KB instance: a DUL hand-off per PDU,
+  thread hops). Not over TLS. Without it, pynetdicom's DIMSE provider sends and receives.
 - waiting_socket: `AssociationSocket` subclass swapped in (`__class__`, `_is_connected`,
   `event_queue`) -> the DUL waits in select() instead of 1 ms sleeps, the PDU length bound,
   and the replay that lets connections wait in the pre-negotiation stage (admission.py);
@@ -205,7 +206,7 @@ HOOKS += (
     Hook(
         RAW_P_DATA,
         "DULServiceProvider.socket, AssociationSocket.socket, DIMSEServiceProvider.msg_queue",
-        "C-GET sub-operations through pynetdicom's send_c_store (slower)",
+        "C-GET sub-operations through pynetdicom's DIMSE provider (slower)",
         _check_raw_p_data,
     ),
 )
@@ -366,11 +367,26 @@ def raw_socket(assoc: Any) -> Any:
     return sock
 
 
-def dimse_messages(assoc: Any) -> Any:
+def watch_dimse_messages(assoc: Any, wake: Callable[[], None]) -> Any:
     """pynetdicom's queue of received DIMSE messages ((context id, message) items; (None,
-    None) once the association is aborted or closed), polled with a short timeout so a
-    waiting sub-operation notices when it is abandoned."""
-    return assoc.dimse.msg_queue
+    None) once the association is aborted or closed), with `wake()` called after each put
+    (in the DUL thread), so a waiter on the event loop needs no thread of its own."""
+    messages = assoc.dimse.msg_queue
+    original_put = type(messages).put
+
+    def put(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        original_put(messages, item, block, timeout)
+        wake()
+
+    messages.put = put
+    return messages
+
+
+def unwatch_dimse_messages(assoc: Any) -> None:
+    """Undo watch_dimse_messages."""
+    messages = assoc.dimse.msg_queue
+    if "put" in vars(messages):
+        del messages.put
 
 
 # --------------------------------------------------------------------------------------------
