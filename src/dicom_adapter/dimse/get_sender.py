@@ -34,7 +34,7 @@ from pynetdicom.dimse_primitives import C_GET, C_STORE
 from dicom_adapter.dimse import pdu
 from dicom_adapter.dimse import pynetdicom_hooks as hooks
 from dicom_adapter.dimse.part10 import DatasetFile, DatasetSource
-from dicom_adapter.dimse.server import MoveRequest
+from dicom_adapter.dimse.server import MoveRequest, lend_socket
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreResponse
 from dicom_adapter.status import Status
 
@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 FILE_READ = 1 << 20  # bytes read from a spooled instance at a time
 WRITE_GROUP = 256 << 10  # PDUs handed to one sendmsg() call
 MAX_BUFFERS = 512  # per sendmsg() (below IOV_MAX), for peers with a tiny maximum PDU
+LEASE_READ = 1 << 16  # bytes read at a time while the loop reads the socket
+LEASE_PDU = 1 << 16  # a longer PDU is no C-STORE-RSP: the DUL reads it
+LEASE_WAIT = 1.0  # how long the DUL may take to stop reading (it finishes a PDU first)
+C_CANCEL_RQ = 0x0FFF
 
 Groups = Iterator[list[bytes | memoryview]]
 
@@ -74,6 +78,11 @@ class RequesterStore:
         self._abandoned = False
         self._arrived: asyncio.Event | None = None  # set (thread-safely) by each DIMSE put
         self._messages: Any = None
+        self._lease: Any = None  # the socket wrapper, while the loop reads the socket
+        self._lease_tried = False
+        self._inbox = bytearray()  # bytes read while leased, not yet parsed
+        self._direct: list[pdu.CommandSet] = []  # C-STORE-RSPs read while leased
+        self.cancelled = False  # a C-CANCEL for the C-GET was read while leased
         self.lost = False  # the association broke under a sub-operation
         self.lock = threading.Lock()  # held while any DIMSE message is written (see above)
 
@@ -96,6 +105,7 @@ class RequesterStore:
         """Stop waiting for C-STORE-RSPs and give pynetdicom its DIMSE queue back (the C-GET
         ended); from the loop."""
         self._abandoned = True
+        self._end_lease()
         if self._arrived is not None:
             self._arrived.set()
         if self._messages is not None:
@@ -116,7 +126,7 @@ class RequesterStore:
                 return await asyncio.to_thread(
                     self._send_msg, context_id, sop_class_uid, sop_instance_uid, dataset, message_id
                 )
-            self._watch()
+            await self._watch()
             command = pdu.c_store_rq(message_id, sop_class_uid, sop_instance_uid)
             head = pdu.pdv_header(context_id, len(command), command=True, last=True)
             if isinstance(dataset, DatasetFile):  # file reads: all of it in a thread
@@ -161,19 +171,81 @@ class RequesterStore:
         with self.lock:
             hooks.send_p_data(self._assoc, context_id, fragment)
 
-    def _watch(self) -> None:
-        """Have pynetdicom's DIMSE queue wake the loop on every message it is given."""
-        if self._messages is not None:
+    async def _watch(self) -> None:
+        """Read the C-STORE-RSPs on the loop: from the socket itself while the DUL lends it
+        (no thread involved), else from pynetdicom's DIMSE queue, which wakes the loop."""
+        if self._messages is None:
+            loop = asyncio.get_running_loop()
+            arrived = asyncio.Event()
+
+            def wake() -> None:  # in the DUL thread
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(arrived.set)
+
+            self._messages = hooks.watch_dimse_messages(self._assoc, wake)
+            self._arrived = arrived
+        if self._lease_tried:
             return
-        loop = asyncio.get_running_loop()
-        arrived = asyncio.Event()
+        self._lease_tried = True
+        lease = lend_socket(self._assoc)
+        if lease is None:
+            return
+        wrapper, stopped = lease
+        if not await asyncio.to_thread(stopped.wait, LEASE_WAIT):
+            wrapper.give_back(b"")
+            return
+        self._lease = wrapper
+        asyncio.get_running_loop().add_reader(wrapper.socket, self._on_readable)
 
-        def wake() -> None:  # in the DUL thread
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(arrived.set)
+    def _end_lease(self) -> None:
+        """Give the socket back to the DUL with whatever was read and not used."""
+        wrapper, self._lease = self._lease, None
+        if wrapper is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(wrapper.socket)
+        unread, self._inbox = bytes(self._inbox), bytearray()
+        wrapper.give_back(unread)
 
-        self._messages = hooks.watch_dimse_messages(self._assoc, wake)
-        self._arrived = arrived
+    def _on_readable(self) -> None:
+        """Loop reader while leased: C-STORE-RSPs and a C-CANCEL are ours; anything else
+        (or the connection closing) ends the lease and goes to the DUL as it came."""
+        wrapper = self._lease
+        if wrapper is None or wrapper.socket is None:
+            return
+        try:
+            chunk = wrapper.socket.recv(LEASE_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # closed: the DUL sees it too, and tells its DIMSE queue
+            self._end_lease()
+        else:
+            self._inbox += chunk
+            self._parse_inbox()
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def _parse_inbox(self) -> None:
+        inbox = self._inbox
+        while len(inbox) >= 6:
+            pdu_type, length = pdu.parse_pdu_header(bytes(inbox[:6]))
+            if pdu_type != pdu.P_DATA_TF or length > LEASE_PDU:
+                self._end_lease()
+                return
+            if len(inbox) < 6 + length:
+                return
+            commands = _ours(bytes(inbox[6 : 6 + length]), self._get[0])
+            if commands is None:  # not for us: the DUL handles it, and what follows
+                self._end_lease()
+                return
+            del inbox[: 6 + length]
+            for command in commands:
+                if command.command_field == C_CANCEL_RQ:
+                    self.cancelled = True
+                else:
+                    self._direct.append(command)
 
     def _send_msg(
         self,
@@ -283,6 +355,14 @@ class RequesterStore:
                     arrived.clear()
                     if self._abandoned:
                         raise AssociationLostError("C-GET abandoned waiting for a C-STORE-RSP")
+                    while self._direct:
+                        direct = self._direct.pop(0)
+                        if (
+                            direct.message_id_responded_to == message_id
+                            and direct.status is not None
+                        ):
+                            return StoreResponse(direct.status, direct.error_comment)
+                        logger.warning("C-GET: ignoring a C-STORE-RSP for another message")
                     try:
                         context_id, message = messages.get_nowait()
                     except queue.Empty:
@@ -305,6 +385,25 @@ class RequesterStore:
                     )
         except TimeoutError:
             raise AssociationLostError("no C-STORE-RSP from the requester in time") from None
+
+
+def _ours(body: bytes, get_message_id: int) -> list[pdu.CommandSet] | None:
+    """The commands of a P-DATA-TF body if all are whole C-STORE-RSPs or a C-CANCEL of our
+    C-GET; None otherwise (then nothing of it is consumed)."""
+    try:
+        pdvs = pdu.parse_p_data(body)
+        if not pdvs or not all(p.command and p.last for p in pdvs):
+            return None
+        commands = [pdu.parse_command(p.data) for p in pdvs]
+    except pdu.PduError:
+        return None
+    for command in commands:
+        if command.command_field == C_CANCEL_RQ:
+            if command.message_id_responded_to != get_message_id:
+                return None
+        elif command.command_field != pdu.C_STORE_RSP:
+            return None
+    return commands
 
 
 def _consume(buffers: list[memoryview], sent: int) -> None:
@@ -384,6 +483,10 @@ class GetRequest(MoveRequest):
     def gone(self) -> bool:
         """True when nobody can be answered (a sub-operation found the association broken)."""
         return self.requester.lost or super().gone
+
+    def is_cancelled(self) -> bool:
+        """True once the requester sent a C-CANCEL (read by pynetdicom or by `requester`)."""
+        return self.requester.cancelled or super().is_cancelled()
 
     def _primitive(self) -> Any:
         return C_GET()

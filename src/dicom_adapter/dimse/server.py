@@ -205,6 +205,19 @@ UNLIMITED_PDU = 64 << 20  # the PDU bound when --max_pdu_size is 0 (buffers grow
 READ_CHUNK = 1 << 20  # the most one recv() asks for: a buffer grows by what arrived, not more
 
 
+def lend_socket(assoc: Any) -> tuple[Any, threading.Event] | None:
+    """The association's socket wrapper, lent to another reader (see
+    `_WaitingAssociationSocket.lend`), and the event set once the DUL stopped reading; None
+    without our socket class (hook waiting_socket) or over TLS."""
+    assoc_socket = getattr(getattr(assoc, "dul", None), "socket", None)
+    if not isinstance(assoc_socket, _WaitingAssociationSocket):
+        return None
+    if isinstance(assoc_socket.socket, ssl.SSLSocket):
+        return None
+    ack = assoc_socket.lend()
+    return None if ack is None else (assoc_socket, ack)
+
+
 def pdu_bound(max_pdu_size: int) -> int:
     """The longest PDU body we read: what we negotiated, never less than an A-ASSOCIATE-RQ."""
     return max(max_pdu_size or UNLIMITED_PDU, pdu.MAX_ASSOCIATE_RQ)
@@ -230,6 +243,31 @@ class _WaitingAssociationSocket(AssociationSocket):
     _replay: bytes = b""
     _max_pdu: int = UNLIMITED_PDU
     _peer: str = ""
+    _lent: threading.Event | None = None  # set: another reader has the socket (see `lend`)
+    _lent_ack: threading.Event | None = None
+
+    def lend(self) -> threading.Event | None:
+        """Stop the DUL reading this socket so another reader can (a C-GET's responses, read
+        on the event loop). Returns an event set once the DUL has stopped (it finishes a PDU
+        it is reading first); None if it cannot be lent. End with `give_back`."""
+        if self._wake_writer is None or self._lent is not None:
+            return None
+        self._lent_ack = threading.Event()
+        self._lent = threading.Event()
+        self._lent.set()
+        self._poke()
+        return self._lent_ack
+
+    def give_back(self, unread: bytes) -> None:
+        """The DUL reads again, first the bytes the other reader took but did not use."""
+        self._replay = unread + self._replay
+        self._lent = None
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake_writer is not None:
+            with contextlib.suppress(OSError):
+                self._wake_writer.send(b"\0")
 
     @property
     def ready(self) -> bool:
@@ -239,6 +277,14 @@ class _WaitingAssociationSocket(AssociationSocket):
             return False
         if self._replay:
             return True
+        lent, ack = self._lent, self._lent_ack
+        if lent is not None and self._wake is not None:  # someone else reads: wait for a poke
+            if ack is not None:
+                ack.set()
+            with contextlib.suppress(OSError, ValueError):
+                if select.select([self._wake], [], [], POLL_WAIT)[0]:
+                    self._wake.recv(4096)
+            return bool(self._replay)
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         watched = [sock] if self._wake is None else [sock, self._wake]
@@ -250,7 +296,7 @@ class _WaitingAssociationSocket(AssociationSocket):
         if self._wake is not None and self._wake in readable:
             with contextlib.suppress(OSError):
                 self._wake.recv(4096)
-        return sock in readable
+        return sock in readable and self._lent is None
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
