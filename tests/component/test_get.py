@@ -136,3 +136,19 @@ def test_cancel_stops_the_sub_operations_and_the_association_stays_usable(
     assert len(scu.stored) == done
     assert echo.Status == Status.SUCCESS
     cget_metric(importer, "cancels_total", 1)
+
+
+def test_without_the_get_routing_hook_c_get_is_refused_not_half_served(
+    start_importer: Callable[..., RunningImporter],
+) -> None:
+    pynetdicom_hooks.reset()
+    pynetdicom_hooks.check(off=(pynetdicom_hooks.GET_ROUTING,))
+    instances = make_study(2)
+    importer = start_importer()
+    importer.upstream.responder = Archive(instances)
+
+    responses, stored = c_get(importer, study_level(instances[0].study))
+
+    assert responses[-1].Status == Status.OUT_OF_RESOURCES_SUBOPERATIONS
+    assert stored == []
+    assert importer.upstream.requests == []  # nothing listed or fetched
