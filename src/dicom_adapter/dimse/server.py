@@ -243,25 +243,24 @@ class _WaitingAssociationSocket(AssociationSocket):
     _replay: bytes = b""
     _max_pdu: int = UNLIMITED_PDU
     _peer: str = ""
-    _lent: threading.Event | None = None  # set: another reader has the socket (see `lend`)
+    _lent = False  # another reader has the socket (see `lend`)
     _lent_ack: threading.Event | None = None
 
     def lend(self) -> threading.Event | None:
         """Stop the DUL reading this socket so another reader can (a C-GET's responses, read
         on the event loop). Returns an event set once the DUL has stopped (it finishes a PDU
         it is reading first); None if it cannot be lent. End with `give_back`."""
-        if self._wake_writer is None or self._lent is not None:
+        if self._wake_writer is None or self._lent:
             return None
         self._lent_ack = threading.Event()
-        self._lent = threading.Event()
-        self._lent.set()
+        self._lent = True
         self._poke()
         return self._lent_ack
 
     def give_back(self, unread: bytes) -> None:
         """The DUL reads again, first the bytes the other reader took but did not use."""
         self._replay = unread + self._replay
-        self._lent = None
+        self._lent = False
         self._poke()
 
     def _poke(self) -> None:
@@ -277,8 +276,8 @@ class _WaitingAssociationSocket(AssociationSocket):
             return False
         if self._replay:
             return True
-        lent, ack = self._lent, self._lent_ack
-        if lent is not None and self._wake is not None:  # someone else reads: wait for a poke
+        ack = self._lent_ack
+        if self._lent and self._wake is not None:  # someone else reads: wait for a poke
             if ack is not None:
                 ack.set()
             with contextlib.suppress(OSError, ValueError):
@@ -296,7 +295,7 @@ class _WaitingAssociationSocket(AssociationSocket):
         if self._wake is not None and self._wake in readable:
             with contextlib.suppress(OSError):
                 self._wake.recv(4096)
-        return sock in readable and self._lent is None
+        return sock in readable and not self._lent
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
