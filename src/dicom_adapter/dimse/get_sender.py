@@ -73,7 +73,8 @@ class RequesterStore:
         self._dimse_timeout = dimse_timeout
         self._network_timeout = network_timeout
         peer_max = int(getattr(getattr(assoc, "requestor", None), "maximum_length", 0) or 0)
-        self._fragment = pdu.max_fragment(peer_max)
+        # a peer announcing less than a PDV header gets the smallest fragments there are
+        self._fragment = pdu.max_fragment(peer_max if peer_max == 0 else max(peer_max, 8))
         self._message_id = 0
         self._abandoned = False
         self._arrived: asyncio.Event | None = None  # set (thread-safely) by each DIMSE put
