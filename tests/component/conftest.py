@@ -4,6 +4,7 @@ server through the production transport."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -46,6 +47,7 @@ from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse.server import STUDY_ROOT_MOVE
 from dicom_adapter.importer.app import ImportService
 from dicom_adapter.status import Status
+from tests.rig import VERIFICATION, scrape_metrics
 from tests.rig.find import STUDY_ROOT_FIND
 
 Responder = Callable[[httpx.Request], httpx.Response]
@@ -728,3 +730,89 @@ def find(importer: RunningImporter, cancel_after: int | None = None) -> tuple[in
     finally:
         assoc.release()
     return final, answers
+
+
+# --- C-GET requester ---------------------------------------------------------------------
+
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+CGET = "dicomadapter_import_cget_"
+GET_MSG_ID = 7
+
+
+@dataclass
+class GetScu:
+    """A pynetdicom C-GET requester: what it stored, the P-DATA PDU sizes it received."""
+
+    syntaxes: Sequence[str] = (ExplicitVRLittleEndian,)
+    statuses: dict[str, int] = field(default_factory=dict)  # C-STORE-RSP status per UID
+    max_pdu: int = 16382
+    on_store: Callable[[Association, int], None] = lambda assoc, n: None  # nth C-STORE
+    stored: dict[str, bytes] = field(default_factory=dict)
+    syntax_of: dict[str, str] = field(default_factory=dict)
+    p_data_sizes: list[int] = field(default_factory=list)
+
+    def _store(self, event: Any) -> int:
+        try:  # pynetdicom spools the data set to a Part-10 file when configured so
+            data = dataset_bytes(event.dataset_path.read_bytes())
+        except AttributeError:
+            data = event.request.DataSet.getvalue()
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.stored[uid] = data
+        self.syntax_of[uid] = str(event.context.transfer_syntax)
+        self.on_store(event.assoc, len(self.stored))
+        return self.statuses.get(uid, 0x0000)
+
+    def _data(self, event: Any) -> None:
+        if event.data[:1] == b"\x04":  # P-DATA-TF: the whole PDU, header included
+            self.p_data_sizes.append(len(event.data) - 6)
+
+    @contextlib.contextmanager
+    def associate(self, importer: RunningImporter) -> Iterator[Association]:
+        ae = AE(ae_title="GETSCU")
+        ae.maximum_pdu_size = self.max_pdu
+        ae.dimse_timeout = 15  # a hung adapter fails the test instead of hanging it
+        ae.add_requested_context(STUDY_ROOT_GET)
+        ae.add_requested_context(VERIFICATION)
+        ae.add_requested_context(CTImageStorage, list(self.syntaxes))
+        assoc = ae.associate(
+            "127.0.0.1",
+            importer.port,
+            ae_title=importer.aet,
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_DATA_RECV, self._data)],
+        )
+        assert assoc.is_established
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def get(self, importer: RunningImporter, identifier: Dataset) -> list[tuple[Dataset, Any]]:
+        """Every C-GET response (status, identifier) of one request."""
+        with self.associate(importer) as assoc:
+            return list(assoc.send_c_get(identifier, STUDY_ROOT_GET, msg_id=GET_MSG_ID))
+
+
+def c_get(importer: RunningImporter, identifier: Dataset) -> tuple[list[Dataset], list[str]]:
+    """The responses of one C-GET and the SOP Instance UIDs stored on the association."""
+    scu = GetScu()
+    responses = [status for status, _ in scu.get(importer, identifier)]
+    return responses, list(scu.stored)
+
+
+def failed_uids(identifier: Dataset | None) -> list[str]:
+    if identifier is None or "FailedSOPInstanceUIDList" not in identifier:
+        return []
+    value = identifier.FailedSOPInstanceUIDList
+    return sorted(str(v) for v in (value if isinstance(value, MultiValue | list) else [value]))
+
+
+def cget_metric(
+    importer: RunningImporter, name: str, expected: float, timeout: float = 5.0
+) -> None:
+    """Poll /metrics until CGET+name reads `expected` (final counts land after the answer)."""
+    deadline = time.monotonic() + timeout
+    while (value := scrape_metrics(importer.metrics_url).get(CGET + name)) != expected:
+        assert time.monotonic() < deadline, f"{CGET}{name} is {value}, expected {expected}"
+        time.sleep(0.02)

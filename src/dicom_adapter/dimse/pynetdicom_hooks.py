@@ -8,6 +8,13 @@ one WARNING line names it. Nothing here raises inside a pynetdicom thread.
 Hooks (name: internal -> what it buys; without it):
 - move_routing: `QueryRetrieveServiceClass._move_scp` -> C-MOVE runs our own sub-operation
   sender; without it, C-MOVE is answered 0xA801 (pynetdicom's "destination unknown").
+- get_routing: `QueryRetrieveServiceClass._get_scp` -> C-GET runs the same retrieve pipeline
+  as C-MOVE, sending on the requesting association; without it, C-GET is answered 0xA702.
+- raw_p_data: `assoc.dul.socket.socket` -> a C-GET's C-STORE-RQ P-DATA framed by us and
+  written to the requesting association's socket from the event loop, several PDUs per
+  write; `DIMSEServiceProvider.msg_queue.put` wrapped so the C-STORE-RSP wakes the loop
+  (pynetdicom's `send_c_store` costs ~6 ms per 512 KB instance: a DUL hand-off per PDU,
+  thread hops). Not over TLS. Without it, pynetdicom's DIMSE provider sends and receives.
 - waiting_socket: `AssociationSocket` subclass swapped in (`__class__`, `_is_connected`,
   `event_queue`) -> the DUL waits in select() instead of 1 ms sleeps, the PDU length bound,
   and the replay that lets connections wait in the pre-negotiation stage (admission.py);
@@ -36,6 +43,8 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -60,6 +69,8 @@ REACTOR_RESUME = "reactor_resume"
 PENDING_P_DATA = "pending_p_data"
 SERVER_REGISTRY = "server_registry"
 SPOOL_FILES = "spool_files"
+GET_ROUTING = "get_routing"
+RAW_P_DATA = "raw_p_data"
 
 
 def _params(function: Any) -> list[str]:
@@ -75,6 +86,21 @@ def _init_sets(cls: type, *names: str) -> bool:
 def _check_move_routing() -> bool:
     scp = _original_move_scp or QueryRetrieveServiceClass.__dict__.get("_move_scp")
     return callable(scp) and _params(scp)[:3] == ["self", "req", "context"]
+
+
+def _check_get_routing() -> bool:
+    scp = _original_get_scp or QueryRetrieveServiceClass.__dict__.get("_get_scp")
+    return callable(scp) and _params(scp)[:3] == ["self", "req", "context"]
+
+
+def _check_raw_p_data() -> bool:
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    return (
+        _init_sets(DULServiceProvider, "socket")
+        and _init_sets(AssociationSocket, "socket")
+        and _init_sets(DIMSEServiceProvider, "msg_queue")
+    )
 
 
 def _check_waiting_socket() -> bool:
@@ -170,6 +196,21 @@ HOOKS: tuple[Hook, ...] = (
     ),
 )
 
+HOOKS += (
+    Hook(
+        GET_ROUTING,
+        "QueryRetrieveServiceClass._get_scp",
+        "C-GET is answered 0xA702",
+        _check_get_routing,
+    ),
+    Hook(
+        RAW_P_DATA,
+        "DULServiceProvider.socket, AssociationSocket.socket, DIMSEServiceProvider.msg_queue",
+        "C-GET sub-operations through pynetdicom's DIMSE provider (slower)",
+        _check_raw_p_data,
+    ),
+)
+
 _available: dict[str, bool] = {}
 _lock = threading.Lock()
 
@@ -217,6 +258,7 @@ def reset() -> None:
     with _lock:
         _available.clear()
     _unroute_moves()
+    _unroute_gets()
     if _spool_factory is not None:
         restore_spool_factory(_spool_factory)
 
@@ -267,6 +309,84 @@ def _unroute_moves() -> None:
     if _original_move_scp is not None:
         QueryRetrieveServiceClass._move_scp = _original_move_scp  # type: ignore[method-assign]
         _original_move_scp = None
+
+
+# --------------------------------------------------------------------------------------------
+# get_routing
+
+_GET_RUNNER = "_dicom_adapter_get_runner"
+_original_get_scp: Any = None
+
+
+def route_gets(ae: Any, runner: Callable[[Any, Any, Any], None]) -> bool:
+    """C-GET requests to `ae` go to runner(service, request, context) in the association's
+    thread, not to pynetdicom's sub-operation loop. False when the hook is unavailable."""
+    if not available(GET_ROUTING):
+        return False
+    global _original_get_scp
+    if _original_get_scp is None:
+        original = QueryRetrieveServiceClass._get_scp
+        _original_get_scp = original
+
+        def _get_scp(self: Any, req: Any, context: Any) -> None:
+            runner = getattr(self.ae, _GET_RUNNER, None)
+            if runner is None:
+                original(self, req, context)
+                return
+            runner(self, req, context)
+
+        QueryRetrieveServiceClass._get_scp = _get_scp  # type: ignore[method-assign]
+    setattr(ae, _GET_RUNNER, runner)
+    return True
+
+
+def _unroute_gets() -> None:
+    global _original_get_scp
+    if _original_get_scp is not None:
+        QueryRetrieveServiceClass._get_scp = _original_get_scp  # type: ignore[method-assign]
+        _original_get_scp = None
+
+
+# --------------------------------------------------------------------------------------------
+# raw_p_data
+
+
+def raw_socket(assoc: Any) -> Any:
+    """The association's TCP socket, to write P-DATA PDUs to directly; None when the hook is
+    unavailable or the connection is TLS (an SSL object must not be read and written from two
+    threads at once).
+
+    Hazard: the DUL thread also writes this socket (A-ABORT, what is queued with send_pdu);
+    every writer on a C-GET goes through one lock (dimse/get_sender.py).
+    """
+    if not available(RAW_P_DATA):
+        return None
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return None
+    return sock
+
+
+def watch_dimse_messages(assoc: Any, wake: Callable[[], None]) -> Any:
+    """pynetdicom's queue of received DIMSE messages ((context id, message) items; (None,
+    None) once the association is aborted or closed), with `wake()` called after each put
+    (in the DUL thread), so a waiter on the event loop needs no thread of its own."""
+    messages = assoc.dimse.msg_queue
+    original_put = type(messages).put
+
+    def put(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        original_put(messages, item, block, timeout)
+        wake()
+
+    messages.put = put
+    return messages
+
+
+def unwatch_dimse_messages(assoc: Any) -> None:
+    """Undo watch_dimse_messages."""
+    messages = assoc.dimse.msg_queue
+    if "put" in vars(messages):
+        del messages.put
 
 
 # --------------------------------------------------------------------------------------------

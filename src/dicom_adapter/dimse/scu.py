@@ -4,7 +4,8 @@ shares: the target, the requested contexts, the timeouts and the association err
 `associate` blocks while pynetdicom connects, negotiates and waits for responses: call it from a
 worker thread (`Bridge.run_blocking`), never from the event loop. pynetdicom's failures (refused
 connection, rejection, abort, no accepted context) become `AssociationError`s here. C-STORE
-sub-operations and the export sink use the asyncio SCU in `store_scu.py` instead.
+sub-operations of C-MOVE and the export sink use the asyncio SCU in `store_scu.py`; C-GET's
+go out on the requesting association through `get_sender.py`.
 """
 
 from __future__ import annotations
