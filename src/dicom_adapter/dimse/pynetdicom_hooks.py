@@ -21,8 +21,6 @@ Hooks (name: internal -> what it buys; without it):
   without it, pynetdicom's socket and one thread per connection from accept() on.
 - dul_wake: `DULServiceProvider.send_pdu` wrap and `_run_loop_delay` = 0 -> a queued response
   wakes the DUL at once; without it, up to 1 ms per response.
-- reactor_resume: `Association._reactor_checkpoint` / `_is_paused` -> a back-to-back request
-  waits for the reactor's resume; without it, pynetdicom's race (rare unexpected-message).
 - pending_p_data: `assoc.dul.send_pdu(P_DATA)` -> pending C-MOVE-RSPs encoded by us; without
   it, pynetdicom's `send_msg`.
 - server_registry: `ae._servers` -> `ae.shutdown()` stops our server too; without it, only
@@ -47,12 +45,10 @@ import socket
 import ssl
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -65,7 +61,6 @@ OFF_ENV = "DICOM_ADAPTER_HOOKS_OFF"
 MOVE_ROUTING = "move_routing"
 WAITING_SOCKET = "waiting_socket"
 DUL_WAKE = "dul_wake"
-REACTOR_RESUME = "reactor_resume"
 PENDING_P_DATA = "pending_p_data"
 SERVER_REGISTRY = "server_registry"
 SPOOL_FILES = "spool_files"
@@ -118,10 +113,6 @@ def _check_dul_wake() -> bool:
     )
 
 
-def _check_reactor_resume() -> bool:
-    return _init_sets(Association, "_reactor_checkpoint", "_is_paused")
-
-
 def _check_pending_p_data() -> bool:
     return isinstance(P_DATA().presentation_data_value_list, list) and _params(
         DULServiceProvider.send_pdu
@@ -169,12 +160,6 @@ HOOKS: tuple[Hook, ...] = (
         "DULServiceProvider.send_pdu, _run_loop_delay",
         "the DUL sleeps 1 ms between polls",
         _check_dul_wake,
-    ),
-    Hook(
-        REACTOR_RESUME,
-        "Association._reactor_checkpoint, _is_paused",
-        "no wait for the reactor's resume",
-        _check_reactor_resume,
     ),
     Hook(
         PENDING_P_DATA,
@@ -422,33 +407,6 @@ def wake_on_send(dul: Any, wake: Callable[[], None]) -> bool:
     dul.send_pdu = send_pdu
     dul._run_loop_delay = 0
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# reactor_resume
-
-
-def wait_for_reactor_resume(assoc: Any, timeout: float = 1.0) -> None:
-    """Before a DIMSE request on an association whose previous request just finished.
-
-    pynetdicom pauses the association's reactor around each request, but its "paused" flag
-    stays True from the previous request until the reactor thread runs again; a request sent
-    in that moment is not protected, and the reactor can take its response off the queue
-    ("Received unexpected C-STORE service message"), leaving the sender to wait out the
-    DIMSE timeout. Back-to-back sends on a busy process hit this; wait for the resume first.
-    Not from the reactor's own thread (a C-GET handler sends its sub-operations there): the
-    reactor cannot resume while we run in it, so the wait would only run out its timeout.
-    """
-    if not available(REACTOR_RESUME) or threading.current_thread() is assoc:
-        return
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is None or not checkpoint.is_set():
-        return
-    deadline = time.monotonic() + timeout
-    while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
-        if not assoc.is_alive():
-            return
-        time.sleep(0.00005)
 
 
 # --------------------------------------------------------------------------------------------
