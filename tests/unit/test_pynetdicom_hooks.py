@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -99,3 +101,57 @@ def test_changed_spool_file_factory_gives_one_warning_and_pynetdicoms_files(
     assert "spool_files" in warning and "NamedTemporaryFile" in warning
     assert not installed
     assert dimse_messages.NamedTemporaryFile is someone_elses_factory  # type: ignore[attr-defined]
+
+
+def test_reactor_poll_ends_when_a_message_is_queued_and_reset_restores_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The association reactor's 1 ms poll waits on its DIMSE queue: a queued request is
+    served at once. Other sleeps (other threads, other durations) are real sleeps."""
+    import queue
+    import threading
+    import time
+
+    from pynetdicom import association
+
+    configure_pynetdicom()
+    assert association.time is not time  # type: ignore[attr-defined]
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    reactor_time: Any = association.time  # type: ignore[attr-defined]
+
+    class Reactor(threading.Thread):  # stands in for pynetdicom's Association (a Thread)
+        def __init__(self) -> None:
+            super().__init__(daemon=True)
+            self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+            self.polled = threading.Event()
+
+        def run(self) -> None:
+            reactor_time.sleep(0.001)  # returns: the message is already queued
+            self.polled.set()
+
+    reactor = Reactor()
+    reactor.dimse.msg_queue.put((1, "C-STORE-RQ"))
+    reactor.start()
+    assert reactor.polled.wait(10.0)
+    assert slept == []  # no real sleep for the reactor's poll
+    reactor_time.sleep(0.001)  # not an association thread: a real (here: recorded) sleep
+    reactor_time.sleep(0.01)
+    assert slept == [0.001, 0.01]
+    hooks.reset()
+    assert association.time is time  # type: ignore[attr-defined]
+
+
+def test_changed_reactor_loop_gives_one_warning_and_pynetdicoms_poll(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from pynetdicom import association
+
+    monkeypatch.setattr(association, "time", SimpleNamespace(sleep=time.sleep), raising=False)
+    with caplog.at_level(logging.WARNING):
+        configure_pynetdicom()
+    (warning,) = hook_warnings(caplog)
+    assert "reactor_wake" in warning and "_run_reactor" in warning
+    assert isinstance(association.time, SimpleNamespace)  # type: ignore[attr-defined]

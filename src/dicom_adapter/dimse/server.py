@@ -66,6 +66,7 @@ def configure_pynetdicom() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True  # a pynetdicom C-STORE of a file streams it
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     hooks.check()  # one WARNING per private internal that is not as expected
+    hooks.wake_reactors()
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
