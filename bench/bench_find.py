@@ -26,7 +26,8 @@ from pydicom import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.test_import_find import (
+from tests.rig import Importer, Orthanc, c_find, dcmsend
+from tests.rig.find import (
     PATIENT_COUNTS,
     PATIENT_ROOT_FIND,
     STUDY_COUNTS,
@@ -34,7 +35,6 @@ from tests.integration.test_import_find import (
     identifier,
     write_dataset,
 )
-from tests.rig import Importer, Orthanc, c_find, dcmsend
 
 QUERIES: dict[str, tuple[str, Callable[[], Dataset]]] = {
     "study, one patient": (

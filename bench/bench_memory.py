@@ -61,6 +61,7 @@ from tests.rig import (
     proc_status,
     write_large_instance,
 )
+from tests.rig.poll import wait_until
 
 PATHS = ("cstore", "cstore_spool", "cmove", "export")
 SPOOL_FLAGS = ("--auto_ack_cstore", "--persistent_file_upload_retry_amount=5")
@@ -211,11 +212,13 @@ def measure_cstore(big: Path, uid: str, spool: Path | None = None) -> dict[str, 
         result = dcmsend("127.0.0.1", importer.port, importer.aet, [big.parent], timeout=TIMEOUT)
         if result.returncode != 0:
             raise RuntimeError(f"dcmsend failed ({result.returncode}): {result.stderr[-2000:]}")
-        deadline = time.monotonic() + TIMEOUT
-        while sink.received < size:  # synchronous: already there; spool: uploading
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the sink received {sink.received} bytes of {size}")
-            time.sleep(POLL)
+        # synchronous: already there; spool: until the upload is done
+        wait_until(
+            lambda: sink.received >= size,
+            TIMEOUT,
+            "the whole body at the STOW-RS sink",
+            detail=lambda: f"{sink.received} of {size} bytes",
+        )
         seconds = time.perf_counter() - started
         return {"peak_rss_mb": peak_mb(importer.proc.pid), "seconds": seconds, **idle}
 
@@ -299,13 +302,14 @@ def measure_export(
             idle = reset_peak(consumer.proc.pid)
             started = time.perf_counter()
             message = server.publish(topic, path.encode())
-            deadline = time.monotonic() + TIMEOUT
-            while message not in server.acked(sub):
-                if consumer.proc.poll() is not None:
+            proc = consumer.proc
+
+            def acked() -> bool:
+                if proc.poll() is not None:
                     raise RuntimeError(f"dicom-export exited:\n{consumer.log_text()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the message was not acked")
-                time.sleep(POLL)
+                return message in server.acked(sub)
+
+            wait_until(acked, TIMEOUT, "the Pub/Sub message acked", interval=POLL)
             seconds = time.perf_counter() - started
             peak = peak_mb(consumer.proc.pid)
         received_whole(scp, big.stat().st_size)

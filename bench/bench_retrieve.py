@@ -16,13 +16,18 @@ to the adapter through its AET dictionary), and one dicom-import in front of Ort
      the adapter (pynetdicom with TCP_NODELAY, one association for all finds). Reports the
      p50 of each and the p50 of the per-pair added latency (adapter - direct) in ms; no target.
 
+`--baseline_src DIR` starts one more dicom-import running the code in DIR (PYTHONPATH, e.g.
+another checkout's src/) and measures its C-MOVE and C-GET in the same alternation: before
+and after a change in one run (`move_baseline_*`, `get_baseline_*`).
+
 `--transports asyncio,httpx` starts one dicom-import per HTTP transport (ours, httpx's own;
 through the DICOM_ADAPTER_HTTP_TRANSPORT switch) in front of the same Orthanc; every
 repetition then moves through each, in rotating order, and every find round asks each. Reports
 the per-repetition time ratio httpx/asyncio (> 1: ours is faster).
 
 Usage: python bench/bench_retrieve.py [--instances 200] [--reps 3] [--finds 50]
-                                      [--transports asyncio[,httpx]] [--json PATH]
+                                      [--transports asyncio[,httpx]] [--baseline_src DIR]
+                                      [--json PATH]
 """
 
 from __future__ import annotations
@@ -182,6 +187,11 @@ def main() -> int:
         default="asyncio",
         help="comma-separated HTTP transports for the adapter: asyncio (ours), httpx",
     )
+    parser.add_argument(
+        "--baseline_src",
+        default="",
+        help="also measure a dicom-import running the code in this directory (PYTHONPATH)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     count: int = args.instances
@@ -218,16 +228,34 @@ def main() -> int:
             )
             for name in transports
         }
+        baseline: Importer | None = None
+        if args.baseline_src:
+            baseline = stack.enter_context(
+                Importer(
+                    orthanc.dicomweb_url,
+                    f"--aet_dictionary_inline={aets}",
+                    aet="ADAPTER",
+                    env={"PYTHONPATH": str(Path(args.baseline_src).resolve())},
+                )
+            )
 
         # 1. C-MOVE throughput
         direct: list[float] = []
         adapter: dict[str, list[float]] = {name: [] for name in transports}
         move_cpu: dict[str, list[float]] = {name: [] for name in transports}
         kinds = ["direct", *transports]
+        move_baseline: list[float] = []
+        move_kinds = [*kinds, "baseline"] if baseline is not None else kinds
         for rep in range(args.reps):
-            shift = rep % len(kinds)
-            for which in kinds[shift:] + kinds[:shift]:  # each kind leads one repetition in turn
-                if which == "direct":
+            shift = rep % len(move_kinds)
+            for which in move_kinds[shift:] + move_kinds[:shift]:  # each leads a repetition
+                if which == "baseline":
+                    assert baseline is not None
+                    move_baseline.append(
+                        timed_move(baseline.port, baseline.aet, study_uid, scp, count)
+                    )
+                    print(f"rep {rep}: move baseline {move_baseline[-1]:.2f} s", flush=True)
+                elif which == "direct":
                     direct.append(
                         timed_move(orthanc.dicom_port, orthanc.aet, study_uid, scp, count)
                     )
@@ -247,15 +275,21 @@ def main() -> int:
         # 1b. C-GET throughput (the instances come back on the requesting association)
         get_direct: list[float] = []
         get_adapter: list[float] = []
+        get_baseline: list[float] = []
         first_importer = importers[transports[0]]
+        get_kinds = ["direct", "adapter"] + (["baseline"] if baseline is not None else [])
         for rep in range(args.reps):
-            order = ("direct", "adapter") if rep % 2 == 0 else ("adapter", "direct")
-            for which in order:
+            shift = rep % len(get_kinds)
+            for which in get_kinds[shift:] + get_kinds[:shift]:
                 if which == "direct":
                     seconds = timed_get(
                         orthanc.dicom_port, orthanc.aet, study_uid, work / "got", count
                     )
                     get_direct.append(seconds)
+                elif which == "baseline":
+                    assert baseline is not None
+                    seconds = timed_get(baseline.port, baseline.aet, study_uid, work / "got", count)
+                    get_baseline.append(seconds)
                 else:
                     seconds = timed_get(
                         first_importer.port, first_importer.aet, study_uid, work / "got", count
@@ -327,6 +361,19 @@ def main() -> int:
         "cfind_adapter_p90_ms": round(percentile(cfind[first], 0.9) * 1e3, 2),
         "cfind_added_p50_ms": round(statistics.median(added) * 1e3, 2),
     }
+    if baseline is not None:
+        results["baseline_src"] = args.baseline_src
+        results["move_baseline_seconds_median"] = round(statistics.median(move_baseline), 3)
+        results["move_baseline_throughput_ratio"] = round(
+            direct_s / statistics.median(move_baseline), 3
+        )
+        results["get_baseline_seconds_median"] = round(statistics.median(get_baseline), 3)
+        results["get_baseline_throughput_ratio"] = round(
+            statistics.median(get_direct) / statistics.median(get_baseline), 3
+        )
+        results["get_direct_seconds"] = [round(x, 3) for x in get_direct]
+        results["get_adapter_seconds"] = [round(x, 3) for x in get_adapter]
+        results["get_baseline_seconds"] = [round(x, 3) for x in get_baseline]
     if len(transports) > 1:
         for name in transports:
             seconds = statistics.median(adapter[name])

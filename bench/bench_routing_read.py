@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pydicom import dcmread
 from tests.rig import generate_ct_series
 
-from dicom_adapter.importer.routing import parse_filter, read_filter_attributes
-from dicom_adapter.importer.store import read_identity
+from dicom_adapter.dicom.attributes import read_filter_attributes, read_identity
+from dicom_adapter.importer.routing import parse_filter
 
 
 def per_call_us(fn: Callable[[], object], iterations: int, reps: int) -> float:

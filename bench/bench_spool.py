@@ -6,6 +6,9 @@ Three measurements, each repeated `--reps` times with fresh Orthanc storage, sam
   p1:     dcmsend of N CT instances to dicom-import with --auto_ack_cstore, time until ALL are
           stored in Orthanc (its /statistics polled), against dcmsend straight to Orthanc.
           Target: direct time / adapter time >= 1.0.
+  ceiling: P1's upper bound: dicom-import acknowledging with --auto_ack_cstore while it
+          uploads nothing, with and without fsync (eatmydata, if installed), against dcmsend
+          straight to Orthanc: instances/s and ratios.
   p2:     one association, dcmsend of N CT instances, dicom-import -> a proxy adding
           --delay-ms to every request -> Orthanc: synchronous (no spool) against
           --auto_ack_cstore, instances/s as the sender sees them. Target with the spool >= 150.
@@ -16,7 +19,7 @@ Three measurements, each repeated `--reps` times with fresh Orthanc storage, sam
           then opens a new connection for the next one) and charges one more delay per new
           connection for the TCP handshake's round trip (no TLS handshake is emulated).
 
-Usage: python bench/bench_spool.py [--only matrix,p1,p2] [--instances 200] [--reps 3]
+Usage: python bench/bench_spool.py [--only matrix,p1,p2,ceiling] [--instances 200] [--reps 3]
                                    [--batches 1,5,10,20] [--concurrency 1,4] [--delay-ms 100]
                                    [--batch N (p1/p2: --spool_upload_batch, default: the flag's)]
                                    [--delays 0,20,50,100 (p2 sweep)] [--json PATH]
@@ -39,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydicom import dcmread
 from tests.faults.fault_proxy import FaultProxy, _Request
-from tests.rig import Importer, Orthanc, dcmsend, generate_ct_series, proc_status
+from tests.rig import Importer, Orthanc, dcmsend, free_port, generate_ct_series, proc_status
 
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.importer.store import StoreService
+from dicom_adapter.malloc import tune_malloc
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -330,6 +334,57 @@ def run_p2_sweep(
     return {"p2_sweep_inst_per_s": table}
 
 
+# ------------------------------------------------------------------------------- ceiling
+
+
+class _NoSyncImporter(Importer):
+    """dicom-import under eatmydata (LD_PRELOAD: fsync/fdatasync return at once): what the
+    receive path costs without durability. For the benchmark only, never for a real spool."""
+
+    @property
+    def args(self) -> list[str]:
+        return ["eatmydata", *super().args]
+
+
+def run_ceiling(work: Path, folder: Path, count: int, reps: int) -> dict[str, object]:
+    """P1's ceiling: how fast dicom-import acknowledges with --auto_ack_cstore when it uploads
+    nothing (upstream: a closed port, retries far apart), against dcmsend straight to Orthanc.
+
+    P1 cannot beat this ratio: the sender's last instance is acknowledged no earlier than
+    here, and uploading only adds work on the same cores.
+    """
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    flags = [
+        "--auto_ack_cstore",
+        "--persistent_file_upload_retry_amount=100",
+        "--min_upload_delay=600000",
+        "--max_waiting_time_between_uploads=600",
+    ]
+    kinds = ["direct", "receive"] + (["receive_no_fsync"] if shutil.which("eatmydata") else [])
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for rep in range(reps):
+        for kind in kinds if rep % 2 == 0 else list(reversed(kinds)):
+            if kind == "direct":
+                with Orthanc() as orthanc:
+                    rates[kind].append(count / send(orthanc.dicom_port, orthanc.aet, folder))
+                    wait_stored(orthanc, count, timeout=0)
+            else:
+                spool = work / f"ceiling-{kind}-{rep}"
+                cls = _NoSyncImporter if kind == "receive_no_fsync" else Importer
+                with cls(dead, f"--persistent_file_storage_location={spool}", *flags) as importer:
+                    rates[kind].append(count / send(importer.port, importer.aet, folder))
+                shutil.rmtree(spool)
+            print(f"rep {rep}: {kind} {rates[kind][-1]:.1f} inst/s", flush=True)
+    result: dict[str, object] = {
+        f"ceiling_{kind}_inst_per_s_median": round(statistics.median(values), 1)
+        for kind, values in rates.items()
+    }
+    direct = statistics.median(rates["direct"])
+    for kind in kinds[1:]:
+        result[f"ceiling_{kind}_vs_direct"] = round(statistics.median(rates[kind]) / direct, 3)
+    return result
+
+
 def number(value: object) -> float:
     if not isinstance(value, int | float):
         raise TypeError(f"not a number: {value!r}")
@@ -348,9 +403,12 @@ def main() -> int:
     parser.add_argument("--delays", default=None, help="p2 sweep: upstream delays in ms, e.g. 0,20")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    # The P2 proxy relays every upload inside this process, on the cores dicom-import needs:
+    # the adapter's own malloc tuning keeps its page faults from stealing that CPU.
+    tune_malloc()
     parts = set(args.only.split(","))
-    if not parts <= {"matrix", "p1", "p2"}:
-        parser.error("--only takes matrix, p1, p2")
+    if not parts <= {"matrix", "p1", "p2", "ceiling"}:
+        parser.error("--only takes matrix, p1, p2, ceiling")
 
     results: dict[str, object] = {
         "instances": args.instances,
@@ -369,6 +427,8 @@ def main() -> int:
             results.update(run_matrix(work, series, args.reps, batches, concurrencies))
         if "p1" in parts:
             results.update(run_p1(work, folder, args.instances, args.reps, args.batch))
+        if "ceiling" in parts:
+            results.update(run_ceiling(work, folder, args.instances, args.reps))
         if "p2" in parts and args.delays:
             delays = [float(d) / 1000 for d in args.delays.split(",")]
             results.update(

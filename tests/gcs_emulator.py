@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from tests.rig import free_port
+from tests.rig import free_port, raise_if_exited, wait_until
 
 STARTUP_TIMEOUT = 20.0
 
@@ -78,21 +77,22 @@ class StorageEmulator:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
         url = f"{self.host}/storage/v1/b/{self.bucket}"
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gcp-storage-emulator exited with {self.proc.returncode}")
+        proc = self.proc
+
+        def answers() -> bool:
+            raise_if_exited(proc, "gcp-storage-emulator")
             try:
                 with urllib.request.urlopen(url, timeout=2) as answer:
-                    if answer.status == 200:
-                        return
+                    return bool(answer.status == 200)
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"gcp-storage-emulator not ready after {STARTUP_TIMEOUT} s")
-            time.sleep(0.05)
+                return False
+
+        try:
+            wait_until(answers, STARTUP_TIMEOUT, f"gcp-storage-emulator to serve {url}")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

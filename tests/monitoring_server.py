@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc  # type: ignore[import-untyped]
+
+from tests.rig.poll import wait_until
 
 # Imported untyped: a static import makes mypy treat google.cloud as typed (see
 # dicom_adapter.observability.cloud_monitoring._module).
@@ -163,14 +164,20 @@ class MonitoringServer:
         return sums
 
     def wait_for(self, condition: Callable[[MonitoringServer], bool], timeout: float = 10) -> None:
-        """Poll until `condition(self)` holds (woken by each call), else AssertionError."""
-        deadline = time.monotonic() + timeout
-        while not condition(self):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"not written within {timeout} s: {self.totals()}")
+        """Poll until `condition(self)` holds (woken by each call), else PollTimeout."""
+
+        def pause(seconds: float) -> None:
             with self._lock:
-                self._lock.wait(min(remaining, 0.1))
+                self._lock.wait(seconds)
+
+        wait_until(
+            lambda: condition(self),
+            timeout,
+            "the monitoring write",
+            interval=0.1,
+            detail=lambda: f"written: {self.totals()}",
+            pause=pause,
+        )
 
 
 class _MetadataHandler(BaseHTTPRequestHandler):

@@ -48,6 +48,8 @@ from typing import Any, Self
 import grpc  # type: ignore[import-untyped]
 from google.pubsub_v1 import types
 
+from tests.rig.poll import wait_until
+
 # Protobuf message classes (proto-plus wrappers expose them via `.pb()`; untyped, hence Any).
 _Topic: Any = types.Topic.pb()
 _Subscription: Any = types.Subscription.pb()
@@ -262,12 +264,8 @@ class PubSubServer:
     def wait_until(
         self, predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
     ) -> None:
-        """Poll `predicate` until it is true; raise TimeoutError after `timeout` seconds."""
-        end = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= end:
-                raise TimeoutError(f"{what} not reached within {timeout} s")
-            time.sleep(POLL_INTERVAL)
+        """Poll `predicate` until it is true; PollTimeout naming `what` after `timeout` s."""
+        wait_until(predicate, timeout, what, interval=POLL_INTERVAL)
 
     # -- state (call with self._cond held) ---------------------------------------------------
 

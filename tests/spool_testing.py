@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from pydicom import dcmread
 
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
 from dicom_adapter.dicomweb.multipart import (
     MultipartParser,
@@ -16,9 +17,9 @@ from dicom_adapter.dicomweb.multipart import (
     PartEnd,
     boundary_from_content_type,
 )
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome, StoreService
+from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool.base import Spool
+from dicom_adapter.spool.base import Spool, StoreOutcome
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 from tests.rig import generate_ct_series

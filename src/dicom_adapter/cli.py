@@ -15,6 +15,7 @@ from dicom_adapter.config.exporter import ExporterSettings
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import deprecation_notes, parse_settings
 from dicom_adapter.errors import ConfigError
+from dicom_adapter.malloc import tune_malloc
 from dicom_adapter.observability.logging import configure_logging
 
 S = TypeVar("S", bound=CommonSettings)
@@ -93,6 +94,7 @@ def _run(
 
 def import_main(argv: Sequence[str] | None = None) -> None:
     """Run dicom-import."""
+    tune_malloc()
     sys.exit(run_import(sys.argv[1:] if argv is None else argv))
 
 
@@ -113,6 +115,7 @@ def run_import(argv: Sequence[str]) -> int:
 
 def export_main(argv: Sequence[str] | None = None) -> None:
     """Run dicom-export."""
+    tune_malloc()
     sys.exit(run_export(sys.argv[1:] if argv is None else argv))
 
 

@@ -1,8 +1,10 @@
-"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport)."""
+"""In-process dicom-import with a scripted DICOMweb upstream (httpx.MockTransport), or a real
+server through the production transport."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -13,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -28,7 +31,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -44,6 +47,8 @@ from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse.server import STUDY_ROOT_MOVE
 from dicom_adapter.importer.app import ImportService
 from dicom_adapter.status import Status
+from tests.rig import VERIFICATION, scrape_metrics
+from tests.rig.find import STUDY_ROOT_FIND
 
 Responder = Callable[[httpx.Request], httpx.Response]
 
@@ -85,12 +90,14 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
     """Factory: start an in-process importer with extra flags; stopped at teardown."""
     stops: list[Callable[[], None]] = []
 
-    def start(*flags: str) -> RunningImporter:
+    def start(*flags: str, dicomweb_url: str | None = None) -> RunningImporter:
+        """`dicomweb_url`: a real server, reached with the production transport instead of
+        the scripted `upstream` behind httpx.MockTransport."""
         upstream = Upstream()
         argv = [
             "--dimse_aet=ADAPTER",
             "--dimse_port=0",
-            "--dicomweb_address=http://dicomweb.test/dicom-web",
+            f"--dicomweb_address={dicomweb_url or 'http://dicomweb.test/dicom-web'}",
             "--log_format=text",
             "--metrics_port=0",  # any free port: never the default 9090
             *flags,
@@ -99,7 +106,8 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
-        service = ImportService(settings, {}, transport=httpx.MockTransport(upstream.handle))
+        mock = None if dicomweb_url else httpx.MockTransport(upstream.handle)
+        service = ImportService(settings, {}, transport=mock)
         port = asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
 
         def stop() -> None:
@@ -666,3 +674,145 @@ def write_without(tmp_path: Path, keyword: str) -> tuple[Path, str]:
     path = tmp_path / f"no-{keyword}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path, sop_class
+
+
+# --- C-FIND against a paged QIDO-RS upstream ---------------------------------------------
+
+
+def study(n: int) -> dict[str, object]:
+    """QIDO-RS JSON of study `n`, with one attribute a C-FIND must not pass on."""
+    return {
+        "0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": f"Doe^Patient{n}"}]},
+        "00100020": {"vr": "LO", "Value": [f"P{n}"]},
+        "00081030": {"vr": "LO", "Value": ["extra attribute that must not leak"]},
+    }
+
+
+def paged_studies(total: int, cap: int = 10**9) -> Callable[[httpx.Request], httpx.Response]:
+    """A QIDO server over `total` studies that answers at most `cap` per page."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        query = dict(parse_qsl(request.url.query.decode()))
+        offset, limit = int(query["offset"]), min(cap, int(query["limit"]))
+        page = [study(n) for n in range(offset, min(total, offset + limit))]
+        return httpx.Response(200, headers=JSON, content=json.dumps(page).encode())
+
+    return respond
+
+
+def query() -> Dataset:
+    """A study-level C-FIND identifier matching every `study(n)`."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientName = "Doe^*"
+    ds.StudyInstanceUID = ""
+    return ds
+
+
+def find(importer: RunningImporter, cancel_after: int | None = None) -> tuple[int, list[Dataset]]:
+    """C-FIND `query()`; C-CANCEL after `cancel_after` answers; (final status, answers)."""
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+    assert assoc.is_established
+    answers: list[Dataset] = []
+    final = -1
+    try:
+        for status, answer in assoc.send_c_find(query(), STUDY_ROOT_FIND, msg_id=7):
+            if status.Status == Status.PENDING:
+                assert answer is not None
+                answers.append(answer)
+                if cancel_after is not None and len(answers) == cancel_after:
+                    assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
+            else:
+                final = int(status.Status)
+    finally:
+        assoc.release()
+    return final, answers
+
+
+# --- C-GET requester ---------------------------------------------------------------------
+
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+CGET = "dicomadapter_import_cget_"
+GET_MSG_ID = 7
+
+
+@dataclass
+class GetScu:
+    """A pynetdicom C-GET requester: what it stored, the P-DATA PDU sizes it received."""
+
+    syntaxes: Sequence[str] = (ExplicitVRLittleEndian,)
+    statuses: dict[str, int] = field(default_factory=dict)  # C-STORE-RSP status per UID
+    max_pdu: int = 16382
+    on_store: Callable[[Association, int], None] = lambda assoc, n: None  # nth C-STORE
+    stored: dict[str, bytes] = field(default_factory=dict)
+    syntax_of: dict[str, str] = field(default_factory=dict)
+    p_data_sizes: list[int] = field(default_factory=list)
+
+    def _store(self, event: Any) -> int:
+        try:  # pynetdicom spools the data set to a Part-10 file when configured so
+            data = dataset_bytes(event.dataset_path.read_bytes())
+        except AttributeError:
+            data = event.request.DataSet.getvalue()
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.stored[uid] = data
+        self.syntax_of[uid] = str(event.context.transfer_syntax)
+        self.on_store(event.assoc, len(self.stored))
+        return self.statuses.get(uid, 0x0000)
+
+    def _data(self, event: Any) -> None:
+        if event.data[:1] == b"\x04":  # P-DATA-TF: the whole PDU, header included
+            self.p_data_sizes.append(len(event.data) - 6)
+
+    @contextlib.contextmanager
+    def associate(self, importer: RunningImporter) -> Iterator[Association]:
+        ae = AE(ae_title="GETSCU")
+        ae.maximum_pdu_size = self.max_pdu
+        ae.dimse_timeout = 15  # a hung adapter fails the test instead of hanging it
+        ae.add_requested_context(STUDY_ROOT_GET)
+        ae.add_requested_context(VERIFICATION)
+        ae.add_requested_context(CTImageStorage, list(self.syntaxes))
+        assoc = ae.associate(
+            "127.0.0.1",
+            importer.port,
+            ae_title=importer.aet,
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_DATA_RECV, self._data)],
+        )
+        assert assoc.is_established
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def get(self, importer: RunningImporter, identifier: Dataset) -> list[tuple[Dataset, Any]]:
+        """Every C-GET response (status, identifier) of one request."""
+        with self.associate(importer) as assoc:
+            return list(assoc.send_c_get(identifier, STUDY_ROOT_GET, msg_id=GET_MSG_ID))
+
+
+def c_get(importer: RunningImporter, identifier: Dataset) -> tuple[list[Dataset], list[str]]:
+    """The responses of one C-GET and the SOP Instance UIDs stored on the association."""
+    scu = GetScu()
+    responses = [status for status, _ in scu.get(importer, identifier)]
+    return responses, list(scu.stored)
+
+
+def failed_uids(identifier: Dataset | None) -> list[str]:
+    if identifier is None or "FailedSOPInstanceUIDList" not in identifier:
+        return []
+    value = identifier.FailedSOPInstanceUIDList
+    return sorted(str(v) for v in (value if isinstance(value, MultiValue | list) else [value]))
+
+
+def cget_metric(
+    importer: RunningImporter, name: str, expected: float, timeout: float = 5.0
+) -> None:
+    """Poll /metrics until CGET+name reads `expected` (final counts land after the answer)."""
+    deadline = time.monotonic() + timeout
+    while (value := scrape_metrics(importer.metrics_url).get(CGET + name)) != expected:
+        assert time.monotonic() < deadline, f"{CGET}{name} is {value}, expected {expected}"
+        time.sleep(0.02)

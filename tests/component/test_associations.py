@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 import httpx
@@ -24,6 +23,7 @@ from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse import server as dimse_server
 from dicom_adapter.status import Status
 from tests.component.conftest import JSON, RunningImporter, c_store, make_ct, stow_json
+from tests.rig import wait_until
 
 
 def associate(importer: RunningImporter) -> object:
@@ -148,21 +148,12 @@ def test_healthz_fails_while_the_accept_loop_is_stuck(
     peer = socket.create_connection(("127.0.0.1", importer.port))
     try:
         assert stuck.wait(5)
-        assert poll(lambda: httpx.get(healthz).status_code == 503, 5.0)
+        wait_until(lambda: httpx.get(healthz).status_code == 503, 5.0, "/healthz to fail")
         release.set()
-        assert poll(lambda: httpx.get(healthz).status_code == 200, 5.0)
+        wait_until(lambda: httpx.get(healthz).status_code == 200, 5.0, "/healthz to pass")
     finally:
         release.set()
         peer.close()
-
-
-def poll(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_without_the_socket_hook_pynetdicoms_own_path_serves(

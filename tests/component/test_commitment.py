@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,27 +14,29 @@ import httpx
 import pytest
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import evt
 
 from dicom_adapter.aets import AetDictionary, Peer
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dimse.scu import ScuTimeouts
 from dicom_adapter.dimse.server import STORAGE_COMMITMENT_PUSH_MODEL, build_ae, start_server
-from dicom_adapter.importer.commitment import STORAGE_COMMITMENT_INSTANCE, CommitmentService
+from dicom_adapter.importer.commitment import CommitmentService
+from dicom_adapter.importer.handlers import CommitmentHandler
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status
+from tests.rig import free_port
+from tests.rig.commitment import (
+    OUR_AET,
+    REQUESTER_AET,
+    SYNTAXES,
+    WAIT,
+    Requester,
+    action_information,
+    references,
+)
 
 ROOT = "http://dicomweb.test/dicom-web"
-OUR_AET = "ADAPTER"
-REQUESTER_AET = "MODALITY"
-SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
-WAIT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -71,81 +72,6 @@ class Upstream:
 
 
 @dataclass
-class Report:
-    """One N-EVENT-REPORT the requester received."""
-
-    event_type: int
-    info: Dataset
-    calling_aet: str
-    called_aet: str
-    roles: tuple[bool, bool]  # the requester's negotiated (SCU, SCP) roles for the report
-
-
-class Requester:
-    """A modality: sends N-ACTION, listens for the N-EVENT-REPORT on its own port."""
-
-    def __init__(self, port: int, *, accept_roles: bool = False) -> None:
-        self.port = port
-        self.accept_roles = accept_roles
-        self.reports: list[Report] = []
-        self.received = threading.Event()
-        self._server: Any = None
-
-    def listen(self) -> None:
-        ae = AE(ae_title=REQUESTER_AET)
-        if self.accept_roles:  # explicitly accept our proposed SCP role for the report
-            ae.add_supported_context(
-                STORAGE_COMMITMENT_PUSH_MODEL, SYNTAXES, scu_role=True, scp_role=True
-            )
-        else:
-            ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, SYNTAXES)
-        self._server = ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)],
-        )
-
-    def _on_report(self, event: Any) -> tuple[int, None]:
-        (context,) = event.assoc.accepted_contexts
-        self.reports.append(
-            Report(
-                event_type=int(event.event_type),
-                info=event.event_information,
-                calling_aet=str(event.assoc.requestor.ae_title).strip(),
-                called_aet=str(event.assoc.acceptor.ae_title).strip(),
-                roles=(bool(context.as_scu), bool(context.as_scp)),
-            )
-        )
-        self.received.set()
-        return int(Status.SUCCESS), None
-
-    def request(
-        self, port: int, info: Dataset, *, aet: str = REQUESTER_AET, action_type: int = 1
-    ) -> Dataset:
-        ae = AE(ae_title=aet)
-        ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL, SYNTAXES)
-        assoc = ae.associate("127.0.0.1", port, ae_title=OUR_AET)
-        assert assoc.is_established
-        try:
-            status, _ = assoc.send_n_action(
-                info, action_type, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE
-            )
-            assert "Status" in status, "no N-ACTION response"
-            return status
-        finally:
-            assoc.release()
-
-    def wait_report(self) -> Report:
-        assert self.received.wait(WAIT), "no N-EVENT-REPORT arrived"
-        assert len(self.reports) == 1
-        return self.reports[0]
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-
-
-@dataclass
 class Harness:
     """A CommitmentService behind a real SCP, its upstream and one requester."""
 
@@ -154,25 +80,7 @@ class Harness:
     requester: Requester
     bridge: Bridge
     service: CommitmentService
-
-
-def action_information(
-    instances: list[tuple[str, str]], transaction_uid: str | None = None
-) -> Dataset:
-    info = Dataset()
-    info.TransactionUID = transaction_uid or generate_uid()
-    items = []
-    for sop_class, sop_instance in instances:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        items.append(item)
-    info.ReferencedSOPSequence = items
-    return info
-
-
-def references(seq: Any) -> list[tuple[str, str]]:
-    return [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)) for i in seq]
+    metrics: ImportMetrics
 
 
 @pytest.fixture
@@ -214,7 +122,9 @@ def start_commitment() -> Iterator[Callable[..., Harness]]:
             network_timeout=10,
         )
         ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, SYNTAXES)
-        server = start_server(ae, "127.0.0.1", 0, [(evt.EVT_N_ACTION, service.on_n_action)])
+        metrics = ImportMetrics(MetricsRegistry())
+        handler = CommitmentHandler(service, metrics=metrics)
+        server = start_server(ae, "127.0.0.1", 0, [(evt.EVT_N_ACTION, handler)])
         if listen:
             requester.listen()
 
@@ -229,7 +139,7 @@ def start_commitment() -> Iterator[Callable[..., Harness]]:
 
         stops.append(stop)
         port = int(server.server_address[1])
-        return Harness(port, upstream, requester, bridge, service)
+        return Harness(port, upstream, requester, bridge, service, metrics)
 
     yield start
     for stop in stops:
@@ -327,6 +237,36 @@ def test_malformed_request_is_refused(start_commitment: Callable[..., Harness]) 
     assert status.Status == Status.PROCESSING_FAILURE
     assert "ReferencedSOPSequence" in str(status.ErrorComment)
     assert h.bridge.pending_tasks == 0
+
+
+def test_other_action_types_are_no_such_action_and_counted(
+    start_commitment: Callable[..., Harness],
+) -> None:
+    h = start_commitment()
+    info = action_information(store(h, 1))
+
+    status = h.requester.request(h.port, info, action_type=2)
+
+    assert status.Status == Status.NO_SUCH_ACTION
+    assert status.ErrorComment == "only action type 1 is supported"
+    assert h.bridge.pending_tasks == 0
+    assert h.requester.request(h.port, info).Status == Status.SUCCESS
+    assert h.requester.wait_report().event_type == 1
+    assert h.metrics.commitment_requests.value() == 2
+    assert h.metrics.commitment_errors.value() == 1
+
+
+def test_a_request_during_shutdown_asks_to_retry_later(
+    start_commitment: Callable[..., Harness],
+) -> None:
+    h = start_commitment()
+    asyncio.run_coroutine_threadsafe(h.bridge.close(grace=1), h.bridge.loop).result(WAIT)
+
+    status = h.requester.request(h.port, action_information(store(h, 1)))
+
+    assert status.Status == Status.OUT_OF_RESOURCES  # 0xA7xx: the modality retries later
+    assert status.ErrorComment == "the adapter is shutting down"
+    assert h.upstream.queried == []
 
 
 class _Signal(logging.Handler):

@@ -3,72 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 from pydicom import Dataset
-from pynetdicom import AE
 
 from dicom_adapter.importer import find as find_module
 from dicom_adapter.status import Status
 from tests import rig
-from tests.component.conftest import RunningImporter
-
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-JSON = {"Content-Type": "application/dicom+json"}
-
-
-def study(n: int) -> dict[str, object]:
-    return {
-        "0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]},
-        "00100010": {"vr": "PN", "Value": [{"Alphabetic": f"Doe^Patient{n}"}]},
-        "00100020": {"vr": "LO", "Value": [f"P{n}"]},
-        "00081030": {"vr": "LO", "Value": ["extra attribute that must not leak"]},
-    }
-
-
-def paged_studies(total: int, cap: int = 10**9) -> Callable[[httpx.Request], httpx.Response]:
-    """A QIDO server over `total` studies that answers at most `cap` per page."""
-
-    def respond(request: httpx.Request) -> httpx.Response:
-        query = dict(parse_qsl(request.url.query.decode()))
-        offset, limit = int(query["offset"]), min(cap, int(query["limit"]))
-        page = [study(n) for n in range(offset, min(total, offset + limit))]
-        return httpx.Response(200, headers=JSON, content=json.dumps(page).encode())
-
-    return respond
-
-
-def query() -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    ds.PatientName = "Doe^*"
-    ds.StudyInstanceUID = ""
-    return ds
-
-
-def find(importer: RunningImporter, cancel_after: int | None = None) -> tuple[int, list[Dataset]]:
-    ae = AE(ae_title="FINDSCU")
-    ae.add_requested_context(STUDY_ROOT_FIND)
-    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
-    assert assoc.is_established
-    answers: list[Dataset] = []
-    final = -1
-    try:
-        for status, answer in assoc.send_c_find(query(), STUDY_ROOT_FIND, msg_id=7):
-            if status.Status == Status.PENDING:
-                assert answer is not None
-                answers.append(answer)
-                if cancel_after is not None and len(answers) == cancel_after:
-                    assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
-            else:
-                final = int(status.Status)
-    finally:
-        assoc.release()
-    return final, answers
+from tests.component.conftest import RunningImporter, find, paged_studies
+from tests.rig.find import STUDY_ROOT_FIND
 
 
 def test_pages_until_exhausted_and_answers_only_requested_keys(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -24,23 +23,27 @@ from tests.component.conftest import (
     c_store,
     dataset_bytes,
     dictionary_flag,
+    find,
     make_ct,
     make_study,
+    paged_studies,
     stow_json,
     study_level,
 )
-from tests.component.test_find import find, paged_studies
-from tests.rig import VERIFICATION, http_get, scrape_metrics
+from tests.rig import VERIFICATION, http_get, scrape_metrics, wait_until
 
 PREFIX = "dicomadapter_import_"
 
 
 def wait_for_value(url: str, name: str, expected: float, timeout: float = 5.0) -> None:
     """Poll /metrics until `name` has `expected` (association threads end a moment late)."""
-    deadline = time.monotonic() + timeout
-    while (value := scrape_metrics(url).get(name)) != expected:
-        assert time.monotonic() < deadline, f"{name} is {value}, expected {expected}"
-        time.sleep(0.02)
+    wait_until(
+        lambda: scrape_metrics(url).get(name) == expected,
+        timeout,
+        f"{name} to be {expected}",
+        interval=0.02,
+        detail=lambda: f"{name} is {scrape_metrics(url).get(name)}",
+    )
 
 
 def encoded_size(ds: Dataset) -> int:
@@ -181,10 +184,12 @@ def test_readyz_is_503_while_draining(start_importer: Callable[..., RunningImpor
     assert assoc.is_established
     stopping = asyncio.run_coroutine_threadsafe(importer.service.stop(), importer.loop)
     try:
-        deadline = time.monotonic() + 5
-        while http_get(url + "/readyz").status_code != 503:
-            assert time.monotonic() < deadline, "/readyz stayed 200 during the drain"
-            time.sleep(0.02)
+        wait_until(
+            lambda: http_get(url + "/readyz").status_code == 503,
+            5.0,
+            "/readyz to answer 503 during the drain",
+            interval=0.02,
+        )
         assert not stopping.done(), "the running association holds the drain"
         assert http_get(url + "/healthz").status_code == 200
         assert scrape_metrics(url)[PREFIX + "associations"] == 1

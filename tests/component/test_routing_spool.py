@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from dicom_adapter.importer.routing import Destination
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.status import Status
 from tests.component.conftest import JSON, RunningImporter, c_store, make_ct, stow_json
+from tests.rig import wait_until
 from tests.spool_testing import part_uids
 
 FAST = ["--http_timeout=0.5", "--upstream_retry_deadline=1", "--cstore_answer_deadline=5"]
@@ -24,13 +24,6 @@ FAST = ["--http_timeout=0.5", "--upstream_retry_deadline=1", "--cstore_answer_de
 
 def stored(uid: str) -> Callable[[httpx.Request], httpx.Response]:
     return lambda request: httpx.Response(200, headers=JSON, content=stow_json([(uid, None)]))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_every_match_without_auto_ack_answers_after_all_destinations(
@@ -81,13 +74,13 @@ def test_queue_of_a_destination_no_longer_configured_is_still_uploaded(
     ds = make_ct()
     ds.Modality = "MG"
     assert c_store(first, ds) == Status.SUCCESS  # acknowledged: durable in the spool
-    wait_for(lambda: bool(first.upstream.requests))
+    wait_until(lambda: first.upstream.requests, 10.0, "a request at the first upstream")
     asyncio.run_coroutine_threadsafe(first.service.stop(), first.loop).result(30)
     [left] = spool.glob("dest/*/queue/*.dcm")
 
     second = start_importer(f"--persistent_file_storage_location={spool}", *FAST)  # no routes
     second.upstream.responder = stored(str(ds.SOPInstanceUID))
-    wait_for(lambda: not left.exists())
+    wait_until(lambda: not left.exists(), 10.0, f"{left} removed")
     assert [str(r.url) for r in second.upstream.requests] == ["http://mg.test/dicom-web/studies"]
 
 
@@ -143,7 +136,7 @@ def test_a_destination_queue_uploads_in_batches_like_the_default_queue(
     second = start_importer(*flags, "--spool_upload_batch=10")
     body = stow_json([(uid, None) for uid in uids])
     second.upstream.responder = lambda request: httpx.Response(200, headers=JSON, content=body)
-    wait_for(lambda: not any(path.exists() for path in left))
+    wait_until(lambda: not any(path.exists() for path in left), 10.0, "the spooled files removed")
     # the replayed three in one STOW-RS request (sent again if it beat the responder)
     parts = [len(part_uids(request)) for request in second.upstream.requests]
     assert parts and set(parts) == {3}

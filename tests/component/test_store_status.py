@@ -7,8 +7,6 @@ import io
 import json
 import logging
 import socket
-import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -32,6 +30,7 @@ from dicom_adapter.dicomweb.multipart import (
     PartStart,
     boundary_from_content_type,
 )
+from dicom_adapter.dimse import pdu
 from dicom_adapter.status import Status
 from tests.component.conftest import (
     JSON,
@@ -42,7 +41,7 @@ from tests.component.conftest import (
     stow_json,
     write_without,
 )
-from tests.rig import _c_store_command, _item, _pdu, _recv_exactly
+from tests.rig import p_data, raw_associate, wait_until
 
 Script = Callable[[str], Callable[[httpx.Request], httpx.Response]]
 
@@ -339,38 +338,19 @@ def test_first_attempt_conflict_keeps_its_meaning(
 def store_twice_then_abort(importer: RunningImporter, path: Path) -> None:
     """Send two whole C-STOREs over a raw socket without waiting for answers, then A-ABORT."""
     meta = read_file_meta_info(path)
-    context = _item(
-        0x20,
-        bytes([1, 0, 0, 0])
-        + _item(0x30, str(meta.MediaStorageSOPClassUID).encode())
-        + _item(0x40, str(meta.TransferSyntaxUID).encode()),
-    )
-    associate_rq = _pdu(
-        0x01,
-        struct.pack(">HH", 1, 0)
-        + importer.aet.encode().ljust(16)
-        + b"MODALITY".ljust(16)
-        + bytes(32)
-        + _item(0x10, b"1.2.840.10008.3.1.1.1")
-        + context
-        + _item(0x50, _item(0x51, struct.pack(">I", 16384))),
-    )
+    sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
     dataset = path.read_bytes()[split_dataset(path)[1] :]
     assert len(dataset) < 16000, "one P-DATA fragment each"
-
-    def p_data(payload: bytes, control: int) -> bytes:
-        return _pdu(0x04, struct.pack(">IBB", len(payload) + 2, 1, control) + payload)
-
     with socket.create_connection(("127.0.0.1", importer.port), timeout=10) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(associate_rq)
-        pdu_type, _, length = struct.unpack(">BBI", _recv_exactly(sock, 6))
-        _recv_exactly(sock, length)
-        assert pdu_type == 0x02, "association not accepted"
-        command = _c_store_command(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID)
+        raw_associate(sock, importer.aet, "MODALITY", [(sop_class, syntax)])
+        command = pdu.c_store_rq(1, sop_class, str(meta.MediaStorageSOPInstanceUID))
         for _ in range(2):
-            sock.sendall(p_data(command, 0x03) + p_data(dataset, 0x02))
-        sock.sendall(_pdu(0x07, bytes(4)))  # A-ABORT
+            sock.sendall(
+                p_data(1, command, command=True, last=True)
+                + p_data(1, dataset, command=False, last=True)
+            )
+        sock.sendall(pdu.abort())
 
 
 def test_abort_after_whole_data_sets_leaves_no_file(
@@ -395,11 +375,13 @@ def test_abort_after_whole_data_sets_leaves_no_file(
     store_twice_then_abort(importer, path)
     spool = service.cstore_spool_dir
     assert spool is not None
-    deadline = time.monotonic() + 10
     # The association was accepted before the data sets were sent, and its thread ends only
     # after the DUL read the A-ABORT, which follows both data sets: they were spooled by then.
-    while list(spool.iterdir()) or service.active_associations:
-        assert time.monotonic() < deadline, f"{list(spool.iterdir())} left"
-        time.sleep(0.05)
+    wait_until(
+        lambda: not list(spool.iterdir()) and not service.active_associations,
+        10.0,
+        "an empty spool and no association",
+        detail=lambda: f"{list(spool.iterdir())} left",
+    )
     # a data set dispatched after its file was removed is not an error of ours
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

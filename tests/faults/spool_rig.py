@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import subprocess
-import time
-from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from tests.rig import (
     dcmtk_env,
     generate_ct_series,
     parse_dcmsend_debug,
+    wait_until,
 )
 
 DELIVERY_TIMEOUT = 20.0
@@ -54,17 +53,9 @@ def send(importer: Importer, instances: dict[str, Path]) -> dict[str, int]:
     return parse_dcmsend_debug(sent.stdout + sent.stderr)
 
 
-def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def assert_all_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) -> None:
     """Every instance reaches Orthanc, with the data set that was sent (elements and pixels)."""
-    poll(
+    wait_until(
         lambda: all(orthanc.find_instance(uid) is not None for uid in instances),
         DELIVERY_TIMEOUT,
         "every acknowledged instance in Orthanc",
@@ -105,7 +96,7 @@ def assert_identical_in_orthanc(orthanc: Orthanc, instances: dict[str, Path]) ->
             found[uid] = orthanc_id
         return True
 
-    poll(all_found, DELIVERY_TIMEOUT, "every acknowledged instance in Orthanc")
+    wait_until(all_found, DELIVERY_TIMEOUT, "every acknowledged instance in Orthanc")
     differ = [
         uid
         for uid, path in instances.items()

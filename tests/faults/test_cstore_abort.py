@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import fcntl
-import time
 from pathlib import Path
 
-from tests.rig import Importer, echo, generate_ct_series, interrupt_c_store, proc_status
+from tests.rig import (
+    Importer,
+    echo,
+    generate_ct_series,
+    interrupt_c_store,
+    proc_status,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 ROOT = "dicom-import-spool"
@@ -30,13 +36,16 @@ def test_aborted_transfers_leave_no_file_and_no_descriptor(tmp_path: Path) -> No
         baseline = proc_status(pid).fds
         for i in range(50):  # half end with an A-ABORT, half with the connection just closed
             interrupt_c_store(HOST, importer.port, importer.aet, instance, 40_000, abort=i % 2 == 0)
-        deadline = time.monotonic() + 10
-        while spooled_files(tmpdir) or proc_status(pid).fds > baseline:
-            assert time.monotonic() < deadline, (
+        wait_until(
+            lambda: not spooled_files(tmpdir) and proc_status(pid).fds <= baseline,
+            10.0,
+            "no spooled file left and the descriptors back at the start",
+            interval=0.1,
+            detail=lambda: (
                 f"left behind: {spooled_files(tmpdir)[:3]} (of {len(spooled_files(tmpdir))}), "
                 f"{proc_status(pid).fds} descriptors open, {baseline} at the start"
-            )
-            time.sleep(0.1)
+            ),
+        )
         assert echo(HOST, importer.port, importer.aet, timeout=2)
 
 

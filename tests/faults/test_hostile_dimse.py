@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
+from dicom_adapter.dimse import pdu
 from tests.rig import (
+    VERIFICATION,
     Importer,
     Orthanc,
     ProcStatus,
@@ -28,6 +30,7 @@ from tests.rig import (
     http_get,
     proc_status,
     send_file,
+    wait_until,
 )
 
 ACSE_TIMEOUT = 2.0
@@ -80,15 +83,6 @@ def pid_of(importer: Importer) -> int:
     return importer.proc.pid
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
-
-
 def connect(importer: Importer) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", importer.port), timeout=5.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,33 +113,29 @@ def first_pdu_type(sock: socket.socket, timeout: float) -> int | None:
 
 
 def associate_rq(
-    *,
-    called: bytes = b"IMPORTER",
-    calling: bytes = b"HOSTILE",
-    contexts: int = 1,
-    abstract_syntax: bytes = b"1.2.840.10008.1.1",
+    *, called: str = "IMPORTER", calling: str = "HOSTILE", abstract_syntax: str = VERIFICATION
 ) -> bytes:
-    """An A-ASSOCIATE-RQ proposing `contexts` presentation contexts of `abstract_syntax`."""
+    """An A-ASSOCIATE-RQ from the production codec, proposing one context."""
+    context = pdu.ProposedContext(1, abstract_syntax, (ImplicitVRLittleEndian,))
+    return pdu.associate_rq(calling, called, [context], 16384)
 
-    def item(item_type: int, body: bytes) -> bytes:
-        return struct.pack(">BBH", item_type, 0, len(body)) + body
 
-    body = (
-        struct.pack(">HH", 1, 0)
-        + called.ljust(16)
-        + calling.ljust(16)
-        + bytes(32)
-        + item(0x10, b"1.2.840.10008.3.1.1.1")
+def with_contexts(count: int) -> bytes:
+    """An A-ASSOCIATE-RQ with `count` Verification contexts, hand-built on purpose: past 128
+    the context IDs wrap and repeat (the codec refuses to write that)."""
+    body = pdu.associate_rq("HOSTILE", "IMPORTER", [], 16384)[6:]  # no context
+    split = 68 + 4 + len(pdu.APPLICATION_CONTEXT)  # after the application context item
+    syntaxes = item(0x30, VERIFICATION.encode()) + item(0x40, ImplicitVRLittleEndian.encode())
+    contexts = b"".join(
+        item(0x20, bytes(((2 * index + 1) & 0xFF, 0, 0, 0)) + syntaxes) for index in range(count)
     )
-    for index in range(contexts):
-        body += item(
-            0x20,
-            struct.pack(">BBBB", (2 * index + 1) & 0xFF, 0, 0, 0)
-            + item(0x30, abstract_syntax)
-            + item(0x40, b"1.2.840.10008.1.2"),
-        )
-    body += item(0x50, item(0x51, struct.pack(">I", 16384)))
-    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+    body = body[:split] + contexts + body[split:]
+    return pdu.pdu_header(pdu.A_ASSOCIATE_RQ, len(body)) + body
+
+
+def item(item_type: int, value: bytes) -> bytes:
+    """A raw item (type, reserved, 16-bit length) for the hand-built malformed requests."""
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,14 +149,14 @@ def test_pdu_claiming_4_gib_is_aborted_without_allocating(importer: Importer) ->
     sockets = [connect(importer) for _ in range(CLAIMING_CONNECTIONS)]
     try:
         for sock in sockets:
-            sock.sendall(struct.pack(">BBI", 0x01, 0, CLAIM) + b"\x00\x01\x00\x00")
+            sock.sendall(pdu.pdu_header(pdu.A_ASSOCIATE_RQ, CLAIM) + b"\x00\x01\x00\x00")
         answers = [first_pdu_type(sock, 5.0) for sock in sockets]
         peak = proc_status(pid).rss_kib
     finally:
         for sock in sockets:
             sock.close()
-    assert set(answers) <= {0x07, None}, answers  # A-ABORT (or a reset right behind it)
-    assert answers.count(0x07) >= CLAIMING_CONNECTIONS // 2, answers
+    assert set(answers) <= {pdu.A_ABORT, None}, answers  # A-ABORT (or a reset right behind it)
+    assert answers.count(pdu.A_ABORT) >= CLAIMING_CONNECTIONS // 2, answers
     assert peak - before < 20 * 1024, f"RSS grew by {(peak - before) // 1024} MiB"
     assert_echo_in_time(importer)
     assert proc_status(pid).rss_kib - before < 20 * 1024
@@ -175,10 +165,10 @@ def test_pdu_claiming_4_gib_is_aborted_without_allocating(importer: Importer) ->
 def test_pdu_longer_than_negotiated_is_aborted_after_association(importer: Importer) -> None:
     sock = connect(importer)
     try:
-        sock.sendall(associate_rq(called=importer.aet.encode()))
-        assert first_pdu_type(sock, 5.0) == 0x02  # A-ASSOCIATE-AC (we skip reading its body)
+        sock.sendall(associate_rq(called=importer.aet))
+        assert first_pdu_type(sock, 5.0) == pdu.A_ASSOCIATE_AC  # (we skip reading its body)
         # one byte more than --max_pdu_size (256 KiB) plus header slack: refused unread
-        sock.sendall(struct.pack(">BBI", 0x04, 0, 262144 + 7) + bytes(10))
+        sock.sendall(pdu.pdu_header(pdu.P_DATA_TF, 262144 + 7) + bytes(10))
         assert abort_after_accept(sock, 2.0)
     finally:
         sock.close()
@@ -192,7 +182,7 @@ def abort_after_accept(sock: socket.socket, timeout: float) -> bool:
     try:
         while chunk := sock.recv(65536):
             received += chunk
-            if b"\x07\x00\x00\x00\x00\x04" in received:
+            if pdu.pdu_header(pdu.A_ABORT, 4) in received:
                 return True
     except (TimeoutError, ConnectionResetError):
         return False
@@ -209,7 +199,7 @@ def test_half_open_connections_neither_take_slots_nor_burn_cpu(
     pid = pid_of(importer)
     assert_echo_in_time(importer)
     baseline = proc_status(pid)
-    half = associate_rq(called=importer.aet.encode())[:40]  # half an A-ASSOCIATE-RQ
+    half = associate_rq(called=importer.aet)[:40]  # half an A-ASSOCIATE-RQ
     stalled = [connect(importer) for _ in range(MAX_PENDING)]
     for sock in stalled[: MAX_PENDING // 2]:
         sock.sendall(half)
@@ -251,7 +241,11 @@ def test_pending_bound_drops_the_oldest_first(importer: Importer) -> None:
         assert all(closed_by_peer(sock, ACSE_TIMEOUT / 2) for sock in held[:extra])
         assert not closed_by_peer(held[-1], 0.1)
         # an operator sees it: how many wait, how many were dropped
-        assert wait_until(lambda: metric(importer, "pending_associations") == MAX_PENDING, 5.0)
+        wait_until(
+            lambda: metric(importer, "pending_associations") == MAX_PENDING,
+            5.0,
+            f"{MAX_PENDING} pending associations on /metrics",
+        )
         assert metric(importer, "pending_dropped_total") == extra
         assert_echo_in_time(importer)
     finally:
@@ -275,7 +269,7 @@ def test_connect_flood_and_resets(importer: Importer, tmp_path: Path) -> None:
             if flooded[0] % 2:  # every other one resets (RST) instead of closing
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             else:
-                sock.sendall(associate_rq(called=importer.aet.encode())[:30])
+                sock.sendall(associate_rq(called=importer.aet)[:30])
             sock.close()
             flooded[0] += 1
             stop.wait(0.01)
@@ -293,14 +287,14 @@ def test_connect_flood_and_resets(importer: Importer, tmp_path: Path) -> None:
         thread.join(5.0)
     # a reset in the middle of an established association, too
     established = connect(importer)
-    established.sendall(associate_rq(called=importer.aet.encode()))
-    assert first_pdu_type(established, 5.0) == 0x02  # A-ASSOCIATE-AC
-    established.sendall(struct.pack(">BBI", 0x04, 0, 1000) + bytes(10))  # then a cut PDU
+    established.sendall(associate_rq(called=importer.aet))
+    assert first_pdu_type(established, 5.0) == pdu.A_ASSOCIATE_AC
+    established.sendall(pdu.pdu_header(pdu.P_DATA_TF, 1000) + bytes(10))  # then a cut PDU
     established.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     established.close()
     assert_echo_in_time(importer)
     assert_back_to_baseline(pid, baseline)
-    assert wait_until(lambda: "lost: [Errno 104]" in importer.log_text(), 5.0)
+    wait_until(lambda: "lost: [Errno 104]" in importer.log_text(), 5.0, "the reset in the log")
     assert "Traceback" not in importer.log_text()
     levels = [record.get("level") for record in importer.log_records()]
     assert "ERROR" not in levels
@@ -309,12 +303,14 @@ def test_connect_flood_and_resets(importer: Importer, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "payload", "answers"),
     [
-        ("garbage", b"\x01\x00\x00\x00\x00\x40" + os.urandom(64), {0x03, 0x07}),
+        pytest.param(  # random bytes: named, so the test ID is the same in every run
+            "garbage", b"\x01\x00\x00\x00\x00\x40" + os.urandom(64), {0x03, 0x07}, id="garbage"
+        ),
         ("P-DATA first", b"\x04\x00\x00\x00\x00\x06" + bytes(6), {0x07}),
         ("unknown PDU type", b"\x99\x00\x00\x00\x00\x02\x00\x00", {0x07}),
-        ("200 presentation contexts", associate_rq(contexts=200), {0x03, 0x07}),
-        ("over-long UID", associate_rq(abstract_syntax=b"1." * 100 + b"1"), {0x03, 0x07}),
-        ("control characters in AE title", associate_rq(calling=b"\x01\x02\x1b[2J"), {0x03}),
+        ("200 presentation contexts", with_contexts(200), {0x03, 0x07}),
+        ("over-long UID", associate_rq(abstract_syntax="1." * 100 + "1"), {0x03, 0x07}),
+        ("control characters in AE title", associate_rq(calling="\x01\x02\x1b[2J"), {0x03}),
     ],
 )
 def test_malformed_association_requests_are_refused_quickly(
@@ -347,7 +343,9 @@ def test_readyz_turns_not_ready_when_every_slot_is_taken(importer: Importer) -> 
     finally:
         for assoc in held:
             assoc.release()
-    assert wait_until(lambda: http_get(importer.metrics_url + "/readyz").status_code == 200, 5.0)
+    wait_until(
+        lambda: http_get(importer.metrics_url + "/readyz").status_code == 200, 5.0, "/readyz 200"
+    )
     assert http_get(importer.metrics_url + "/healthz").status_code == 200
 
 
@@ -362,4 +360,10 @@ def assert_back_to_baseline(pid: int, baseline: ProcStatus) -> None:
             and now.fds <= baseline.fds * 1.1 + 1
         )
 
-    assert wait_until(back, 10.0, 0.2), f"baseline {baseline}, now {proc_status(pid)}"
+    wait_until(
+        back,
+        10.0,
+        "RSS, threads and open files back to baseline",
+        interval=0.2,
+        detail=lambda: f"baseline {baseline}, now {proc_status(pid)}",
+    )

@@ -7,7 +7,6 @@ destination is the pynetdicom storage SCP of the C-MOVE harness in tests/compone
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tests.component.conftest import (
     make_study,
     study_level,
 )
-from tests.rig import free_port
+from tests.rig import free_port, wait_until
 
 start_importer = component.start_importer  # the fixtures of the component harness
 setup = component.setup
@@ -36,10 +35,13 @@ setup = component.setup
 def wait_until_returned(importer: RunningImporter, timeout: float = 5.0) -> None:
     """Poll until the importer's fetch budget is back at zero."""
     budget = importer.service.fetch_budget
-    deadline = time.monotonic() + timeout
-    while budget.in_use:
-        assert time.monotonic() < deadline, f"{budget.in_use} bytes still reserved"
-        time.sleep(0.02)
+    wait_until(
+        lambda: budget.in_use == 0,
+        timeout,
+        "the fetch budget back at zero",
+        interval=0.02,
+        detail=lambda: f"{budget.in_use} bytes still reserved",
+    )
 
 
 def test_cancelled_move_gives_the_budget_back(setup: Setup) -> None:
@@ -52,9 +54,7 @@ def test_cancelled_move_gives_the_budget_back(setup: Setup) -> None:
 
     def note_reserved() -> None:
         nonlocal reserved_while_held
-        deadline = time.monotonic() + 5
-        while len(destination.received) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(destination.received) >= 3, 5.0, "3 instances at the destination")
         reserved_while_held = budget.in_use
 
     statuses = cancel_at_second_pending(importer, destination, instances[0].study, note_reserved)

@@ -19,8 +19,9 @@ from pydicom import dcmread
 from dicom_adapter.spool import command
 from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import DELIVERY_TIMEOUT, new_instances, poll, send, spool_args
+from tests.faults.spool_rig import DELIVERY_TIMEOUT, new_instances, send, spool_args
 from tests.rig import Importer, Orthanc, StoreSCP, free_port
+from tests.rig.poll import wait_until
 
 N_CT = 4
 N_MG = 2
@@ -69,7 +70,7 @@ def test_each_destination_retried_on_its_own_until_all_are_complete(
             # the sender saw only successes: every instance is durable in the spool
             assert statuses == dict.fromkeys({**ct, **mg}, Status.SUCCESS)
             # unmatched (MG) -> the default address, which is up
-            poll(
+            wait_until(
                 lambda: all(orthanc.find_instance(uid) for uid in mg),
                 DELIVERY_TIMEOUT,
                 "the unmatched instances at --dicomweb_address",
@@ -89,8 +90,8 @@ def test_each_destination_retried_on_its_own_until_all_are_complete(
 
             # the DIMSE destination comes back: its queue drains, the DICOMweb one still waits
             with StoreSCP(tmp_path / "scp", aet="STORESCP", port=scp_port, fork=True) as scp:
-                poll(lambda: scp.received_uids() >= set(ct), DELIVERY_TIMEOUT, "storescp")
-                poll(lambda: not queued(spool, "dimse"), 5.0, "an empty DIMSE queue")
+                wait_until(lambda: scp.received_uids() >= set(ct), DELIVERY_TIMEOUT, "storescp")
+                wait_until(lambda: not queued(spool, "dimse"), 5.0, "an empty DIMSE queue")
                 assert len(queued(spool, "web")) == N_CT
                 assert scp.received_uids() == set(ct)  # not the unmatched MG ones
                 for received in scp.files():
@@ -102,12 +103,12 @@ def test_each_destination_retried_on_its_own_until_all_are_complete(
 
                 # the DICOMweb destination comes back
                 proxy.clear()
-                poll(
+                wait_until(
                     lambda: all(orthanc.find_instance(uid) for uid in ct),
                     DELIVERY_TIMEOUT,
                     "the CT instances at the DICOMweb destination",
                 )
-                poll(lambda: not queued(spool, "web"), 5.0, "an empty DICOMweb queue")
+                wait_until(lambda: not queued(spool, "web"), 5.0, "an empty DICOMweb queue")
             for uid, path in ct.items():
                 orthanc_id = orthanc.find_instance(uid)
                 assert orthanc_id is not None
@@ -140,13 +141,13 @@ def test_a_refusing_dimse_destination_fails_alone(orthanc: Orthanc, tmp_path: Pa
             log_dir=tmp_path / "logs",
         ) as importer:
             assert send(importer, instances) == dict.fromkeys(instances, Status.SUCCESS)
-            poll(
+            wait_until(
                 lambda: all(orthanc.find_instance(uid) for uid in instances),
                 DELIVERY_TIMEOUT,
                 "the instances at the DICOMweb destination",
             )
             [dimse_dir] = (spool / "dest").glob("dimse-*")
-            poll(
+            wait_until(
                 lambda: len(list((dimse_dir / "failed").glob("*.dcm"))) == 2,
                 DELIVERY_TIMEOUT,
                 "both instances in the DIMSE destination's failed/",

@@ -22,7 +22,6 @@ from tests.faults.spool_rig import (
     assert_all_in_orthanc,
     assert_identical_in_orthanc,
     new_instances,
-    poll,
     queued,
     send,
     spool_args,
@@ -37,6 +36,7 @@ from tests.rig import (
     parse_dcmsend_debug,
     scrape_metrics,
 )
+from tests.rig.poll import wait_until
 
 N = 12
 OUTAGE = 3.5  # seconds the upstream answers 503: more than 2 x --upstream_retry_deadline
@@ -66,7 +66,7 @@ def test_auto_ack_while_upstream_unavailable_then_all_delivered(
         assert len(queued(spool)) == N and not list((spool / "failed").iterdir())
         proxy.clear()
         assert_all_in_orthanc(orthanc, instances)
-        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 5.0, "an empty queue/")
         metrics = scrape_metrics(importer.metrics_url)
         assert metrics["dicomadapter_import_spool_depth"] == 0
         assert metrics["dicomadapter_import_cstore_backup_errors_total"] == 0
@@ -86,7 +86,7 @@ def test_kill_9_with_queued_instances_loses_nothing(orthanc: Orthanc, tmp_path: 
     assert all(orthanc.find_instance(uid) is None for uid in instances)
     with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
         assert_all_in_orthanc(orthanc, instances)
-        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 5.0, "an empty queue/")
 
 
 def test_permanently_refused_instance_lands_in_failed_with_its_reason(
@@ -106,7 +106,7 @@ def test_permanently_refused_instance_lands_in_failed_with_its_reason(
     ):
         proxy.set(Fault.FORBIDDEN)
         assert send(importer, instances) == {uid: Status.SUCCESS}
-        poll(lambda: bool(list((spool / "failed").glob("*.json"))), 10.0, "a reason file")
+        wait_until(lambda: bool(list((spool / "failed").glob("*.json"))), 10.0, "a reason file")
         [failed] = (spool / "failed").glob("*.dcm")
         [note] = (spool / "failed").glob("*.json")
         assert note.name == failed.name + ".json"
@@ -117,7 +117,7 @@ def test_permanently_refused_instance_lands_in_failed_with_its_reason(
         assert "forbidden" in reason["body_excerpt"]
         assert reason["attempts"] == 1
         assert not queued(spool)
-        poll(
+        wait_until(
             lambda: (
                 scrape_metrics(importer.metrics_url)[
                     "dicomadapter_import_cstore_backup_errors_total"
@@ -164,14 +164,14 @@ def test_kill_9_before_the_answer_in_synchronous_mode_loses_nothing(
         with first:
             sender = threading.Thread(target=send, args=(first, instances), daemon=True)
             sender.start()
-            poll(lambda: len(queued(spool)) == 1, 10.0, "the instance in queue/")
-            poll(lambda: len(proxy.log) > 0, 10.0, "its STOW at the upstream")
+            wait_until(lambda: len(queued(spool)) == 1, 10.0, "the instance in queue/")
+            wait_until(lambda: len(proxy.log) > 0, 10.0, "its STOW at the upstream")
             assert first.stop(signal.SIGKILL) == -signal.SIGKILL
             sender.join(30)
     assert orthanc.find_instance(uid) is None
     with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
         assert_all_in_orthanc(orthanc, instances)
-        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 5.0, "an empty queue/")
 
 
 def test_synchronous_mode_with_a_spool_answers_after_the_stow(
@@ -232,7 +232,7 @@ def test_kill_9_during_dcmsend_of_500_every_acknowledged_instance_arrives_unchan
                 stderr=subprocess.STDOUT,
             )
             try:
-                poll(
+                wait_until(
                     lambda: out.read_text(errors="replace").count("C-STORE RSP") >= KILL_AFTER,
                     30.0,
                     f"{KILL_AFTER} answers",
@@ -246,7 +246,7 @@ def test_kill_9_during_dcmsend_of_500_every_acknowledged_instance_arrives_unchan
     assert KILL_AFTER <= len(acknowledged) < len(instances), "the kill came too late"
     with Importer(orthanc.dicomweb_url, *spool_args(spool), log_dir=tmp_path / "l2"):
         assert_identical_in_orthanc(orthanc, acknowledged)
-        poll(lambda: not queued(spool), 10.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 10.0, "an empty queue/")
     assert not list((spool / "failed").iterdir())
 
 
@@ -280,7 +280,7 @@ def test_orthanc_stopped_30_s_while_200_instances_arrive_all_are_stored(
         assert len(queued(spool)) == OUTAGE_INSTANCES and not list((spool / "failed").iterdir())
         upstream.resume()
         assert_identical_in_orthanc(upstream, {**batches[0], **batches[1]})
-        poll(lambda: not queued(spool), 10.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 10.0, "an empty queue/")
         metrics = scrape_metrics(importer.metrics_url)
         assert metrics["dicomadapter_import_spool_depth"] == 0
         assert metrics["dicomadapter_import_cstore_backup_errors_total"] == 0

@@ -12,12 +12,12 @@ from tests.faults.fault_proxy import FaultProxy
 from tests.faults.spool_rig import (
     assert_all_in_orthanc,
     new_instances,
-    poll,
     queued,
     send,
     spool_args,
 )
 from tests.rig import Importer, Orthanc, free_port
+from tests.rig.poll import wait_until
 
 
 def test_a_queued_spool_is_uploaded_in_batches_and_all_is_stored(
@@ -39,7 +39,7 @@ def test_a_queued_spool_is_uploaded_in_batches_and_all_is_stored(
         Importer(proxy.url + "/dicom-web", *spool_args(spool, *batching), log_dir=tmp_path / "l2"),
     ):
         assert_all_in_orthanc(orthanc, instances)
-        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 5.0, "an empty queue/")
         stows = [seen for seen in proxy.log if seen.method == "POST"]
         assert len(stows) == 3, stows
     assert not list((spool / "failed").iterdir())

@@ -12,12 +12,12 @@ from tests.faults.fault_proxy import Fault, FaultProxy
 from tests.faults.spool_rig import (
     assert_all_in_orthanc,
     new_instances,
-    poll,
     queued,
     send,
     spool_args,
 )
 from tests.rig import Importer, Orthanc
+from tests.rig.poll import wait_until
 
 
 def dicom_spool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,7 +47,9 @@ def test_refused_instances_are_requeued_by_the_command_while_the_daemon_runs(
     ):
         proxy.set(Fault.FORBIDDEN)
         assert send(importer, instances) == dict.fromkeys(instances, Status.SUCCESS)
-        poll(lambda: len(list((spool / "failed").glob("*.json"))) == 2, 10.0, "2 reason files")
+        wait_until(
+            lambda: len(list((spool / "failed").glob("*.json"))) == 2, 10.0, "2 reason files"
+        )
         shown = dicom_spool("status", location)
         assert shown.returncode == 0, shown.stderr
         assert "failed: 2 instances" in shown.stdout and "HTTP 403" in shown.stdout
@@ -60,6 +62,6 @@ def test_refused_instances_are_requeued_by_the_command_while_the_daemon_runs(
         assert done.returncode == 0, done.stderr
         assert "requeued 2 instances" in done.stdout
         assert_all_in_orthanc(orthanc, instances)  # uploaded by the running daemon
-        poll(lambda: not queued(spool), 5.0, "an empty queue/")
+        wait_until(lambda: not queued(spool), 5.0, "an empty queue/")
         assert not list((spool / "failed").iterdir())
         assert "failed: 0 instances" in dicom_spool("status", location).stdout

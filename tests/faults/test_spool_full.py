@@ -17,12 +17,12 @@ from tests.faults.fault_proxy import Fault, FaultProxy
 from tests.faults.spool_rig import (
     assert_identical_in_orthanc,
     new_instances,
-    poll,
     queued,
     send,
     spool_args,
 )
 from tests.rig import Importer, Orthanc, dcmsend, echo, http_get, parse_dcmsend_debug
+from tests.rig.poll import wait_until
 
 VOLUME = "8m"
 SIDE = 512  # 512 x 512 x 16 bits: 512 KiB a data set, about 15 fit on the volume
@@ -95,8 +95,8 @@ def fill_until_refused(orthanc: Orthanc, tmp_path: Path, spool: Path, n: int, *e
 
         proxy.clear()  # the upstream is back: the queue drains, room returns
         assert_identical_in_orthanc(orthanc, acknowledged)
-        poll(lambda: not queued(spool), 10.0, "an empty queue/")
-        poll(lambda: readyz(importer) == 200, 10.0, "/readyz ready again")
+        wait_until(lambda: not queued(spool), 10.0, "an empty queue/")
+        wait_until(lambda: readyz(importer) == 200, 10.0, "/readyz ready again")
         assert send(importer, refused) == dict.fromkeys(refused, Status.SUCCESS)
         assert_identical_in_orthanc(orthanc, refused)
         errors = [r for r in importer.log_records() if r.get("severity") == "CRITICAL"]

@@ -24,9 +24,10 @@ from dicom_adapter.spool import command
 from dicom_adapter.spool.gcs import RESCAN_SECONDS
 from dicom_adapter.status import Status
 from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import assert_all_in_orthanc, new_instances, poll, send, spool_args
+from tests.faults.spool_rig import assert_all_in_orthanc, new_instances, send, spool_args
 from tests.gcs_emulator import StorageEmulator
 from tests.rig import Importer, Orthanc, StoreSCP, free_port, scrape_metrics
+from tests.rig.poll import wait_until
 
 PREFIX = "spool/import"
 
@@ -105,7 +106,7 @@ def test_auto_ack_upstream_down_objects_then_all_delivered_and_prefix_empty(
         assert scrape_metrics(importer.metrics_url)["dicomadapter_import_spool_depth"] == 6
         proxy.clear()
         assert_all_in_orthanc(orthanc, instances)
-        poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+        wait_until(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
         metrics = scrape_metrics(importer.metrics_url)
         assert metrics["dicomadapter_import_spool_depth"] == 0
         assert metrics["dicomadapter_import_cstore_backup_errors_total"] == 0
@@ -126,7 +127,7 @@ def test_kill_9_then_restart_replays_the_queue_objects(
         # synchronous mode (no --auto_ack_cstore): success once STOW-RS stored it
         assert send(second, later) == dict.fromkeys(later, Status.SUCCESS)
         assert all(orthanc.find_instance(uid) is not None for uid in later)
-        poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+        wait_until(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
 
 
 def test_failed_object_write_answers_a700(gcs: StorageEmulator, tmp_path: Path) -> None:
@@ -166,7 +167,7 @@ def test_replicas_keep_to_their_prefix_and_adopt_takes_over_a_gone_one(
         assert "adopted 3 queued and 0 failed instances of replica pod-a" in done.stdout
         assert not objects(gcs, "pod-a", "queue")
         assert_all_in_orthanc(orthanc, of_a)  # uploaded by the running pod-b
-        poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+        wait_until(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
 
 
 def test_refused_instance_lands_in_failed_with_its_reason_and_is_requeued(
@@ -182,7 +183,9 @@ def test_refused_instance_lands_in_failed_with_its_reason_and_is_requeued(
     ):
         proxy.set(Fault.FORBIDDEN)
         assert send(importer, instances) == {uid: Status.SUCCESS}
-        poll(lambda: len(objects(gcs, "pod-a", "failed")) == 2, 10.0, "failed/ item and reason")
+        wait_until(
+            lambda: len(objects(gcs, "pod-a", "failed")) == 2, 10.0, "failed/ item and reason"
+        )
         name, note = sorted(objects(gcs, "pod-a", "failed"))
         assert note == name + ".json"
         bucket = gcs.client()
@@ -202,7 +205,7 @@ def test_refused_instance_lands_in_failed_with_its_reason_and_is_requeued(
         done = dicom_spool(gcs, "pod-a", "requeue", f"--study_uid={reason['study_instance_uid']}")
         assert "requeued 1 instances" in done.stdout, done
         assert_all_in_orthanc(orthanc, instances)
-        poll(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
+        wait_until(lambda: not gcs.names(f"{PREFIX}/"), 10.0, "an empty prefix")
 
 
 def test_routing_with_a_gs_spool_queues_per_destination_and_survives_a_restart(
@@ -238,8 +241,10 @@ def test_routing_with_a_gs_spool_queues_per_destination_and_survives_a_restart(
         gcs, "pod-r", orthanc.dicomweb_url, "--auto_ack_cstore", log_dir=tmp_path / "l2"
     )
     with second, StoreSCP(tmp_path / "scp", aet="STORESCP", port=scp_port, fork=True) as scp:
-        poll(lambda: scp.received_uids() == set(mg), 30.0, "the MG instances at storescp")
-        poll(lambda: not objects(gcs, "pod-r", f"dest/{dest_id}/queue"), 10.0, "empty dest queue")
+        wait_until(lambda: scp.received_uids() == set(mg), 30.0, "the MG instances at storescp")
+        wait_until(
+            lambda: not objects(gcs, "pod-r", f"dest/{dest_id}/queue"), 10.0, "empty dest queue"
+        )
         assert "no longer configured" in second.log_text()
     assert not [n for n in gcs.names(f"{PREFIX}/") if "/queue/" in n or "/failed/" in n]
     assert all(orthanc.find_instance(uid) is None for uid in mg)  # routed away, not default

@@ -11,14 +11,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicom_adapter.status import Status
-from tests.component.test_commitment import (
+from tests.rig import Importer, Orthanc, dcmsend, free_port
+from tests.rig.commitment import (
     REQUESTER_AET,
     Requester,
     action_information,
     references,
 )
-from tests.integration.test_import_find import write_dataset
-from tests.rig import Importer, Orthanc, dcmsend, free_port
+from tests.rig.find import write_dataset
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ formula; with the durable spool (auto-ack) the spooled file itself is the redact
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -16,7 +14,7 @@ from pydicom.sequence import Sequence
 
 from dicom_adapter.dicom.redact import chc_basic_tags, java_uid
 from tests.integration.conftest import StartImporter
-from tests.rig import Orthanc, dcmsend, free_port, generate_ct_series, send_file
+from tests.rig import Orthanc, dcmsend, free_port, generate_ct_series, send_file, wait_until
 
 CHC_BASIC_FLAG = "--redact_filter_profile=CHC_BASIC"
 CANNOT_UNDERSTAND = 0xC000
@@ -59,14 +57,6 @@ def _datasets(ds: Dataset) -> list[Dataset]:
     return found
 
 
-def _poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _assert_redacted(stored: Dataset, original: Dataset) -> None:
     """CHC_BASIC attributes empty at every depth (present, zero length); Java-formula UIDs."""
     listed = chc_basic_tags()
@@ -91,7 +81,7 @@ def _assert_redacted(stored: Dataset, original: Dataset) -> None:
 
 def _assert_in_orthanc_redacted(orthanc: Orthanc, originals: list[Dataset]) -> None:
     redacted_uids = [java_uid(original.SOPInstanceUID) for original in originals]
-    _poll(
+    wait_until(
         lambda: all(orthanc.find_instance(uid) is not None for uid in redacted_uids),
         DELIVERY_TIMEOUT,
         "every redacted instance in Orthanc",

@@ -6,13 +6,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
-from tests.integration.test_import_find import identifier, write_dataset
+from tests.component.conftest import dataset_bytes
 from tests.rig import (
     Importer,
     Orthanc,
@@ -22,6 +23,7 @@ from tests.rig import (
     run_dcmtk,
     store_jpeg_instance,
 )
+from tests.rig.find import identifier, write_dataset
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
@@ -168,6 +170,13 @@ def test_get_series_with_getscu(setup: tuple[Orthanc, Importer, StoreSCP], tmp_p
     received = [dcmread(p) for p in tmp_path.iterdir()]
     assert len(received) == 3
     assert {str(d.Modality) for d in received} == {"US", "CT"}
+    # each data set byte for byte as Orthanc stored it (the same syntax: getscu took them all)
+    for path in tmp_path.iterdir():
+        got = path.read_bytes()
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        found = httpx.post(f"{orthanc.http_url}/tools/lookup", content=uid, timeout=10).json()
+        stored = httpx.get(f"{orthanc.http_url}/instances/{found[0]['ID']}/file", timeout=10)
+        assert dataset_bytes(got) == dataset_bytes(stored.content)
 
 
 def test_move_without_unique_key_is_cannot_understand(

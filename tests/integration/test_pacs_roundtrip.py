@@ -7,22 +7,12 @@ It pushes a study to the adapter (C-STORE → STOW-RS into the DICOMweb Orthanc)
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
 
-from tests.integration.test_import_find import write_dataset
-from tests.rig import Importer, Orthanc, dcmsend
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll a condition (the move is asynchronous inside Orthanc)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from tests.rig import Importer, Orthanc, dcmsend, wait_until
+from tests.rig.find import write_dataset
 
 
 def test_push_query_and_retrieve_back(tmp_path: Path) -> None:
@@ -85,8 +75,9 @@ def test_push_query_and_retrieve_back(tmp_path: Path) -> None:
                     },
                 )
                 assert moved.status_code == 200, moved.text
-                wait_for(
+                wait_until(  # the move is asynchronous inside Orthanc
                     lambda: pacs.client.post("/tools/lookup", content=study_uid).json(),
+                    30.0,
                     "the study to come back to the PACS",
                 )
                 back = pacs.client.get(f"/studies/{study_id}/instances").json()

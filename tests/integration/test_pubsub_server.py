@@ -20,6 +20,7 @@ from google.cloud import pubsub_v1  # type: ignore[import-untyped]
 from google.pubsub_v1 import types
 
 from tests.pubsub_server import PubSubServer
+from tests.rig import wait_until
 
 PROJECT = "projects/test-project"
 TOPIC = f"{PROJECT}/topics/instances"
@@ -71,13 +72,14 @@ def stop_streaming(future: Any, subscriber: Any) -> None:
 
 def pull_one(subscriber: Any, deadline: float = TIMEOUT) -> Any:
     """Unary Pull until a message arrives (each Pull waits about a second on the server)."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        response = subscriber.pull(subscription=SUBSCRIPTION, max_messages=10, timeout=TIMEOUT)
-        if response.received_messages:
-            assert len(response.received_messages) == 1
-            return response.received_messages[0]
-    raise AssertionError(f"nothing delivered within {deadline} s")
+
+    def delivered() -> Any:
+        return subscriber.pull(
+            subscription=SUBSCRIPTION, max_messages=10, timeout=TIMEOUT
+        ).received_messages
+
+    (message,) = wait_until(delivered, deadline, "a delivered message", interval=0)
+    return message
 
 
 def test_admin_rpcs(pubsub: PubSubServer, publisher: Any, subscriber: Any) -> None:

@@ -24,8 +24,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 
+from dicom_adapter.dicom.part10 import DatasetFile, FileMeta, read_file_meta
 from dicom_adapter.dimse import pdu, store_scu
-from dicom_adapter.dimse.part10 import DatasetFile, FileMeta, read_file_meta
 from dicom_adapter.dimse.scu import (
     AssociationRejectedError,
     AssociationTarget,
@@ -35,7 +35,7 @@ from dicom_adapter.dimse.scu import (
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation, StoreResponse
 from dicom_adapter.errors import InvalidDatasetError
-from tests.rig import StoreSCP, free_port, generate_ct_series
+from tests.rig import StoreSCP, free_port, generate_ct_series, wait_until_async
 
 T = TypeVar("T")
 
@@ -545,9 +545,10 @@ def test_cancelled_c_store_resets_the_connection_instead_of_releasing(
             relay.resume.set()
             await assoc.release()  # nothing to release: returns at once
             released_in = loop.time() - cancelled_at
-            while relay.closed_at is None and loop.time() - cancelled_at < WAIT:
-                await asyncio.sleep(0.01)
-            assert relay.closed_at is not None, "the cancelled association stayed connected"
+            await wait_until_async(
+                lambda: relay.closed_at is not None, WAIT, "the cancelled association to close"
+            )
+            assert relay.closed_at is not None
             return released_in, relay.closed_at - cancelled_at, assoc.is_open
         finally:
             await relay.close()

@@ -15,6 +15,7 @@ import google.auth.exceptions
 import httpx
 import pytest
 
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.dicomweb.auth import (
     BearerAuth,
     GoogleAuth,
@@ -25,7 +26,7 @@ from dicom_adapter.dicomweb.auth import (
 )
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.errors import AdapterError, ConfigError, UpstreamUnavailableError
-from dicom_adapter.importer.store import InstanceIdentity, StoreService
+from dicom_adapter.importer.store import StoreService
 
 GOOGLE = (
     "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"

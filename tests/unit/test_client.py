@@ -21,6 +21,7 @@ import pytest
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_adapter.dicom.part10 import DatasetFile
 from dicom_adapter.dicomweb import client as client_module
 from dicom_adapter.dicomweb.client import (
     DicomwebClient,
@@ -40,7 +41,6 @@ from dicom_adapter.dicomweb.multipart import (
     related_content_type,
 )
 from dicom_adapter.dicomweb.stow import StowResponse, status_for
-from dicom_adapter.dimse.part10 import DatasetFile
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
 from dicom_adapter.status import Status
 

@@ -26,13 +26,12 @@ from pydicom.uid import (
 )
 
 from dicom_adapter.dicom import deflate, transcode
+from dicom_adapter.dicom.attributes import read_filter_attributes, read_identity
 from dicom_adapter.dicom.deflate import check_inflated_size
 from dicom_adapter.dicom.redact import RedactionStep, Redactor, parse_tag_list
 from dicom_adapter.dicom.transcode import Outcome, TooSlowError, Transcoder, codestream_shape
 from dicom_adapter.errors import InvalidDatasetError
 from dicom_adapter.importer.handlers import CStoreHandler
-from dicom_adapter.importer.routing import read_filter_attributes
-from dicom_adapter.importer.store import read_identity
 from dicom_adapter.status import Status
 
 PATIENT_NAME = 0x00100010
@@ -181,11 +180,18 @@ def test_each_reader_refuses_a_corrupt_deflate_stream_as_invalid(
     assert caught.value.status == Status.CANNOT_UNDERSTAND
 
 
-def test_routing_parse_failure_sends_a_fixed_comment_not_pydicom_text(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "reader",
+    [lambda path: read_filter_attributes(path, [PATIENT_NAME]), read_identity],
+    ids=["routing", "identity"],
+)
+def test_a_parse_failure_sends_a_fixed_comment_not_pydicom_text(
+    tmp_path: Path, reader: Callable[[Path], object]
+) -> None:
     path = tmp_path / "cstore-corrupt.dcm"
     write_deflated(path, corrupt=True)
     with pytest.raises(InvalidDatasetError) as caught:
-        read_filter_attributes(path, [PATIENT_NAME])
+        reader(path)
     assert caught.value.comment == "dataset cannot be parsed"
     assert str(caught.value) == "dataset cannot be parsed (error)"  # zlib.error, no zlib text
 

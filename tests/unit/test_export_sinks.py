@@ -17,10 +17,11 @@ import httpx
 import pytest
 from tests.rig import part10_bytes as part10
 
+from dicom_adapter.dicom.part10 import DatasetFile, DatasetSource, read_file_meta
+from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import FetchedInstance
 from dicom_adapter.dicomweb.multipart import MultipartParser, PartData, boundary_from_content_type
-from dicom_adapter.dimse.part10 import DatasetFile, DatasetSource, read_file_meta
 from dicom_adapter.dimse.scu import (
     MAX_CONTEXTS,
     AssociationTarget,
@@ -28,7 +29,6 @@ from dicom_adapter.dimse.scu import (
     RequestedContext,
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreResponse
-from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from dicom_adapter.exporter.sinks import (
     DEFAULT_PERMANENT_STATUSES,
     VERIFICATION,

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from tests.rig import part10_bytes as part10
 
+from dicom_adapter.dicom.part10 import DatasetFile
+from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_LE
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import FetchedInstance
 from dicom_adapter.dicomweb.multipart import body_tail, related_content_type
-from dicom_adapter.dimse.part10 import DatasetFile
 from dicom_adapter.dimse.scu import AssociationTarget
 from dicom_adapter.dimse.store_scu import StoreResponse
-from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE
 from dicom_adapter.exporter.retry import Backoff
 from dicom_adapter.exporter.sinks import (
     CStoreSink,

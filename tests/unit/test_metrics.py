@@ -238,6 +238,10 @@ def test_import_and_export_metric_names() -> None:
         ("dicomadapter_export_attempts_total", "counter"),
         ("dicomadapter_export_breaker_open", "gauge"),
     }
+    cget = ["requests", "errors", "warnings", "cancels", "qidors_requests", "qidors_errors"]
+    cget += ["cstore_requests", "cstore_errors", "cstore_bytes"]
+    expected |= {(f"dicomadapter_import_cget_{n}_total", "counter") for n in cget}
+    expected.add(("dicomadapter_import_cget_seconds", "histogram"))
     assert names == expected
 
 

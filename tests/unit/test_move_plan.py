@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydicom import Dataset
 
+from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, uncompressed_for
 from dicom_adapter.dicomweb.qido import QueryRoot
 from dicom_adapter.dimse.scu import MAX_CONTEXTS, RequestedContext
-from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, uncompressed_for
-from dicom_adapter.importer.move import (
+from dicom_adapter.importer.retrieve import (
     COMMON_SYNTAXES,
     InstanceRef,
     MoveProgress,

@@ -1,4 +1,4 @@
-"""Unit tests for the pure Part-10 meta group reader in dicom_adapter.dimse.part10.
+"""Unit tests for the pure Part-10 meta group reader in dicom_adapter.dicom.part10.
 
 pydicom (and pynetdicom's `split_dataset`, built on it) is the oracle: the UIDs must match
 what pydicom reads from the meta group, and the data set must start where pydicom's does.
@@ -7,6 +7,7 @@ what pydicom reads from the meta group, and the data set must start where pydico
 from __future__ import annotations
 
 import struct
+import tracemalloc
 import zlib
 from io import BytesIO
 from pathlib import Path
@@ -29,12 +30,15 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import split_dataset
 
-from dicom_adapter.dimse.part10 import (
+from dicom_adapter.dicom.part10 import (
+    MAX_META_BYTES,
+    META_READ,
     PREAMBLE,
     FileMeta,
     NeedMoreData,
     NotPart10Error,
     read_file_meta,
+    read_path_meta,
 )
 
 BUNDLED = [
@@ -274,3 +278,40 @@ def test_uid_padding_and_long_vr_elements() -> None:
     raw = _hand_made(SOP_CLASS, SOP_INSTANCE, padded_syntax, source, private)
     meta = read_file_meta(raw + FIRST_DATASET_ELEMENT)
     assert meta == FileMeta(CTImageStorage, "1.2.3.4.5", ImplicitVRLittleEndian, len(raw))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a file: the one reader of spooled and fetched files
+
+
+def test_a_file_meta_group_longer_than_one_read_is_read_whole(tmp_path: Path) -> None:
+    private = _explicit(2, 0x0102, b"OB", bytes(3 * META_READ))
+    raw = _hand_made(SOP_CLASS, SOP_INSTANCE, SYNTAX, private)
+    path = tmp_path / "long-meta.dcm"
+    path.write_bytes(raw + FIRST_DATASET_ELEMENT)
+    assert read_path_meta(path) == FileMeta(
+        CTImageStorage, "1.2.3.4.5", ExplicitVRLittleEndian, len(raw)
+    )
+
+
+def test_a_file_meta_group_that_does_not_end_is_refused_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    private = _explicit(2, 0x0102, b"OB", bytes(16 * MAX_META_BYTES))
+    path = tmp_path / "endless-meta.dcm"
+    path.write_bytes(_hand_made(SOP_CLASS, SOP_INSTANCE, SYNTAX, private))
+    tracemalloc.start()
+    try:
+        with pytest.raises(NotPart10Error, match="does not end"):
+            read_path_meta(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_META_BYTES, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_short_file_is_not_part10(tmp_path: Path) -> None:
+    path = tmp_path / "short.dcm"
+    path.write_bytes(_hand_made(SOP_CLASS, SOP_INSTANCE))
+    with pytest.raises(NotPart10Error):
+        read_path_meta(path)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.association import Association
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from dicom_adapter.dimse import pynetdicom_hooks as hooks
@@ -67,33 +66,6 @@ def test_missing_move_scp_gives_one_warning_and_pynetdicoms_public_c_move(
     assert STUDY_ROOT_MOVE in [str(cx.abstract_syntax) for cx in ae.supported_contexts]
 
 
-def test_missing_reactor_flags_give_one_warning_and_no_wait(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    original_init = Association.__init__
-
-    def init_without_flags(self: Association, *args: object, **kwargs: object) -> None:
-        original_init(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Association, "__init__", init_without_flags)
-    with caplog.at_level(logging.WARNING):
-        configure_pynetdicom()
-    (warning,) = hook_warnings(caplog)
-    assert "reactor_resume" in warning and "_reactor_checkpoint" in warning
-
-    class NeverResumes:
-        _reactor_checkpoint = threading.Event()
-        _is_paused = True
-
-        def is_alive(self) -> bool:
-            return True
-
-    NeverResumes._reactor_checkpoint.set()
-    started = time.monotonic()
-    hooks.wait_for_reactor_resume(NeverResumes(), timeout=5.0)
-    assert time.monotonic() - started < 0.5  # pynetdicom's behaviour: no wait
-
-
 def test_reset_restores_every_process_wide_hook() -> None:
     original_move_scp = QueryRetrieveServiceClass._move_scp
     configure_pynetdicom()
@@ -131,24 +103,55 @@ def test_changed_spool_file_factory_gives_one_warning_and_pynetdicoms_files(
     assert dimse_messages.NamedTemporaryFile is someone_elses_factory  # type: ignore[attr-defined]
 
 
-def test_no_reactor_wait_inside_the_reactor_thread() -> None:
-    """A C-GET handler sends its C-STOREs from the association's own (reactor) thread.
+def test_reactor_poll_ends_when_a_message_is_queued_and_reset_restores_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The association reactor's 1 ms poll waits on its DIMSE queue: a queued request is
+    served at once. Other sleeps (other threads, other durations) are real sleeps."""
+    import queue
+    import threading
+    import time
 
-    The reactor cannot resume while it runs our handler, so waiting for it would only run
-    out the timeout on every sub-operation (C-GET took one second per instance).
-    """
+    from pynetdicom import association
+
     configure_pynetdicom()
-    returned = threading.Event()
+    assert association.time is not time  # type: ignore[attr-defined]
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    reactor_time: Any = association.time  # type: ignore[attr-defined]
 
     class Reactor(threading.Thread):  # stands in for pynetdicom's Association (a Thread)
-        _reactor_checkpoint = threading.Event()
-        _is_paused = True  # paused "around" the request the handler serves
+        def __init__(self) -> None:
+            super().__init__(daemon=True)
+            self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+            self.polled = threading.Event()
 
         def run(self) -> None:
-            hooks.wait_for_reactor_resume(self, timeout=3600.0)
-            returned.set()
+            reactor_time.sleep(0.001)  # returns: the message is already queued
+            self.polled.set()
 
-    Reactor._reactor_checkpoint.set()
-    reactor = Reactor(daemon=True)
+    reactor = Reactor()
+    reactor.dimse.msg_queue.put((1, "C-STORE-RQ"))
     reactor.start()
-    assert returned.wait(30.0), "waited for a resume that cannot happen"
+    assert reactor.polled.wait(10.0)
+    assert slept == []  # no real sleep for the reactor's poll
+    reactor_time.sleep(0.001)  # not an association thread: a real (here: recorded) sleep
+    reactor_time.sleep(0.01)
+    assert slept == [0.001, 0.01]
+    hooks.reset()
+    assert association.time is time  # type: ignore[attr-defined]
+
+
+def test_changed_reactor_loop_gives_one_warning_and_pynetdicoms_poll(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from pynetdicom import association
+
+    monkeypatch.setattr(association, "time", SimpleNamespace(sleep=time.sleep), raising=False)
+    with caplog.at_level(logging.WARNING):
+        configure_pynetdicom()
+    (warning,) = hook_warnings(caplog)
+    assert "reactor_wake" in warning and "_run_reactor" in warning
+    assert isinstance(association.time, SimpleNamespace)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from dicom_adapter.dicom.attributes import read_filter_attributes
 from dicom_adapter.errors import ConfigError, InvalidDatasetError
 from dicom_adapter.importer.routing import (
     Condition,
@@ -20,7 +21,6 @@ from dicom_adapter.importer.routing import (
     load_destination_config,
     parse_destination_config,
     parse_filter,
-    read_filter_attributes,
     stow_url_for,
     wildcard_match,
 )

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.rig import generate_ct_series
+from tests.rig import generate_ct_series, wait_until_async
 from tests.spool_testing import ScriptedStore, spool_with
 
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.errors import ConfigError, UpstreamUnavailableError
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status
@@ -32,13 +33,14 @@ async def run_until(spool: LocalSpool, store: ScriptedStore, retries: int) -> Im
     )
     await uploader.start()
     try:
-        deadline = time.monotonic() + 5
-        # settled: queue/ empty and each instance in failed/ counted (after its move)
-        while time.monotonic() < deadline and (
-            spool.queued()
-            or metrics.cstore_backup_errors.value() < len(list(spool.failed.glob("*.dcm")))
-        ):
-            await asyncio.sleep(0.01)
+        await wait_until_async(
+            lambda: (
+                not spool.queued()
+                and metrics.cstore_backup_errors.value() >= len(list(spool.failed.glob("*.dcm")))
+            ),
+            5.0,
+            "queue/ empty and each instance in failed/ counted (after its move)",
+        )
     finally:
         await uploader.stop()
     return metrics
@@ -110,9 +112,7 @@ def test_retry_delay_is_capped_after_a_thousand_attempts(tmp_path: Path) -> None
         for item in list(uploader._queue._queue):  # type: ignore[attr-defined]
             item.attempts = 1030  # as after a long outage
         try:
-            deadline = time.monotonic() + 5
-            while len(store.calls) < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: len(store.calls) >= 4, 5.0, "4 uploads")
         finally:
             await uploader.stop()
         return store.calls
@@ -158,9 +158,7 @@ def test_a_worker_survives_an_unexpected_error(
         )
         await uploader.start()
         try:
-            deadline = time.monotonic() + 5
-            while second.exists() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: not second.exists(), 5.0, f"{second} uploaded")
         finally:
             await uploader.stop()
 
@@ -289,14 +287,11 @@ def test_a_failed_rescan_does_not_stop_adopting_requeued_files(
         )
         await uploader.start()
         try:
-            deadline = time.monotonic() + 5
-            while len(calls) < 3 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: len(calls) >= 3, 5.0, "3 uploads")
             # an operator's requeue: unannounced to the uploader
             for path in generate_ct_series(spool.incoming, 1, rows=4, cols=4):
                 spool.commit(path, path.stem)
-            while real_queued() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: not real_queued(), 5.0, "the requeued instance uploaded")
         finally:
             await uploader.stop()
 

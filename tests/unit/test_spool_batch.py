@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
 from pydicom import dcmread
-from tests.rig import generate_ct_series
+from tests.rig import generate_ct_series, wait_until_async
 from tests.spool_testing import part_uids
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
@@ -98,9 +97,7 @@ def upload(
             return not spool.queued() and metrics.cstore_backup_errors.value() == failed
 
         try:
-            deadline = time.monotonic() + 5
-            while not settled() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(settled, 5.0, "every instance uploaded or counted in failed/")
         finally:
             await uploader.stop()
             await http.aclose()

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from tests.rig import generate_ct_series
+from tests.rig import generate_ct_series, wait_until_async
 from tests.spool_testing import ScriptedStore, single_uploader
 
-from dicom_adapter.importer.store import InstanceIdentity, StoreOutcome
+from dicom_adapter.dicom.attributes import InstanceIdentity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.spool.command import main
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -164,9 +165,7 @@ def test_running_uploader_adopts_requeued_items(
             await asyncio.sleep(0.1)  # several rescans of an empty queue
             assert not uploaded
             await asyncio.to_thread(run, spool, "requeue")
-            deadline = time.monotonic() + 5
-            while spool.queued() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: not spool.queued(), 5.0, "an empty queue")
             await asyncio.sleep(0.1)  # more rescans: nothing is taken twice
         finally:
             await uploader.stop()
@@ -187,9 +186,7 @@ def test_reason_file_records_the_study(tmp_path: Path) -> None:
         uploader = single_uploader(spool, store)
         await uploader.start()
         try:
-            deadline = time.monotonic() + 5
-            while not list(spool.failed.glob("*.json")) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: list(spool.failed.glob("*.json")), 5.0, "a reason file")
         finally:
             await uploader.stop()
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.rig import generate_ct_series
+from tests.rig import generate_ct_series, wait_until_async
 from tests.spool_testing import ScriptedStore, single_uploader
 
-from dicom_adapter.importer.store import StoreOutcome, read_identity
+from dicom_adapter.dicom.attributes import read_identity
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.spool.gcs import GcsLocation, GcsSpool, Storage
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status
@@ -90,9 +90,11 @@ async def upload_all(spool: GcsSpool, store: ScriptedStore) -> ImportMetrics:
     )
     await uploader.start()
     try:
-        deadline = time.monotonic() + 5
-        while await asyncio.to_thread(spool.queued) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+
+        async def drained() -> bool:
+            return not await asyncio.to_thread(spool.queued)
+
+        await wait_until_async(drained, 5.0, "an empty queue")
     finally:
         await uploader.stop()
     return metrics

@@ -7,7 +7,6 @@ import asyncio
 import errno
 import json
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -15,7 +14,7 @@ from typing import Any, cast
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from tests.rig import generate_ct_series
+from tests.rig import generate_ct_series, wait_until, wait_until_async
 
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
 from dicom_adapter.importer.destinations import DestinationQueue, DestinationSpools
@@ -88,10 +87,8 @@ def test_room_freed_behind_the_spools_back_is_seen_by_a_walk(
     for path in spool.failed.iterdir():
         path.unlink()
     monkeypatch.setattr(local, "RECOUNT_SECONDS", 0.0)
-    deadline = time.monotonic() + 5
-    while not spool.has_room():  # /readyz: the walk runs in a thread of its own
-        assert time.monotonic() < deadline, "/readyz never saw the purge"
-        time.sleep(0.01)
+    # /readyz: the walk runs in a thread of its own
+    wait_until(spool.has_room, 5.0, "/readyz to see the purge", interval=0.01)
     assert spool.refusal(size) is None
     spool.close()
 
@@ -153,9 +150,7 @@ def test_an_upstream_failure_without_an_http_status_is_retried(tmp_path: Path) -
         )
         await uploader.start()
         try:
-            deadline = time.monotonic() + 5
-            while spool.queued() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: not spool.queued(), 5.0, "an empty queue")
         finally:
             await uploader.stop()
             await http.aclose()
@@ -175,7 +170,7 @@ class _Uploader:
     def __init__(self) -> None:
         self.queued: list[Path] = []
 
-    def enqueue_threadsafe(self, path: Path) -> None:
+    def enqueue_threadsafe(self, path: Path, identity: object = None) -> None:
         self.queued.append(path)
 
 

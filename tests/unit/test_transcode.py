@@ -32,6 +32,7 @@ from dicom_adapter.cli import run_import
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import flag_status, parse_settings
 from dicom_adapter.dicom.deflate import inflated_bytes
+from dicom_adapter.dicom.part10 import read_file_meta
 from dicom_adapter.dicom.transcode import (
     CODEC_MODULES,
     TARGETS,
@@ -41,7 +42,6 @@ from dicom_adapter.dicom.transcode import (
     decoded_pixel_bytes,
     transcoding_step,
 )
-from dicom_adapter.dimse.part10 import read_file_meta
 from dicom_adapter.errors import ConfigError
 
 BASE = ["--dimse_aet=ADAPTER", "--dicomweb_address=http://dicomweb.example/dicom-web"]

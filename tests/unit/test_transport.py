@@ -33,7 +33,12 @@ import httpx
 import pytest
 
 from dicom_adapter.dicomweb import transport as transport_module
-from dicom_adapter.dicomweb.client import TRANSPORT_ENV, make_http_client
+from dicom_adapter.dicomweb.client import (
+    TRANSPORT_ENV,
+    DicomwebClient,
+    RetryPolicy,
+    make_http_client,
+)
 from dicom_adapter.dicomweb.transport import AsyncioTransport
 
 T = TypeVar("T")
@@ -1316,5 +1321,51 @@ def test_connection_on_a_descriptor_above_1023_is_reused() -> None:
         finally:
             for fd in fillers:
                 os.close(fd)
+
+    run(main())
+
+
+# --- WADO-RS over the pool ---------------------------------------------------------------------
+
+
+def wado_handler(epilogue: bytes) -> Handler:
+    """A two-part WADO-RS answer (Content-Length framed) with `epilogue` after the close."""
+
+    async def handler(request: Request, conn: ServerConn) -> None:
+        parts = [b"DICM-one-" + request.target.encode(), b"DICM-two"]
+        body = b"".join(
+            b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in parts
+        )
+        body += b"--b--" + epilogue
+        content_type = 'multipart/related; type="application/dicom"; boundary=b'
+        conn.send(response(headers=[("Content-Type", content_type)], body=body))
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("epilogue", "connections"),
+    [(b"", 1), (b"\r\n", 1), (b"x" * (1 << 20), 3)],
+    ids=["nothing-after-close", "crlf-after-close", "oversized-epilogue"],
+)
+def test_wado_rs_fetches_reuse_one_connection(
+    tmp_path: Path, epilogue: bytes, connections: int
+) -> None:
+    """Each WADO-RS answer is read to its end, so the next fetch reuses the connection
+    (was: a new connection per fetch); an epilogue past 64 KiB is not read, the connection
+    is dropped instead (the bound is counted after the chunk that held the delimiter)."""
+
+    async def main() -> None:
+        async with Server(wado_handler(epilogue)) as server, adapter_client() as http:
+            client = DicomwebClient(http, RetryPolicy())
+            for i in range(3):
+                got = []
+                async for part in client.wado_instances(
+                    server.url(f"/studies/{i}"), spool_dir=tmp_path
+                ):
+                    got.append(part.part10_bytes())
+                    part.discard()
+                assert got == [f"DICM-one-/studies/{i}".encode(), b"DICM-two"]
+            assert server.connections == connections
 
     run(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-from dicom_adapter.dimse.part10 import FileMeta, NeedMoreData, read_file_meta
+from dicom_adapter.dicom.part10 import read_path_meta
 from dicom_adapter.errors import InvalidDatasetError
 
 # 64 MiB inflated: far above a Deflated instance's usual size (Deflated carries structured
@@ -21,7 +21,6 @@ MAX_INFLATED_BYTES = 64 << 20
 TOO_LARGE_COMMENT = "deflated data set too large"
 UNPARSABLE_COMMENT = "dataset cannot be parsed"
 _INFLATE_CHUNK = 1 << 20
-_META_READ = 64 << 10  # a meta group longer than this is not a pynetdicom-written file
 
 
 class DeflateError(ValueError):
@@ -33,9 +32,10 @@ def inflated_bytes(path: Path, limit: int) -> int:
 
     Raises DeflateError when the meta group's length is missing or the stream is corrupt.
     """
-    meta = _file_meta(path)
-    if meta is None:
-        raise DeflateError("no readable meta group: where the data set starts is unknown")
+    try:
+        meta = read_path_meta(path)
+    except (ValueError, OSError) as exc:
+        raise DeflateError("no readable meta group: where the data set starts is unknown") from exc
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     try:
@@ -55,18 +55,10 @@ def is_deflated(path: Path) -> bool:
 
     Hot path (every C-STORE): the meta group's bytes are parsed directly, without pydicom.
     """
-    meta = _file_meta(path)
-    return meta is not None and UID(meta.transfer_syntax).is_deflated
-
-
-def _file_meta(path: Path) -> FileMeta | None:
-    """The meta group (None: not Part-10, truncated or longer than we read)."""
     try:
-        with path.open("rb") as source:
-            head = source.read(_META_READ)
-        return read_file_meta(head, complete=len(head) < _META_READ)
-    except (NeedMoreData, ValueError, OSError):  # the readers after this one refuse it
-        return None
+        return UID(read_path_meta(path).transfer_syntax).is_deflated
+    except (ValueError, OSError):  # the readers after this one refuse it
+        return False
 
 
 def check_inflated_size(path: Path, limit: int | None = None) -> None:

@@ -47,6 +47,7 @@ CHUNK_SIZE = 1 << 20
 # The most of a non-WADO answer (QIDO page, STOW response, error body) we hold: far above any
 # real one (1000 QIDO results are a few MB), so a broken server or proxy cannot grow our memory.
 MAX_RESPONSE_BODY = 64 << 20
+MAX_EPILOGUE_BYTES = 64 << 10  # read after a WADO-RS close delimiter to keep the connection
 _DECODED_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 QIDO_SAFE = "^*?,-.:_~"
 TRANSIENT_HTTP = frozenset({408, 429})
@@ -372,12 +373,18 @@ class DicomwebClient:
                     f"WADO-RS: {exc}", comment="WADO-RS answer is not multipart"
                 ) from exc
             parser = multipart.MultipartParser(boundary)
+            epilogue = 0
             try:
+                # Read to the body's end, past the close delimiter, so the connection goes
+                # back to the pool (stopping at the delimiter cost a new connection per fetch).
                 async for chunk in response.aiter_bytes():  # as read: re-chunking copies
+                    if parser.done:
+                        epilogue += len(chunk)
+                        if epilogue > MAX_EPILOGUE_BYTES:  # not worth reading: a new connection
+                            break
+                        continue
                     for event in parser.feed(chunk):
                         yield event
-                    if parser.done:
-                        break
                 parser.close()
             except multipart.MultipartError as exc:
                 raise UpstreamError(

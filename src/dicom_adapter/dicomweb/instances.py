@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from dicom_adapter.dicomweb import multipart
-from dicom_adapter.dimse.part10 import (
+from dicom_adapter.dicom.part10 import (
     DatasetFile,
     DatasetSource,
     FileMeta,
@@ -30,6 +29,7 @@ from dicom_adapter.dimse.part10 import (
     NotPart10Error,
     read_file_meta,
 )
+from dicom_adapter.dicomweb import multipart
 
 DEFAULT_MEMORY_LIMIT = 4 << 20
 DEFAULT_MEMORY_BUDGET = 256 << 20

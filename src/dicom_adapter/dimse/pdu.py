@@ -28,6 +28,7 @@ A_ABORT = 0x07
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_MOVE_RSP = 0x8021
+C_GET_RSP = 0x8010
 NO_DATASET = 0x0101
 
 _HEAD = struct.Struct(">BBI")
@@ -407,12 +408,14 @@ def c_move_pending_rsp(
     completed: int,
     failed: int,
     warning: int,
+    command_field: int = C_MOVE_RSP,
 ) -> bytes:
-    """A C-MOVE-RSP command set without identifier (pending responses carry only counts)."""
+    """A C-MOVE-RSP (or, with `command_field`, C-GET-RSP) command set without identifier
+    (pending responses carry only counts)."""
     rest = b"".join(
         [
             _element(0x0000, 0x0002, _ui(sop_class_uid)),
-            _element(0x0000, 0x0100, _us(C_MOVE_RSP)),
+            _element(0x0000, 0x0100, _us(command_field)),
             _element(0x0000, 0x0120, _us(message_id_responded_to)),
             _element(0x0000, 0x0800, _us(NO_DATASET)),
             _element(0x0000, 0x0900, _us(status)),

@@ -8,14 +8,23 @@ one WARNING line names it. Nothing here raises inside a pynetdicom thread.
 Hooks (name: internal -> what it buys; without it):
 - move_routing: `QueryRetrieveServiceClass._move_scp` -> C-MOVE runs our own sub-operation
   sender; without it, C-MOVE is answered 0xA801 (pynetdicom's "destination unknown").
+- get_routing: `QueryRetrieveServiceClass._get_scp` -> C-GET runs the same retrieve pipeline
+  as C-MOVE, sending on the requesting association; without it, C-GET is answered 0xA702.
+- raw_p_data: `assoc.dul.socket.socket` -> a C-GET's C-STORE-RQ P-DATA framed by us and
+  written to the requesting association's socket from the event loop, several PDUs per
+  write; `DIMSEServiceProvider.msg_queue.put` wrapped so the C-STORE-RSP wakes the loop
+  (pynetdicom's `send_c_store` costs ~6 ms per 512 KB instance: a DUL hand-off per PDU,
+  thread hops). Not over TLS. Without it, pynetdicom's DIMSE provider sends and receives.
 - waiting_socket: `AssociationSocket` subclass swapped in (`__class__`, `_is_connected`,
   `event_queue`) -> the DUL waits in select() instead of 1 ms sleeps, the PDU length bound,
   and the replay that lets connections wait in the pre-negotiation stage (admission.py);
   without it, pynetdicom's socket and one thread per connection from accept() on.
 - dul_wake: `DULServiceProvider.send_pdu` wrap and `_run_loop_delay` = 0 -> a queued response
   wakes the DUL at once; without it, up to 1 ms per response.
-- reactor_resume: `Association._reactor_checkpoint` / `_is_paused` -> a back-to-back request
-  waits for the reactor's resume; without it, pynetdicom's race (rare unexpected-message).
+- reactor_wake: `pynetdicom.association.time` -> the association reactor's 1 ms poll
+  (`time.sleep(0.001)` in `Association._run_reactor`) ends as soon as a DIMSE message is
+  queued (waits on `DIMSEServiceProvider.msg_queue`); without it, each received request waits
+  up to 1 ms for the reactor (measured: receive-only ingest with the spool +10-12 %).
 - pending_p_data: `assoc.dul.send_pdu(P_DATA)` -> pending C-MOVE-RSPs encoded by us; without
   it, pynetdicom's `send_msg`.
 - server_registry: `ae._servers` -> `ae.shutdown()` stops our server too; without it, only
@@ -36,6 +45,8 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -43,7 +54,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -56,10 +66,12 @@ OFF_ENV = "DICOM_ADAPTER_HOOKS_OFF"
 MOVE_ROUTING = "move_routing"
 WAITING_SOCKET = "waiting_socket"
 DUL_WAKE = "dul_wake"
-REACTOR_RESUME = "reactor_resume"
 PENDING_P_DATA = "pending_p_data"
 SERVER_REGISTRY = "server_registry"
 SPOOL_FILES = "spool_files"
+GET_ROUTING = "get_routing"
+RAW_P_DATA = "raw_p_data"
+REACTOR_WAKE = "reactor_wake"
 
 
 def _params(function: Any) -> list[str]:
@@ -77,6 +89,32 @@ def _check_move_routing() -> bool:
     return callable(scp) and _params(scp)[:3] == ["self", "req", "context"]
 
 
+def _check_get_routing() -> bool:
+    scp = _original_get_scp or QueryRetrieveServiceClass.__dict__.get("_get_scp")
+    return callable(scp) and _params(scp)[:3] == ["self", "req", "context"]
+
+
+def _check_raw_p_data() -> bool:
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    return (
+        _init_sets(DULServiceProvider, "socket")
+        and _init_sets(AssociationSocket, "socket")
+        and _init_sets(DIMSEServiceProvider, "msg_queue")
+    )
+
+
+def _check_reactor_wake() -> bool:
+    from pynetdicom import association
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    return (
+        getattr(association, "time", None) in (time, _reactor_time)
+        and "time.sleep(0.001)" in inspect.getsource(association.Association._run_reactor)
+        and _init_sets(DIMSEServiceProvider, "msg_queue")
+    )
+
+
 def _check_waiting_socket() -> bool:
     return (
         isinstance(AssociationSocket.__dict__.get("ready"), property)
@@ -90,10 +128,6 @@ def _check_dul_wake() -> bool:
     return _params(DULServiceProvider.send_pdu)[:2] == ["self", "primitive"] and _init_sets(
         DULServiceProvider, "_run_loop_delay"
     )
-
-
-def _check_reactor_resume() -> bool:
-    return _init_sets(Association, "_reactor_checkpoint", "_is_paused")
 
 
 def _check_pending_p_data() -> bool:
@@ -145,12 +179,6 @@ HOOKS: tuple[Hook, ...] = (
         _check_dul_wake,
     ),
     Hook(
-        REACTOR_RESUME,
-        "Association._reactor_checkpoint, _is_paused",
-        "no wait for the reactor's resume",
-        _check_reactor_resume,
-    ),
-    Hook(
         PENDING_P_DATA,
         "DULServiceProvider.send_pdu(P_DATA)",
         "pending C-MOVE-RSPs through send_msg",
@@ -167,6 +195,30 @@ HOOKS: tuple[Hook, ...] = (
         "pynetdicom.dimse_messages.NamedTemporaryFile",
         "C-STORE data sets spool in $TMPDIR; an aborted transfer may leave its file",
         _check_spool_files,
+    ),
+)
+
+HOOKS += (
+    Hook(
+        GET_ROUTING,
+        "QueryRetrieveServiceClass._get_scp",
+        "C-GET is answered 0xA702",
+        _check_get_routing,
+    ),
+    Hook(
+        RAW_P_DATA,
+        "DULServiceProvider.socket, AssociationSocket.socket, DIMSEServiceProvider.msg_queue",
+        "C-GET sub-operations through pynetdicom's DIMSE provider (slower)",
+        _check_raw_p_data,
+    ),
+)
+
+HOOKS += (
+    Hook(
+        REACTOR_WAKE,
+        "pynetdicom.association.time (Association._run_reactor's 1 ms sleep)",
+        "a received request waits up to 1 ms for the association's reactor",
+        _check_reactor_wake,
     ),
 )
 
@@ -217,6 +269,8 @@ def reset() -> None:
     with _lock:
         _available.clear()
     _unroute_moves()
+    _unroute_gets()
+    unwake_reactors()
     if _spool_factory is not None:
         restore_spool_factory(_spool_factory)
 
@@ -270,6 +324,126 @@ def _unroute_moves() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# get_routing
+
+_GET_RUNNER = "_dicom_adapter_get_runner"
+_original_get_scp: Any = None
+
+
+def route_gets(ae: Any, runner: Callable[[Any, Any, Any], None]) -> bool:
+    """C-GET requests to `ae` go to runner(service, request, context) in the association's
+    thread, not to pynetdicom's sub-operation loop. False when the hook is unavailable."""
+    if not available(GET_ROUTING):
+        return False
+    global _original_get_scp
+    if _original_get_scp is None:
+        original = QueryRetrieveServiceClass._get_scp
+        _original_get_scp = original
+
+        def _get_scp(self: Any, req: Any, context: Any) -> None:
+            runner = getattr(self.ae, _GET_RUNNER, None)
+            if runner is None:
+                original(self, req, context)
+                return
+            runner(self, req, context)
+
+        QueryRetrieveServiceClass._get_scp = _get_scp  # type: ignore[method-assign]
+    setattr(ae, _GET_RUNNER, runner)
+    return True
+
+
+def _unroute_gets() -> None:
+    global _original_get_scp
+    if _original_get_scp is not None:
+        QueryRetrieveServiceClass._get_scp = _original_get_scp  # type: ignore[method-assign]
+        _original_get_scp = None
+
+
+# --------------------------------------------------------------------------------------------
+# reactor_wake
+
+
+class _ReactorTime:
+    """`time` as pynetdicom's association module sees it: its reactor's 1 ms poll sleep
+    returns when a DIMSE message is queued for that association; everything else is `time`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        queue = getattr(getattr(threading.current_thread(), "dimse", None), "msg_queue", None)
+        if seconds != 0.001 or queue is None:  # not the reactor's poll (an Association thread)
+            time.sleep(seconds)
+            return
+        with queue.not_empty:  # the queue's own lock and condition: put() notifies it
+            if not queue.queue:
+                queue.not_empty.wait(seconds)
+
+
+_reactor_time = _ReactorTime()
+
+
+def wake_reactors() -> bool:
+    """Install the waking poll for every association's reactor (process-wide)."""
+    if not available(REACTOR_WAKE):
+        return False
+    from pynetdicom import association
+
+    setattr(association, "time", _reactor_time)  # noqa: B010 - a module global of pynetdicom
+    return True
+
+
+def unwake_reactors() -> None:
+    from pynetdicom import association
+
+    if getattr(association, "time", None) is _reactor_time:
+        setattr(association, "time", time)  # noqa: B010
+
+
+# --------------------------------------------------------------------------------------------
+# raw_p_data
+
+
+def raw_socket(assoc: Any) -> Any:
+    """The association's TCP socket, to write P-DATA PDUs to directly; None when the hook is
+    unavailable or the connection is TLS (an SSL object must not be read and written from two
+    threads at once).
+
+    Hazard: the DUL thread also writes this socket (A-ABORT, what is queued with send_pdu);
+    every writer on a C-GET goes through one lock (dimse/get_sender.py).
+    """
+    if not available(RAW_P_DATA):
+        return None
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return None
+    return sock
+
+
+def watch_dimse_messages(assoc: Any, wake: Callable[[], None]) -> Any:
+    """pynetdicom's queue of received DIMSE messages ((context id, message) items; (None,
+    None) once the association is aborted or closed), with `wake()` called after each put
+    (in the DUL thread), so a waiter on the event loop needs no thread of its own."""
+    messages = assoc.dimse.msg_queue
+    original_put = type(messages).put
+
+    def put(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        original_put(messages, item, block, timeout)
+        wake()
+
+    messages.put = put
+    return messages
+
+
+def unwatch_dimse_messages(assoc: Any) -> None:
+    """Undo watch_dimse_messages."""
+    messages = assoc.dimse.msg_queue
+    if "put" in vars(messages):
+        del messages.put
+
+
+# --------------------------------------------------------------------------------------------
 # waiting_socket, dul_wake
 
 
@@ -302,33 +476,6 @@ def wake_on_send(dul: Any, wake: Callable[[], None]) -> bool:
     dul.send_pdu = send_pdu
     dul._run_loop_delay = 0
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# reactor_resume
-
-
-def wait_for_reactor_resume(assoc: Any, timeout: float = 1.0) -> None:
-    """Before a DIMSE request on an association whose previous request just finished.
-
-    pynetdicom pauses the association's reactor around each request, but its "paused" flag
-    stays True from the previous request until the reactor thread runs again; a request sent
-    in that moment is not protected, and the reactor can take its response off the queue
-    ("Received unexpected C-STORE service message"), leaving the sender to wait out the
-    DIMSE timeout. Back-to-back sends on a busy process hit this; wait for the resume first.
-    Not from the reactor's own thread (a C-GET handler sends its sub-operations there): the
-    reactor cannot resume while we run in it, so the wait would only run out its timeout.
-    """
-    if not available(REACTOR_RESUME) or threading.current_thread() is assoc:
-        return
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is None or not checkpoint.is_set():
-        return
-    deadline = time.monotonic() + timeout
-    while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
-        if not assoc.is_alive():
-            return
-        time.sleep(0.00005)
 
 
 # --------------------------------------------------------------------------------------------

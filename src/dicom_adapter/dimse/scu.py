@@ -1,8 +1,11 @@
-"""Outgoing DIMSE associations (commitment reports, C-MOVE sub-operations): blocking, for workers.
+"""Outgoing pynetdicom associations (commitment reports, the --check C-ECHO), and what every SCU
+shares: the target, the requested contexts, the timeouts and the association errors.
 
-Call these from a worker thread (`Bridge.run_blocking`), never from the event loop: pynetdicom
-blocks while it connects, negotiates and waits for responses. pynetdicom's failures (refused
-connection, rejection, abort, no accepted context) become `AssociationError`s here.
+`associate` blocks while pynetdicom connects, negotiates and waits for responses: call it from a
+worker thread (`Bridge.run_blocking`), never from the event loop. pynetdicom's failures (refused
+connection, rejection, abort, no accepted context) become `AssociationError`s here. C-STORE
+sub-operations of C-MOVE and the export sink use the asyncio SCU in `store_scu.py`; C-GET's
+go out on the requesting association through `get_sender.py`.
 """
 
 from __future__ import annotations

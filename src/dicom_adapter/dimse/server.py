@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from pathlib import Path
 from typing import Any, cast
 
 from pydicom import Dataset
@@ -64,9 +63,10 @@ def configure_pynetdicom() -> None:
     - pydicom's value validation is off: datasets are forwarded, never built or changed.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as they are (see spooled())
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a pynetdicom C-STORE of a file streams it
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     hooks.check()  # one WARNING per private internal that is not as expected
+    hooks.wake_reactors()
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -93,7 +93,7 @@ class MoveRequest:
         self.assoc = service.assoc
         self.message_id = int(request.MessageID)
         self.sop_class_uid = str(request.AffectedSOPClassUID)
-        self.move_destination = str(request.MoveDestination or "").strip()
+        self.move_destination = str(getattr(request, "MoveDestination", "") or "").strip()
 
     def identifier(self) -> Dataset:
         """The decoded request identifier (ValueError and friends when it cannot be)."""
@@ -104,6 +104,11 @@ class MoveRequest:
             syntax.is_little_endian,
             syntax.is_deflated,
         )
+
+    @property
+    def gone(self) -> bool:
+        """True when the requesting association is no longer established."""
+        return not self.assoc.is_established
 
     def is_cancelled(self) -> bool:
         """True once the requester sent a C-CANCEL for this request."""
@@ -148,7 +153,7 @@ class MoveRequest:
         error_comment: str = "",
     ) -> None:
         """Send a C-MOVE-RSP; a final one carries FailedSOPInstanceUIDList when given."""
-        rsp = C_MOVE()
+        rsp = self._primitive()
         rsp.MessageIDBeingRespondedTo = self.message_id
         rsp.AffectedSOPClassUID = self.sop_class_uid
         rsp.Status = status
@@ -161,7 +166,7 @@ class MoveRequest:
         if warning is not None:
             rsp.NumberOfWarningSuboperations = warning
         if error_comment:
-            rsp.ErrorComment = error_comment[:64]  # type: ignore[assignment]
+            rsp.ErrorComment = error_comment[:64]
         if failed_uids:
             syntax = self._context.transfer_syntax[0]
             identifier = Dataset()
@@ -170,6 +175,12 @@ class MoveRequest:
                 identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
             )
             rsp.Identifier = BytesIO(cast(bytes, encoded))
+        self._send(rsp)
+
+    def _primitive(self) -> Any:
+        return C_MOVE()
+
+    def _send(self, rsp: Any) -> None:
         self._service.dimse.send_msg(rsp, self._context.context_id)
 
 
@@ -193,6 +204,19 @@ def refuse_move(event: Any) -> Any:
 POLL_WAIT = 0.005  # longest the DUL thread blocks when idle (its timers are checked that often)
 UNLIMITED_PDU = 64 << 20  # the PDU bound when --max_pdu_size is 0 (buffers grow as bytes arrive)
 READ_CHUNK = 1 << 20  # the most one recv() asks for: a buffer grows by what arrived, not more
+
+
+def lend_socket(assoc: Any) -> tuple[Any, threading.Event] | None:
+    """The association's socket wrapper, lent to another reader (see
+    `_WaitingAssociationSocket.lend`), and the event set once the DUL stopped reading; None
+    without our socket class (hook waiting_socket) or over TLS."""
+    assoc_socket = getattr(getattr(assoc, "dul", None), "socket", None)
+    if not isinstance(assoc_socket, _WaitingAssociationSocket):
+        return None
+    if isinstance(assoc_socket.socket, ssl.SSLSocket):
+        return None
+    ack = assoc_socket.lend()
+    return None if ack is None else (assoc_socket, ack)
 
 
 def pdu_bound(max_pdu_size: int) -> int:
@@ -220,6 +244,30 @@ class _WaitingAssociationSocket(AssociationSocket):
     _replay: bytes = b""
     _max_pdu: int = UNLIMITED_PDU
     _peer: str = ""
+    _lent = False  # another reader has the socket (see `lend`)
+    _lent_ack: threading.Event | None = None
+
+    def lend(self) -> threading.Event | None:
+        """Stop the DUL reading this socket so another reader can (a C-GET's responses, read
+        on the event loop). Returns an event set once the DUL has stopped (it finishes a PDU
+        it is reading first); None if it cannot be lent. End with `give_back`."""
+        if self._wake_writer is None or self._lent:
+            return None
+        self._lent_ack = threading.Event()
+        self._lent = True
+        self._poke()
+        return self._lent_ack
+
+    def give_back(self, unread: bytes) -> None:
+        """The DUL reads again, first the bytes the other reader took but did not use."""
+        self._replay = unread + self._replay
+        self._lent = False
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake_writer is not None:
+            with contextlib.suppress(OSError):
+                self._wake_writer.send(b"\0")
 
     @property
     def ready(self) -> bool:
@@ -229,6 +277,14 @@ class _WaitingAssociationSocket(AssociationSocket):
             return False
         if self._replay:
             return True
+        ack = self._lent_ack
+        if self._lent and self._wake is not None:  # someone else reads: wait for a poke
+            if ack is not None:
+                ack.set()
+            with contextlib.suppress(OSError, ValueError):
+                if select.select([self._wake], [], [], POLL_WAIT)[0]:
+                    self._wake.recv(4096)
+            return bool(self._replay)
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         watched = [sock] if self._wake is None else [sock, self._wake]
@@ -240,7 +296,7 @@ class _WaitingAssociationSocket(AssociationSocket):
         if self._wake is not None and self._wake in readable:
             with contextlib.suppress(OSError):
                 self._wake.recv(4096)
-        return sock in readable
+        return sock in readable and not self._lent
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -337,37 +393,6 @@ class ConnectionTuner:
 _SCU_TUNER = ConnectionTuner(0)
 tune_connection = _SCU_TUNER.open  # for our SCU associations (scu.py): nothing to replay
 release_connection = ConnectionTuner.close
-
-
-_SPOOL_PATH = "_spool_path"
-
-
-def spooled(path: Path, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
-    """A stand-in Dataset for a Part-10 file that `send_spooled_files` sends byte for byte.
-
-    pynetdicom's Q/R SCPs insist on yielding Datasets and would decode and re-encode every
-    instance (all of it in memory, ~4 ms per 512 KB); this keeps sub-operations streaming.
-    """
-    marker = Dataset()
-    marker.SOPClassUID = sop_class_uid
-    marker.SOPInstanceUID = sop_instance_uid
-    object.__setattr__(marker, _SPOOL_PATH, path)
-    return marker
-
-
-wait_for_reactor_resume = hooks.wait_for_reactor_resume
-
-
-def send_spooled_files(assoc: Any) -> None:
-    """Make this association's C-STORE send a `spooled()` stand-in's file without decoding."""
-    original = assoc.send_c_store
-
-    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        path = getattr(dataset, _SPOOL_PATH, None) if isinstance(dataset, Dataset) else None
-        wait_for_reactor_resume(assoc)
-        return original(path if path is not None else dataset, *args, **kwargs)
-
-    assoc.send_c_store = send_c_store
 
 
 def build_ae(

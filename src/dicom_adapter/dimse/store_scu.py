@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from dicom_adapter.dicom.part10 import DatasetFile, DatasetSource
 from dicom_adapter.dimse import pdu
-from dicom_adapter.dimse.part10 import DatasetFile, DatasetSource
 from dicom_adapter.dimse.scu import (
     DEFAULT_MAX_PDU,
     MAX_CONTEXTS,

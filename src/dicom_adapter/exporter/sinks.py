@@ -17,11 +17,12 @@ from typing import Protocol
 
 import httpx
 
+from dicom_adapter.dicom.part10 import DatasetSource, FileMeta
+from dicom_adapter.dicom.syntaxes import IMPLICIT_VR_LE, UNCOMPRESSED, uncompressed_for
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.instances import FetchedInstance
 from dicom_adapter.dicomweb.stow import status_for
 from dicom_adapter.dimse import pdu
-from dicom_adapter.dimse.part10 import DatasetSource, FileMeta
 from dicom_adapter.dimse.scu import (
     DEFAULT_MAX_PDU,
     MAX_CONTEXTS,
@@ -31,7 +32,6 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation, StoreResponse
-from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE, UNCOMPRESSED, uncompressed_for
 from dicom_adapter.errors import AdapterError, UpstreamError
 from dicom_adapter.status import Status, is_stored
 

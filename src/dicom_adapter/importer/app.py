@@ -23,6 +23,7 @@ from dicom_adapter.dicom.transcode import transcoding_step
 from dicom_adapter.dicomweb.auth import choose_auth, credentials_if_needed
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client
 from dicom_adapter.dicomweb.instances import MemoryBudget
+from dicom_adapter.dimse.get_sender import refuse_get, route_gets
 from dicom_adapter.dimse.scu import AssociationTarget, ScuTimeouts, client_tls_context
 from dicom_adapter.dimse.server import (
     build_ae,
@@ -48,18 +49,19 @@ from dicom_adapter.importer.find import FindService
 from dicom_adapter.importer.handlers import (
     AssociationCleanup,
     CFindHandler,
+    CommitmentHandler,
     CStoreHandler,
     RetrieveHandlers,
     SpoolIntake,
 )
-from dicom_adapter.importer.move import InstanceMover, RetrieveService
 from dicom_adapter.importer.prepare import build_preparation
+from dicom_adapter.importer.retrieve import InstanceMover, RetrieveService
 from dicom_adapter.importer.routing import Destination, RoutingTable, load_destination_config
-from dicom_adapter.importer.store import InstanceStore, StoreService
+from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.cloud_monitoring import MonitoringExporter, start_monitoring
 from dicom_adapter.observability.http import HealthServer, serve_health
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
-from dicom_adapter.spool.base import Spool
+from dicom_adapter.spool.base import InstanceStore, Spool
 from dicom_adapter.spool.gcs import GcsLocation, GcsSpool, Storage, is_gcs, replica_name
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
@@ -225,7 +227,6 @@ class ImportService:
             )
         # From a data set's last byte to its C-STORE-RSP: the upstream retries end before it.
         store_timeout = settings.cstore_answer_deadline
-        retrieve_timeout = settings.upstream_retry_deadline + 2 * settings.http_timeout + 5
         configure_pynetdicom()
         query_services = bool(settings.dicomweb_root)  # not with the deprecated STOW-only pair
         find_on = query_services and not settings.disable_cfind
@@ -307,14 +308,11 @@ class ImportService:
             )
             handlers.append((evt.EVT_C_FIND, CFindHandler(bridge, find, metrics=metrics)))
         if retrieve_on:
-            retrieve_service = RetrieveService(client, settings.dicomweb_root)
             retrieve = RetrieveHandlers(
                 bridge,
-                retrieve_service,
                 aets,
-                timeout=retrieve_timeout + settings.dimse_timeout,
                 mover=InstanceMover(
-                    retrieve_service,
+                    RetrieveService(client, settings.dicomweb_root),
                     timeouts=sub_operation_timeouts,
                     budget=self.fetch_budget,
                     metrics=metrics,
@@ -324,7 +322,8 @@ class ImportService:
             )
             if not route_moves(ae, retrieve.run_move):
                 handlers.append((evt.EVT_C_MOVE, refuse_move))
-            handlers.append((evt.EVT_C_GET, retrieve.on_get))
+            if not route_gets(ae, retrieve.run_get):
+                handlers.append((evt.EVT_C_GET, refuse_get))
         if commitment_on:
             commitment = CommitmentService(
                 client,
@@ -335,7 +334,7 @@ class ImportService:
                 scu_timeouts=sub_operation_timeouts,
                 metrics=metrics,
             )
-            handlers.append((evt.EVT_N_ACTION, commitment.on_n_action))
+            handlers.append((evt.EVT_N_ACTION, CommitmentHandler(commitment, metrics=metrics)))
         try:
             self._server = start_server(
                 ae,

@@ -27,7 +27,7 @@ from dicom_adapter.dimse.scu import (
     associate,
 )
 from dicom_adapter.dimse.server import STORAGE_COMMITMENT_PUSH_MODEL
-from dicom_adapter.errors import AdapterError, error_comment, lo_text
+from dicom_adapter.errors import AdapterError
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
 from dicom_adapter.status import Status
 
@@ -166,13 +166,6 @@ def _json_uid(item: dict[str, Any], tag: str) -> str | None:
     return values[0].strip() or None
 
 
-def _status(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = lo_text(comment)
-    return status
-
-
 class CommitmentService:
     """Serves Storage Commitment Push Model requests from a DICOMweb server's contents."""
 
@@ -209,50 +202,33 @@ class CommitmentService:
 
     # ------------------------------------------------------------------ pynetdicom thread
 
-    def on_n_action(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
-        """EVT_N_ACTION: validate, schedule verification, answer at once; never raises."""
-        status, reply = self._on_n_action(event)
-        try:
-            self._metrics.commitment_requests.inc()
-            code = status if isinstance(status, int) else int(status.get("Status", 0))
-            if code != Status.SUCCESS:
-                self._metrics.commitment_errors.inc()
-        except Exception:
-            logger.warning("storage commitment metrics not recorded", exc_info=True)
-        return status, reply
+    def request(
+        self,
+        calling_aet: str,
+        action_type: int,
+        action_information: Dataset,
+        fields: dict[str, str],
+    ) -> None:
+        """Accept a Request Storage Commitment: verification and report go on in the background.
 
-    def _on_n_action(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
-        try:
-            calling = str(event.assoc.requestor.ae_title).strip()
-        except AttributeError:
-            calling = ""
-        fields = {"association": str(getattr(event.assoc, "name", "")), "calling_aet": calling}
-        try:
-            if event.action_type != REQUEST_STORAGE_COMMITMENT:
-                logger.warning("N-ACTION with action type %s refused", event.action_type)
-                return _status(Status.NO_SUCH_ACTION, "only action type 1 is supported"), None
-            peer = self._aets.get(calling)
-            if peer is None:
-                logger.error(
-                    "storage commitment from %r refused: not in the AET dictionary",
-                    calling,
-                    extra=fields,
-                )
-                comment = f"AET {calling} unknown: add it to the AET dictionary"
-                return _status(Status.PROCESSING_FAILURE, comment), None
-            transaction_uid, instances = parse_action_information(event.action_information)
-            fields["transaction_uid"] = transaction_uid
-            self._bridge.submit(self.commit, peer, transaction_uid, instances, fields)
-            logger.info(
-                "storage commitment requested for %d instances", len(instances), extra=fields
+        Raises an AdapterError whose status and comment answer the N-ACTION when refused.
+        """
+        if action_type != REQUEST_STORAGE_COMMITMENT:
+            raise CommitmentRequestError(
+                f"N-ACTION with action type {action_type} refused",
+                status=Status.NO_SUCH_ACTION,
+                comment="only action type 1 is supported",
             )
-            return int(Status.SUCCESS), None
-        except AdapterError as exc:
-            logger.error("storage commitment request refused: %s", exc, extra=fields)
-            return _status(Status.PROCESSING_FAILURE, error_comment(exc)), None
-        except Exception as exc:
-            logger.exception("storage commitment request failed unexpectedly", extra=fields)
-            return _status(Status.PROCESSING_FAILURE, error_comment(exc)), None
+        peer = self._aets.get(calling_aet)
+        if peer is None:
+            raise CommitmentRequestError(
+                f"storage commitment from {calling_aet!r}: not in the AET dictionary",
+                comment=f"AET {calling_aet} unknown: add it to the AET dictionary",
+            )
+        transaction_uid, instances = parse_action_information(action_information)
+        fields["transaction_uid"] = transaction_uid
+        self._bridge.submit(self.commit, peer, transaction_uid, instances, fields)
+        logger.info("storage commitment requested for %d instances", len(instances), extra=fields)
 
     # ------------------------------------------------------------------ event loop
 

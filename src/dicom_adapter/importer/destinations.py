@@ -25,7 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any
 
-from dicom_adapter.dimse.part10 import DatasetFile, FileMeta, NeedMoreData, read_file_meta
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_filter_attributes
+from dicom_adapter.dicom.part10 import DatasetFile, read_path_meta
+from dicom_adapter.dicom.syntaxes import IMPLICIT_VR_LE
 from dicom_adapter.dimse.scu import (
     MAX_CONTEXTS,
     AssociationError,
@@ -34,11 +36,9 @@ from dicom_adapter.dimse.scu import (
     ScuTimeouts,
 )
 from dicom_adapter.dimse.store_scu import AssociationLostError, StoreAssociation
-from dicom_adapter.dimse.syntaxes import IMPLICIT_VR_LE
 from dicom_adapter.errors import InvalidDatasetError, lo_text
-from dicom_adapter.importer.routing import Destination, RoutingTable, read_filter_attributes
-from dicom_adapter.importer.store import InstanceIdentity, InstanceStore, StoreOutcome
-from dicom_adapter.spool.base import Spool, queue_name
+from dicom_adapter.importer.routing import Destination, RoutingTable
+from dicom_adapter.spool.base import InstanceStore, Spool, StoreOutcome, queue_name
 from dicom_adapter.spool.gcs import GcsSpool
 from dicom_adapter.spool.local import (
     DEST_AREA,
@@ -55,25 +55,8 @@ logger = logging.getLogger(__name__)
 
 DESTINATION_FILE = "destination.json"
 VERIFICATION = "1.2.840.10008.1.1"
-_META_READ = 64 << 10
 _UNSAFE = re.compile(r"[^0-9A-Za-z.]")
 _PERMANENT = frozenset({Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, Status.SOP_CLASS_NOT_SUPPORTED})
-
-
-def read_meta(path: Path) -> FileMeta:
-    """The Part-10 meta group of a spooled file (blocking)."""
-    with path.open("rb") as stream:
-        head = stream.read(_META_READ)
-        while True:
-            try:
-                return read_file_meta(head, complete=len(head) < _META_READ)
-            except NeedMoreData:
-                more = stream.read(_META_READ)
-                if not more or len(head) > 16 * _META_READ:
-                    raise InvalidDatasetError("the file meta group does not end") from None
-                head += more
-            except ValueError as exc:
-                raise InvalidDatasetError(str(exc)) from exc
 
 
 class DimseStore:
@@ -119,7 +102,10 @@ class DimseStore:
         self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
     ) -> StoreOutcome:
         """One C-STORE; a failure status with the peer's answer in the excerpt."""
-        meta = await asyncio.to_thread(read_meta, path)
+        try:
+            meta = await asyncio.to_thread(read_path_meta, path)
+        except ValueError as exc:
+            raise InvalidDatasetError(str(exc)) from exc
         key = (meta.sop_class_uid, meta.transfer_syntax)
         async with self._lock:
             for fresh_try in (False, True):

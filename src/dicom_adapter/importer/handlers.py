@@ -8,42 +8,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from dicom_adapter.aets import AetDictionary
 from dicom_adapter.bridge import Bridge
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.dicom.deflate import check_inflated_size
 from dicom_adapter.dicomweb.qido import QueryRoot
+from dicom_adapter.dimse.get_sender import GetRequest
 from dicom_adapter.dimse.server import (
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_RETRIEVE,
     MoveRequest,
-    send_spooled_files,
-    spooled,
 )
-from dicom_adapter.dimse.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, UNCOMPRESSED
 from dicom_adapter.errors import AdapterError, error_comment, lo_text
+from dicom_adapter.importer.commitment import CommitmentService
 from dicom_adapter.importer.cstore_spool import CStoreSpool, ReceivingFile, discard
 from dicom_adapter.importer.destinations import DestinationSpools, Router
 from dicom_adapter.importer.find import FindService
-from dicom_adapter.importer.move import (
-    Fetched,
-    InstanceMover,
-    InstanceRef,
-    MoveDestination,
-    MoveProgress,
-    RetrieveService,
-)
 from dicom_adapter.importer.prepare import Preparation
+from dicom_adapter.importer.retrieve import InstanceMover, MoveDestination, MoveProgress
 from dicom_adapter.importer.routing import Destination
-from dicom_adapter.importer.store import InstanceIdentity, StoreService, read_identity
-from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.importer.store import StoreService
+from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry, RetrieveCounters
 from dicom_adapter.spool.base import Spool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status, is_failure_code, is_stored, is_warning_code
@@ -260,7 +252,7 @@ class CStoreHandler:
                 spool.refused(size)
             return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
-            intake.uploader.enqueue_threadsafe(queued)
+            intake.uploader.enqueue_threadsafe(queued, identity)
             return int(Status.SUCCESS), ""
         started = self._bridge.start(intake.uploader.upload_now, queued, identity)
         outcome = self._bridge.result(started, self._timeout)
@@ -288,7 +280,7 @@ class CStoreHandler:
             return int(Status.OUT_OF_RESOURCES), "adapter spool write failed"
         if intake.auto_ack:
             for queue, queued in targets:
-                queue.uploader.enqueue_threadsafe(queued)
+                queue.uploader.enqueue_threadsafe(queued, identity)
             return int(Status.SUCCESS), ""
         started = self._bridge.start(destinations.upload_now, targets, identity)
         outcome = self._bridge.result(started, self._timeout)
@@ -300,6 +292,33 @@ class CStoreHandler:
 def _cleaned_up(path: Path | None) -> bool:
     """True once AssociationCleanup removed the data set's file: nobody awaits the answer."""
     return path is not None and not path.exists()
+
+
+class CommitmentHandler:
+    """EVT_N_ACTION (Storage Commitment Push Model): answered at once; the report follows later."""
+
+    def __init__(self, service: CommitmentService, *, metrics: ImportMetrics | None = None) -> None:
+        self._service = service
+        self._metrics = metrics or ImportMetrics(MetricsRegistry())
+
+    def __call__(self, event: Any) -> tuple[int | Dataset, None]:
+        fields = association_fields(event)
+        try:
+            # the Action Information is decoded on access: inside the try
+            info = event.action_information
+            self._service.request(fields["calling_aet"], event.action_type, info, fields)
+            status, comment = int(Status.SUCCESS), ""
+        except AdapterError as exc:
+            logger.error("storage commitment request refused: %s", exc, extra=fields)
+            status, comment = int(exc.status), error_comment(exc)
+        except Exception as exc:
+            logger.exception("storage commitment request failed unexpectedly", extra=fields)
+            status, comment = int(Status.PROCESSING_FAILURE), error_comment(exc)
+        with _never_raises("storage commitment"):
+            self._metrics.commitment_requests.inc()
+            if status != Status.SUCCESS:
+                self._metrics.commitment_errors.inc()
+        return status_answer(status, comment), None
 
 
 class CFindHandler:
@@ -361,180 +380,110 @@ class CFindHandler:
             yield status_answer(Status.PROCESSING_FAILURE, error_comment(exc)), None
 
 
-_UNCOMPRESSED = {*UNCOMPRESSED, EXPLICIT_VR_BE}  # pynetdicom converts between these
-_FETCH_FAILED = "instance could not be fetched"  # pynetdicom counts a non-Dataset as failed
-
-
-def _accepted_syntaxes(assoc: Any, item: Fetched) -> set[str]:
-    """Transfer syntaxes the receiver accepted for this instance's SOP class."""
-    return {
-        str(cx.transfer_syntax[0])
-        for cx in getattr(assoc, "accepted_contexts", [])
-        if str(cx.abstract_syntax) == item.ref.sop_class_uid
-    }
-
-
 class RetrieveHandlers:
-    """C-MOVE (`run_move`, our sub-operation loop) and EVT_C_GET (pynetdicom sends on the
-    requesting association; the instances come from RetrieveService)."""
+    """C-MOVE (`run_move`) and C-GET (`run_get`), run in the requesting association's thread:
+    the retrieve pipeline (InstanceMover) sends the sub-operations, these answer the requester
+    with pending and final responses."""
 
     def __init__(
         self,
         bridge: Bridge,
-        retrieve: RetrieveService,
         aets: AetDictionary,
-        timeout: float,
         *,
-        mover: InstanceMover | None = None,
+        mover: InstanceMover,
         cmove_aet: str = "",
         metrics: ImportMetrics | None = None,
     ) -> None:
         self._bridge = bridge
-        self._retrieve = retrieve
         self._aets = aets
-        self._timeout = timeout
         self._mover = mover
         self._cmove_aet = cmove_aet
         self._metrics = metrics or ImportMetrics(MetricsRegistry())
 
-    def _plan(self, event: Any, spool: Path) -> tuple[list[InstanceRef], dict[int, Fetched]]:
-        """List the instances and fetch the first of each SOP class (for the contexts)."""
-        sop_class = str(event.request.AffectedSOPClassUID)
-        root = QueryRoot.PATIENT if sop_class in PATIENT_ROOT_RETRIEVE else QueryRoot.STUDY
-
-        async def plan() -> tuple[list[InstanceRef], dict[int, Fetched]]:
-            refs = await self._retrieve.list_instances(event.identifier, root)
-            return refs, await self._retrieve.fetch_samples(refs, spool)
-
-        return self._bridge.run_with_timeout(self._timeout, plan)
-
-    def _sub_operations(
-        self,
-        event: Any,
-        refs: list[InstanceRef],
-        samples: dict[int, Fetched],
-        spool: Path,
-        fields: dict[str, str],
-        store_assoc: Callable[[], Any],
-    ) -> Iterator[tuple[int, Any]]:
-        level = str(getattr(event.identifier, "QueryRetrieveLevel", "") or "").upper()
-        fetched = self._bridge.iterate(self._retrieve.fetch_bulk, refs, spool, samples, level)
-        try:
-            for index, item in enumerate(fetched):
-                if event.is_cancelled:
-                    logger.info("retrieve cancelled", extra=fields)
-                    yield int(Status.CANCEL), None
-                    return
-                if item.path is not None:
-                    item = self._in_accepted_syntax(item, index, spool, store_assoc())
-                if item.path is None:
-                    yield int(Status.PENDING), _FETCH_FAILED
-                    continue
-                if item.transfer_syntax in _accepted_syntaxes(store_assoc(), item):
-                    dataset = spooled(item.path, item.ref.sop_class_uid, item.ref.sop_instance_uid)
-                else:  # uncompressed, other byte order/VR: pynetdicom converts a decoded copy
-                    dataset = dcmread(item.path)
-                yield int(Status.PENDING), dataset
-                item.path.unlink(missing_ok=True)  # sent: free the spool as we go
-        finally:
-            close = getattr(fetched, "close", None)
-            if close is not None:
-                close()
-
-    def _in_accepted_syntax(self, item: Fetched, index: int, spool: Path, assoc: Any) -> Fetched:
-        """The instance in a syntax the receiver accepted: refetch it uncompressed if needed.
-
-        The receiver may refuse the original syntax (e.g. a viewer without JPEG 2000); then
-        WADO-RS is asked for Explicit VR Little Endian (the server transcodes). Uncompressed
-        syntaxes convert into each other when pynetdicom encodes, so they need no refetch.
-        """
-        accepted = _accepted_syntaxes(assoc, item)
-        if not accepted or item.transfer_syntax in accepted:
-            return item
-        if item.transfer_syntax in _UNCOMPRESSED and accepted & _UNCOMPRESSED:
-            return item
-        if not accepted & _UNCOMPRESSED:
-            return item  # nothing better to offer: the sub-operation reports the failure
-        assert item.path is not None
-        item.path.unlink(missing_ok=True)
-        logger.info("receiver refused %s; fetching uncompressed", item.transfer_syntax)
-        return self._bridge.run_with_timeout(
-            self._timeout, self._retrieve.fetch_one, index, item.ref, spool, EXPLICIT_VR_LE
-        )
-
     def run_move(self, request: MoveRequest) -> None:
-        """C-MOVE: destination from the AET dictionary, sub-operations by InstanceMover."""
+        """C-MOVE: destination from the AET dictionary, sub-operations over one association."""
+        self._run(request, "C-MOVE", self._metrics.cmove)
+
+    def run_get(self, request: GetRequest) -> None:
+        """C-GET: the same pipeline, sub-operations back on the requesting association."""
+        self._run(request, "C-GET", self._metrics.cget)
+
+    def _run(self, request: MoveRequest, what: str, counters: RetrieveCounters) -> None:
         fields = association_fields(request)
         started = time.perf_counter()
-        with _never_raises("C-MOVE"):
-            self._metrics.cmove_requests.inc()
+        with _never_raises(what):
+            counters.requests.inc()
         final: int = Status.PROCESSING_FAILURE
         try:
-            final = self._run_move(request, fields)
+            final = self._serve(request, what, fields)
         except Exception as exc:
-            logger.exception("C-MOVE failed unexpectedly", extra=fields)
+            logger.exception("%s failed unexpectedly", what, extra=fields)
             with contextlib.suppress(Exception):
                 request.respond(Status.PROCESSING_FAILURE, error_comment=error_comment(exc))
         finally:
-            with _never_raises("C-MOVE"):
-                self._count_move(final, time.perf_counter() - started)
+            with _never_raises(what):
+                _count_retrieve(counters, final, time.perf_counter() - started)
 
-    def _count_move(self, final: int, seconds: float) -> None:
-        metrics = self._metrics
-        metrics.cmove_seconds.observe(seconds)
-        if final == Status.CANCEL:
-            metrics.cmove_cancels.inc()
-        elif is_warning_code(final):
-            metrics.cmove_warnings.inc()
-        elif is_failure_code(final):
-            metrics.cmove_errors.inc()
-
-    def _run_move(self, request: MoveRequest, fields: dict[str, str]) -> int:
-        """Serve the C-MOVE; returns the final status it answered with."""
-        destination = request.move_destination
-        peer = self._aets.get(destination)
-        if peer is None:
-            logger.error("C-MOVE to unknown destination %r", destination, extra=fields)
-            request.respond(
-                Status.MOVE_DESTINATION_UNKNOWN,
-                error_comment=lo_text(f"destination {destination} not in the AET dictionary"),
-            )
-            return Status.MOVE_DESTINATION_UNKNOWN
+    def _updates(
+        self, request: MoveRequest, what: str, fields: dict[str, str]
+    ) -> tuple[Iterator[list[MoveProgress]] | None, int]:
+        """The pipeline's progress updates, or None and the status already answered."""
+        peer = None
+        if not isinstance(request, GetRequest):
+            peer = self._aets.get(request.move_destination)
+            if peer is None:
+                logger.error(
+                    "C-MOVE to unknown destination %r", request.move_destination, extra=fields
+                )
+                request.respond(
+                    Status.MOVE_DESTINATION_UNKNOWN,
+                    error_comment=lo_text(
+                        f"destination {request.move_destination} not in the AET dictionary"
+                    ),
+                )
+                return None, Status.MOVE_DESTINATION_UNKNOWN
         try:
             identifier = request.identifier()
         except Exception as exc:
-            logger.error("C-MOVE identifier cannot be decoded: %s", exc, extra=fields)
+            logger.error("%s identifier cannot be decoded: %s", what, exc, extra=fields)
             request.respond(Status.CANNOT_UNDERSTAND, error_comment="identifier cannot be decoded")
-            return Status.CANNOT_UNDERSTAND
-        if self._mover is None:
-            raise RuntimeError("RetrieveHandlers was built without an InstanceMover")
+            return None, Status.CANNOT_UNDERSTAND
         root = (
             QueryRoot.PATIENT if request.sop_class_uid in PATIENT_ROOT_RETRIEVE else QueryRoot.STUDY
         )
+        if isinstance(request, GetRequest):
+            updates = self._bridge.iterate(
+                self._mover.get, identifier, root, request.requester, request.is_cancelled
+            )
+            return updates, Status.SUCCESS
+        assert peer is not None
         target = MoveDestination(
             self._aets.target(peer, self._cmove_aet),
             originator_aet=fields.get("calling_aet", ""),
             originator_message_id=request.message_id,
         )
-        progress: MoveProgress | None = None
-        cancelled = False
         updates = self._bridge.iterate(
             self._mover.move, identifier, root, target, request.is_cancelled
         )
+        return updates, Status.SUCCESS
+
+    def _serve(self, request: MoveRequest, what: str, fields: dict[str, str]) -> int:
+        """Serve the C-MOVE or C-GET; returns the final status it answered with."""
+        updates, answered = self._updates(request, what, fields)
+        if updates is None:
+            return answered
+        to = f" to {request.move_destination}" if request.move_destination else ""
+        progress: MoveProgress | None = None
+        cancelled = False
         try:
             for batch in updates:
                 if progress is None:
                     progress = batch[-1]
-                    logger.info(
-                        "C-MOVE of %d instances to %s",
-                        progress.remaining,
-                        destination,
-                        extra=fields,
-                    )
+                    logger.info("%s of %d instances%s", what, progress.remaining, to, extra=fields)
                     continue
                 for update in batch:
                     progress = update
-                    if update.cancelled:  # the mover polls for C-CANCEL, even mid-C-STORE
+                    if update.cancelled:  # the pipeline polls for C-CANCEL, even mid-C-STORE
                         cancelled = True
                         break
                     request.pending(
@@ -545,20 +494,23 @@ class RetrieveHandlers:
                     )
                 if cancelled:
                     break
-        except AdapterError as exc:  # listing failed (the mover handles later failures)
-            logger.error("C-MOVE failed: %s -> 0x%04X", exc, exc.status, extra=fields)
+        except AdapterError as exc:  # listing failed (the pipeline handles later failures)
+            logger.error("%s failed: %s -> 0x%04X", what, exc, exc.status, extra=fields)
             request.respond(exc.status, error_comment=error_comment(exc))
             return exc.status
         except TimeoutError:
-            logger.error("C-MOVE timed out", extra=fields)
+            logger.error("%s timed out", what, extra=fields)
             request.respond(Status.OUT_OF_RESOURCES, error_comment="timeout")
             return Status.OUT_OF_RESOURCES
         finally:
             close = getattr(updates, "close", None)
             if close is not None:
                 close()  # stops fetching and sending, releases the destination association
+        if request.gone:  # the requester aborted: nobody to answer
+            logger.info("%s ended: the requester's association is gone", what, extra=fields)
+            return Status.OUT_OF_RESOURCES_SUBOPERATIONS
         if cancelled and progress is not None:
-            logger.info("C-MOVE cancelled", extra=fields)
+            logger.info("%s cancelled", what, extra=fields)
             request.respond(
                 Status.CANCEL,
                 remaining=progress.remaining,
@@ -568,13 +520,14 @@ class RetrieveHandlers:
                 failed_uids=progress.failed_uids,
             )
             return Status.CANCEL
-        if progress is None:  # the mover yields at least once; defensive
+        if progress is None:  # the pipeline yields at least once; defensive
             request.respond(Status.PROCESSING_FAILURE)
             return Status.PROCESSING_FAILURE
         status = progress.final_status()
         logger.info(
-            "C-MOVE to %s done: 0x%04X, %d completed, %d warning, %d failed",
-            destination,
+            "%s%s done: 0x%04X, %d completed, %d warning, %d failed",
+            what,
+            to,
             status,
             progress.completed,
             progress.warning,
@@ -591,27 +544,12 @@ class RetrieveHandlers:
         )
         return status
 
-    def on_get(self, event: Any) -> Iterator[Any]:
-        """C-GET: the same instances, sent back on the requesting association."""
-        fields = association_fields(event)
-        spool = RetrieveService.new_spool()
-        try:
-            try:
-                refs, samples = self._plan(event, spool)
-            except AdapterError as exc:
-                logger.error("C-GET failed: %s -> 0x%04X", exc, exc.status, extra=fields)
-                yield 1
-                yield status_answer(exc.status, error_comment(exc)), None
-                return
-            except TimeoutError:
-                yield 1
-                yield status_answer(Status.OUT_OF_RESOURCES, "timeout listing the instances"), None
-                return
-            logger.info("C-GET of %d instances", len(refs), extra=fields)
-            send_spooled_files(event.assoc)
-            yield len(refs)
-            yield from self._sub_operations(
-                event, refs, samples, spool, fields, lambda: event.assoc
-            )
-        finally:
-            shutil.rmtree(spool, ignore_errors=True)
+
+def _count_retrieve(counters: RetrieveCounters, final: int, seconds: float) -> None:
+    counters.seconds.observe(seconds)
+    if final == Status.CANCEL:
+        counters.cancels.inc()
+    elif is_warning_code(final):
+        counters.warnings.inc()
+    elif is_failure_code(final):
+        counters.errors.inc()

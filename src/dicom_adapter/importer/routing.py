@@ -5,7 +5,7 @@ A JSON array of `{"filter": "Key=Value&...", "dicomweb_destination": URL}` or
 the calling AE title exactly; every other key is a DICOM keyword or an 8-hex-digit tag matched
 with C-FIND semantics (`*`, `?` wildcards, `\\`-separated alternatives, case-sensitive; a
 single `*` matches even an absent attribute). An empty filter matches everything. Only the
-attributes before PixelData are read, once per instance.
+attributes before PixelData are read, once per instance (`dicom.attributes`).
 """
 
 from __future__ import annotations
@@ -13,22 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 
 from dicom_adapter.config.common import check_http_url, valid_aet
 from dicom_adapter.dicom.tags import PIXEL_DATA, parse_tag
-from dicom_adapter.errors import ConfigError, InvalidDatasetError
+from dicom_adapter.errors import ConfigError
 
 ENV_DESTINATION_CONFIG_JSON = "ENV_DESTINATION_CONFIG_JSON"
 AE_TITLE_KEY = "AETitle"
@@ -322,54 +316,3 @@ def load_destination_config(
             env_text, ENV_DESTINATION_CONFIG_JSON, send_to_all=send_to_all
         )
     return RoutingTable([], send_to_all=send_to_all)
-
-
-def element_values(element: DataElement) -> list[str]:
-    """An element's values as strings (trailing spaces trimmed); empty for binary/sequences."""
-    if element.VR == "SQ":
-        return []
-    value = element.value
-    if value is None or isinstance(value, bytes | bytearray):
-        return []
-    items: Iterable[object] = value if isinstance(value, MultiValue | list) else [value]
-    out = [str(item).rstrip(" \0") for item in items]
-    return [v for v in out if v]
-
-
-def read_filter_attributes(path: Path, tags: Sequence[int]) -> dict[int, list[str]]:
-    """The filters' attributes of a Part-10 file: reads no further than the last of them."""
-    if not tags:
-        return {}
-    last = max(tags)
-
-    def past_last(tag: BaseTag, vr: str | None, length: int) -> bool:
-        return int(tag) > last
-
-    try:
-        with path.open("rb") as stream:
-            ds = read_partial(stream, stop_when=past_last, specific_tags=list(tags))
-    except (
-        InvalidDicomError,
-        ValueError,
-        EOFError,
-        OSError,
-        KeyError,
-        TypeError,
-        zlib.error,
-    ) as exc:
-        # the type only: pydicom's message may quote a value (patient data)
-        raise InvalidDatasetError(
-            f"dataset cannot be parsed ({type(exc).__name__})", comment="dataset cannot be parsed"
-        ) from exc
-    found: dict[int, list[str]] = {}
-    for tag in tags:
-        if tag in ds:
-            try:
-                found[tag] = element_values(ds[tag])
-            except (ValueError, TypeError, KeyError) as exc:
-                name = keyword_for_tag(tag) or f"{tag:08X}"
-                raise InvalidDatasetError(
-                    f"{name} cannot be decoded ({type(exc).__name__})",
-                    comment=f"{name} cannot be decoded",
-                ) from exc
-    return found

@@ -3,82 +3,17 @@
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.tag import BaseTag
-
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.dicomweb.client import DicomwebClient
 from dicom_adapter.dicomweb.stow import StowResponse, failure_comment, status_for
-from dicom_adapter.errors import InvalidDatasetError
+from dicom_adapter.spool.base import StoreOutcome
 from dicom_adapter.status import Status, is_stored, is_warning_code
 
 logger = logging.getLogger(__name__)
-
-_IDENTITY_KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-_IDENTITY_TAGS: list[BaseTag | int] = [0x00080016, 0x00080018, 0x0020000D, 0x0020000E]
-
-
-@dataclass(frozen=True)
-class InstanceIdentity:
-    """The UIDs that name an instance on the DICOMweb side."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """A STOW-RS result: the DIMSE status, plus the HTTP answer for a failed-area reason file."""
-
-    status: int
-    http_status: int = 0
-    body_excerpt: str = ""
-    comment: str = ""  # ErrorComment when the instance was not stored
-    named: bool = False  # the answer had a result of this instance's own (not the request's)
-
-
-_LAST_IDENTITY_TAG = 0x0020000E  # SeriesInstanceUID: nothing after it is needed
-
-
-def _past_identity(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return int(tag) > _LAST_IDENTITY_TAG
-
-
-def read_identity(path: Path) -> InstanceIdentity:
-    """Read the UIDs from the spooled Part-10 file, stopping right after them (hot path)."""
-    try:
-        with path.open("rb") as stream:
-            ds = read_partial(stream, stop_when=_past_identity, specific_tags=_IDENTITY_TAGS)
-    except (
-        InvalidDicomError,
-        ValueError,
-        EOFError,
-        OSError,
-        KeyError,
-        TypeError,
-        zlib.error,
-    ) as exc:
-        raise InvalidDatasetError(
-            f"dataset cannot be parsed: {exc}", comment="dataset cannot be parsed"
-        ) from exc
-    values = {key: str(ds.get(key, "") or "").strip() for key in _IDENTITY_KEYWORDS}
-    for tag in ("SOPClassUID", "SOPInstanceUID"):
-        if not values[tag]:
-            raise InvalidDatasetError(f"dataset has no {tag}")
-    return InstanceIdentity(
-        sop_class_uid=values["SOPClassUID"],
-        sop_instance_uid=values["SOPInstanceUID"],
-        study_uid=values["StudyInstanceUID"],
-        series_uid=values["SeriesInstanceUID"],
-    )
 
 
 def _already_there(response: StowResponse, sop_instance_uid: str) -> bool:
@@ -232,23 +167,3 @@ def _json_value(match: dict[str, Any], tag: str) -> str:
     if isinstance(values, list) and values:
         return str(values[0]).strip()
     return ""
-
-
-class InstanceStore(Protocol):
-    """What an uploader needs of a destination (StoreService for STOW-RS, DimseStore)."""
-
-    async def store(self, path: Path, identity: InstanceIdentity) -> int:
-        """Store one instance; the DIMSE status."""
-
-    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
-        """Store one instance for a waiting C-STORE; the status and its ErrorComment."""
-
-    async def store_batch(
-        self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
-    ) -> list[StoreOutcome]:
-        """Store several spooled instances; one outcome each, in order."""
-
-    async def store_outcome(
-        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
-    ) -> StoreOutcome:
-        """Store one spooled instance; the status plus details for a failed-area reason."""

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client
@@ -267,6 +268,22 @@ IMPORT_EVENTS: tuple[str, ...] = (
 EXPORT_EVENTS: tuple[str, ...] = ("started", "total_requests", "total_errors", "total_bytes")
 
 
+@dataclass(frozen=True)
+class RetrieveCounters:
+    """One retrieve service's metrics (C-MOVE's `cmove_*` or C-GET's `cget_*`)."""
+
+    requests: Counter
+    errors: Counter
+    warnings: Counter
+    cancels: Counter
+    qidors_requests: Counter
+    qidors_errors: Counter
+    cstore_requests: Counter
+    cstore_errors: Counter
+    cstore_bytes: Counter
+    seconds: Histogram
+
+
 class ImportMetrics:
     """dicom-import's metrics: the Java adapter's Cloud Monitoring names, plus latencies."""
 
@@ -358,6 +375,34 @@ class ImportMetrics:
         self.spool_oldest_age = registry.gauge(
             IMPORT_PREFIX + "spool_oldest_age_seconds",
             "Seconds since the oldest instance waiting in the spool's queue/ arrived.",
+        )
+        self.cmove = RetrieveCounters(
+            self.cmove_requests,
+            self.cmove_errors,
+            self.cmove_warnings,
+            self.cmove_cancels,
+            self.cmove_qidors_requests,
+            self.cmove_qidors_errors,
+            self.cmove_cstore_requests,
+            self.cmove_cstore_errors,
+            self.cmove_cstore_bytes,
+            self.cmove_seconds,
+        )
+        # C-GET: counted like C-MOVE (Prometheus only: the Java adapter has no C-GET events)
+        self.cget = RetrieveCounters(
+            counter("cget_requests", "C-GET requests received."),
+            counter("cget_errors", "C-GET requests answered with a final failure status."),
+            counter(
+                "cget_warnings",
+                "C-GET requests answered with 0xB000 (some sub-operations failed or warned).",
+            ),
+            counter("cget_cancels", "C-GET requests cancelled by the peer."),
+            counter("cget_qidors_requests", "QIDO-RS queries listing the instances of a C-GET."),
+            counter("cget_qidors_errors", "QIDO-RS queries for C-GET that failed."),
+            counter("cget_cstore_requests", "C-STORE sub-operations of C-GET attempted."),
+            counter("cget_cstore_errors", "C-STORE sub-operations of C-GET that failed."),
+            counter("cget_cstore_bytes", "Bytes of data sets delivered by C-GET sub-operations."),
+            latency("cget_seconds", "C-GET handling time in seconds."),
         )
 
 

@@ -1,4 +1,5 @@
-"""What the uploader and the C-STORE handler need of a spool, local directory or gs:// prefix.
+"""What the uploader and the C-STORE handler need of a spool, local directory or gs:// prefix,
+and what the uploader needs of the store it delivers to (StoreService, DimseStore).
 
 An item is named by a PurePath whose `.name` is its queue name,
 `<arrival ns>-<serial>-<SOP Instance UID>.dcm` (so names sort by arrival); for a local
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Protocol
+
+from dicom_adapter.dicom.attributes import InstanceIdentity
 
 SUFFIX = ".dcm"
 _UNSAFE = re.compile(r"[^0-9A-Za-z.]")
@@ -100,3 +104,34 @@ class Spool(Protocol):
     def close(self) -> None:
         """Give up the spool (what is queued stays for the next run)."""
         ...
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """A store's result (STOW-RS or C-STORE): the DIMSE status, plus why, for a reason file."""
+
+    status: int
+    http_status: int = 0
+    body_excerpt: str = ""
+    comment: str = ""  # ErrorComment when the instance was not stored
+    named: bool = False  # the answer had a result of this instance's own (not the request's)
+
+
+class InstanceStore(Protocol):
+    """What an uploader needs of a destination (StoreService for STOW-RS, DimseStore)."""
+
+    async def store(self, path: Path, identity: InstanceIdentity) -> int:
+        """Store one instance; the DIMSE status."""
+
+    async def store_answer(self, path: Path, identity: InstanceIdentity) -> StoreOutcome:
+        """Store one instance for a waiting C-STORE; the status and its ErrorComment."""
+
+    async def store_batch(
+        self, items: Sequence[tuple[Path, InstanceIdentity]], *, may_exist: bool = False
+    ) -> list[StoreOutcome]:
+        """Store several spooled instances; one outcome each, in order."""
+
+    async def store_outcome(
+        self, path: Path, identity: InstanceIdentity, *, may_exist: bool = False
+    ) -> StoreOutcome:
+        """Store one spooled instance; the status plus details for a failed-area reason."""

@@ -10,20 +10,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
+from dicom_adapter.dicom.attributes import InstanceIdentity, read_identity
 from dicom_adapter.errors import (
     AdapterError,
     InvalidDatasetError,
     UpstreamAuthError,
     UpstreamError,
 )
-from dicom_adapter.importer.store import (
-    InstanceIdentity,
-    InstanceStore,
-    StoreOutcome,
-    read_identity,
-)
 from dicom_adapter.observability.metrics import ImportMetrics
-from dicom_adapter.spool.base import Spool, name_sop_instance_uid
+from dicom_adapter.spool.base import InstanceStore, Spool, StoreOutcome, name_sop_instance_uid
 from dicom_adapter.status import Status, is_stored
 
 logger = logging.getLogger(__name__)
@@ -42,6 +37,8 @@ class _Item:
     settled: bool = False  # this attempt's outcome was acted on (delivered, retry or failed/)
     study_uid: str = ""
     first_try: float = field(default_factory=time.time)
+    # the UIDs read when it was received: its upload reads the file only to send it
+    identity: InstanceIdentity | None = None
 
 
 def _no_answer(exc: AdapterError) -> bool:
@@ -157,15 +154,15 @@ class SpoolUploader:
                 await task
         self._workers, self._rescan_task = [], None
 
-    def enqueue_threadsafe(self, path: PurePath) -> None:
+    def enqueue_threadsafe(self, path: PurePath, identity: InstanceIdentity | None = None) -> None:
         """Queue a committed instance for upload (from a pynetdicom thread)."""
         if self._loop is None:
             raise RuntimeError("uploader not started")
-        self._loop.call_soon_threadsafe(self._adopt, path)
+        self._loop.call_soon_threadsafe(self._adopt, path, identity)
 
-    def _adopt(self, path: PurePath) -> None:
+    def _adopt(self, path: PurePath, identity: InstanceIdentity | None = None) -> None:
         self._known.add(path.name)
-        self._queue.put_nowait(_Item(path))
+        self._queue.put_nowait(_Item(path, identity=identity))
 
     async def upload_now(self, path: PurePath, identity: InstanceIdentity) -> StoreOutcome:
         """Synchronous mode: one STOW for the waiting C-STORE; the file leaves queue/ after it.
@@ -263,20 +260,32 @@ class SpoolUploader:
             item.waiting = item.settled = False
         files: list[tuple[_Item, Path]] = []
         try:
-            for item in batch:
-                try:
-                    files.append(
-                        (item, await asyncio.to_thread(self._spool.materialize, item.path))
-                    )
-                except FileNotFoundError:  # an operator removed or moved it
-                    item.settled = True
+            # one thread hop for the batch (each hop costs the loop and the GIL)
+            await asyncio.to_thread(self._materialize, batch, files)
             await self._upload(files)
         finally:
-            for item, local in files:
-                await asyncio.to_thread(self._spool.release, item.path, local)
+            if files:
+                await asyncio.to_thread(self._release, files)
+
+    def _materialize(self, batch: list[_Item], files: list[tuple[_Item, Path]]) -> None:
+        """Each item's local file into `files` (filled as it goes: released however it ends)."""
+        for item in batch:
+            try:
+                files.append((item, self._spool.materialize(item.path)))
+            except FileNotFoundError:  # an operator removed or moved it
+                item.settled = True
+
+    def _release(self, files: list[tuple[_Item, Path]]) -> None:
+        for item, local in files:
+            try:
+                self._spool.release(item.path, local)
+            except Exception:  # the others are still released; the sweep removes leftovers
+                logger.exception("releasing the local copy of %s failed", item.path.name)
 
     async def _upload(self, files: list[tuple[_Item, Path]]) -> None:
-        identities = await asyncio.to_thread(_identities, [local for _, local in files])
+        unread = [local for item, local in files if item.identity is None]
+        read = iter(await asyncio.to_thread(_identities, unread) if unread else [])
+        identities = [item.identity or next(read) for item, _ in files]
         ready: list[tuple[_Item, Path, InstanceIdentity]] = []
         for (item, local), identity in zip(files, identities, strict=True):
             if isinstance(identity, InstanceIdentity):

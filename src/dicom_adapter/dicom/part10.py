@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREAMBLE = 128
+META_READ = 64 << 10  # one read: a meta group a DICOM toolkit writes is far shorter
+MAX_META_BYTES = 1 << 20  # a meta group not ended by then is refused (memory stays bounded)
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
@@ -105,3 +107,23 @@ def read_file_meta(head: bytes | bytearray | memoryview, *, complete: bool = Fal
         found["transfer_syntax_uid"],
         pos,
     )
+
+
+def read_path_meta(path: Path) -> FileMeta:
+    """The meta group of the Part-10 file at `path`, reading at most MAX_META_BYTES (blocking).
+
+    Raises NotPart10Error (a ValueError) when it is not a Part-10 file or its meta group does
+    not end within that bound, OSError when the file cannot be read.
+    """
+    head = b""
+    with path.open("rb") as stream:
+        while True:
+            chunk = stream.read(META_READ)
+            head += chunk
+            try:
+                return read_file_meta(head, complete=len(chunk) < META_READ)
+            except NeedMoreData:
+                if len(head) >= MAX_META_BYTES:
+                    raise NotPart10Error(
+                        f"the file meta group does not end within {MAX_META_BYTES} bytes"
+                    ) from None

@@ -1,0 +1,518 @@
+"""C-STORE sub-operations of a C-GET, sent on the requesting association (PS3.4 C.4.3).
+
+The requesting association belongs to pynetdicom: its DUL thread reads the socket, and the
+association's own thread runs the C-GET runner, blocked until the retrieve ends. The
+sub-operations are sent from the event loop: the C-STORE-RQ command and data set are framed
+by `pdu` and written to the socket in groups of PDUs sized to the peer's maximum PDU length
+(hook raw_p_data), without blocking (a full socket buffer hands the rest to a thread); the
+C-STORE-RSP comes through pynetdicom's DIMSE queue, whose `put` wakes the loop (one thread
+hop per sub-operation). Pending C-GET-RSPs go out the same way, in order with the C-STOREs.
+pynetdicom's `send_c_store` costs ~6 ms per 512 KB instance (a DUL hand-off per PDU, and a
+thread hop each way when called from the loop). Without the hook (or over TLS), pynetdicom's
+DIMSE provider sends, from a worker thread.
+
+Hazard: the DUL thread also writes this socket (the final response, A-ABORT). Every write
+of ours holds `lock` for one whole DIMSE message, and the final response is queued holding
+it, so PDUs of different messages never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from typing import Any
+
+from pynetdicom.dimse_primitives import C_GET, C_STORE
+
+from dicom_adapter.dicom.part10 import DatasetFile, DatasetSource
+from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse import pynetdicom_hooks as hooks
+from dicom_adapter.dimse.server import MoveRequest, lend_socket
+from dicom_adapter.dimse.store_scu import AssociationLostError, StoreResponse
+from dicom_adapter.status import Status
+
+logger = logging.getLogger(__name__)
+
+FILE_READ = 1 << 20  # bytes read from a spooled instance at a time
+WRITE_GROUP = 256 << 10  # PDUs handed to one sendmsg() call
+MAX_BUFFERS = 512  # per sendmsg() (below IOV_MAX), for peers with a tiny maximum PDU
+LEASE_READ = 1 << 16  # bytes read at a time while the loop reads the socket
+LEASE_PDU = 1 << 16  # a longer PDU is no C-STORE-RSP: the DUL reads it
+LEASE_WAIT = 1.0  # how long the DUL may take to stop reading (it finishes a PDU first)
+C_CANCEL_RQ = 0x0FFF
+
+Groups = Iterator[list[bytes | memoryview]]
+
+
+class RequesterStore:
+    """The C-STORE SCU side of one C-GET's requesting association (pynetdicom `Association`).
+
+    `c_store` and `pending` are called from the event loop, one at a time.
+    """
+
+    def __init__(
+        self,
+        assoc: Any,
+        *,
+        get_message_id: int,
+        get_sop_class_uid: str,
+        get_context_id: int,
+        dimse_timeout: float,
+        network_timeout: float,
+    ) -> None:
+        self._assoc = assoc
+        self._sock: socket.socket | None = hooks.raw_socket(assoc)
+        self._get = (get_message_id, get_sop_class_uid, get_context_id)
+        self._dimse_timeout = dimse_timeout
+        self._network_timeout = network_timeout
+        peer_max = int(getattr(getattr(assoc, "requestor", None), "maximum_length", 0) or 0)
+        # a peer announcing less than a PDV header gets the smallest fragments there are
+        self._fragment = pdu.max_fragment(peer_max if peer_max == 0 else max(peer_max, 8))
+        self._message_id = 0
+        self._abandoned = False
+        self._arrived: asyncio.Event | None = None  # set (thread-safely) by each DIMSE put
+        self._messages: Any = None
+        self._lease: Any = None  # the socket wrapper, while the loop reads the socket
+        self._lease_tried = False
+        self._inbox = bytearray()  # bytes read while leased, not yet parsed
+        self._direct: list[pdu.CommandSet] = []  # C-STORE-RSPs read while leased
+        self.cancelled = False  # a C-CANCEL for the C-GET was read while leased
+        self.lost = False  # the association broke under a sub-operation
+        self.lock = threading.Lock()  # held while any DIMSE message is written (see above)
+
+    @property
+    def raw(self) -> bool:
+        """True when sub-operations are framed by us (False: pynetdicom's DIMSE provider)."""
+        return self._sock is not None
+
+    def accepted(self) -> dict[tuple[str, str], int]:
+        """(SOP class, transfer syntax) -> context ID, for contexts where we may send C-STORE
+        (the requester took the SCP role for the class)."""
+        found: dict[tuple[str, str], int] = {}
+        for cx in getattr(self._assoc, "accepted_contexts", []):
+            if cx.as_scu and cx.transfer_syntax:
+                key = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                found.setdefault(key, int(cx.context_id))
+        return found
+
+    def abandon(self) -> None:
+        """Stop waiting for C-STORE-RSPs and give pynetdicom its DIMSE queue back (the C-GET
+        ended); from the loop."""
+        self._abandoned = True
+        self._end_lease()
+        if self._arrived is not None:
+            self._arrived.set()
+        if self._messages is not None:
+            hooks.unwatch_dimse_messages(self._assoc)
+            self._messages = None
+
+    async def c_store(
+        self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DatasetSource
+    ) -> StoreResponse:
+        """One C-STORE sub-operation of the encoded `dataset` (in the context's syntax);
+        AssociationLostError when the association broke."""
+        if self._abandoned or self.lost or not self._assoc.is_established:
+            raise AssociationLostError("the requesting association is gone")
+        self._message_id = self._message_id % 0xFFFF + 1
+        message_id = self._message_id
+        try:
+            if self._sock is None:
+                return await asyncio.to_thread(
+                    self._send_msg, context_id, sop_class_uid, sop_instance_uid, dataset, message_id
+                )
+            await self._watch()
+            command = pdu.c_store_rq(message_id, sop_class_uid, sop_instance_uid)
+            head = pdu.pdv_header(context_id, len(command), command=True, last=True)
+            if isinstance(dataset, DatasetFile):  # file reads: all of it in a thread
+                groups = self._pieces(context_id, dataset, [head, command])
+                await asyncio.to_thread(self._write_locked, groups)
+            else:
+                await self._write(
+                    _framed(context_id, dataset, self._fragment, True, [head, command])
+                )
+            return await self._response(message_id)
+        except (OSError, AssociationLostError) as exc:
+            self.lost = True
+            if isinstance(exc, AssociationLostError):
+                raise
+            raise AssociationLostError(f"C-STORE to the requester: {exc}") from exc
+
+    async def pending(self, *, remaining: int, completed: int, failed: int, warning: int) -> None:
+        """A pending C-GET-RSP (counts only), in order with the sub-operations."""
+        if self.lost or self._abandoned:
+            return
+        message_id, sop_class_uid, context_id = self._get
+        command = pdu.c_move_pending_rsp(
+            message_id,
+            sop_class_uid,
+            Status.PENDING,
+            remaining=remaining,
+            completed=completed,
+            failed=failed,
+            warning=warning,
+            command_field=pdu.C_GET_RSP,
+        )
+        head = pdu.pdv_header(context_id, len(command), command=True, last=True)
+        try:
+            if self._sock is None:
+                await asyncio.to_thread(self._queue_p_data, context_id, b"\x03" + command)
+            else:
+                await self._write(iter([[head, command]]))
+        except OSError as exc:
+            logger.info("pending C-GET-RSP not sent: %s", exc)
+
+    def _queue_p_data(self, context_id: int, fragment: bytes) -> None:
+        with self.lock:
+            hooks.send_p_data(self._assoc, context_id, fragment)
+
+    async def _watch(self) -> None:
+        """Read the C-STORE-RSPs on the loop: from the socket itself while the DUL lends it
+        (no thread involved), else from pynetdicom's DIMSE queue, which wakes the loop."""
+        if self._messages is None:
+            loop = asyncio.get_running_loop()
+            arrived = asyncio.Event()
+
+            def wake() -> None:  # in the DUL thread
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(arrived.set)
+
+            self._messages = hooks.watch_dimse_messages(self._assoc, wake)
+            self._arrived = arrived
+        if self._lease_tried:
+            return
+        self._lease_tried = True
+        lease = lend_socket(self._assoc)
+        if lease is None:
+            return
+        wrapper, stopped = lease
+        if not await asyncio.to_thread(stopped.wait, LEASE_WAIT):
+            wrapper.give_back(b"")
+            return
+        self._lease = wrapper
+        asyncio.get_running_loop().add_reader(wrapper.socket, self._on_readable)
+
+    def _end_lease(self) -> None:
+        """Give the socket back to the DUL with whatever was read and not used."""
+        wrapper, self._lease = self._lease, None
+        if wrapper is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(wrapper.socket)
+        unread, self._inbox = bytes(self._inbox), bytearray()
+        wrapper.give_back(unread)
+
+    def _on_readable(self) -> None:
+        """Loop reader while leased: C-STORE-RSPs and a C-CANCEL are ours; anything else
+        (or the connection closing) ends the lease and goes to the DUL as it came."""
+        wrapper = self._lease
+        if wrapper is None or wrapper.socket is None:
+            return
+        try:
+            chunk = wrapper.socket.recv(LEASE_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # closed: the DUL sees it too, and tells its DIMSE queue
+            self._end_lease()
+        else:
+            self._inbox += chunk
+            self._parse_inbox()
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def _parse_inbox(self) -> None:
+        inbox = self._inbox
+        while len(inbox) >= 6:
+            pdu_type, length = pdu.parse_pdu_header(bytes(inbox[:6]))
+            if pdu_type != pdu.P_DATA_TF or length > LEASE_PDU:
+                self._end_lease()
+                return
+            if len(inbox) < 6 + length:
+                return
+            commands = _ours(bytes(inbox[6 : 6 + length]), self._get[0])
+            if commands is None:  # not for us: the DUL handles it, and what follows
+                self._end_lease()
+                return
+            del inbox[: 6 + length]
+            for command in commands:
+                if command.command_field == C_CANCEL_RQ:
+                    self.cancelled = True
+                else:
+                    self._direct.append(command)
+
+    def _send_msg(
+        self,
+        context_id: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        dataset: DatasetSource,
+        message_id: int,
+    ) -> StoreResponse:
+        """Without the hook, in a worker thread: pynetdicom's DIMSE provider sends (the data
+        set in memory) and receives. Not `send_c_store`: it waits for the reactor to pause,
+        and the reactor is this C-GET's runner."""
+        req = C_STORE()
+        req.MessageID = message_id
+        req.AffectedSOPClassUID = sop_class_uid
+        req.AffectedSOPInstanceUID = sop_instance_uid
+        req.Priority = 2
+        if isinstance(dataset, DatasetFile):
+            with dataset.path.open("rb") as stream:
+                stream.seek(dataset.offset)
+                req.DataSet = BytesIO(stream.read())
+        else:
+            req.DataSet = BytesIO(bytes(dataset))
+        with self.lock:
+            self._assoc.dimse.send_msg(req, context_id)
+        _, rsp = self._assoc.dimse.get_msg(block=True)
+        if rsp is None or getattr(rsp, "Status", None) is None:
+            raise AssociationLostError("no C-STORE-RSP from the requester")
+        return StoreResponse(int(rsp.Status), str(getattr(rsp, "ErrorComment", "") or ""))
+
+    def _pieces(
+        self, context_id: int, dataset: DatasetFile, first: list[bytes | memoryview]
+    ) -> Groups:
+        """Groups of whole PDUs: the command's, then the data set's, read as it goes."""
+        with dataset.path.open("rb") as stream:
+            stream.seek(dataset.offset)
+            chunk = stream.read(FILE_READ)
+            pending = first
+            while True:
+                following = stream.read(FILE_READ) if chunk else b""
+                yield from _framed(context_id, chunk, self._fragment, not following, pending)
+                pending = []
+                if not following:
+                    return
+                chunk = following
+
+    async def _write(self, groups: Groups) -> None:
+        """Write from the loop without blocking it; once the socket buffer is full, the rest
+        is written by a thread (the lock stays held: one message at a time)."""
+        sock = self._sock
+        assert sock is not None
+        if not self.lock.acquire(blocking=False):  # only a final response holds it this long
+            await asyncio.to_thread(self._write_locked, groups)
+            return
+        handed_over = False
+        try:
+            for group in groups:
+                buffers = [memoryview(b) for b in group]
+                while buffers:
+                    try:
+                        sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        handed_over = True
+                        await asyncio.to_thread(self._write_rest, buffers, groups)
+                        return
+                    _consume(buffers, sent)
+        finally:
+            if not handed_over:
+                self.lock.release()
+
+    def _write_rest(self, buffers: list[memoryview], groups: Groups) -> None:
+        """In a thread, holding the lock `_write` took: the rest of one message."""
+        try:
+            self._blocking_write(buffers)
+            for group in groups:
+                self._blocking_write([memoryview(b) for b in group])
+        finally:
+            self.lock.release()
+
+    def _write_locked(self, groups: Groups) -> None:
+        with self.lock:
+            for group in groups:
+                self._blocking_write([memoryview(b) for b in group])
+
+    def _blocking_write(self, buffers: list[memoryview]) -> None:
+        """The socket stays in pynetdicom's (blocking) mode: each send is non-blocking by flag
+        and waits for room with select() up to the network timeout."""
+        sock = self._sock
+        assert sock is not None
+        while buffers:
+            try:
+                sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                _, writable, _ = select.select([], [sock], [], self._network_timeout)
+                if not writable:
+                    raise TimeoutError("the requester stopped reading") from None
+                continue
+            _consume(buffers, sent)
+
+    async def _response(self, message_id: int) -> StoreResponse:
+        """The C-STORE-RSP for `message_id`, from pynetdicom's DIMSE queue."""
+        messages, arrived = self._messages, self._arrived
+        assert messages is not None and arrived is not None
+        try:
+            async with asyncio.timeout(self._dimse_timeout):
+                while True:
+                    arrived.clear()
+                    if self._abandoned:
+                        raise AssociationLostError("C-GET abandoned waiting for a C-STORE-RSP")
+                    while self._direct:
+                        direct = self._direct.pop(0)
+                        if (
+                            direct.message_id_responded_to == message_id
+                            and direct.status is not None
+                        ):
+                            return StoreResponse(direct.status, direct.error_comment)
+                        logger.warning("C-GET: ignoring a C-STORE-RSP for another message")
+                    try:
+                        context_id, message = messages.get_nowait()
+                    except queue.Empty:
+                        await arrived.wait()
+                        continue
+                    if message is None:  # aborted or closed: leave the marker for pynetdicom
+                        messages.put((context_id, message))
+                        raise AssociationLostError("the requester aborted the association")
+                    responded = getattr(message, "MessageIDBeingRespondedTo", None)
+                    status = getattr(message, "Status", None)
+                    if (
+                        isinstance(message, C_STORE)
+                        and responded == message_id
+                        and status is not None
+                    ):
+                        comment = getattr(message, "ErrorComment", None)
+                        return StoreResponse(int(status), str(comment or ""))
+                    logger.warning(
+                        "C-GET: ignoring a %s from the requester", type(message).__name__
+                    )
+        except TimeoutError:
+            raise AssociationLostError("no C-STORE-RSP from the requester in time") from None
+
+
+def _ours(body: bytes, get_message_id: int) -> list[pdu.CommandSet] | None:
+    """The commands of a P-DATA-TF body if all are whole C-STORE-RSPs or a C-CANCEL of our
+    C-GET; None otherwise (then nothing of it is consumed)."""
+    try:
+        pdvs = pdu.parse_p_data(body)
+        if not pdvs or not all(p.command and p.last for p in pdvs):
+            return None
+        commands = [pdu.parse_command(p.data) for p in pdvs]
+    except pdu.PduError:
+        return None
+    for command in commands:
+        if command.command_field == C_CANCEL_RQ:
+            if command.message_id_responded_to != get_message_id:
+                return None
+        elif command.command_field != pdu.C_STORE_RSP:
+            return None
+    return commands
+
+
+def _consume(buffers: list[memoryview], sent: int) -> None:
+    """Drop `sent` bytes from the front of `buffers`."""
+    while sent and buffers:
+        if sent >= len(buffers[0]):
+            sent -= len(buffers.pop(0))
+        else:
+            buffers[0] = buffers[0][sent:]
+            sent = 0
+
+
+def _framed(
+    context_id: int,
+    data: bytes | bytearray | memoryview,
+    fragment: int,
+    last: bool,
+    prefix: list[bytes | memoryview],
+) -> Iterator[list[bytes | memoryview]]:
+    """P-DATA-TF PDUs (one PDV each) carrying `data`, grouped about WRITE_GROUP bytes."""
+    view = memoryview(data)
+    total = len(view)
+    group: list[bytes | memoryview] = list(prefix)
+    if total == 0 and last:
+        group.append(pdu.pdv_header(context_id, 0, command=False, last=True))
+    pos = grouped = 0
+    while pos < total:
+        end = min(pos + fragment, total)
+        group.append(
+            pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total)
+        )
+        group.append(view[pos:end])
+        grouped += end - pos
+        pos = end
+        if grouped >= WRITE_GROUP and pos < total:
+            yield group
+            group, grouped = [], 0
+    if group:
+        yield group
+
+
+@contextlib.contextmanager
+def held(lock: threading.Lock, timeout: float) -> Iterator[bool]:
+    """`lock` for at most `timeout` s of waiting; yields whether it was acquired."""
+    acquired = lock.acquire(timeout=timeout)
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            lock.release()
+
+
+class GetRequest(MoveRequest):
+    """A C-GET request handed to our runner: answered like a C-MOVE (C-GET-RSPs); the
+    sub-operations and pending responses go out through `requester`, from the event loop.
+
+    The final response is queued holding `requester.lock` (no PDU of it may fall between two
+    PDUs of a C-STORE-RQ still being written).
+    """
+
+    def __init__(self, service: Any, request: Any, context: Any) -> None:
+        super().__init__(service, request, context)
+        self.move_destination = ""
+        self.requester = RequesterStore(
+            self.assoc,
+            get_message_id=self.message_id,
+            get_sop_class_uid=self.sop_class_uid,
+            get_context_id=int(context.context_id),
+            dimse_timeout=float(self.assoc.dimse_timeout or 30),
+            network_timeout=float(self.assoc.network_timeout or 60),
+        )
+
+    def pending(self, *, remaining: int, completed: int, failed: int, warning: int) -> None:
+        """Nothing: `requester` writes the pending C-GET-RSPs, in order with the C-STOREs."""
+
+    @property
+    def gone(self) -> bool:
+        """True when nobody can be answered (a sub-operation found the association broken)."""
+        return self.requester.lost or super().gone
+
+    def is_cancelled(self) -> bool:
+        """True once the requester sent a C-CANCEL (read by pynetdicom or by `requester`)."""
+        return self.requester.cancelled or super().is_cancelled()
+
+    def _primitive(self) -> Any:
+        return C_GET()
+
+    def _send(self, rsp: Any) -> None:
+        with held(self.requester.lock, float(self.assoc.network_timeout or 60)) as acquired:
+            if not acquired:  # a sub-operation is stuck writing: the association is lost
+                self.assoc.abort()
+                return
+            super()._send(rsp)
+
+
+def route_gets(ae: Any, runner: Callable[[GetRequest], None]) -> bool:
+    """C-GET requests to `ae` go to `runner` (in the association's thread), not pynetdicom.
+
+    False when pynetdicom's get SCP cannot be routed (hook get_routing): bind `refuse_get` to
+    EVT_C_GET then.
+    """
+    return hooks.route_gets(
+        ae, lambda service, request, context: runner(GetRequest(service, request, context))
+    )
+
+
+def refuse_get(event: Any) -> Any:
+    """EVT_C_GET without our runner: one sub-operation, failed (0xA702)."""
+    logger.warning("C-GET refused: the get runner is not available with this pynetdicom")
+    yield 1
+    yield Status.OUT_OF_RESOURCES_SUBOPERATIONS, None

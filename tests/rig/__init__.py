@@ -1,0 +1,103 @@
+"""Reusable test and benchmark rig: Orthanc, the importer subprocess, DCMTK tools, test data.
+
+Plain helpers without pytest, so `bench/` scripts can import them as `from tests.rig import ...`.
+Every server gets a free port and is polled for readiness; nothing sleeps to wait for a server.
+One module per concern: processes (ports, child processes, /proc, metrics), poll (the one
+way to wait), orthanc, services (dicom-import, dicom-export), dcmtk (tools, storescp), dimse
+(pynetdicom clients, raw associations over dimse/pdu.py), pki, data (generated instances),
+find (the C-FIND data tree), commitment (a storage-commitment requester), stow_server (a
+STOW-RS server on a socket). This package re-exports the common names.
+"""
+
+from tests.rig.data import (
+    CHUNK_BYTES,
+    LARGE_FRAME_COLS,
+    LARGE_FRAME_ROWS,
+    generate_ct_series,
+    part10_bytes,
+    write_large_instance,
+)
+from tests.rig.dcmtk import (
+    DCMTK_TOOLS,
+    StoreSCP,
+    dcmsend,
+    dcmtk_env,
+    dcmtk_tool,
+    parse_dcmsend_debug,
+    run_dcmtk,
+)
+from tests.rig.dimse import (
+    VERIFICATION,
+    c_find,
+    echo,
+    interrupt_c_store,
+    p_data,
+    raw_associate,
+    read_pdu,
+    recv_exactly,
+    send_file,
+)
+from tests.rig.orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc, store_jpeg_instance
+from tests.rig.pki import Pki, make_pki
+from tests.rig.poll import PollTimeout, wait_until, wait_until_async
+from tests.rig.processes import (
+    LOG_TAIL_CHARS,
+    POLL_INTERVAL,
+    STARTUP_TIMEOUT,
+    ProcStatus,
+    free_port,
+    http_get,
+    parse_metrics,
+    proc_status,
+    raise_if_exited,
+    scrape_metrics,
+)
+from tests.rig.services import Importer, LoggedProcess, importer_binary, json_records
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DCMTK_TOOLS",
+    "DICOMWEB_PLUGIN",
+    "LARGE_FRAME_COLS",
+    "LARGE_FRAME_ROWS",
+    "LOG_TAIL_CHARS",
+    "ORTHANC_BINARY",
+    "POLL_INTERVAL",
+    "STARTUP_TIMEOUT",
+    "VERIFICATION",
+    "Importer",
+    "LoggedProcess",
+    "Orthanc",
+    "Pki",
+    "PollTimeout",
+    "ProcStatus",
+    "StoreSCP",
+    "c_find",
+    "dcmsend",
+    "dcmtk_env",
+    "dcmtk_tool",
+    "echo",
+    "free_port",
+    "generate_ct_series",
+    "http_get",
+    "importer_binary",
+    "interrupt_c_store",
+    "json_records",
+    "make_pki",
+    "p_data",
+    "parse_dcmsend_debug",
+    "parse_metrics",
+    "part10_bytes",
+    "proc_status",
+    "raise_if_exited",
+    "raw_associate",
+    "read_pdu",
+    "recv_exactly",
+    "run_dcmtk",
+    "scrape_metrics",
+    "send_file",
+    "store_jpeg_instance",
+    "wait_until",
+    "wait_until_async",
+    "write_large_instance",
+]

@@ -1,0 +1,51 @@
+"""What the event loop takes off a C-GET's requesting association while the DUL lends it."""
+
+from __future__ import annotations
+
+import struct
+
+from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse.get_sender import C_CANCEL_RQ, _ours
+
+GET_ID = 7
+
+
+def element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def command(field: int, responded_to: int, status: int | None = None) -> bytes:
+    body = element(0x0100, struct.pack("<H", field)) + element(
+        0x0120, struct.pack("<H", responded_to)
+    )
+    if status is not None:
+        body += element(0x0900, struct.pack("<H", status))
+    return element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def p_data_body(*pdvs: tuple[bytes, int]) -> bytes:
+    """PDV items (data, control byte) on context 1."""
+    return b"".join(struct.pack(">IBB", len(d) + 2, 1, c) + d for d, c in pdvs)
+
+
+def test_store_responses_and_a_cancel_of_our_get_are_taken() -> None:
+    body = p_data_body(
+        (command(pdu.C_STORE_RSP, 3, 0x0000), 0x03), (command(C_CANCEL_RQ, GET_ID), 0x03)
+    )
+    taken = _ours(body, GET_ID)
+    assert taken is not None
+    assert [(c.command_field, c.message_id_responded_to, c.status) for c in taken] == [
+        (pdu.C_STORE_RSP, 3, 0x0000),
+        (C_CANCEL_RQ, GET_ID, None),
+    ]
+
+
+def test_anything_else_is_left_to_pynetdicom() -> None:
+    echo_rq = 0x0030
+    assert _ours(p_data_body((command(echo_rq, 0), 0x03)), GET_ID) is None
+    assert _ours(p_data_body((command(C_CANCEL_RQ, GET_ID + 1), 0x03)), GET_ID) is None
+    store_rsp = command(pdu.C_STORE_RSP, 3, 0x0000)
+    assert _ours(p_data_body((store_rsp[:10], 0x01)), GET_ID) is None  # a fragment, not last
+    assert _ours(p_data_body((b"\x00" * 8, 0x02)), GET_ID) is None  # a data set PDV
+    assert _ours(b"\x00\x00\x00\x09garbage", GET_ID) is None
+    assert _ours(b"", GET_ID) is None
