@@ -51,6 +51,7 @@ from tests.rig.processes import (
     proc_status,
     raise_if_exited,
     scrape_metrics,
+    tree_cpu_seconds,
 )
 from tests.rig.services import Importer, LoggedProcess, importer_binary, json_records
 
@@ -97,6 +98,7 @@ __all__ = [
     "scrape_metrics",
     "send_file",
     "store_jpeg_instance",
+    "tree_cpu_seconds",
     "wait_until",
     "wait_until_async",
     "write_large_instance",

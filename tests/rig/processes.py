@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal as _signal
 import socket
@@ -110,6 +111,21 @@ class ProcStatus:
     threads: int
     fds: int
     cpu_seconds: float  # user + system, all threads
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU (user + system) of a process, its reaped children and its live descendants: a
+    forking server's whole cost so far (`storescp --fork`)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    total = sum(int(field) for field in stat[11:15]) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):  # it may end meanwhile (then: in cutime, or lost)
+            total += tree_cpu_seconds(int(child))
+    return total
 
 
 def proc_status(pid: int) -> ProcStatus:

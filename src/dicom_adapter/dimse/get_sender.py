@@ -41,7 +41,6 @@ from dicom_adapter.status import Status
 logger = logging.getLogger(__name__)
 
 FILE_READ = 1 << 20  # bytes read from a spooled instance at a time
-WRITE_GROUP = 256 << 10  # PDUs handed to one sendmsg() call
 MAX_BUFFERS = 512  # per sendmsg() (below IOV_MAX), for peers with a tiny maximum PDU
 LEASE_READ = 1 << 16  # bytes read at a time while the loop reads the socket
 LEASE_PDU = 1 << 16  # a longer PDU is no C-STORE-RSP: the DUL reads it
@@ -135,7 +134,9 @@ class RequesterStore:
                 await asyncio.to_thread(self._write_locked, groups)
             else:
                 await self._write(
-                    _framed(context_id, dataset, self._fragment, True, [head, command])
+                    pdu.framed_groups(
+                        context_id, dataset, self._fragment, last=True, prefix=[head, command]
+                    )
                 )
             return await self._response(message_id)
         except (OSError, AssociationLostError) as exc:
@@ -287,7 +288,9 @@ class RequesterStore:
             pending = first
             while True:
                 following = stream.read(FILE_READ) if chunk else b""
-                yield from _framed(context_id, chunk, self._fragment, not following, pending)
+                yield from pdu.framed_groups(
+                    context_id, chunk, self._fragment, last=not following, prefix=pending
+                )
                 pending = []
                 if not following:
                     return
@@ -415,35 +418,6 @@ def _consume(buffers: list[memoryview], sent: int) -> None:
         else:
             buffers[0] = buffers[0][sent:]
             sent = 0
-
-
-def _framed(
-    context_id: int,
-    data: bytes | bytearray | memoryview,
-    fragment: int,
-    last: bool,
-    prefix: list[bytes | memoryview],
-) -> Iterator[list[bytes | memoryview]]:
-    """P-DATA-TF PDUs (one PDV each) carrying `data`, grouped about WRITE_GROUP bytes."""
-    view = memoryview(data)
-    total = len(view)
-    group: list[bytes | memoryview] = list(prefix)
-    if total == 0 and last:
-        group.append(pdu.pdv_header(context_id, 0, command=False, last=True))
-    pos = grouped = 0
-    while pos < total:
-        end = min(pos + fragment, total)
-        group.append(
-            pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total)
-        )
-        group.append(view[pos:end])
-        grouped += end - pos
-        pos = end
-        if grouped >= WRITE_GROUP and pos < total:
-            yield group
-            group, grouped = [], 0
-    if group:
-        yield group
 
 
 @contextlib.contextmanager

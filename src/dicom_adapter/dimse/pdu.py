@@ -307,6 +307,40 @@ def pdv_header(context_id: int, fragment_length: int, *, command: bool, last: bo
     )
 
 
+WRITE_GROUP = 256 << 10  # bytes of PDUs handed to one socket write
+
+
+def framed_groups(
+    context_id: int,
+    data: bytes | bytearray | memoryview,
+    fragment: int,
+    *,
+    last: bool,
+    prefix: Sequence[bytes | memoryview] = (),
+    group_bytes: int = WRITE_GROUP,
+) -> Iterator[list[bytes | memoryview]]:
+    """P-DATA-TF PDUs (one data set PDV each, at most `fragment` bytes) carrying `data`, in
+    groups of about `group_bytes` for one write each; `prefix` (e.g. the command's PDUs)
+    leads the first group. `last`: the final fragment ends the data set."""
+    view = memoryview(data)
+    total = len(view)
+    group: list[bytes | memoryview] = list(prefix)
+    if total == 0 and last:
+        group.append(pdv_header(context_id, 0, command=False, last=True))
+    pos = grouped = 0
+    while pos < total:
+        end = min(pos + fragment, total)
+        group.append(pdv_header(context_id, end - pos, command=False, last=last and end == total))
+        group.append(view[pos:end])
+        grouped += end - pos
+        pos = end
+        if grouped >= group_bytes and pos < total:
+            yield group
+            group, grouped = [], 0
+    if group:
+        yield group
+
+
 def max_fragment(peer_max_pdu: int, cap: int = 1 << 20) -> int:
     """Largest PDV fragment the peer accepts (its limit counts the 6-byte PDV item header).
 

@@ -38,7 +38,6 @@ from dicom_adapter.errors import InvalidDatasetError
 logger = logging.getLogger(__name__)
 
 FILE_READ = 1 << 20
-WRITE_GROUP = 256 << 10  # PDUs handed to the transport at once (it copies them into a buffer)
 MAX_INCOMING_PDU = 16 << 20  # we announce DEFAULT_MAX_PDU; anything far above it is hostile
 
 
@@ -245,24 +244,8 @@ class StoreAssociation:
         last: bool,
         prefix: list[bytes],
     ) -> None:
-        view = memoryview(data)
-        total = len(view)
-        pieces: list[bytes | memoryview] = list(prefix)
-        if total == 0 and last:
-            pieces.append(pdu.pdv_header(context_id, 0, command=False, last=True))
-        pos = grouped = 0
-        while pos < total:
-            end = min(pos + fragment, total)
-            pieces.append(
-                pdu.pdv_header(context_id, end - pos, command=False, last=last and end == total)
-            )
-            pieces.append(view[pos:end])
-            grouped += end - pos
-            pos = end
-            if grouped >= WRITE_GROUP and pos < total:
-                await self._write(pieces)
-                pieces, grouped = [], 0
-        await self._write(pieces)
+        for group in pdu.framed_groups(context_id, data, fragment, last=last, prefix=prefix):
+            await self._write(group)
 
     async def _write(self, pieces: list[bytes | memoryview]) -> None:
         """One write of several PDUs (asyncio joins them: a copy, so groups stay small)."""
