@@ -564,8 +564,11 @@ def section_memory(runs: dict[str, dict[str, Any]]) -> list[str]:
         "delivering one Pub/Sub message from Orthanc to `storescp`. Peak RSS is the kernel's "
         "VmHWM, reset when the process is ready, so it covers the transfer; the number in "
         "brackets is the process's start-up peak (importing pydicom, the codecs, gRPC), which "
-        "does not depend on any instance (about 80 MB for dicom-import once Python's bytecode "
-        "is compiled; about 100 MB on a first run that compiles the sources). Orthanc needs "
+        "does not depend on any instance. dicom-import's start-up peak measured 80 MB in some "
+        "runs and 102 MB in others on this machine (idle RSS about 80 MB either way); the cause "
+        "of that ~20 MB start-up transient is not isolated yet. Counted over the whole process "
+        "life (VmHWM without the reset), a run with the 102 MB start-up peak is over the 100 MB "
+        "C-STORE target because of start-up, not because of the transfer. Orthanc needs "
         "about 3 x the instance size to answer "
         "a WADO-RS request and takes tens of seconds at 2 GB, so those runs use "
         "`--http_timeout=300`.",
