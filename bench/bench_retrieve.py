@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -59,6 +60,7 @@ from tests.rig import (
     generate_ct_series,
     proc_status,
     run_dcmtk,
+    tree_cpu_seconds,
 )
 
 from dicom_adapter.dicomweb.client import TRANSPORT_ENV
@@ -244,6 +246,21 @@ def main() -> int:
         adapter: dict[str, list[float]] = {name: [] for name in transports}
         move_cpu: dict[str, list[float]] = {name: [] for name in transports}
         kinds = ["direct", *transports]
+        # CPU seconds of every process in one C-MOVE (what bounds the ratio on these cores)
+        move_cpu_all: dict[str, list[dict[str, float]]] = {"direct": [], "adapter": []}
+
+        def cpu_now(importer: Importer | None) -> dict[str, float]:
+            assert orthanc.proc is not None and scp.proc is not None
+            return {
+                "orthanc": proc_status(orthanc.proc.pid).cpu_seconds,
+                "storescp": tree_cpu_seconds(scp.proc.pid),
+                "adapter": proc_status(pid_of(importer)).cpu_seconds if importer else 0.0,
+                "movescu": sum(os.times()[2:4]),
+            }
+
+        def note_cpu(kind: str, before: dict[str, float], after: dict[str, float]) -> None:
+            move_cpu_all[kind].append({key: after[key] - before[key] for key in before})
+
         move_baseline: list[float] = []
         move_kinds = [*kinds, "baseline"] if baseline is not None else kinds
         for rep in range(args.reps):
@@ -256,15 +273,20 @@ def main() -> int:
                     )
                     print(f"rep {rep}: move baseline {move_baseline[-1]:.2f} s", flush=True)
                 elif which == "direct":
+                    before = cpu_now(None)
                     direct.append(
                         timed_move(orthanc.dicom_port, orthanc.aet, study_uid, scp, count)
                     )
+                    note_cpu("direct", before, cpu_now(None))
                     print(f"rep {rep}: move direct  {direct[-1]:.2f} s", flush=True)
                 else:
                     importer = importers[which]
+                    before = cpu_now(importer)
                     used = proc_status(pid_of(importer)).cpu_seconds
                     seconds = timed_move(importer.port, importer.aet, study_uid, scp, count)
                     used = proc_status(pid_of(importer)).cpu_seconds - used
+                    if which == transports[0]:
+                        note_cpu("adapter", before, cpu_now(importer))
                     adapter[which].append(seconds)
                     move_cpu[which].append(used)
                     print(
@@ -352,6 +374,13 @@ def main() -> int:
         "move_direct_inst_per_s": round(count / direct_s, 1),
         "move_adapter_inst_per_s": round(count / adapter_s, 1),
         "move_throughput_ratio": round(ratio, 3),
+        "move_cpu_seconds_median": {
+            kind: {
+                key: round(statistics.median(run[key] for run in runs), 3)
+                for key in (runs[0] if runs else {})
+            }
+            for kind, runs in move_cpu_all.items()
+        },
         "get_direct_seconds_median": round(statistics.median(get_direct), 3),
         "get_adapter_seconds_median": round(statistics.median(get_adapter), 3),
         "get_throughput_ratio": round(get_ratio, 3),
