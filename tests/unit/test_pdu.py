@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import (
@@ -462,7 +463,10 @@ def test_c_store_rq_decoded_by_pydicom(
     assert tags == sorted(int(element.tag) for element in ds)  # nothing pydicom could not read
 
 
-def test_c_store_rq_decoded_by_pynetdicom() -> None:
+def test_c_store_rq_decoded_by_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom's in-memory decoding: the dicom-import setting (spool data sets to a file,
+    # left set by tests that configure pynetdicom) needs a live association
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", False)
     raw = pdu.c_store_rq(
         9, MR, "1.2.3.45", move_originator_aet="MOVER", move_originator_message_id=77
     )
