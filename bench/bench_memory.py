@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,6 +59,7 @@ from tests.rig import (
     proc_status,
     write_large_instance,
 )
+from tests.rig.dimse import study_move
 from tests.rig.poll import wait_until
 
 PATHS = ("cstore", "cstore_spool", "cmove", "export")
@@ -71,7 +70,6 @@ TARGET_MB = {
     "cmove": (2000, 150.0),
     "export": (2000, 150.0),
 }
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 DEST_AET = "MEMDEST"
 PROJECT = "bench-project"
 TIMEOUT = 1800.0
@@ -225,28 +223,7 @@ def measure_cstore(big: Path, uid: str, spool: Path | None = None) -> dict[str, 
 
 def c_move(port: int, aet: str, study_uid: str) -> None:
     """One STUDY-level C-MOVE to DEST_AET; fails unless it ends in Success with 1 completed."""
-    ae = AE(ae_title="MEMSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-    ae.add_requested_context(STUDY_ROOT_MOVE)
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study_uid
-    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
-    if not assoc.is_established:
-        raise ConnectionError("the adapter did not accept the C-MOVE association")
-    final: Dataset | None = None
-    try:
-        for status, _ in assoc.send_c_move(identifier, DEST_AET, STUDY_ROOT_MOVE):
-            if not status or "Status" not in status:
-                raise RuntimeError("C-MOVE got no response (association aborted or timed out)")
-            if int(status.Status) not in (0xFF00, 0xFF01):
-                final = status
-    finally:
-        assoc.release()
-    if final is None or int(final.Status) != 0:
-        raise RuntimeError(f"C-MOVE ended with {final}")
-    if int(final.get("NumberOfCompletedSuboperations", 0) or 0) != 1:
-        raise RuntimeError(f"C-MOVE did not complete the one instance: {final}")
+    study_move(port, aet, study_uid, DEST_AET, 1, TIMEOUT)
 
 
 def received_whole(scp: StoreSCP, size: int) -> None:

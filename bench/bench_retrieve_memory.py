@@ -29,8 +29,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,8 +43,8 @@ from tests.rig import (
     generate_ct_series,
     proc_status,
 )
+from tests.rig.dimse import study_move
 
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 DEST_AET = "MEMDEST"
 TARGET_MB = 500.0
 TIMEOUT = 900.0
@@ -86,32 +84,9 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 def one_move(port: int, aet: str, study_uid: str, expected: int) -> float:
     """Seconds for one C-MOVE of the study to storescp; fails unless all were completed."""
-    ae = AE(ae_title="MEMSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
-    ae.add_requested_context(STUDY_ROOT_MOVE)
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study_uid
     started = time.perf_counter()
-    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
-    if not assoc.is_established:
-        raise ConnectionError("the adapter did not accept the C-MOVE association")
-    final: Dataset | None = None
-    try:
-        for status, _ in assoc.send_c_move(identifier, DEST_AET, STUDY_ROOT_MOVE):
-            if not status or "Status" not in status:
-                raise RuntimeError("C-MOVE got no response (association aborted or timed out)")
-            if int(status.Status) not in (0xFF00, 0xFF01):
-                final = status
-    finally:
-        assoc.release()
-    elapsed = time.perf_counter() - started
-    if final is None or int(final.Status) != 0:
-        raise RuntimeError(f"C-MOVE ended with {final}")
-    completed = int(final.get("NumberOfCompletedSuboperations", 0) or 0)
-    if completed != expected:
-        raise RuntimeError(f"C-MOVE completed {completed} sub-operations, expected {expected}")
-    return elapsed
+    study_move(port, aet, study_uid, DEST_AET, expected, TIMEOUT)
+    return time.perf_counter() - started
 
 
 def main() -> int:

@@ -185,3 +185,36 @@ def c_find(port: int, aet: str, sop_class: str, identifier: Dataset) -> list[Dat
     finally:
         assoc.release()
     return answers
+
+
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Q/R Information Model - MOVE
+
+
+def study_move(
+    port: int, aet: str, study_uid: str, destination: str, expected: int, timeout: float
+) -> None:
+    """One STUDY-level C-MOVE (pynetdicom SCU, calling AE MEMSCU) to `destination`; raises
+    unless it ends in Success with exactly `expected` sub-operations completed."""
+    ae = AE(ae_title="MEMSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(STUDY_ROOT_MOVE)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    if not assoc.is_established:
+        raise ConnectionError("the adapter did not accept the C-MOVE association")
+    final: Dataset | None = None
+    try:
+        for status, _ in assoc.send_c_move(identifier, destination, STUDY_ROOT_MOVE):
+            if not status or "Status" not in status:
+                raise RuntimeError("C-MOVE got no response (association aborted or timed out)")
+            if int(status.Status) not in (0xFF00, 0xFF01):
+                final = status
+    finally:
+        assoc.release()
+    if final is None or int(final.Status) != 0:
+        raise RuntimeError(f"C-MOVE ended with {final}")
+    completed = int(final.get("NumberOfCompletedSuboperations", 0) or 0)
+    if completed != expected:
+        raise RuntimeError(f"C-MOVE completed {completed} sub-operations, expected {expected}")
