@@ -1369,3 +1369,46 @@ def test_wado_rs_fetches_reuse_one_connection(
             assert server.connections == connections
 
     run(main())
+
+
+def truncated_wado_handler(stall: bool) -> Handler:
+    """One instance and the close delimiter, then a body cut short (Content-Length claims
+    more): closed at once, or stalled until the client gives up."""
+
+    async def handler(request: Request, conn: ServerConn) -> None:
+        body = b"--b\r\nContent-Type: application/dicom\r\n\r\nDICM-one\r\n--b--"
+        content_type = 'multipart/related; type="application/dicom"; boundary=b'
+        head = response(headers=[("Content-Type", content_type)], length=False)
+        head = head.replace(b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % (len(body) + 100))
+        conn.send(head + body)
+        await conn.writer.drain()
+        if stall:
+            await hang_forever()
+        conn.close_after = True
+
+    return handler
+
+
+@pytest.mark.parametrize("stall", [False, True], ids=["cut-after-close", "stalled-after-close"])
+def test_wado_rs_trouble_after_the_close_delimiter_keeps_the_instances(
+    tmp_path: Path, stall: bool
+) -> None:
+    """What follows the close delimiter is read only to reuse the connection: a body cut
+    short or stalled there does not fail the fetch (the instance was whole), and a stall
+    costs about a second (the drain's bound), not the read timeout."""
+
+    async def main() -> None:
+        async with (
+            Server(truncated_wado_handler(stall)) as server,
+            adapter_client(timeout=30.0) as http,
+        ):
+            client = DicomwebClient(http, RetryPolicy())
+            started = time.monotonic()
+            got = [
+                part.part10_bytes()
+                async for part in client.wado_instances(server.url("/i"), spool_dir=tmp_path)
+            ]
+            assert got == [b"DICM-one"]
+            assert time.monotonic() - started < 10.0
+
+    run(main())

@@ -48,6 +48,7 @@ CHUNK_SIZE = 1 << 20
 # real one (1000 QIDO results are a few MB), so a broken server or proxy cannot grow our memory.
 MAX_RESPONSE_BODY = 64 << 20
 MAX_EPILOGUE_BYTES = 64 << 10  # read after a WADO-RS close delimiter to keep the connection
+EPILOGUE_SECONDS = 1.0  # ... for at most this long
 _DECODED_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 QIDO_SAFE = "^*?,-.:_~"
 TRANSIENT_HTTP = frozenset({408, 429})
@@ -77,6 +78,19 @@ class RetryPolicy:
         return (
             http_status in TRANSIENT_HTTP or http_status >= 500 or http_status in self.extra_codes
         )
+
+
+async def _drain_epilogue(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows a WADO-RS close delimiter, so the connection goes back to the pool
+    (stopping at the delimiter cost a new connection per fetch). Bounded in bytes and time; a
+    failure or stall here costs only the connection, never the instances already read."""
+    read = 0
+    with contextlib.suppress(httpx.TransportError, TimeoutError):
+        async with asyncio.timeout(EPILOGUE_SECONDS):
+            async for chunk in chunks:
+                read += len(chunk)
+                if read > MAX_EPILOGUE_BYTES:
+                    return
 
 
 def make_http_client(
@@ -373,18 +387,13 @@ class DicomwebClient:
                     f"WADO-RS: {exc}", comment="WADO-RS answer is not multipart"
                 ) from exc
             parser = multipart.MultipartParser(boundary)
-            epilogue = 0
+            chunks = response.aiter_bytes()  # as read: re-chunking copies
             try:
-                # Read to the body's end, past the close delimiter, so the connection goes
-                # back to the pool (stopping at the delimiter cost a new connection per fetch).
-                async for chunk in response.aiter_bytes():  # as read: re-chunking copies
-                    if parser.done:
-                        epilogue += len(chunk)
-                        if epilogue > MAX_EPILOGUE_BYTES:  # not worth reading: a new connection
-                            break
-                        continue
+                async for chunk in chunks:
                     for event in parser.feed(chunk):
                         yield event
+                    if parser.done:
+                        break
                 parser.close()
             except multipart.MultipartError as exc:
                 raise UpstreamError(
@@ -395,6 +404,7 @@ class DicomwebClient:
                 raise UpstreamUnavailableError(
                     f"WADO-RS: transfer failed: {exc}", comment=failure_cause(exc)
                 ) from exc
+            await _drain_epilogue(chunks)
         finally:
             await response.aclose()
 
