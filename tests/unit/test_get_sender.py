@@ -49,3 +49,31 @@ def test_anything_else_is_left_to_pynetdicom() -> None:
     assert _ours(p_data_body((b"\x00" * 8, 0x02)), GET_ID) is None  # a data set PDV
     assert _ours(b"\x00\x00\x00\x09garbage", GET_ID) is None
     assert _ours(b"", GET_ID) is None
+
+
+def test_a_flood_of_unasked_store_responses_is_not_kept() -> None:
+    """A requester answering C-STOREs we never sent cannot grow our memory: past a few
+    unclaimed responses the socket goes back to pynetdicom with what follows."""
+    from types import SimpleNamespace
+
+    from dicom_adapter.dimse.get_sender import MAX_UNCLAIMED, RequesterStore
+
+    given_back: list[bytes] = []
+    wrapper = SimpleNamespace(socket=None, give_back=given_back.append)
+    store = RequesterStore(
+        SimpleNamespace(),
+        get_message_id=GET_ID,
+        get_sop_class_uid="1.2.840.10008.5.1.4.1.2.2.3",
+        get_context_id=1,
+        dimse_timeout=5.0,
+        network_timeout=5.0,
+    )
+    store._lease = wrapper
+    flood = p_data_body(*[(command(pdu.C_STORE_RSP, n, 0), 0x03) for n in range(1, 1001)])
+    following = p_data_body((command(pdu.C_STORE_RSP, 2000, 0), 0x03))
+    store._inbox += struct.pack(">BBI", pdu.P_DATA_TF, 0, len(flood)) + flood
+    store._inbox += struct.pack(">BBI", pdu.P_DATA_TF, 0, len(following)) + following
+    store._parse_inbox()
+    assert len(store._direct) == MAX_UNCLAIMED
+    assert store._lease is None  # the lease ended: pynetdicom reads from here on
+    assert given_back and given_back[0].endswith(following)

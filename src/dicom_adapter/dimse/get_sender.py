@@ -19,6 +19,7 @@ it, so PDUs of different messages never interleave.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -44,6 +45,9 @@ FILE_READ = 1 << 20  # bytes read from a spooled instance at a time
 MAX_BUFFERS = 512  # per sendmsg() (below IOV_MAX), for peers with a tiny maximum PDU
 LEASE_READ = 1 << 16  # bytes read at a time while the loop reads the socket
 LEASE_PDU = 1 << 16  # a longer PDU is no C-STORE-RSP: the DUL reads it
+# C-STORE-RSPs read but not yet claimed: we have one C-STORE outstanding at a time, so more
+# is a peer answering what we never asked; past this the DUL reads the rest (bounded memory)
+MAX_UNCLAIMED = 16
 LEASE_WAIT = 1.0  # how long the DUL may take to stop reading (it finishes a PDU first)
 C_CANCEL_RQ = 0x0FFF
 
@@ -81,7 +85,8 @@ class RequesterStore:
         self._lease: Any = None  # the socket wrapper, while the loop reads the socket
         self._lease_tried = False
         self._inbox = bytearray()  # bytes read while leased, not yet parsed
-        self._direct: list[pdu.CommandSet] = []  # C-STORE-RSPs read while leased
+        self._direct: collections.deque[pdu.CommandSet] = collections.deque()  # read leased
+        self._lease_fd = -1  # the fd registered with the loop (the socket may be gone later)
         self.cancelled = False  # a C-CANCEL for the C-GET was read while leased
         self.lost = False  # the association broke under a sub-operation
         self.lock = threading.Lock()  # held while any DIMSE message is written (see above)
@@ -197,15 +202,17 @@ class RequesterStore:
             wrapper.give_back(b"")
             return
         self._lease = wrapper
-        asyncio.get_running_loop().add_reader(wrapper.socket, self._on_readable)
+        self._lease_fd = wrapper.socket.fileno()
+        asyncio.get_running_loop().add_reader(self._lease_fd, self._on_readable)
 
     def _end_lease(self) -> None:
         """Give the socket back to the DUL with whatever was read and not used."""
         wrapper, self._lease = self._lease, None
         if wrapper is None:
             return
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(wrapper.socket)
+        fd, self._lease_fd = self._lease_fd, -1
+        with contextlib.suppress(Exception):  # by fd: the DUL may have closed the socket
+            asyncio.get_running_loop().remove_reader(fd)
         unread, self._inbox = bytes(self._inbox), bytearray()
         wrapper.give_back(unread)
 
@@ -213,7 +220,10 @@ class RequesterStore:
         """Loop reader while leased: C-STORE-RSPs and a C-CANCEL are ours; anything else
         (or the connection closing) ends the lease and goes to the DUL as it came."""
         wrapper = self._lease
-        if wrapper is None or wrapper.socket is None:
+        if wrapper is None:
+            return
+        if wrapper.socket is None:  # closed by the DUL (an abort): stop watching its fd
+            self._end_lease()
             return
         try:
             chunk = wrapper.socket.recv(LEASE_READ, socket.MSG_DONTWAIT)
@@ -246,6 +256,9 @@ class RequesterStore:
             for command in commands:
                 if command.command_field == C_CANCEL_RQ:
                     self.cancelled = True
+                elif len(self._direct) >= MAX_UNCLAIMED:
+                    self._end_lease()  # the DUL handles the flood (unexpected messages)
+                    return
                 else:
                     self._direct.append(command)
 
@@ -360,7 +373,7 @@ class RequesterStore:
                     if self._abandoned:
                         raise AssociationLostError("C-GET abandoned waiting for a C-STORE-RSP")
                     while self._direct:
-                        direct = self._direct.pop(0)
+                        direct = self._direct.popleft()
                         if (
                             direct.message_id_responded_to == message_id
                             and direct.status is not None
