@@ -27,21 +27,28 @@ def tune_malloc() -> bool:
     """Set the thresholds (glibc only); True when applied."""
     if os.environ.get(OFF_ENV, "").lower() == "default":
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    # find_library needs ldconfig or a compiler, absent from slim images: glibc's soname first
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return False
+        try:
+            libc = ctypes.CDLL(name)
+        except OSError:
+            return False
+    try:
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc's own symbol: not musl
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trim_set = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    applied = mmap_set and trim_set
     if not applied:
         logger.debug("mallopt refused the thresholds")
     return applied

@@ -346,6 +346,7 @@ class SpoolUploader:
             self._spool.delivered(path)
 
     async def _retry_or_fail(self, item: _Item, outcome: StoreOutcome, *, retry: bool) -> None:
+        item.identity = None  # a retry reads the file again (an operator may have fixed it)
         item.waiting = retry and item.attempts <= self._retries
         if item.waiting:
             # the exponent is capped: 2.0**1024 overflows a float on a long outage's retries
