@@ -11,7 +11,7 @@ import json
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ from dicom_adapter.status import Status
 from tests.rig import VERIFICATION, scrape_metrics
 from tests.rig.find import STUDY_ROOT_FIND
 
-Responder = Callable[[httpx.Request], httpx.Response]
+# A coroutine is awaited by httpx.MockTransport: an answer that waits without blocking the loop.
+Responder = Callable[[httpx.Request], httpx.Response | Coroutine[Any, Any, httpx.Response]]
 
 
 @dataclass
@@ -61,12 +62,13 @@ class Upstream:
     requests: list[httpx.Request] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        body = request.read()
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
         self.requests.append(request)
         self.bodies.append(body)
         assert self.responder is not None, "test did not script the upstream"
-        return self.responder(request)
+        answer = self.responder(request)
+        return answer if isinstance(answer, httpx.Response) else await answer
 
 
 @dataclass
@@ -191,12 +193,15 @@ class Instance:
     uid: str
     stored: bytes
     implicit: bytes
+    sop_class: str = CTImageStorage
 
 
-def make_instance(study: str, series: str, number: int, pixel_bytes: int = 512) -> Instance:
+def make_instance(
+    study: str, series: str, number: int, pixel_bytes: int = 512, sop_class: str = CTImageStorage
+) -> Instance:
     uid = generate_uid()
     ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = uid
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
@@ -215,7 +220,7 @@ def make_instance(study: str, series: str, number: int, pixel_bytes: int = 512) 
     unique = hashlib.sha256(uid.encode()).digest()  # pixels unique per instance
     ds.PixelData = (unique * (pixel_bytes // len(unique) + 1))[:pixel_bytes]
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -224,7 +229,7 @@ def make_instance(study: str, series: str, number: int, pixel_bytes: int = 512) 
     transcoded.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     implicit = _part10(transcoded)
     assert dataset_bytes(implicit) != dataset_bytes(stored)
-    return Instance(study, series, uid, stored, implicit)
+    return Instance(study, series, uid, stored, implicit, sop_class)
 
 
 def make_study(*series_sizes: int) -> list[Instance]:
@@ -283,7 +288,7 @@ class Archive:
                 "0020000D": {"vr": "UI", "Value": [i.study]},
                 "0020000E": {"vr": "UI", "Value": [i.series]},
                 "00080018": {"vr": "UI", "Value": [i.uid]},
-                "00080016": {"vr": "UI", "Value": [CTImageStorage]},
+                "00080016": {"vr": "UI", "Value": [i.sop_class]},
             }
             for i in self.instances
             if (study is None or i.study == study)
@@ -370,10 +375,12 @@ class Destination:
     ) -> None:
         self.statuses = statuses
         self.requested = 0
+        self.proposed: list[set[str]] = []  # the SOP classes each association proposed
         self.accepted = 0
         self.received: list[Received] = []
         self.hold_at = 0  # the hold_at-th C-STORE (1-based) waits for `release` first
         self.release = threading.Event()
+        self.holding = threading.Event()  # set while the held C-STORE waits
         self.stall_after = 0  # stop reading the socket once this many P-DATA bytes arrived
         self.stalled = threading.Event()
         self.resume = threading.Event()  # reading goes on once this is set
@@ -406,8 +413,10 @@ class Destination:
         self._thread.join(5)
 
     def _on_requested(self, event: Any) -> None:
+        classes = {str(cx.abstract_syntax) for cx in event.assoc.requestor.requested_contexts}
         with self._lock:
             self.requested += 1
+            self.proposed.append(classes)
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
@@ -444,6 +453,7 @@ class Destination:
             self.received.append(item)
             arrived = len(self.received)
         if arrived == self.hold_at:
+            self.holding.set()
             assert self.release.wait(10), "the test never released the held C-STORE"
         return self.statuses.get(uid, int(Status.SUCCESS))
 

@@ -6,11 +6,13 @@ port that records what each C-STORE sub-operation carried and answers a scripted
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +22,7 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 
@@ -232,6 +235,51 @@ def test_image_level_fetches_each_instance(setup: Setup) -> None:
     received = destination.by_uid()
     assert set(received) == {i.uid for i in wanted}
     for instance in wanted:
+        assert received[instance.uid].dataset == dataset_bytes(instance.stored)
+
+
+def test_sending_starts_before_the_listing_and_a_new_class_widens_the_association(
+    setup: Setup,
+) -> None:
+    """The QIDO-RS listing is answered only once the destination holds the third instance:
+    the sub-operations start with the first WADO-RS part. The association opened for the
+    first part's class (Secondary Capture) is reopened to propose CT when a CT part comes."""
+    study = generate_uid()
+    series = generate_uid()
+    instances = [make_instance(study, series, 1, sop_class=SecondaryCaptureImageStorage)]
+    instances += [make_instance(study, series, n) for n in (2, 3)]
+    archive = Archive(instances)
+    held: list[bool] = []
+
+    async def listing_after_the_third(request: httpx.Request) -> httpx.Response:
+        held.append(await asyncio.to_thread(destination.holding.wait, 10))
+        destination.release.set()
+        return archive(request)
+
+    def responder(request: httpx.Request) -> httpx.Response | Coroutine[Any, Any, httpx.Response]:
+        return listing_after_the_third(request) if is_qido(request) else archive(request)
+
+    both = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    importer, destination = setup(
+        archive, contexts=((SecondaryCaptureImageStorage, both), (CTImageStorage, both))
+    )
+    importer.upstream.responder = responder
+    destination.hold_at = 3
+
+    result = c_move(importer, study_level(study))
+
+    assert held[0], "nothing was sent before the listing"
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (3, 0, 0)
+    assert remaining(result) == [2, 1, 0]  # one pending per sub-operation, as without the wait
+    assert (destination.requested, destination.accepted) == (2, 2)
+    assert destination.proposed == [
+        {SecondaryCaptureImageStorage},
+        {SecondaryCaptureImageStorage, CTImageStorage},
+    ]
+    received = destination.by_uid()
+    assert [r.sop_instance_uid for r in destination.received] == [i.uid for i in instances]
+    for instance in instances:
         assert received[instance.uid].dataset == dataset_bytes(instance.stored)
 
 

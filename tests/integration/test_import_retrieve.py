@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
-from tests.component.conftest import dataset_bytes
+from tests.component.conftest import DEST_AET, Destination, dataset_bytes, dictionary_flag
 from tests.rig import (
     Importer,
     Orthanc,
@@ -192,28 +193,45 @@ def test_move_without_unique_key_is_cannot_understand(
 def test_cancel_during_a_large_move(
     setup: tuple[Orthanc, Importer, StoreSCP], tmp_path: Path
 ) -> None:
-    orthanc, importer, scp = setup
+    """C-CANCEL while the destination holds the fifth C-STORE (sending starts with the first
+    WADO-RS part, before any pending response: the cancel cannot wait for one)."""
+    orthanc, _, _ = setup
     series = generate_ct_series(tmp_path / "big", 80, rows=64, cols=64)
     study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
     assert dcmsend("127.0.0.1", orthanc.dicom_port, orthanc.aet, [tmp_path / "big"]).returncode == 0
-    scp.clear()
+    destination = Destination([(CTImageStorage, (ExplicitVRLittleEndian,))], {})
+    destination.hold_at = 5
     ae = AE(ae_title="MOVESCU")
     ae.add_requested_context(STUDY_ROOT_MOVE)
-    assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
-    assert assoc.is_established
-    statuses = []
     try:
-        query = identifier("STUDY", StudyInstanceUID=study)
-        for status, _ in assoc.send_c_move(query, scp.aet, STUDY_ROOT_MOVE, msg_id=9):
-            statuses.append(status)
-            if status.Status == Status.PENDING and len(statuses) == 2:
-                assoc.send_c_cancel(9, assoc.accepted_contexts[0].context_id)
+        with Importer(
+            orthanc.dicomweb_url, dictionary_flag(destination.port), aet="ADAPTER2"
+        ) as importer:
+            assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
+            assert assoc.is_established
+
+            def cancel_when_held() -> None:
+                if destination.holding.wait(30):
+                    assoc.send_c_cancel(9, assoc.accepted_contexts[0].context_id)
+                destination.release.set()
+
+            canceller = threading.Thread(target=cancel_when_held, daemon=True)
+            canceller.start()
+            try:
+                query = identifier("STUDY", StudyInstanceUID=study)
+                statuses = [s for s, _ in assoc.send_c_move(query, DEST_AET, STUDY_ROOT_MOVE, 9)]
+            finally:
+                destination.release.set()
+                canceller.join(5)
+                assoc.release()
     finally:
-        assoc.release()
+        destination.stop()
     final = statuses[-1]
     assert final.Status == Status.CANCEL
-    assert final.NumberOfRemainingSuboperations > 0
-    assert len(scp.received()) < 80
+    completed = final.NumberOfCompletedSuboperations
+    assert completed >= 5  # the held one finished within the grace (seen within CANCEL_POLL)
+    assert final.NumberOfRemainingSuboperations == 80 - completed > 0
+    assert len(destination.received) == completed
 
 
 def test_receiver_without_the_original_syntax_gets_it_uncompressed(

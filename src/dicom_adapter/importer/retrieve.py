@@ -278,7 +278,9 @@ async def _send_unlisted(
     stop: asyncio.Event,
 ) -> _Prelude:
     """Send fetched instances until the listing is in (eager retrieve): only those already in
-    a syntax the receiver accepted; the rest wait for the listing (a refetch needs it)."""
+    a syntax the receiver accepted; the rest wait for the listing (a refetch needs it).
+
+    C-MOVE's association is opened here, on the first instance, for the classes seen so far."""
     done = _Prelude()
     while not listing.done() and not stop.is_set():
         getter = asyncio.ensure_future(queue.get())
@@ -296,12 +298,12 @@ async def _send_unlisted(
         uid = instance.meta.sop_instance_uid if instance.meta else ""
         if uid in done.outcomes:  # a repeat
             await instance.adiscard()
-        elif sender.accepts(instance):
+        elif await sender.sendable_unlisted(instance):
             done.outcomes[uid] = await sender.deliver(None, instance)
-            if sender.unreachable:
-                break
         else:
             done.set_aside.append(instance)
+        if sender.unreachable:
+            break
     return done
 
 
@@ -359,7 +361,7 @@ class InstanceMover:
             delivery = _MoveDelivery(refs, destination, self._timeouts)
             return _Sender(self, delivery, spool, counters)
 
-        return self.retrieve(identifier, root, sender, counters, is_cancelled)
+        return self.retrieve(identifier, root, sender, counters, is_cancelled, eager=True)
 
     def get(
         self,
@@ -399,11 +401,12 @@ class InstanceMover:
         that does not finish within CANCEL_GRACE is aborted with its association, never
         released half sent (C-GET: the requester's own association, so it is waited for).
 
-        `eager` (C-GET: the receiver's contexts are known before anything is listed): at STUDY
-        and SERIES level, sending starts with the first WADO-RS part instead of after the
-        listing (Orthanc: ~115 ms for 200 instances, far more under load); those outcomes
-        are counted once the listing names the instances (an instance WADO-RS returned but
-        the listing did not name, stored in between, is delivered but not counted).
+        `eager`: at STUDY and SERIES level, sending starts with the first WADO-RS part instead
+        of after the listing (Orthanc: 115-280 ms for 200 instances, gating the first
+        sub-operation); C-GET's contexts are the requester's, C-MOVE's association is opened
+        for the classes seen so far and widened when another appears. Those outcomes are
+        counted once the listing names the instances (an instance WADO-RS returned but the
+        listing did not name, stored in between, is delivered but not counted).
         """
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         spool = await asyncio.to_thread(RetrieveService.new_spool)
@@ -421,6 +424,8 @@ class InstanceMover:
             if eager and early is not None:
                 sender = new_sender([], spool)
                 prelude = asyncio.ensure_future(_send_unlisted(listing, queue, sender, stop))
+                if interrupt:
+                    tasks.append(asyncio.ensure_future(_interrupt(stop, prelude)))
             refs = await listing
             progress = MoveProgress(remaining=len(refs))
             yield [progress.snapshot()]
@@ -433,6 +438,8 @@ class InstanceMover:
             updates: asyncio.Queue[MoveProgress | None] = asyncio.Queue()
             if sender is None:
                 sender = new_sender(refs, spool)
+            else:
+                sender.learn(refs)
             # Sending runs ahead of the consumer of this generator (a pynetdicom thread
             # answering pending responses): a slow consumer never holds up the next C-STORE.
             sending = asyncio.ensure_future(
@@ -512,8 +519,7 @@ class InstanceMover:
                     if uid in listed:  # else stored after the listing: delivered, not counted
                         handled.add(uid)
                         sender.count(progress, uid, code)
-                if before.outcomes:
-                    await sender.report(progress, updates)
+                        await sender.report(progress, updates)  # one pending per sub-operation
             while waiting or not ended:
                 if waiting:
                     instance = waiting.pop(0)
@@ -642,10 +648,16 @@ class _Delivery(Protocol):
         """Release what was opened."""
         ...
 
+    def learn(self, refs: list[InstanceRef]) -> None:
+        """The listing is in (an eager retrieve's delivery was made before it)."""
+        ...
+
 
 class _MoveDelivery:
     """C-MOVE's destination: our asyncio SCU, opened on the first instance (reopened at most
-    MAX_REOPENS times)."""
+    MAX_REOPENS times after it broke) for every SOP class known then (listed or seen), and
+    reopened, widened, when an instance of a class it did not propose comes (only before the
+    listing names every class, or an instance stored since)."""
 
     receiver = "destination"
     reports_pending = False  # the runner answers the requester
@@ -653,7 +665,10 @@ class _MoveDelivery:
     def __init__(
         self, refs: list[InstanceRef], destination: MoveDestination, timeouts: ScuTimeouts
     ) -> None:
-        self._classes = list(dict.fromkeys(ref.sop_class_uid for ref in refs if ref.sop_class_uid))
+        self._classes: list[str] = []
+        self.learn(refs)
+        self._first_syntax: dict[str, str] = {}
+        self._proposed: set[str] = set()
         self._destination = destination
         self._timeouts = timeouts
         self._assoc: StoreAssociation | None = None
@@ -661,17 +676,34 @@ class _MoveDelivery:
         self.unreachable = ""
         self.unreachable_comment = ""
 
+    def learn(self, refs: list[InstanceRef]) -> None:
+        for ref in refs:  # a UID no DIMSE message can carry would fail the association
+            cls = ref.sop_class_uid
+            if cls and pdu.encodable_uid(cls) and cls not in self._classes:
+                self._classes.append(ref.sop_class_uid)
+
     async def ready(self, meta: FileMeta) -> bool:
-        if self._assoc is not None and self._assoc.is_open:
+        sop_class = meta.sop_class_uid
+        is_open = self._assoc is not None and self._assoc.is_open
+        if is_open and sop_class in self._proposed:
             return True
-        if self.unreachable or self._opens > MAX_REOPENS:
+        self._first_syntax.setdefault(sop_class, meta.transfer_syntax)
+        if sop_class not in self._classes:
+            self._classes.append(sop_class)
+        contexts = move_contexts(self._classes, self._first_syntax)
+        if self._assoc is not None and is_open:
+            if all(cx.abstract_syntax != sop_class for cx in contexts):
+                return True  # never proposed (no context ID left): its send fails alone
+            # Widen: every reopen proposes one class more, so at most one per class (and the
+            # 128 context IDs bound those); what was sent stays sent.
+            logger.info("reopening the association to propose SOP class %s", sop_class)
+            await self._assoc.release()
+        elif self.unreachable or self._opens > MAX_REOPENS:
             return False
-        self._opens += 1
-        classes = self._classes
-        if meta.sop_class_uid not in classes:
-            classes = [*classes, meta.sop_class_uid]
-        contexts = move_contexts(classes, {meta.sop_class_uid: meta.transfer_syntax})
+        else:
+            self._opens += 1
         target = self._destination.target
+        self._proposed = {cx.abstract_syntax for cx in contexts}
         try:
             self._assoc = await StoreAssociation.open(target, contexts, timeouts=self._timeouts)
         except AssociationError as exc:
@@ -755,6 +787,9 @@ class _GetDelivery:
     async def close(self) -> None:
         self._requester.abandon()
 
+    def learn(self, refs: list[InstanceRef]) -> None:
+        return None
+
 
 class _Sender:
     """One retrieve's sub-operations: the syntax rule, the C-STORE, the counts and metrics."""
@@ -777,17 +812,26 @@ class _Sender:
         """One sub-operation: send the instance and count the outcome."""
         self.count(progress, ref.sop_instance_uid, await self.deliver(ref, instance))
 
-    def accepts(self, instance: FetchedInstance) -> bool:
-        """True when the instance can go as it is (its class and syntax were accepted)."""
+    async def sendable_unlisted(self, instance: FetchedInstance) -> bool:
+        """True when the instance can go as it is, before the listing: the receiver is ready
+        (C-MOVE: opened or widened for its class) and accepted its class and syntax."""
         meta = instance.meta
-        return meta is not None and (
-            (meta.sop_class_uid, meta.transfer_syntax) in self._delivery.accepted()
+        return (
+            meta is not None
+            and pdu.encodable_uid(meta.sop_class_uid)
+            and pdu.encodable_uid(meta.transfer_syntax)
+            and await self._delivery.ready(meta)
+            and (meta.sop_class_uid, meta.transfer_syntax) in self._delivery.accepted()
         )
+
+    def learn(self, refs: list[InstanceRef]) -> None:
+        """The listing is in (an eager retrieve's sender was made before it)."""
+        self._delivery.learn(refs)
 
     async def deliver(self, ref: InstanceRef | None, instance: FetchedInstance) -> int | None:
         """Send the instance (metrics counted); its C-STORE status, None if not sent.
 
-        `ref` None: before the listing, for an instance `accepts` (no refetch needed).
+        `ref` None: before the listing, for an instance `sendable_unlisted` (no refetch).
         """
         counters = self._counters
         counters.cstore_requests.inc()
@@ -856,7 +900,7 @@ class _Sender:
         context_id = delivery.accepted().get((meta.sop_class_uid, meta.transfer_syntax))
         replacement: FetchedInstance | None = None
         if context_id is None:
-            if ref is None:  # `accepts` said otherwise: a bug, fail this one only
+            if ref is None:  # `sendable_unlisted` said otherwise: a bug, fail this one only
                 return None, 0
             replacement = await self._in_accepted_syntax(ref, meta)
             if replacement is None or replacement.meta is None:
