@@ -77,3 +77,51 @@ def test_a_flood_of_unasked_store_responses_is_not_kept() -> None:
     assert len(store._direct) == MAX_UNCLAIMED
     assert store._lease is None  # the lease ended: pynetdicom reads from here on
     assert given_back and given_back[0].endswith(following)
+
+
+def test_a_deferred_pending_response_waits_for_the_next_write() -> None:
+    """`defer` (another sub-operation is ready): the pending C-GET-RSP is not written alone;
+    it goes out with the next write (here `flush`), complete and in order."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    from dicom_adapter.dimse.get_sender import RequesterStore
+
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    store = RequesterStore(
+        SimpleNamespace(),
+        get_message_id=GET_ID,
+        get_sop_class_uid="1.2.840.10008.5.1.4.1.2.2.3",
+        get_context_id=1,
+        dimse_timeout=5.0,
+        network_timeout=5.0,
+    )
+    store._sock = ours
+
+    async def scenario() -> tuple[bytes, bytes]:
+        await store.pending(remaining=2, completed=1, failed=0, warning=0, defer=True)
+        await store.pending(remaining=1, completed=2, failed=0, warning=0, defer=True)
+        try:
+            early = peer.recv(65536)
+        except BlockingIOError:
+            early = b""
+        await store.flush()
+        return early, peer.recv(65536)
+
+    try:
+        early, written = asyncio.run(scenario())
+    finally:
+        ours.close()
+        peer.close()
+    assert early == b""
+    responses = []
+    while written:
+        pdu_type, length = pdu.parse_pdu_header(written[:6])
+        assert pdu_type == pdu.P_DATA_TF
+        taken = pdu.parse_command(written[12 : 6 + length])
+        assert taken.command_field == pdu.C_GET_RSP and taken.status == 0xFF00
+        responses.append(taken)
+        written = written[6 + length :]
+    assert len(responses) == 2

@@ -519,7 +519,8 @@ class InstanceMover:
                     if uid in listed:  # else stored after the listing: delivered, not counted
                         handled.add(uid)
                         sender.count(progress, uid, code)
-                        await sender.report(progress, updates)  # one pending per sub-operation
+                        # one pending per sub-operation (C-GET: sent with the next C-STORE-RQ)
+                        await sender.report(progress, updates, more=True)
             while waiting or not ended:
                 if waiting:
                     instance = waiting.pop(0)
@@ -537,9 +538,10 @@ class InstanceMover:
                     continue
                 handled.add(uid)
                 await sender.handle(ref, instance, progress)
-                await sender.report(progress, updates)
+                await sender.report(progress, updates, more=bool(waiting) or not queue.empty())
                 if sender.unreachable or stop.is_set():  # stop fetching
                     break
+            await sender.flush()
             for instance in waiting:
                 await instance.adiscard()
             missing = [ref for ref in refs if ref.sop_instance_uid not in handled]
@@ -634,8 +636,13 @@ class _Delivery(Protocol):
         """(SOP class, transfer syntax) -> accepted presentation context ID."""
         ...
 
-    async def pending(self, progress: MoveProgress) -> None:
-        """A pending response to the requester (when `reports_pending`)."""
+    async def pending(self, progress: MoveProgress, more: bool) -> None:
+        """A pending response to the requester (when `reports_pending`); `more`: another
+        sub-operation follows at once (the response may wait to go out with it)."""
+        ...
+
+    async def flush(self) -> None:
+        """Send the pending responses `pending` held back."""
         ...
 
     async def c_store(
@@ -736,7 +743,10 @@ class _MoveDelivery:
             move_originator_message_id=self._destination.originator_message_id,
         )
 
-    async def pending(self, progress: MoveProgress) -> None:
+    async def pending(self, progress: MoveProgress, more: bool) -> None:
+        return None
+
+    async def flush(self) -> None:
         return None
 
     async def close(self) -> None:
@@ -776,12 +786,16 @@ class _GetDelivery:
             self.unreachable_comment = "association lost"
             raise
 
-    async def pending(self, progress: MoveProgress) -> None:
+    async def flush(self) -> None:
+        await self._requester.flush()
+
+    async def pending(self, progress: MoveProgress, more: bool) -> None:
         await self._requester.pending(
             remaining=progress.remaining,
             completed=progress.completed,
             failed=progress.failed,
             warning=progress.warning,
+            defer=more,
         )
 
     async def close(self) -> None:
@@ -875,13 +889,22 @@ class _Sender:
         return self._delivery.unreachable
 
     async def report(
-        self, progress: MoveProgress, updates: asyncio.Queue[MoveProgress | None]
+        self,
+        progress: MoveProgress,
+        updates: asyncio.Queue[MoveProgress | None],
+        *,
+        more: bool = False,
     ) -> None:
-        """After a sub-operation: a pending response, by the delivery or by the runner."""
+        """After a sub-operation: a pending response, by the delivery or by the runner
+        (`more`: the next sub-operation is ready, see `_Delivery.pending`)."""
         if self._delivery.reports_pending:
-            await self._delivery.pending(progress)
+            await self._delivery.pending(progress, more)
         else:
             updates.put_nowait(progress.snapshot())
+
+    async def flush(self) -> None:
+        """The pending responses held back go out now."""
+        await self._delivery.flush()
 
     async def _send(
         self, ref: InstanceRef | None, instance: FetchedInstance
