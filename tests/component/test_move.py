@@ -283,6 +283,30 @@ def test_sending_starts_before_the_listing_and_a_new_class_widens_the_associatio
         assert received[instance.uid].dataset == dataset_bytes(instance.stored)
 
 
+def test_a_move_longer_than_the_network_timeout_is_answered_and_not_aborted(
+    setup: Setup,
+) -> None:
+    """The requester sends nothing while it waits, so pynetdicom's idle timer (restarted only
+    by a received PDU) ran out during the move: it aborted the association right after the
+    final response. The answer restarts it."""
+    instances = make_study(2)
+    importer, destination = setup(Archive(instances), "--network_timeout=1")
+    destination.hold_at = 1
+    releaser = threading.Timer(1.5, destination.release.set)  # past the network timeout
+    releaser.start()
+    assoc = move_association(importer)
+    try:
+        statuses = [
+            s for s, _ in assoc.send_c_move(study_level(instances[0].study), DEST_AET, MOVE_MODEL)
+        ]
+        assert statuses[-1].Status == Status.SUCCESS
+        assoc.release()
+    finally:
+        releaser.cancel()
+        destination.release.set()
+    assert assoc.is_released and not assoc.is_aborted
+
+
 def test_failed_listing_opens_no_association(setup: Setup) -> None:
     instances = make_study(2)
     importer, destination = setup(Archive(instances, qido_status=400))

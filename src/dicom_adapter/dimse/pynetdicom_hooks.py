@@ -29,6 +29,10 @@ Hooks (name: internal -> what it buys; without it):
   it, pynetdicom's `send_msg`.
 - server_registry: `ae._servers` -> `ae.shutdown()` stops our server too; without it, only
   our own shutdown does.
+- idle_timer: `DULServiceProvider._idle_timer` -> restarted when a C-MOVE or C-GET answers,
+  so a retrieve that ran longer than --network_timeout is not aborted right after its final
+  response (the timer only restarts on a received PDU, and the requester sends none while it
+  waits, nor does the DUL read while it lends the socket); without it, that A-ABORT.
 - spool_files: `pynetdicom.dimse_messages.NamedTemporaryFile` -> C-STORE data sets spool in
   this run's directory, so an association's unanswered files can be removed when it ends
   (importer/cstore_spool.py); without it, pynetdicom's files in $TMPDIR (an aborted transfer
@@ -72,6 +76,7 @@ SPOOL_FILES = "spool_files"
 GET_ROUTING = "get_routing"
 RAW_P_DATA = "raw_p_data"
 REACTOR_WAKE = "reactor_wake"
+IDLE_TIMER = "idle_timer"
 
 
 def _params(function: Any) -> list[str]:
@@ -127,6 +132,14 @@ def _check_waiting_socket() -> bool:
 def _check_dul_wake() -> bool:
     return _params(DULServiceProvider.send_pdu)[:2] == ["self", "primitive"] and _init_sets(
         DULServiceProvider, "_run_loop_delay"
+    )
+
+
+def _check_idle_timer() -> bool:
+    from pynetdicom.timer import Timer
+
+    return _init_sets(DULServiceProvider, "_idle_timer") and callable(
+        getattr(Timer, "restart", None)
     )
 
 
@@ -219,6 +232,15 @@ HOOKS += (
         "pynetdicom.association.time (Association._run_reactor's 1 ms sleep)",
         "a received request waits up to 1 ms for the association's reactor",
         _check_reactor_wake,
+    ),
+)
+
+HOOKS += (
+    Hook(
+        IDLE_TIMER,
+        "DULServiceProvider._idle_timer",
+        "a C-MOVE or C-GET longer than --network_timeout ends with an A-ABORT after its answer",
+        _check_idle_timer,
     ),
 )
 
@@ -490,6 +512,18 @@ def send_p_data(assoc: Any, context_id: int, fragment: bytes) -> bool:
     primitive.presentation_data_value_list.append((context_id, fragment))
     assoc.dul.send_pdu(primitive)
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# idle_timer
+
+
+def restart_idle_timer(assoc: Any) -> None:
+    """The association was active: its network timeout counts from now."""
+    if available(IDLE_TIMER):
+        timer = getattr(getattr(assoc, "dul", None), "_idle_timer", None)
+        if timer is not None:
+            timer.restart()
 
 
 # --------------------------------------------------------------------------------------------

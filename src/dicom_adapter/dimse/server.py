@@ -175,6 +175,7 @@ class MoveRequest:
                 identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
             )
             rsp.Identifier = BytesIO(cast(bytes, encoded))
+        hooks.restart_idle_timer(self.assoc)  # a long retrieve is no idle association
         self._send(rsp)
 
     def _primitive(self) -> Any:
