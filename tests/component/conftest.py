@@ -757,6 +757,7 @@ class GetScu:
     statuses: dict[str, int] = field(default_factory=dict)  # C-STORE-RSP status per UID
     max_pdu: int = 16382
     on_store: Callable[[Association, int], None] = lambda assoc, n: None  # nth C-STORE
+    on_data: Callable[[Any], None] = lambda event: None  # EVT_DATA_RECV, in the DUL thread
     stored: dict[str, bytes] = field(default_factory=dict)
     syntax_of: dict[str, str] = field(default_factory=dict)
     p_data_sizes: list[int] = field(default_factory=list)
@@ -775,6 +776,7 @@ class GetScu:
     def _data(self, event: Any) -> None:
         if event.data[:1] == b"\x04":  # P-DATA-TF: the whole PDU, header included
             self.p_data_sizes.append(len(event.data) - 6)
+        self.on_data(event)
 
     @contextlib.contextmanager
     def associate(self, importer: RunningImporter) -> Iterator[Association]:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import queue
 import select
@@ -28,7 +30,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from io import BytesIO
-from typing import Any
+from typing import Any, TypeVar
 
 from pynetdicom.dimse_primitives import C_GET, C_STORE
 
@@ -53,6 +55,10 @@ C_CANCEL_RQ = 0x0FFF
 MAX_DEFERRED = 64  # PDU pieces (32 pending C-GET-RSPs) held for the next write at most
 
 Groups = Iterator[list[bytes | memoryview]]
+_T = TypeVar("_T")
+# Blocking writes to C-GET requesters: threads are made as writes block at once (one per
+# requester whose socket buffer is full) and reused; bounded by the associations accepted.
+_WRITERS = concurrent.futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="cget-write")
 
 
 class RequesterStore:
@@ -130,7 +136,7 @@ class RequesterStore:
         message_id = self._message_id
         try:
             if self._sock is None:
-                return await asyncio.to_thread(
+                return await self._in_writer(
                     self._send_msg, context_id, sop_class_uid, sop_instance_uid, dataset, message_id
                 )
             await self._watch()
@@ -139,7 +145,7 @@ class RequesterStore:
             first, self._deferred = [*self._deferred, head, command], []
             if isinstance(dataset, DatasetFile):  # file reads: all of it in a thread
                 groups = self._pieces(context_id, dataset, first)
-                await asyncio.to_thread(self._write_locked, groups)
+                await self._in_writer(self._write_locked, groups)
             else:
                 await self._write(
                     pdu.framed_groups(context_id, dataset, self._fragment, last=True, prefix=first)
@@ -173,7 +179,7 @@ class RequesterStore:
         head = pdu.pdv_header(context_id, len(command), command=True, last=True)
         try:
             if self._sock is None:
-                await asyncio.to_thread(self._queue_p_data, context_id, b"\x03" + command)
+                await self._in_writer(self._queue_p_data, context_id, b"\x03" + command)
                 return
             self._deferred += [head, command]
             if not defer or len(self._deferred) >= MAX_DEFERRED:
@@ -328,7 +334,7 @@ class RequesterStore:
         sock = self._sock
         assert sock is not None
         if not self.lock.acquire(blocking=False):  # only a final response holds it this long
-            await asyncio.to_thread(self._write_locked, groups)
+            await self._in_writer(self._write_locked, groups)
             return
         handed_over = False
         try:
@@ -339,12 +345,28 @@ class RequesterStore:
                         sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         handed_over = True
-                        await asyncio.to_thread(self._write_rest, buffers, groups)
+                        await self._in_writer(self._write_rest, buffers, groups)
                         return
                     _consume(buffers, sent)
         finally:
             if not handed_over:
                 self.lock.release()
+
+    async def _in_writer(self, function: Callable[..., _T], *args: Any) -> _T:
+        """`function(*args)` in a writer thread (not the loop's default executor, which a few
+        requesters that stop reading would fill for up to --network_timeout each, stalling
+        every other `to_thread` of the daemon). Cancelled while it blocks (the C-GET ends,
+        the daemon stops): the connection is shut down, so the thread returns at once and
+        lets go of the lock and the spool file (a message cut short cannot go on anyway)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(_WRITERS, functools.partial(function, *args))
+        except asyncio.CancelledError:
+            self.lost = True
+            if self._sock is not None:  # (without the hook pynetdicom's DUL writes: bounded)
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+            raise
 
     def _write_rest(self, buffers: list[memoryview], groups: Groups) -> None:
         """In a thread, holding the lock `_write` took: the rest of one message."""
