@@ -119,9 +119,10 @@ def main() -> int:
                         flush=True,
                     )
     results: dict[str, object] = {"instances": args.instances, "reps": args.reps}
-    for name, got in runs.items():
+    for name, measured in runs.items():
         for kind in ("single", "study"):
-            results[f"{name}_{kind}_cpu_ms"] = round(statistics.median(r[kind] for r in got), 3)
+            median = statistics.median(r[kind] for r in measured)
+            results[f"{name}_{kind}_cpu_ms"] = round(median, 3)
     if "base" in runs:
         for kind in ("single", "study"):
             new, base = results[f"new_{kind}_cpu_ms"], results[f"base_{kind}_cpu_ms"]
