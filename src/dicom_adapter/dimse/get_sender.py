@@ -4,9 +4,10 @@ The requesting association belongs to pynetdicom: its DUL thread reads the socke
 association's own thread runs the C-GET runner, blocked until the retrieve ends. The
 sub-operations are sent from the event loop: the C-STORE-RQ command and data set are framed
 by `pdu` and written to the socket in groups of PDUs sized to the peer's maximum PDU length
-(hook raw_p_data), without blocking (a full socket buffer hands the rest to a thread); the
-C-STORE-RSP comes through pynetdicom's DIMSE queue, whose `put` wakes the loop (one thread
-hop per sub-operation). Pending C-GET-RSPs go out the same way, in order with the C-STOREs.
+(hook raw_p_data), without blocking (a full socket buffer is waited for on the loop; a data
+set spooled to disk is read and written by a writer thread); the C-STORE-RSP is read on the
+loop while the DUL lends it the socket, else it comes through pynetdicom's DIMSE queue, whose
+`put` wakes the loop. Pending C-GET-RSPs go out the same way, in order with the C-STOREs.
 pynetdicom's `send_c_store` costs ~6 ms per 512 KB instance (a DUL hand-off per PDU, and a
 thread hop each way when called from the loop). Without the hook (or over TLS), pynetdicom's
 DIMSE provider sends, from a worker thread.
@@ -329,14 +330,16 @@ class RequesterStore:
                 chunk = following
 
     async def _write(self, groups: Groups) -> None:
-        """Write from the loop without blocking it; once the socket buffer is full, the rest
-        is written by a thread (the lock stays held: one message at a time)."""
+        """Write from the loop without blocking it: when the socket buffer is full, wait on the
+        loop for room (up to the network timeout), holding the lock: one message at a time.
+        (A writer thread per full buffer cost a thread hop each way per data set.) Cut short
+        (cancelled, timed out), the connection is shut down: half a message cannot go on."""
         sock = self._sock
         assert sock is not None
         if not self.lock.acquire(blocking=False):  # only a final response holds it this long
             await self._in_writer(self._write_locked, groups)
             return
-        handed_over = False
+        whole = False
         try:
             for group in groups:
                 buffers = [memoryview(b) for b in group]
@@ -344,13 +347,37 @@ class RequesterStore:
                     try:
                         sent = sock.sendmsg(buffers[:MAX_BUFFERS], [], socket.MSG_DONTWAIT)
                     except BlockingIOError:
-                        handed_over = True
-                        await self._in_writer(self._write_rest, buffers, groups)
-                        return
+                        await self._writable(sock)
+                        continue
                     _consume(buffers, sent)
+            whole = True
         finally:
-            if not handed_over:
-                self.lock.release()
+            self.lock.release()
+            if not whole:
+                self._cut()
+
+    async def _writable(self, sock: socket.socket) -> None:
+        """Until `sock` has room for more (TimeoutError after the network timeout)."""
+        fd = sock.fileno()
+        if fd < 0:
+            raise OSError("the requester's connection was closed")
+        loop = asyncio.get_running_loop()
+        room: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, _resolve, room)
+        try:
+            async with asyncio.timeout(self._network_timeout):
+                await room
+        except TimeoutError:
+            raise TimeoutError("the requester stopped reading") from None
+        finally:
+            loop.remove_writer(fd)
+
+    def _cut(self) -> None:
+        """The association cannot go on (a message cut short): shut the connection down."""
+        self.lost = True
+        if self._sock is not None:  # (without the hook pynetdicom's DUL writes: bounded)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     async def _in_writer(self, function: Callable[..., _T], *args: Any) -> _T:
         """`function(*args)` in a writer thread (not the loop's default executor, which a few
@@ -362,20 +389,8 @@ class RequesterStore:
         try:
             return await loop.run_in_executor(_WRITERS, functools.partial(function, *args))
         except asyncio.CancelledError:
-            self.lost = True
-            if self._sock is not None:  # (without the hook pynetdicom's DUL writes: bounded)
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
+            self._cut()
             raise
-
-    def _write_rest(self, buffers: list[memoryview], groups: Groups) -> None:
-        """In a thread, holding the lock `_write` took: the rest of one message."""
-        try:
-            self._blocking_write(buffers)
-            for group in groups:
-                self._blocking_write([memoryview(b) for b in group])
-        finally:
-            self.lock.release()
 
     def _write_locked(self, groups: Groups) -> None:
         with self.lock:
@@ -456,6 +471,11 @@ def _ours(body: bytes, get_message_id: int) -> list[pdu.CommandSet] | None:
         elif command.command_field != pdu.C_STORE_RSP:
             return None
     return commands
+
+
+def _resolve(room: asyncio.Future[None]) -> None:
+    if not room.done():
+        room.set_result(None)
 
 
 def _consume(buffers: list[memoryview], sent: int) -> None:
