@@ -56,7 +56,6 @@ from types import FrameType
 from typing import Any
 
 import httpx
-from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
@@ -70,6 +69,7 @@ from tests.rig import (
     StoreSCP,
     dcmsend,
     generate_ct_series,
+    instance_paths,
     proc_status,
     tree_cpu_seconds,
 )
@@ -404,17 +404,6 @@ class Bench:
             if line.startswith("baseline stopped: associations="):
                 return int(line.split("=")[1].split()[0])
         return -1
-
-
-def instance_paths(files: list[Path]) -> list[str]:
-    paths = []
-    for f in files:
-        ds = dcmread(f, stop_before_pixels=True)
-        paths.append(
-            f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-            f"/instances/{ds.SOPInstanceUID}"
-        )
-    return paths
 
 
 def main() -> int:

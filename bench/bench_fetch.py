@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydicom import dcmread
-from tests.rig import Orthanc, dcmsend, generate_ct_series
+from tests.rig import Orthanc, dcmsend, generate_ct_series, instance_paths
 
 ROUNDS = 5
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -97,13 +97,7 @@ def main() -> int:
             if loaded.returncode != 0:
                 raise RuntimeError(f"dcmsend failed: {loaded.stderr[-2000:]}")
             root = orthanc.dicomweb_url.rstrip("/")
-            urls = []
-            for path in files:
-                ds = dcmread(path, stop_before_pixels=True)
-                urls.append(
-                    f"{root}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-                    f"/instances/{ds.SOPInstanceUID}"
-                )
+            urls = [f"{root}/{path}" for path in instance_paths(files)]
             url_file = work / "urls.txt"
             url_file.write_text("\n".join(urls))
             study_url = f"{root}/studies/{first.StudyInstanceUID}"

@@ -26,8 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pydicom import dcmread
-from tests.rig import Importer, Orthanc, dcmsend, free_port, generate_ct_series
+from tests.rig import Importer, Orthanc, dcmsend, free_port, generate_ct_series, instance_paths
 
 from dicom_adapter.malloc import OFF_ENV, tune_malloc
 
@@ -57,13 +56,7 @@ def fetch_child(url_file: Path, spool: Path) -> None:
 
 
 def run_fetch(orthanc: Orthanc, files: list[Path], work: Path, reps: int) -> dict[str, object]:
-    urls = []
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True)
-        urls.append(
-            f"{orthanc.dicomweb_url}/studies/{ds.StudyInstanceUID}/series/"
-            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-        )
+    urls = [f"{orthanc.dicomweb_url}/{path}" for path in instance_paths(files)]
     url_file = work / "urls.txt"
     url_file.write_text("\n".join(urls))
     spent: dict[str, list[float]] = {mode: [] for mode in MODES}

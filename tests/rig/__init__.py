@@ -14,6 +14,7 @@ from tests.rig.data import (
     LARGE_FRAME_COLS,
     LARGE_FRAME_ROWS,
     generate_ct_series,
+    instance_paths,
     part10_bytes,
     write_large_instance,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "generate_ct_series",
     "http_get",
     "importer_binary",
+    "instance_paths",
     "interrupt_c_store",
     "json_records",
     "make_pki",

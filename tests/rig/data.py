@@ -173,3 +173,17 @@ def part10_bytes(sop_class: str, uid: str, syntax: str, payload: bytes = b"pixel
     value = payload + b" " * (len(payload) % 2)
     element = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", len(value)) + value
     return b"\0" * 128 + b"DICM" + out.getvalue() + element
+
+
+def instance_paths(files: list[Path]) -> list[str]:
+    """The WADO-RS path (`studies/.../series/.../instances/...`) of each Part-10 file."""
+    from pydicom import dcmread
+
+    paths = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        paths.append(
+            f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+    return paths

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 from dicom_adapter.dimse import pdu
-from dicom_adapter.dimse.get_sender import C_CANCEL_RQ, _ours
+from dicom_adapter.dimse.get_sender import C_CANCEL_RQ, RequesterStore, _ours
 
 GET_ID = 7
 
@@ -26,6 +27,18 @@ def command(field: int, responded_to: int, status: int | None = None) -> bytes:
 def p_data_body(*pdvs: tuple[bytes, int]) -> bytes:
     """PDV items (data, control byte) on context 1."""
     return b"".join(struct.pack(">IBB", len(d) + 2, 1, c) + d for d, c in pdvs)
+
+
+def requester_store() -> RequesterStore:
+    """The C-GET sender of a requesting association that is never used (no socket)."""
+    return RequesterStore(
+        SimpleNamespace(),
+        get_message_id=GET_ID,
+        get_sop_class_uid="1.2.840.10008.5.1.4.1.2.2.3",
+        get_context_id=1,
+        dimse_timeout=5.0,
+        network_timeout=5.0,
+    )
 
 
 def test_store_responses_and_a_cancel_of_our_get_are_taken() -> None:
@@ -54,20 +67,11 @@ def test_anything_else_is_left_to_pynetdicom() -> None:
 def test_a_flood_of_unasked_store_responses_is_not_kept() -> None:
     """A requester answering C-STOREs we never sent cannot grow our memory: past a few
     unclaimed responses the socket goes back to pynetdicom with what follows."""
-    from types import SimpleNamespace
-
-    from dicom_adapter.dimse.get_sender import MAX_UNCLAIMED, RequesterStore
+    from dicom_adapter.dimse.get_sender import MAX_UNCLAIMED
 
     given_back: list[bytes] = []
     wrapper = SimpleNamespace(socket=None, give_back=given_back.append)
-    store = RequesterStore(
-        SimpleNamespace(),
-        get_message_id=GET_ID,
-        get_sop_class_uid="1.2.840.10008.5.1.4.1.2.2.3",
-        get_context_id=1,
-        dimse_timeout=5.0,
-        network_timeout=5.0,
-    )
+    store = requester_store()
     store._lease = wrapper
     flood = p_data_body(*[(command(pdu.C_STORE_RSP, n, 0), 0x03) for n in range(1, 1001)])
     following = p_data_body((command(pdu.C_STORE_RSP, 2000, 0), 0x03))
@@ -84,20 +88,10 @@ def test_a_deferred_pending_response_waits_for_the_next_write() -> None:
     it goes out with the next write (here `flush`), complete and in order."""
     import asyncio
     import socket
-    from types import SimpleNamespace
-
-    from dicom_adapter.dimse.get_sender import RequesterStore
 
     ours, peer = socket.socketpair()
     peer.setblocking(False)
-    store = RequesterStore(
-        SimpleNamespace(),
-        get_message_id=GET_ID,
-        get_sop_class_uid="1.2.840.10008.5.1.4.1.2.2.3",
-        get_context_id=1,
-        dimse_timeout=5.0,
-        network_timeout=5.0,
-    )
+    store = requester_store()
     store._sock = ours
 
     async def scenario() -> tuple[bytes, bytes]:
