@@ -333,13 +333,14 @@ class RequesterStore:
         """Write from the loop without blocking it: when the socket buffer is full, wait on the
         loop for room (up to the network timeout), holding the lock: one message at a time.
         (A writer thread per full buffer cost a thread hop each way per data set.) Cut short
-        (cancelled, timed out), the connection is shut down: half a message cannot go on."""
+        once begun (cancelled, timed out), the connection is shut down: half a message cannot
+        go on."""
         sock = self._sock
         assert sock is not None
         if not self.lock.acquire(blocking=False):  # only a final response holds it this long
             await self._in_writer(self._write_locked, groups)
             return
-        whole = False
+        begun = whole = False
         try:
             for group in groups:
                 buffers = [memoryview(b) for b in group]
@@ -349,11 +350,12 @@ class RequesterStore:
                     except BlockingIOError:
                         await self._writable(sock)
                         continue
+                    begun = True
                     _consume(buffers, sent)
             whole = True
         finally:
             self.lock.release()
-            if not whole:
+            if begun and not whole:
                 self._cut()
 
     async def _writable(self, sock: socket.socket) -> None:
