@@ -110,8 +110,8 @@ def machine_jiffies() -> tuple[int, int]:
 
 
 def main_thread_cpu(pid: int) -> float:
-    """CPU seconds of a process's main thread: dicom-import's event loop (uploads, HTTP), where
-    its association threads receive; both hold one GIL while they run Python."""
+    """CPU seconds of a process's main thread: in dicom-import, the event loop (uploads, HTTP),
+    which shares one GIL with the association threads that receive."""
     stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
