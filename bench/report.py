@@ -441,7 +441,8 @@ def section_rtt(runs: dict[str, dict[str, Any]]) -> list[str]:
         "![rtt](benchmarks/rtt.png)",
         "",
         "One association, `dcmsend` of the CT series through dicom-import to Orthanc behind "
-        "an HTTP proxy (`tests/faults/fault_proxy.py`) that waits the given time before "
+        "an HTTP proxy (`tests/rig/delay_proxy.py`: heads parsed, bodies spliced, so the "
+        "emulated network costs the machine almost no CPU) that waits the given time before "
         "forwarding each request: the round trip to a distant DICOMweb server. Throughput "
         "is what the sender sees (`dcmsend` time). The Java adapter's behaviour is "
         "**emulated**, not run: dicom-import synchronous (one STOW-RS per instance, as the "
