@@ -45,6 +45,7 @@ from dicom_adapter.dicomweb.multipart import (
 )
 from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse.server import STUDY_ROOT_MOVE
+from dicom_adapter.importer import retrieve
 from dicom_adapter.importer.app import ImportService
 from dicom_adapter.status import Status
 from tests.rig import VERIFICATION, scrape_metrics
@@ -88,8 +89,13 @@ class RunningImporter:
 
 
 @pytest.fixture
-def start_importer() -> Iterator[Callable[..., RunningImporter]]:
-    """Factory: start an in-process importer with extra flags; stopped at teardown."""
+def start_importer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., RunningImporter]]:
+    """Factory: start an in-process importer with extra flags; stopped at teardown.
+
+    A pending C-MOVE-RSP after every sub-operation (not at most one per PENDING_INTERVAL), so
+    tests can follow the counts one by one (the interval has its own test).
+    """
+    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 0.0)
     stops: list[Callable[[], None]] = []
 
     def start(*flags: str, dicomweb_url: str | None = None) -> RunningImporter:

@@ -26,6 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom_adapter.importer import retrieve
 from dicom_adapter.status import Status
 from tests.component.conftest import (
     DEST_AET,
@@ -305,6 +306,23 @@ def test_a_move_longer_than_the_network_timeout_is_answered_and_not_aborted(
         releaser.cancel()
         destination.release.set()
     assert assoc.is_released and not assoc.is_aborted
+
+
+def test_pending_responses_are_at_most_one_per_interval_and_the_final_counts_hold(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fast local move gets a pending C-MOVE-RSP for its first sub-operation, then at most
+    one per PENDING_INTERVAL, and the last counts before the final response."""
+    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 60.0)
+    instances = make_study(3, 2)
+    importer, destination = setup(Archive(instances))
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (5, 0, 0)
+    assert remaining(result) == [4, 0]  # the first, then what the interval held back
+    assert len(destination.received) == 5
 
 
 def test_failed_listing_opens_no_association(setup: Setup) -> None:

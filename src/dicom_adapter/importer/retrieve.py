@@ -13,6 +13,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,10 @@ QUEUE_DEPTH = 8
 CANCEL_POLL = 0.05  # how often a running C-MOVE looks for the requester's C-CANCEL
 CANCEL_GRACE = 0.5  # a sub-operation still running this long after C-CANCEL is aborted
 FETCH_CONCURRENCY = 6  # WADO-RS requests in flight at IMAGE level (one per instance)
+# C-MOVE: at most one pending C-MOVE-RSP per this many seconds (the runner's final response
+# has the last counts). Each one crossed to pynetdicom's threads on the sub-operations'
+# critical path: ~0.2 ms per sub-operation, 11 % of a local 200-instance C-MOVE.
+PENDING_INTERVAL = 0.1
 
 
 def move_contexts(sop_classes: list[str], first_syntax: dict[str, str]) -> list[RequestedContext]:
@@ -230,6 +235,7 @@ class MoveDestination:
 
 
 _Item = FetchedInstance | None  # None: every fetch is done
+_Update = MoveProgress | None  # None: the retrieve is over
 
 
 def early_fetch_paths(identifier: Dataset, root: QueryRoot) -> list[str] | None:
@@ -541,7 +547,7 @@ class InstanceMover:
                 await sender.report(progress, updates, more=bool(waiting) or not queue.empty())
                 if sender.unreachable or stop.is_set():  # stop fetching
                     break
-            await sender.flush()
+            await sender.flush(progress, updates)
             for instance in waiting:
                 await instance.adiscard()
             missing = [ref for ref in refs if ref.sop_instance_uid not in handled]
@@ -819,6 +825,8 @@ class _Sender:
         self._delivery = delivery
         self._spool = spool
         self._counters = counters
+        self._reported_at = float("-inf")  # when the runner last got the counts
+        self._unreported = False  # counts changed since
 
     async def handle(
         self, ref: InstanceRef, instance: FetchedInstance, progress: MoveProgress
@@ -899,12 +907,21 @@ class _Sender:
         (`more`: the next sub-operation is ready, see `_Delivery.pending`)."""
         if self._delivery.reports_pending:
             await self._delivery.pending(progress, more)
-        else:
+            return
+        now = time.monotonic()
+        if now - self._reported_at >= PENDING_INTERVAL:
             updates.put_nowait(progress.snapshot())
+            self._reported_at, self._unreported = now, False
+        else:
+            self._unreported = True
 
-    async def flush(self) -> None:
-        """The pending responses held back go out now."""
+    async def flush(self, progress: MoveProgress, updates: asyncio.Queue[_Update]) -> None:
+        """What `report` held back goes out now: pending responses (C-GET), or the last
+        counts to the runner (C-MOVE)."""
         await self._delivery.flush()
+        if self._unreported:
+            updates.put_nowait(progress.snapshot())
+            self._unreported = False
 
     async def _send(
         self, ref: InstanceRef | None, instance: FetchedInstance
