@@ -10,6 +10,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.association import Association
 
 from dicom_adapter.dimse import pynetdicom_hooks
+from dicom_adapter.importer import retrieve
 from dicom_adapter.status import Status
 from tests.component.conftest import (
     GET_MSG_ID,
@@ -152,3 +153,20 @@ def test_without_the_get_routing_hook_c_get_is_refused_not_half_served(
     assert responses[-1].Status == Status.OUT_OF_RESOURCES_SUBOPERATIONS
     assert stored == []
     assert importer.upstream.requests == []  # nothing listed or fetched
+
+
+def test_pending_c_get_responses_are_at_most_one_per_interval(
+    start_importer: Callable[..., RunningImporter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first sub-operation, at most one pending C-GET-RSP per PENDING_INTERVAL, and
+    the last counts before the final response."""
+    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 60.0)
+    instances = make_study(3, 2)
+    importer = start_importer()
+    importer.upstream.responder = Archive(instances)
+
+    responses, stored = c_get(importer, study_level(instances[0].study))
+
+    assert responses[-1].Status == Status.SUCCESS
+    assert [int(s.NumberOfRemainingSuboperations) for s in responses[:-1]] == [4, 0]
+    assert sorted(stored) == sorted(i.uid for i in instances)
