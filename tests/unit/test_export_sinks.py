@@ -50,9 +50,7 @@ TARGET = AssociationTarget("EXPORTADAPTER", "PEER", "127.0.0.1", 11112)
 
 def fetched(sop_class: str, uid: str, syntax: str, payload: bytes = b"pixels") -> FetchedInstance:
     data = part10(sop_class, uid, syntax, payload)
-    return FetchedInstance(
-        {}, meta=read_file_meta(data, complete=True), data=bytearray(data), size=len(data)
-    )
+    return FetchedInstance({}, meta=read_file_meta(data, complete=True), data=data, size=len(data))
 
 
 def dataset_bytes(instance: FetchedInstance) -> bytes:
@@ -336,7 +334,7 @@ def test_refused_syntax_without_refetch_is_permanent() -> None:
 
 def test_unusable_meta_is_transient() -> None:
     """A proxy's error page looks the same: retried, and dead-lettered if it persists."""
-    instance = FetchedInstance({}, data=bytearray(b"junk"), error="no DICM prefix")
+    instance = FetchedInstance({}, data=b"junk", error="no DICM prefix")
     with pytest.raises(TransientFailure, match="no DICM prefix"):
         asyncio.run(sink_for(FakePeer()).send(instance))
 

@@ -81,7 +81,7 @@ class FetchedInstance:
 
     headers: dict[str, str]
     meta: FileMeta | None = None
-    data: bytearray | None = None
+    data: bytes | None = None
     path: Path | None = None
     size: int = 0
     error: str = ""
@@ -135,16 +135,11 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
-def _assemble(chunks: list[bytes], size: int) -> bytearray:
-    """The chunks in one buffer, each freed once copied: the peak is one copy, not two."""
-    data = bytearray(size)
-    chunks.reverse()
-    pos = 0
-    while chunks:
-        chunk = chunks.pop()
-        data[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    return data
+def _assemble(chunks: list[bytes]) -> bytes:
+    """The chunks as one buffer: a part read in one piece is kept as it is (no copy); else one
+    join (a zeroed buffer filled chunk by chunk cost a memset more; the transient second copy
+    is at most the per-instance memory limit)."""
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class _Collector:
@@ -202,7 +197,7 @@ class _Collector:
             file, self._file = self._file, None
             await asyncio.to_thread(file.close)
         else:
-            item.data = _assemble(self._chunks, item.size)
+            item.data = _assemble(self._chunks)
             self._chunks = []
         try:
             item.meta = read_file_meta(item._head, complete=item.size <= len(item._head))
