@@ -89,13 +89,14 @@ class RunningImporter:
 
 
 @pytest.fixture
-def start_importer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., RunningImporter]]:
+def start_importer() -> Iterator[Callable[..., RunningImporter]]:
     """Factory: start an in-process importer with extra flags; stopped at teardown.
 
-    A pending C-MOVE-RSP after every sub-operation (not at most one per PENDING_INTERVAL), so
-    tests can follow the counts one by one (the interval has its own test).
+    A pending response after every sub-operation (not at most one per PENDING_INTERVAL), so
+    tests can follow the counts one by one (the interval has its own tests, which set it). Not
+    with `monkeypatch`: its undo would run after the process-wide settings are restored here.
     """
-    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 0.0)
+    interval, retrieve.PENDING_INTERVAL = retrieve.PENDING_INTERVAL, 0.0
     stops: list[Callable[[], None]] = []
 
     def start(*flags: str, dicomweb_url: str | None = None) -> RunningImporter:
@@ -134,6 +135,7 @@ def start_importer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Ru
     for stop in stops:
         stop()
     _restore_process_wide_settings(saved)
+    retrieve.PENDING_INTERVAL = interval
     pynetdicom_hooks.reset()  # every hook undone: the next test (or peer) sees pynetdicom
 
 

@@ -156,11 +156,11 @@ def test_without_the_get_routing_hook_c_get_is_refused_not_half_served(
 
 
 def test_pending_c_get_responses_are_at_most_one_per_interval(
-    start_importer: Callable[..., RunningImporter], monkeypatch: pytest.MonkeyPatch
+    start_importer: Callable[..., RunningImporter],
 ) -> None:
     """After the first sub-operation, at most one pending C-GET-RSP per PENDING_INTERVAL, and
     the last counts before the final response."""
-    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 60.0)
+    retrieve.PENDING_INTERVAL = 60.0  # start_importer puts the default back
     instances = make_study(3, 2)
     importer = start_importer()
     importer.upstream.responder = Archive(instances)

@@ -309,11 +309,11 @@ def test_a_move_longer_than_the_network_timeout_is_answered_and_not_aborted(
 
 
 def test_pending_responses_are_at_most_one_per_interval_and_the_final_counts_hold(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch
+    setup: Setup,
 ) -> None:
     """A fast local move gets a pending C-MOVE-RSP for its first sub-operation, then at most
     one per PENDING_INTERVAL, and the last counts before the final response."""
-    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 60.0)
+    retrieve.PENDING_INTERVAL = 60.0  # start_importer puts the default back
     instances = make_study(3, 2)
     importer, destination = setup(Archive(instances))
 
