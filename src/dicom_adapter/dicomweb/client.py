@@ -132,8 +132,8 @@ _NO_COOKIES = _NoCookies()
 
 class _CookielessClient(httpx.AsyncClient):
     """No cookies kept or sent, like the Java adapter's HTTP client (DICOMweb authenticates
-    with headers). httpx builds a urllib request per response to extract them: 9 % of a
-    single-instance WADO-RS fetch's CPU (`bench/bench_fetch.py`)."""
+    with headers). httpx builds a urllib request per response to extract them: 9 % of the
+    samples in a py-spy profile of single-instance WADO-RS fetches, 25-45 us per request."""
 
     @property
     def cookies(self) -> httpx.Cookies:
