@@ -14,10 +14,10 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 from tests.rig import free_port, raise_if_exited, wait_until
+from tests.rig.lifecycle import Service
 
 STARTUP_TIMEOUT = 20.0
 
@@ -27,7 +27,7 @@ def emulator_binary() -> Path:
     return Path(sys.executable).with_name("gcp-storage-emulator")
 
 
-class StorageEmulator:
+class StorageEmulator(Service):
     """The emulator, ready once its bucket answers; `env` points the adapter at it."""
 
     def __init__(self, bucket: str = "spool-bucket", log_dir: Path | None = None) -> None:
@@ -45,18 +45,6 @@ class StorageEmulator:
     def env(self) -> dict[str, str]:
         """What a dicom-import or dicom-spool subprocess needs to use the emulator."""
         return {"STORAGE_EMULATOR_HOST": self.host}
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Start it and poll until the bucket exists."""

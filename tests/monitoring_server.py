@@ -22,11 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 
+from tests.rig.lifecycle import Service
 from tests.rig.poll import wait_until
 
 # Imported untyped: a static import makes mypy treat google.cloud as typed (see
@@ -51,7 +51,7 @@ class Point:
     end_time: float
 
 
-class MonitoringServer:
+class MonitoringServer(Service):
     """In-process MetricService (CreateTimeSeries only) on a free localhost port."""
 
     def __init__(self) -> None:
@@ -69,18 +69,6 @@ class MonitoringServer:
     def host(self) -> str:
         """`host:port` for MONITORING_EMULATOR_HOST."""
         return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Listen on a free port."""
@@ -216,7 +204,7 @@ class _MetadataHTTPServer(ThreadingHTTPServer):
         self.seen: list[str] = []
 
 
-class MetadataServer:
+class MetadataServer(Service):
     """A GCE metadata server answering cluster-name and zone (either may be left out)."""
 
     def __init__(self, cluster_name: str | None = None, zone: str | None = None) -> None:
@@ -240,16 +228,12 @@ class MetadataServer:
         """The paths requested so far."""
         return list(self._server.seen)
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Serve on its thread."""
         self._thread.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Shut the server down and join its thread."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

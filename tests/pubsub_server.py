@@ -42,12 +42,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 import grpc  # type: ignore[import-untyped]
 from google.pubsub_v1 import types
 
+from tests.rig.lifecycle import Service
 from tests.rig.poll import wait_until
 
 # Protobuf message classes (proto-plus wrappers expose them via `.pb()`; untyped, hence Any).
@@ -125,7 +125,7 @@ class _Sub:
         return deadline
 
 
-class PubSubServer:
+class PubSubServer(Service):
     """In-process Pub/Sub server on a free port of 127.0.0.1; use as a context manager.
 
     `host` is the value for `PUBSUB_EMULATOR_HOST`. The helpers (`create_topic`, `publish`,
@@ -168,17 +168,6 @@ class PubSubServer:
         self._server.stop(grace).wait()
         with self._cond:
             self._stopped = True
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- test helpers ------------------------------------------------------------------------
 

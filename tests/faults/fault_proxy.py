@@ -17,10 +17,10 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from types import TracebackType
-from typing import Self
 
 import httpx
+
+from tests.rig.lifecycle import Service
 
 HEAD_LIMIT = 1 << 20
 HUGE_HEADER_BYTES = 1 << 20
@@ -85,7 +85,7 @@ class _Request:
         return b""
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """The proxy; `with FaultProxy(host, port) as proxy:` serves on `proxy.url`."""
 
     def __init__(self, upstream_host: str, upstream_port: int, *, delay: float = 0.0) -> None:
@@ -141,21 +141,17 @@ class FaultProxy:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Run the proxy on its own loop thread (ready when this returns)."""
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout=30):
             raise TimeoutError("fault proxy did not start")
         if self._startup_error is not None:
             raise RuntimeError("fault proxy failed to start") from self._startup_error
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Stop the loop and join its thread."""
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None:
             loop.call_soon_threadsafe(stopping.set)

@@ -8,13 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.rig.dimse import echo
+from tests.rig.lifecycle import Service
 from tests.rig.pki import Pki
 from tests.rig.poll import wait_until
 from tests.rig.processes import STARTUP_TIMEOUT, free_port, local_env, raise_if_exited
@@ -111,7 +110,7 @@ def parse_dcmsend_debug(output: str) -> dict[str, int]:
     return statuses
 
 
-class StoreSCP:
+class StoreSCP(Service):
     """DCMTK storescp on a free port writing every received instance into `folder`.
 
     `accept="all"` takes every transfer syntax (`+xa`), `"implicit"` only Implicit VR Little
@@ -142,7 +141,8 @@ class StoreSCP:
         self.probe = probe
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Start storescp and wait until it answers C-ECHO."""
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [dcmtk_tool("storescp"), *(["--fork"] if self.fork else []), "-aet", self.aet]
         args += ["+xa" if self.accept == "all" else "+xi", "-od", str(self.folder), *self.options]
@@ -169,15 +169,6 @@ class StoreSCP:
         except BaseException:
             self.stop()
             raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _answers_echo(self) -> bool:
         if self.tls is None:

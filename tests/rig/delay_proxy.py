@@ -19,8 +19,8 @@ import socket
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from tests.rig.lifecycle import Service
 
 HEAD_LIMIT = 1 << 16
 PIPE_BYTES = 1 << 20
@@ -136,7 +136,7 @@ def _relay_body(pipe: _Pipe, headers: dict[bytes, bytes], src: _Peer, dst: _Peer
         pipe.relay(src, dst, int(headers.get(b"content-length", b"0")))
 
 
-class DelayProxy:
+class DelayProxy(Service):
     """`with DelayProxy(host, port, delay=0.1) as proxy:` serves on `proxy.url`."""
 
     def __init__(
@@ -174,19 +174,15 @@ class DelayProxy:
                 total += thread_cpu_seconds(tid) if tid is not None else 0.0
         return total
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Accept connections on a thread."""
         accept = threading.Thread(target=self._accept, name="delay-proxy", daemon=True)
         with self._lock:
             self._threads.append(accept)
         accept.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Close the listener and every connection, join the threads."""
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()

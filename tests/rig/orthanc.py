@@ -9,8 +9,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 from pydicom import dcmread
@@ -19,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from tests.rig.dcmtk import dcmsend
+from tests.rig.lifecycle import Service
 from tests.rig.poll import wait_until
 from tests.rig.processes import (
     POLL_INTERVAL,
@@ -34,7 +34,7 @@ ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
-class Orthanc:
+class Orthanc(Service):
     """Orthanc with the DICOMweb plugin on free ports, in its own temporary directory."""
 
     def __init__(
@@ -88,18 +88,6 @@ class Orthanc:
         }
         cfg.update(self.extra_config)
         return cfg
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Write the config, start Orthanc and wait until `GET /system` answers 200."""

@@ -16,6 +16,7 @@ from typing import Any, Self
 import httpx
 
 from tests.rig.dimse import echo
+from tests.rig.lifecycle import Service
 from tests.rig.poll import wait_until
 from tests.rig.processes import (
     LOG_TAIL_CHARS,
@@ -194,7 +195,7 @@ def json_records(text: str) -> list[dict[str, Any]]:
     return records
 
 
-class LoggedProcess:
+class LoggedProcess(Service):
     """A service as a subprocess logging to a file; ready once `ready` appears in its log.
 
     For services without a DIMSE port to probe (dicom-export, the export benchmark's
@@ -217,7 +218,8 @@ class LoggedProcess:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Start the process and wait until its log says it is ready."""
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -239,15 +241,6 @@ class LoggedProcess:
         except BaseException:
             self.stop()
             raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (SIGKILL after `timeout`); the exit code, or None if it was not running."""

@@ -8,8 +8,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
+
+from tests.rig.lifecycle import Service
 
 Framing = Literal["length", "chunked", "close"]  # how a response body's end is marked
 
@@ -28,7 +29,7 @@ class StowRequest:
 Responder = Callable[[StowRequest], tuple[int, bytes]]  # -> (status, application/dicom+json)
 
 
-class StowServer:
+class StowServer(Service):
     """HTTP/1.1 with keep-alive on 127.0.0.1; answers each request with `respond`, its body
     framed by Content-Length, chunked transfer coding, or the connection's close."""
 
@@ -45,16 +46,12 @@ class StowServer:
         """The DICOMweb root to give as --dicomweb_address."""
         return f"http://127.0.0.1:{self._server.server_address[1]}/dicom-web"
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Serve on its thread."""
         self._thread.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Shut the server down and join its thread."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
