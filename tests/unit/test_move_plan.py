@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydicom import Dataset
 
 from dicom_adapter.dicom.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, uncompressed_for
@@ -127,3 +129,36 @@ def test_refetch_syntax_is_an_uncompressed_one_the_peer_accepted() -> None:
     assert uncompressed_for([IMPLICIT_VR_LE], EXPLICIT_VR_LE) == IMPLICIT_VR_LE
     assert uncompressed_for([EXPLICIT_VR_LE], EXPLICIT_VR_LE) is None  # refused: no refetch helps
     assert uncompressed_for([JPEG_2000], "1.2.840.10008.1.2.4.50") is None
+
+
+def test_an_eager_retrieve_holds_a_bounded_number_of_instances_for_the_listing() -> None:
+    """A receiver that refuses every fetched instance as it is (its class or syntax) makes them
+    wait for the listing; past MAX_SET_ASIDE the rest stays in the bounded queue, so the
+    fetch pauses instead of pulling the whole study into memory and the spool."""
+    import asyncio
+
+    from dicom_adapter.dicom.part10 import FileMeta
+    from dicom_adapter.dicomweb.instances import FetchedInstance
+    from dicom_adapter.importer import retrieve
+
+    class Refusing:
+        unreachable = ""
+
+        async def sendable_unlisted(self, instance: FetchedInstance) -> bool:
+            return False
+
+    async def scenario() -> tuple[int, int]:
+        queue: asyncio.Queue[FetchedInstance | None] = asyncio.Queue()
+        for n in range(100):
+            meta = FileMeta(CT, f"1.2.3.{n}", JPEG_2000, 0)
+            queue.put_nowait(FetchedInstance({}, meta=meta, data=b"x"))
+        queue.put_nowait(None)  # the fetch ended
+        listing: asyncio.Future[list[InstanceRef]] = asyncio.get_running_loop().create_future()
+        sender: Any = Refusing()
+        prelude = await retrieve._send_unlisted(listing, queue, sender, asyncio.Event())
+        listing.cancel()
+        return len(prelude.set_aside), queue.qsize()
+
+    held, left = asyncio.run(scenario())
+    assert held == retrieve.MAX_SET_ASIDE
+    assert left == 100 - retrieve.MAX_SET_ASIDE + 1  # and the end marker

@@ -158,6 +158,7 @@ COMMON_SYNTAXES = (
 )
 MAX_REOPENS = 3
 QUEUE_DEPTH = 8
+MAX_SET_ASIDE = 16  # instances an eager retrieve holds for the listing (see _send_unlisted)
 CANCEL_POLL = 0.05  # how often a running C-MOVE looks for the requester's C-CANCEL
 CANCEL_GRACE = 0.5  # a sub-operation still running this long after C-CANCEL is aborted
 FETCH_CONCURRENCY = 6  # WADO-RS requests in flight at IMAGE level (one per instance)
@@ -286,7 +287,10 @@ async def _send_unlisted(
     """Send fetched instances until the listing is in (eager retrieve): only those already in
     a syntax the receiver accepted; the rest wait for the listing (a refetch needs it).
 
-    C-MOVE's association is opened here, on the first instance, for the classes seen so far."""
+    C-MOVE's association is opened here, on the first instance, for the classes seen so far.
+    At most MAX_SET_ASIDE instances wait aside: a receiver refusing a whole study's class
+    (or syntax) would otherwise have it all fetched into memory and the spool before the
+    listing came."""
     done = _Prelude()
     while not listing.done() and not stop.is_set():
         getter = asyncio.ensure_future(queue.get())
@@ -308,6 +312,8 @@ async def _send_unlisted(
             done.outcomes[uid] = await sender.deliver(None, instance)
         else:
             done.set_aside.append(instance)
+            if len(done.set_aside) >= MAX_SET_ASIDE:
+                break  # the rest waits in the queue, the fetch paused, until the listing
         if sender.unreachable:
             break
     return done
