@@ -53,6 +53,7 @@ LEASE_PDU = 1 << 16  # a longer PDU is no C-STORE-RSP: the DUL reads it
 MAX_UNCLAIMED = 16
 LEASE_WAIT = 1.0  # how long the DUL may take to stop reading (it finishes a PDU first)
 C_CANCEL_RQ = 0x0FFF
+WRITABLE_CHECK = 1.0  # how often a write waiting for room checks the association is alive
 MAX_DEFERRED = 64  # PDU pieces (32 pending C-GET-RSPs) held for the next write at most
 
 Groups = Iterator[list[bytes | memoryview]]
@@ -359,20 +360,27 @@ class RequesterStore:
                 self._cut()
 
     async def _writable(self, sock: socket.socket) -> None:
-        """Until `sock` has room for more (TimeoutError after the network timeout)."""
+        """Until `sock` has room for more (TimeoutError after the network timeout). Checked
+        every WRITABLE_CHECK s: if pynetdicom closed the socket meanwhile (the requester
+        aborted), epoll forgets the fd and no event would ever come."""
         fd = sock.fileno()
         if fd < 0:
             raise OSError("the requester's connection was closed")
         loop = asyncio.get_running_loop()
         room: asyncio.Future[None] = loop.create_future()
         loop.add_writer(fd, _resolve, room)
+        deadline = loop.time() + self._network_timeout
         try:
-            async with asyncio.timeout(self._network_timeout):
-                await room
-        except TimeoutError:
-            raise TimeoutError("the requester stopped reading") from None
+            while not room.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError("the requester stopped reading")
+                await asyncio.wait({room}, timeout=min(left, WRITABLE_CHECK))
+                if not room.done() and (sock.fileno() < 0 or not self._assoc.is_established):
+                    raise OSError("the requester's association ended")
         finally:
-            loop.remove_writer(fd)
+            with contextlib.suppress(Exception):  # by fd, like the lease's reader
+                loop.remove_writer(fd)
 
     def _cut(self) -> None:
         """The association cannot go on (a message cut short): shut the connection down."""
