@@ -25,7 +25,7 @@ from tests.component.conftest import (
     study_level,
     write_without,
 )
-from tests.rig import free_port
+from tests.rig import free_port, refused_port
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -194,11 +194,11 @@ def test_c_move_to_an_unreachable_destination_says_so(
     start_importer: Callable[..., RunningImporter],
 ) -> None:
     instances = make_study(2)
-    port = free_port()
-    importer = start_importer(dictionary_flag(port), "--shutdown_grace_period=0.5")
-    importer.upstream.responder = Archive(instances)
+    with refused_port() as port:  # not free_port(): the importer on port 0 could take it
+        importer = start_importer(dictionary_flag(port), "--shutdown_grace_period=0.5")
+        importer.upstream.responder = Archive(instances)
 
-    result = c_move(importer, study_level(instances[0].study), dimse_timeout=5)
+        result = c_move(importer, study_level(instances[0].study), dimse_timeout=5)
 
     assert result.status == Status.OUT_OF_RESOURCES_SUBOPERATIONS
     # the cause first and whole: the modality's operator reads "connection refused"

@@ -52,7 +52,7 @@ from tests.component.conftest import (
     study_level,
     wado_requests,
 )
-from tests.rig import free_port
+from tests.rig import refused_port
 
 # --- the cases ---------------------------------------------------------------------------
 
@@ -157,10 +157,11 @@ def test_unreachable_destination_fails_everything_promptly(
     start_importer: Callable[..., RunningImporter], count: int
 ) -> None:
     instances = make_study(count)
-    importer = start_importer(dictionary_flag(free_port()), "--shutdown_grace_period=0.5")
-    importer.upstream.responder = Archive(instances)
+    with refused_port() as port:
+        importer = start_importer(dictionary_flag(port), "--shutdown_grace_period=0.5")
+        importer.upstream.responder = Archive(instances)
 
-    result = c_move(importer, study_level(instances[0].study), dimse_timeout=2)
+        result = c_move(importer, study_level(instances[0].study), dimse_timeout=2)
 
     assert result.status == Status.OUT_OF_RESOURCES_SUBOPERATIONS
     assert result.counts() == (0, count, 0)

@@ -7,6 +7,7 @@ destination is the pynetdicom storage SCP of the C-MOVE harness in tests/compone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tests.component.conftest import (
     make_study,
     study_level,
 )
-from tests.rig import free_port, wait_until
+from tests.rig import refused_port, wait_until
 
 start_importer = component.start_importer  # the fixtures of the component harness
 setup = component.setup
@@ -68,13 +69,14 @@ def test_cancelled_move_gives_the_budget_back(setup: Setup) -> None:
 def test_failed_move_gives_the_budget_back(setup: Setup, ending: str) -> None:
     instances = make_study(30)
     flags: tuple[str, ...] = ()
+    refusing = contextlib.ExitStack()
     if ending == "destination-down":  # nothing listens where the dictionary points
-        flags = (dictionary_flag(free_port()),)
+        flags = (dictionary_flag(refusing.enter_context(refused_port())),)
     statuses = {i.uid: 0xA700 for i in instances} if ending == "destination-refuses" else {}
     archive = Archive(instances, truncate_after_parts=20 if ending == "wado-breaks" else None)
-    importer, _ = setup(archive, *flags, statuses=statuses)
-
-    result = c_move(importer, study_level(instances[0].study))
+    with refusing:
+        importer, _ = setup(archive, *flags, statuses=statuses)
+        result = c_move(importer, study_level(instances[0].study))
 
     assert result.status in (
         Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES,

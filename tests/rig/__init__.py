@@ -51,6 +51,7 @@ from tests.rig.processes import (
     parse_metrics,
     proc_status,
     raise_if_exited,
+    refused_port,
     scrape_metrics,
     tree_cpu_seconds,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "raw_associate",
     "read_pdu",
     "recv_exactly",
+    "refused_port",
     "run_dcmtk",
     "scrape_metrics",
     "send_file",

@@ -7,7 +7,7 @@ import os
 import signal as _signal
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,15 @@ def free_port() -> int:
         sock.bind(("", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port that refuses connections for the block's life: bound, never listening, so no
+    server started meanwhile (the importer under test on port 0 included) can take it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
