@@ -387,6 +387,9 @@ class Destination:
         self.accepted = 0
         self.received: list[Received] = []
         self.hold_at = 0  # the hold_at-th C-STORE (1-based) waits for `release` first
+        # (request number, SOP classes proposed) -> True: rejected, transiently, with "local
+        # limit exceeded" (a PACS limiting associations answers so)
+        self.refuse: Callable[[int, set[str]], bool] = lambda number, classes: False
         self.release = threading.Event()
         self.holding = threading.Event()  # set while the held C-STORE waits
         self.stall_after = 0  # stop reading the socket once this many P-DATA bytes arrived
@@ -425,6 +428,9 @@ class Destination:
         with self._lock:
             self.requested += 1
             self.proposed.append(classes)
+            number = self.requested
+        if self.refuse(number, classes):
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:

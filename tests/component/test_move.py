@@ -11,7 +11,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -34,6 +34,8 @@ from tests.component.conftest import (
     MSG_ID,
     SCU_AET,
     Archive,
+    Destination,
+    Instance,
     RunningImporter,
     Setup,
     accept_params,
@@ -240,40 +242,58 @@ def test_image_level_fetches_each_instance(setup: Setup) -> None:
         assert received[instance.uid].dataset == dataset_bytes(instance.stored)
 
 
-def test_sending_starts_before_the_listing_and_a_new_class_widens_the_association(
-    setup: Setup,
-) -> None:
-    """The QIDO-RS listing is answered only once the destination holds the third instance:
-    the sub-operations start with the first WADO-RS part. The association opened for the
-    first part's class (Secondary Capture) is reopened to propose CT when a CT part comes."""
+@dataclass
+class HeldListing:
+    importer: RunningImporter
+    destination: Destination
+    instances: list[Instance]
+    held: list[bool]  # whether the destination held its instance when the listing went
+
+
+def held_listing_move(setup: Setup, hold_at: int) -> HeldListing:
+    """A study of a Secondary Capture, two CT instances and a Secondary Capture whose QIDO-RS
+    listing is answered only once the destination holds the `hold_at`-th instance: the
+    association opens for Secondary Capture alone and must be widened for CT."""
     study = generate_uid()
     series = generate_uid()
     instances = [make_instance(study, series, 1, sop_class=SecondaryCaptureImageStorage)]
     instances += [make_instance(study, series, n) for n in (2, 3)]
+    instances += [make_instance(study, series, 4, sop_class=SecondaryCaptureImageStorage)]
     archive = Archive(instances)
     held: list[bool] = []
 
-    async def listing_after_the_third(request: httpx.Request) -> httpx.Response:
+    async def listing_once_held(request: httpx.Request) -> httpx.Response:
         held.append(await asyncio.to_thread(destination.holding.wait, 10))
         destination.release.set()
         return archive(request)
 
     def responder(request: httpx.Request) -> httpx.Response | Coroutine[Any, Any, httpx.Response]:
-        return listing_after_the_third(request) if is_qido(request) else archive(request)
+        return listing_once_held(request) if is_qido(request) else archive(request)
 
     both = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     importer, destination = setup(
         archive, contexts=((SecondaryCaptureImageStorage, both), (CTImageStorage, both))
     )
     importer.upstream.responder = responder
-    destination.hold_at = 3
+    destination.hold_at = hold_at
+    return HeldListing(importer, destination, instances, held)
 
-    result = c_move(importer, study_level(study))
 
-    assert held[0], "nothing was sent before the listing"
+def test_sending_starts_before_the_listing_and_a_new_class_widens_the_association(
+    setup: Setup,
+) -> None:
+    """The QIDO-RS listing is answered only once the destination holds the third instance:
+    the sub-operations start with the first WADO-RS part. The association opened for the
+    first part's class (Secondary Capture) is reopened to propose CT when a CT part comes."""
+    move = held_listing_move(setup, hold_at=3)
+    destination, instances = move.destination, move.instances
+
+    result = c_move(move.importer, study_level(instances[0].study))
+
+    assert move.held[0], "nothing was sent before the listing"
     assert result.status == Status.SUCCESS
-    assert result.counts() == (3, 0, 0)
-    assert remaining(result) == [2, 1, 0]  # one pending per sub-operation, as without the wait
+    assert result.counts() == (4, 0, 0)
+    assert remaining(result) == [3, 2, 1, 0]  # one pending per sub-operation, as without wait
     assert (destination.requested, destination.accepted) == (2, 2)
     assert destination.proposed == [
         {SecondaryCaptureImageStorage},
@@ -283,6 +303,47 @@ def test_sending_starts_before_the_listing_and_a_new_class_widens_the_associatio
     assert [r.sop_instance_uid for r in destination.received] == [i.uid for i in instances]
     for instance in instances:
         assert received[instance.uid].dataset == dataset_bytes(instance.stored)
+
+
+def test_a_refused_widened_association_is_tried_again_after_a_pause(setup: Setup) -> None:
+    """A destination limiting its associations may still count the one just released: the
+    widened association, refused once ("local limit exceeded"), is opened on the next try."""
+    move = held_listing_move(setup, hold_at=1)
+    destination, instances = move.destination, move.instances
+    destination.refuse = lambda number, classes: number == 2
+
+    result = c_move(move.importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (4, 0, 0)
+    assert (destination.requested, destination.accepted) == (3, 2)
+    widened = {SecondaryCaptureImageStorage, CTImageStorage}
+    assert destination.proposed == [{SecondaryCaptureImageStorage}, widened, widened]
+    assert [r.sop_instance_uid for r in destination.received] == [i.uid for i in instances]
+
+
+def test_a_class_the_destination_never_takes_fails_alone(setup: Setup) -> None:
+    """Every association proposing CT is refused: after three tries the association is
+    reopened as it was (Secondary Capture); the CT instances fail, the others are delivered."""
+    move = held_listing_move(setup, hold_at=1)
+    destination, instances = move.destination, move.instances
+    destination.refuse = lambda number, classes: CTImageStorage in classes
+
+    result = c_move(move.importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+    assert result.counts() == (2, 2, 0)
+    assert sorted(result.failed_uids()) == sorted(i.uid for i in instances[1:3])
+    widened = {SecondaryCaptureImageStorage, CTImageStorage}
+    assert destination.proposed == [
+        {SecondaryCaptureImageStorage},
+        *[widened] * 3,
+        {SecondaryCaptureImageStorage},
+    ]
+    assert [r.sop_instance_uid for r in destination.received] == [
+        instances[0].uid,
+        instances[3].uid,
+    ]
 
 
 def test_a_move_longer_than_the_network_timeout_is_answered_and_not_aborted(

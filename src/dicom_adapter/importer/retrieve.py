@@ -157,6 +157,10 @@ COMMON_SYNTAXES = (
     "1.2.840.10008.1.2.1.99",
 )
 MAX_REOPENS = 3
+# Seconds before the second and third try of a REopen (widened, or after the association
+# broke): the destination took an association moments ago, so a refusal now is most likely
+# its association limit still counting the one just released.
+REOPEN_BACKOFF = (0.1, 0.5)
 QUEUE_DEPTH = 8
 MAX_SET_ASIDE = 16  # instances an eager retrieve holds for the listing (see _send_unlisted)
 CANCEL_POLL = 0.05  # how often a running C-MOVE looks for the requester's C-CANCEL
@@ -676,7 +680,11 @@ class _MoveDelivery:
     """C-MOVE's destination: our asyncio SCU, opened on the first instance (reopened at most
     MAX_REOPENS times after it broke) for every SOP class known then (listed or seen), and
     reopened, widened, when an instance of a class it did not propose comes (only before the
-    listing names every class, or an instance stored since)."""
+    listing names every class, or an instance stored since).
+
+    A reopen is tried three times (REOPEN_BACKOFF between); a widened one still refused is
+    opened once more as before, without the new class, whose instances then fail alone.
+    """
 
     receiver = "destination"
     reports_pending = False  # the runner answers the requester
@@ -687,7 +695,8 @@ class _MoveDelivery:
         self._classes: list[str] = []
         self.learn(refs)
         self._first_syntax: dict[str, str] = {}
-        self._proposed: set[str] = set()
+        self._proposed: list[RequestedContext] = []  # by the association open (or last open)
+        self._refused: set[str] = set()  # classes whose widened association was refused
         self._destination = destination
         self._timeouts = timeouts
         self._assoc: StoreAssociation | None = None
@@ -704,12 +713,18 @@ class _MoveDelivery:
     async def ready(self, meta: FileMeta) -> bool:
         sop_class = meta.sop_class_uid
         is_open = self._assoc is not None and self._assoc.is_open
-        if is_open and sop_class in self._proposed:
+        if is_open and (
+            sop_class in self._refused
+            or any(cx.abstract_syntax == sop_class for cx in self._proposed)
+        ):
             return True
         self._first_syntax.setdefault(sop_class, meta.transfer_syntax)
         if sop_class not in self._classes:
             self._classes.append(sop_class)
-        contexts = move_contexts(self._classes, self._first_syntax)
+        classes = [c for c in self._classes if c not in self._refused]
+        contexts = move_contexts(classes, self._first_syntax)
+        previous = self._proposed
+        widening = self._assoc is not None and is_open
         if self._assoc is not None and is_open:
             if all(cx.abstract_syntax != sop_class for cx in contexts):
                 return True  # never proposed (no context ID left): its send fails alone
@@ -721,23 +736,48 @@ class _MoveDelivery:
             return False
         else:
             self._opens += 1
-        target = self._destination.target
-        self._proposed = {cx.abstract_syntax for cx in contexts}
-        try:
-            self._assoc = await StoreAssociation.open(target, contexts, timeouts=self._timeouts)
-        except AssociationError as exc:
-            logger.error("C-MOVE destination: %s", exc)
-            self.unreachable = str(exc)
-            self.unreachable_comment = exc.comment
+        tries = 1 + len(REOPEN_BACKOFF) if self._assoc is not None else 1
+        error = await self._open(contexts, tries)
+        if error is not None and widening:
+            logger.warning(
+                "the destination refused the association proposing SOP class %s too (%s);"
+                " reopening without it: its instances fail",
+                sop_class,
+                error,
+            )
+            self._refused.add(sop_class)
+            error = await self._open(previous, 1)
+        if error is not None:
+            logger.error("C-MOVE destination: %s", error)
+            self.unreachable = str(error)
+            self.unreachable_comment = error.comment
             return False
-        logger.info(
-            "association opened to %s@%s:%d (%d contexts accepted)",
-            target.called_aet,
-            target.host,
-            target.port,
-            len(self._assoc.accepted),
-        )
         return True
+
+    async def _open(self, contexts: list[RequestedContext], tries: int) -> AssociationError | None:
+        """Open the association proposing `contexts`; the last error if every try failed."""
+        target = self._destination.target
+        error: AssociationError | None = None
+        for attempt in range(tries):
+            if attempt:
+                await asyncio.sleep(REOPEN_BACKOFF[attempt - 1])
+            try:
+                self._assoc = await StoreAssociation.open(target, contexts, timeouts=self._timeouts)
+            except AssociationError as exc:
+                error = exc
+                if attempt + 1 < tries:
+                    logger.warning("C-MOVE destination: %s; trying again", exc)
+                continue
+            self._proposed = contexts
+            logger.info(
+                "association opened to %s@%s:%d (%d contexts accepted)",
+                target.called_aet,
+                target.host,
+                target.port,
+                len(self._assoc.accepted),
+            )
+            return None
+        return error
 
     def accepted(self) -> dict[tuple[str, str], int]:
         return self._assoc.accepted if self._assoc is not None else {}
