@@ -260,7 +260,8 @@ def accept_params(request: httpx.Request) -> dict[str, str]:
 
 
 def is_qido(request: httpx.Request) -> bool:
-    return request.url.path.endswith("/instances")
+    """QIDO-RS at instance or series level (WADO-RS paths end with a UID)."""
+    return request.url.path.endswith(("/instances", "/series"))
 
 
 @dataclass
@@ -272,6 +273,8 @@ class Archive:
     qido_status: int | None = None  # answer QIDO-RS with this error
     wado_status: int | None = None  # answer WADO-RS with this error
     truncate_after_parts: int | None = None  # WADO-RS body stops inside the next part
+    series_counts: bool = True  # series-level QIDO-RS gives NumberOfSeriesRelatedInstances
+    count_offset: int = 0  # ... off by this many (each series)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         assert request.method == "GET"
@@ -279,6 +282,8 @@ class Archive:
         parts = request.url.path[len(ROOT_PATH) :].strip("/").split("/")
         if parts[-1] == "instances":
             return self.qido(request, parts)
+        if parts[-1] == "series":
+            return self.qido_series(request, parts)
         return self.wado(request, parts)
 
     def qido(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
@@ -306,6 +311,37 @@ class Archive:
         offset = int(params.get("offset", "0"))
         limit = int(params.get("limit", "1000"))
         body = json.dumps(matches[offset : offset + limit]).encode()
+        return httpx.Response(200, headers=JSON, content=body)
+
+    def qido_series(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        """One row per series, with its instance count (unless `series_counts` is off)."""
+        assert "application/dicom+json" in request.headers.get("Accept", "")
+        if self.qido_status is not None:
+            return httpx.Response(self.qido_status, text="bad query")
+        params = request.url.params
+        if parts[0] == "studies":
+            studies = {parts[1]}
+        else:
+            studies = set(params["StudyInstanceUID"].split(","))
+        wanted = (
+            set(params["SeriesInstanceUID"].split(",")) if "SeriesInstanceUID" in params else None
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for i in self.instances:
+            if i.study in studies and (wanted is None or i.series in wanted):
+                counts[(i.study, i.series)] = counts.get((i.study, i.series), 0) + 1
+        rows: list[dict[str, Any]] = []
+        for (study, series), count in counts.items():
+            row: dict[str, Any] = {
+                "0020000D": {"vr": "UI", "Value": [study]},
+                "0020000E": {"vr": "UI", "Value": [series]},
+            }
+            if self.series_counts:
+                row["00201209"] = {"vr": "IS", "Value": [count + self.count_offset]}
+            rows.append(row)
+        offset = int(params.get("offset", "0"))
+        limit = int(params.get("limit", "1000"))
+        body = json.dumps(rows[offset : offset + limit]).encode()
         return httpx.Response(200, headers=JSON, content=body)
 
     def wado(self, request: httpx.Request, parts: list[str]) -> httpx.Response:

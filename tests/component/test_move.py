@@ -79,9 +79,10 @@ def test_study_moves_every_series_over_one_association(
     assert [int(p.NumberOfCompletedSuboperations) for p in result.pending] == [1, 2, 3, 4, 5]
     assert all(int(p.NumberOfFailedSuboperations) == 0 for p in result.pending)
 
-    qidos = qido_requests(importer)
-    assert len(qidos) == 2  # the second, at offset 5, is empty and ends paging
-    assert relative_path(qidos[0]) == f"studies/{instances[0].study}/instances"
+    qidos = qido_requests(importer)  # the series and their instance counts, not the instances
+    assert len(qidos) == 2  # the second, at offset 2, is empty and ends paging
+    assert relative_path(qidos[0]) == f"studies/{instances[0].study}/series"
+    assert qidos[0].url.params.get_list("includefield") == ["00201209"]
     wados = wado_requests(importer)  # the whole study in one request, both series
     assert [relative_path(r) for r in wados] == [f"studies/{instances[0].study}"]
     for request in wados:
@@ -118,6 +119,45 @@ def test_instance_missing_from_series_response_is_a_failed_sub_operation(setup: 
     assert result.failed_uids() == [missing]
     assert remaining(result) == [2, 1, 0]
     assert set(destination.by_uid()) == {instances[0].uid, instances[2].uid}
+
+
+def test_without_a_count_the_names_of_instances_that_did_not_come_are_not_known(
+    setup: Setup,
+) -> None:
+    """Fewer instances came than the series' counts say and the instance listing that would
+    name them fails: they fail unnamed."""
+    instances = make_study(3)
+    archive = Archive(instances, omit_from_series={instances[1].uid})
+
+    def no_instance_listing(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/instances"):
+            return httpx.Response(400, text="no instance-level queries today")
+        return archive(request)
+
+    importer, destination = setup(archive)
+    importer.upstream.responder = no_instance_listing
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+    assert result.counts() == (2, 1, 0)
+    assert result.failed_uids() == []
+    assert set(destination.by_uid()) == {instances[0].uid, instances[2].uid}
+
+
+def test_instances_beyond_the_count_are_sub_operations_too(setup: Setup) -> None:
+    """WADO-RS returns an instance more than the series' count (stored in between): it is
+    delivered and counted, the total grows, Remaining never goes below zero."""
+    instances = make_study(3)
+    importer, destination = setup(Archive(instances, count_offset=-1))
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (3, 0, 0)
+    assert all(count >= 0 for count in remaining(result))
+    assert remaining(result)[-1] == 0
+    assert set(destination.by_uid()) == {i.uid for i in instances}
 
 
 def test_series_not_found_fails_every_sub_operation(setup: Setup) -> None:
@@ -483,8 +523,10 @@ def test_wado_stream_breaking_mid_study_fails_the_rest(setup: Setup) -> None:
 
 
 def test_server_capping_qido_limit_moves_every_instance(setup: Setup) -> None:
+    """A server that gives no instance counts per series: the instances are listed, here 3
+    at a time (it caps the page size)."""
     instances = make_study(4, 3)  # 7 instances listed 3 at a time
-    archive = Archive(instances)
+    archive = Archive(instances, series_counts=False)
 
     def capped(request: httpx.Request) -> httpx.Response:
         if is_qido(request):
@@ -502,4 +544,7 @@ def test_server_capping_qido_limit_moves_every_instance(setup: Setup) -> None:
     assert result.status == Status.SUCCESS
     assert result.counts() == (7, 0, 0)
     assert set(destination.by_uid()) == {i.uid for i in instances}
-    assert [r.url.params["offset"] for r in qido_requests(importer)] == ["0", "3", "6", "7"]
+    qidos = qido_requests(importer)
+    assert relative_path(qidos[0]) == f"studies/{instances[0].study}/series"
+    listing = [r for r in qidos if r.url.path.endswith("/instances")]
+    assert [r.url.params["offset"] for r in listing] == ["0", "3", "6", "7"]

@@ -153,7 +153,7 @@ def test_an_eager_retrieve_holds_a_bounded_number_of_instances_for_the_listing()
             meta = FileMeta(CT, f"1.2.3.{n}", JPEG_2000, 0)
             queue.put_nowait(FetchedInstance({}, meta=meta, data=b"x"))
         queue.put_nowait(None)  # the fetch ended
-        listing: asyncio.Future[list[InstanceRef]] = asyncio.get_running_loop().create_future()
+        listing: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         sender: Any = Refusing()
         prelude = await retrieve._send_unlisted(listing, queue, sender, asyncio.Event())
         listing.cancel()

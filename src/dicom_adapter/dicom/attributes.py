@@ -6,6 +6,7 @@ most), so a C-STORE costs the same whatever the instance's size.
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,15 +37,16 @@ class InstanceIdentity:
     series_uid: str
 
 
-def read_until(path: Path, tags: Sequence[int]) -> Dataset:
-    """The data set's `tags`, parsed no further than the last of them (InvalidDatasetError)."""
+def read_until(source: Path | bytes, tags: Sequence[int]) -> Dataset:
+    """The data set's `tags`, parsed no further than the last of them (InvalidDatasetError).
+    `source`: a Part-10 file, or its bytes."""
     last = max(tags)
 
     def past_last(tag: BaseTag, vr: str | None, length: int) -> bool:
         return int(tag) > last
 
     try:
-        with path.open("rb") as stream:
+        with source.open("rb") if isinstance(source, Path) else io.BytesIO(source) as stream:
             return read_partial(stream, stop_when=past_last, specific_tags=list(tags))
     except (
         InvalidDicomError,
@@ -61,9 +63,9 @@ def read_until(path: Path, tags: Sequence[int]) -> Dataset:
         ) from exc
 
 
-def read_identity(path: Path) -> InstanceIdentity:
+def read_identity(source: Path | bytes) -> InstanceIdentity:
     """The instance's UIDs (hot path: every C-STORE); InvalidDatasetError without SOP UIDs."""
-    ds = read_until(path, _IDENTITY_TAGS)
+    ds = read_until(source, _IDENTITY_TAGS)
     values = {key: str(ds.get(key, "") or "").strip() for key in _IDENTITY_KEYWORDS}
     for key in ("SOPClassUID", "SOPInstanceUID"):
         if not values[key]:

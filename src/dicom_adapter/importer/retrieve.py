@@ -10,11 +10,12 @@ the requesting association (dimse/get_sender.py). The caller answers the request
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
+from dicom_adapter.dicom.attributes import read_identity
 from dicom_adapter.dicom.part10 import FileMeta
 from dicom_adapter.dicom.syntaxes import UNCOMPRESSED, uncompressed_for
 from dicom_adapter.dicomweb.client import DicomwebClient
@@ -95,6 +97,38 @@ def instance_query(identifier: Dataset, root: QueryRoot) -> tuple[str, list[tupl
     return path, params
 
 
+_COUNT = "00201209"  # NumberOfSeriesRelatedInstances
+
+
+def series_query(identifier: Dataset, root: QueryRoot) -> tuple[str, list[tuple[str, str]]] | None:
+    """QIDO path and params listing the series a STUDY or SERIES level retrieve selects, with
+    their instance counts (exactly what `early_fetch_paths` fetches); None at other levels."""
+    if early_fetch_paths(identifier, root) is None:
+        return None
+    studies = _values(identifier, "StudyInstanceUID")
+    series = _values(identifier, "SeriesInstanceUID")
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    params = [("includefield", _COUNT)]
+    if level == "SERIES":
+        return f"studies/{studies[0]}/series", [("SeriesInstanceUID", ",".join(series)), *params]
+    if len(studies) == 1:
+        return f"studies/{studies[0]}/series", params
+    return "series", [("StudyInstanceUID", ",".join(studies)), *params]
+
+
+def _count(item: dict[str, object]) -> int | None:
+    element = item.get(_COUNT)
+    if isinstance(element, dict):
+        values = element.get("Value")
+        if isinstance(values, list) and values:
+            try:
+                count = int(str(values[0]).strip())
+            except ValueError:
+                return None
+            return count if count >= 0 else None
+    return None
+
+
 def _first(item: dict[str, object], tag: str) -> str:
     element = item.get(tag)
     if isinstance(element, dict):
@@ -135,6 +169,23 @@ class RetrieveService:
             if ref.study_uid and ref.series_uid and ref.sop_instance_uid:
                 refs.setdefault(ref.sop_instance_uid, ref)
         return list(refs.values())
+
+    async def count_instances(self, identifier: Dataset, root: QueryRoot) -> int | None:
+        """How many instances a STUDY or SERIES level retrieve selects, from the series-level
+        QIDO-RS (NumberOfSeriesRelatedInstances): one row per series instead of one per
+        instance (Orthanc: 1.5 ms of CPU against 110 ms for a 200-instance study). None at
+        other levels, or when the server leaves a count out (then the instances are listed).
+        """
+        query = series_query(identifier, root)
+        if query is None:
+            return None
+        path, params = query
+        counts: dict[str, int | None] = {}
+        async for item in self._client.qido(f"{self._root}/{path}", params):
+            counts.setdefault(_first(item, "0020000E"), _count(item))
+        if "" in counts or any(count is None for count in counts.values()):
+            return None
+        return sum(count or 0 for count in counts.values())
 
     @staticmethod
     def new_spool() -> Path:
@@ -282,8 +333,17 @@ class _Prelude:
     ended: bool = False
 
 
+@dataclass
+class _Listing:
+    """What a retrieve selects: the instances (`refs`, QIDO-RS at instance level) or, at STUDY
+    and SERIES level, only how many (`refs` None: WADO-RS then names them)."""
+
+    refs: list[InstanceRef] | None
+    total: int
+
+
 async def _send_unlisted(
-    listing: asyncio.Future[list[InstanceRef]],
+    listing: asyncio.Future[_Listing],
     queue: asyncio.Queue[_Item],
     sender: _Sender,
     stop: asyncio.Event,
@@ -340,6 +400,33 @@ def fetch_paths(refs: list[InstanceRef], level: str) -> list[str]:
     if level == "SERIES":
         return list(dict.fromkeys(f"studies/{r.study_uid}/series/{r.series_uid}" for r in refs))
     return list(dict.fromkeys(f"studies/{r.study_uid}" for r in refs))
+
+
+def _fail_missing(progress: MoveProgress, refs: list[InstanceRef], handled: set[str]) -> int:
+    """Count the listed instances that never came as failed; how many."""
+    missing = [ref.sop_instance_uid for ref in refs if ref.sop_instance_uid not in handled]
+    for uid in missing:
+        progress.fail(uid)
+    return len(missing)
+
+
+async def _name_missing(
+    progress: MoveProgress, name: Callable[[], Awaitable[_Listing]], handled: set[str]
+) -> int:
+    """Fewer instances came than counted: the instance listing names the missing ones (the
+    count goes by it). If it fails, the rest fails unnamed. How many failed."""
+    try:
+        listing = await name()
+    except AdapterError as exc:
+        logger.warning("listing the instances WADO-RS did not return failed: %s", exc)
+        listing = None
+    if listing is None or listing.refs is None:
+        missing = progress.remaining
+        progress.failed += missing
+        progress.remaining = 0
+        return missing
+    progress.remaining = sum(1 for r in listing.refs if r.sop_instance_uid not in handled)
+    return _fail_missing(progress, listing.refs, handled)
 
 
 class InstanceMover:
@@ -433,8 +520,10 @@ class InstanceMover:
         prelude: asyncio.Future[Any] | None = None
         try:
             tasks.append(asyncio.ensure_future(_watch_cancel(is_cancelled, stop)))
-            listing = asyncio.ensure_future(self._list(identifier, root, counters))
             early = early_fetch_paths(identifier, root)
+            listing = asyncio.ensure_future(
+                self._list(identifier, root, counters, counted=early is not None)
+            )
             if early is not None:  # the QIDO-RS request goes first
                 tasks.append(asyncio.ensure_future(self._produce(early, 1, spool, queue)))
             if eager and early is not None:
@@ -442,11 +531,12 @@ class InstanceMover:
                 prelude = asyncio.ensure_future(_send_unlisted(listing, queue, sender, stop))
                 if interrupt:
                     tasks.append(asyncio.ensure_future(_interrupt(stop, prelude)))
-            refs = await listing
-            progress = MoveProgress(remaining=len(refs))
+            found = await listing
+            progress = MoveProgress(remaining=found.total)
             yield [progress.snapshot()]
-            if not refs:
+            if not found.total:
                 return
+            refs = found.refs or []
             if early is None:
                 paths = fetch_paths(refs, level)
                 concurrency = FETCH_CONCURRENCY if level == "IMAGE" else 1
@@ -459,7 +549,16 @@ class InstanceMover:
             # Sending runs ahead of the consumer of this generator (a pynetdicom thread
             # answering pending responses): a slow consumer never holds up the next C-STORE.
             sending = asyncio.ensure_future(
-                self._send_all(refs, queue, sender, progress, updates, stop, prelude)
+                self._send_all(
+                    found,
+                    queue,
+                    sender,
+                    progress,
+                    updates,
+                    stop,
+                    prelude,
+                    name=functools.partial(self._list, identifier, root, counters),
+                )
             )
             tasks.append(sending)
             if interrupt:
@@ -495,45 +594,73 @@ class InstanceMover:
             await asyncio.to_thread(shutil.rmtree, spool, ignore_errors=True)
 
     async def _list(
-        self, identifier: Dataset, root: QueryRoot, counters: RetrieveCounters
-    ) -> list[InstanceRef]:
-        """The QIDO-RS listing, counted (an identifier we cannot translate is no QIDO error)."""
+        self,
+        identifier: Dataset,
+        root: QueryRoot,
+        counters: RetrieveCounters,
+        *,
+        counted: bool = False,
+    ) -> _Listing:
+        """The QIDO-RS listing, counted (an identifier we cannot translate is no QIDO error).
+
+        `counted` (STUDY and SERIES level): only how many instances, from the series' counts,
+        when the server gives them; else (and at other levels) the instances themselves.
+        """
         counters.qidors_requests.inc()
         try:
-            return await self._retrieve.list_instances(identifier, root)
+            instance_query(identifier, root)  # the identifier's checks, whichever query runs
+            total = await self._retrieve.count_instances(identifier, root) if counted else None
+            if total is not None:
+                return _Listing(None, total)
+            refs = await self._retrieve.list_instances(identifier, root)
         except IdentifierError:
             raise
         except AdapterError:
             counters.qidors_errors.inc()
             raise
+        return _Listing(refs, len(refs))
 
     @staticmethod
     async def _send_all(
-        refs: list[InstanceRef],
+        found: _Listing,
         queue: asyncio.Queue[_Item],
         sender: _Sender,
         progress: MoveProgress,
         updates: asyncio.Queue[MoveProgress | None],
         stop: asyncio.Event,
         prelude: asyncio.Future[_Prelude] | None = None,
+        name: Callable[[], Awaitable[_Listing]] | None = None,
     ) -> None:
         """Send what arrives (in arrival order); at the end, count what never came as failed.
 
         What `prelude` sent before the listing is counted first, then what it set aside (an
         instance that needs the listing to be refetched in another syntax) is sent.
         Once `stop` is set (C-CANCEL) nothing more is sent and the last update says cancelled.
+
+        A counted listing (`found.refs` None) takes every instance WADO-RS returns (one more
+        than counted, stored meanwhile, adds to the total); fewer than counted are named by
+        `name` (the instance listing) to fail them.
         """
-        listed = {ref.sop_instance_uid: ref for ref in refs}
+        listed = None if found.refs is None else {ref.sop_instance_uid: ref for ref in found.refs}
         handled: set[str] = set()
         ended = False
         waiting: list[FetchedInstance] = []
+
+        def take(uid: str) -> bool:
+            """Whether this instance is a sub-operation (listed, or a counted listing's)."""
+            if uid in handled or (listed is not None and uid not in listed):
+                return False  # a repeat, or stored after the listing: delivered, not counted
+            handled.add(uid)
+            if listed is None and progress.remaining <= 0:
+                progress.remaining += 1  # more than counted
+            return True
+
         try:
             if prelude is not None:
                 before = await prelude
                 ended, waiting = before.ended, before.set_aside
                 for uid, code in before.outcomes.items():
-                    if uid in listed:  # else stored after the listing: delivered, not counted
-                        handled.add(uid)
+                    if take(uid):
                         sender.count(progress, uid, code)
                         # one pending per sub-operation (C-GET: sent with the next C-STORE-RQ)
                         await sender.report(progress, updates, more=True)
@@ -548,24 +675,28 @@ class InstanceMover:
                     await instance.adiscard()
                     break
                 uid = instance.meta.sop_instance_uid if instance.meta else ""
-                ref = listed.get(uid)
-                if ref is None or uid in handled:  # stored after the listing, or a repeat
+                if not take(uid):
                     await instance.adiscard()
                     continue
-                handled.add(uid)
-                await sender.handle(ref, instance, progress)
+                ref = listed[uid] if listed is not None else None
+                await sender.handle(uid, ref, instance, progress)
                 await sender.report(progress, updates, more=bool(waiting) or not queue.empty())
                 if sender.unreachable or stop.is_set():  # stop fetching
                     break
             await sender.flush(progress, updates)
             for instance in waiting:
                 await instance.adiscard()
-            missing = [ref for ref in refs if ref.sop_instance_uid not in handled]
-            if missing and not stop.is_set():
+            if stop.is_set():
+                return
+            missing = 0
+            if listed is not None:
+                refs = found.refs or []
+                missing = _fail_missing(progress, refs, handled)
+            elif progress.remaining > 0 and name is not None:
+                missing = await _name_missing(progress, name, handled)
+            if missing:
                 if not sender.unreachable:
-                    logger.warning("%d listed instance(s) did not come with WADO-RS", len(missing))
-                for ref in missing:
-                    progress.fail(ref.sop_instance_uid)
+                    logger.warning("%d listed instance(s) did not come with WADO-RS", missing)
                 progress.cause = progress.cause or "instances not returned by WADO-RS"
                 updates.put_nowait(progress.snapshot())
             elif sender.reports_pending:
@@ -857,6 +988,23 @@ class _GetDelivery:
         return None
 
 
+async def _ref_of(instance: FetchedInstance) -> InstanceRef | None:
+    """The instance's UIDs from its own data set (None when it has no study or series)."""
+    source: Path | bytes | None = instance.path or instance.data
+    if source is None:
+        return None
+    try:
+        identity = await asyncio.to_thread(read_identity, source)
+    except InvalidDatasetError as exc:
+        logger.warning("a fetched instance cannot be refetched: %s", exc)
+        return None
+    if not (identity.study_uid and identity.series_uid):
+        return None
+    return InstanceRef(
+        identity.study_uid, identity.series_uid, identity.sop_instance_uid, identity.sop_class_uid
+    )
+
+
 class _Sender:
     """One retrieve's sub-operations: the syntax rule, the C-STORE, the counts and metrics."""
 
@@ -875,10 +1023,15 @@ class _Sender:
         self._unreported = False  # counts changed since
 
     async def handle(
-        self, ref: InstanceRef, instance: FetchedInstance, progress: MoveProgress
+        self,
+        uid: str,
+        ref: InstanceRef | None,
+        instance: FetchedInstance,
+        progress: MoveProgress,
     ) -> None:
-        """One sub-operation: send the instance and count the outcome."""
-        self.count(progress, ref.sop_instance_uid, await self.deliver(ref, instance))
+        """One sub-operation: send the instance and count the outcome (`ref` None: read from
+        the instance if a refetch needs it)."""
+        self.count(progress, uid, await self.deliver(ref, instance))
 
     async def sendable_unlisted(self, instance: FetchedInstance) -> bool:
         """True when the instance can go as it is, before the listing: the receiver is ready
@@ -899,7 +1052,8 @@ class _Sender:
     async def deliver(self, ref: InstanceRef | None, instance: FetchedInstance) -> int | None:
         """Send the instance (metrics counted); its C-STORE status, None if not sent.
 
-        `ref` None: before the listing, for an instance `sendable_unlisted` (no refetch).
+        `ref` None: not listed (before the listing, or a counted listing): a refetch reads
+        the instance's study and series from its data set.
         """
         counters = self._counters
         counters.cstore_requests.inc()
@@ -990,7 +1144,8 @@ class _Sender:
         context_id = delivery.accepted().get((meta.sop_class_uid, meta.transfer_syntax))
         replacement: FetchedInstance | None = None
         if context_id is None:
-            if ref is None:  # `sendable_unlisted` said otherwise: a bug, fail this one only
+            ref = ref or await _ref_of(instance)
+            if ref is None:
                 return None, 0
             replacement = await self._in_accepted_syntax(ref, meta)
             if replacement is None or replacement.meta is None:
