@@ -896,8 +896,11 @@ def test_server_closing_mid_response_is_transport_error(framing: str) -> None:
         b"garbage\r\n\r\n",
         b"HTTP/1.1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nno colon in this header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad(Name): x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n: x\r\n\r\n",
     ],
-    ids=["status-not-a-number", "garbage", "no-status", "bad-header"],
+    ids=["status-not-a-number", "garbage", "no-status", "bad-header", "space", "paren", "empty"],
 )
 def test_malformed_response_head_is_remote_protocol_error(
     make_client: ClientFactory, head: bytes

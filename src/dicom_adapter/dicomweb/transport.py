@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import select
 import socket
 import ssl
@@ -44,7 +45,9 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 MAX_CHUNK_SIZE = 1 << 40  # no server sends a 1 TiB chunk; a bigger size is garbage
 MAX_TRAILER_BYTES = 64 * 1024
 HEX_DIGITS = b"0123456789abcdefABCDEF"
-TOKEN_DELIMITERS = b'"(),/:;<=>?@[\\]{} \t'
+# A header field name: an RFC 9110 token (a regular expression: checking it byte by byte in
+# Python cost ~20 us per response, 1.5 % of an export's CPU per message)
+FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 IDLE_SECONDS = 4.0  # below common server keep-alive timeouts (5 s), so reuse rarely races a close
 # Body reads take everything buffered (asyncio's StreamReader pauses the socket at 2x its
 # limit): a smaller read copies a piece out and then memmoves the rest of its buffer forward.
@@ -399,7 +402,7 @@ def parse_head(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes
     headers = []
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or any(b in TOKEN_DELIMITERS or not 32 < b < 127 for b in name):
+        if not sep or FIELD_NAME.fullmatch(name) is None:
             raise ResponseFramingError(f"malformed response header {line[:80]!r}")
         headers.append((name, value.strip(b" \t")))
     return int(code), reason, headers, version
