@@ -206,6 +206,8 @@ def main() -> int:
         " disk's write-back of 100 MB per move does not time the sink; same for both sides)",
     )
     args = parser.parse_args()
+    if args.finds < 1 or args.reps < 1:
+        parser.error("--finds and --reps need at least 1")
     count: int = args.instances
     transports: list[str] = args.transports.split(",")
     if not transports or not set(transports) <= {"asyncio", "httpx"}:
