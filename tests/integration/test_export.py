@@ -286,6 +286,31 @@ def test_sigterm_during_an_outage_is_prompt(
     assert pubsub.outstanding(sub) == len(sent)
 
 
+def test_sigterm_with_pubsub_gone_is_prompt(
+    orthanc: Orthanc, pubsub: PubSubServer, tmp_path: Path
+) -> None:
+    """Pub/Sub unreachable at shutdown: closing the client would wait out the library's
+    reconnect throttle (~9 s in all); dicom-export exits 0 within a few seconds instead."""
+    sub = subscription(pubsub, "pubsub-gone")
+    with Exporter(
+        tmp_path / "export.log",
+        [*exporter_args(orthanc, sub, *cstore_sink(free_port())), "--verbose"],
+        pubsub.host,
+    ) as exporter:
+        pubsub.stop()
+        # the client has failed to reopen its stream twice: the next try waits for its throttle
+        pubsub.wait_until(
+            lambda: exporter.log_text().count("reopening stream") >= 2, 20.0, "reopen attempts"
+        )
+        started = time.monotonic()
+        assert exporter.stop() == 0
+        took = time.monotonic() - started
+        log = exporter.log_text()
+    print(f"SIGTERM with Pub/Sub gone: stopped in {took:.1f} s")
+    assert took < 5.0
+    assert "did not close within" in log
+
+
 def test_transient_failure_backs_off_and_ends_in_the_dead_letter_topic(
     orthanc: Orthanc, source: Source, pubsub: PubSubServer, tmp_path: Path
 ) -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from typing import Any
 
 from dicom_adapter.bridge import Bridge
 from dicom_adapter.exporter.worker import ExportWorker, Outcome
 
 logger = logging.getLogger(__name__)
+
+CLOSE_WAIT = 2.0  # seconds closing the client may take at shutdown
 
 
 class PubSubSource:
@@ -114,4 +117,14 @@ class PubSubSource:
                 logger.warning("streaming pull ended with %s", exc)
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
-            subscriber.close()
+            # With Pub/Sub unreachable, closing the channel waits for api_core's reconnect
+            # throttle (~8 s more): acks cannot go out then anyway, so it is not waited for.
+            closing = threading.Thread(target=subscriber.close, name="pubsub-close", daemon=True)
+            closing.start()
+            closing.join(CLOSE_WAIT)
+            if closing.is_alive():
+                logger.warning(
+                    "the Pub/Sub client did not close within %.0f s (Pub/Sub unreachable?);"
+                    " not waiting for it",
+                    CLOSE_WAIT,
+                )
