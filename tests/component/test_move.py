@@ -160,6 +160,22 @@ def test_instances_beyond_the_count_are_sub_operations_too(setup: Setup) -> None
     assert set(destination.by_uid()) == {i.uid for i in instances}
 
 
+def test_a_count_beyond_what_a_response_can_carry_neither_crashes_nor_fails_the_move(
+    setup: Setup,
+) -> None:
+    """A server counting 70003 instances (more than the 16-bit counts carry) that returns 3:
+    pending responses say 65535 remaining, the instance listing then settles the count."""
+    instances = make_study(3)
+    importer, destination = setup(Archive(instances, count_offset=70_000))
+
+    result = c_move(importer, study_level(instances[0].study))
+
+    assert result.status == Status.SUCCESS
+    assert result.counts() == (3, 0, 0)
+    assert remaining(result)[0] == 65535
+    assert set(destination.by_uid()) == {i.uid for i in instances}
+
+
 def test_series_not_found_fails_every_sub_operation(setup: Setup) -> None:
     instances = make_study(3)
     importer, destination = setup(Archive(instances, wado_status=404))

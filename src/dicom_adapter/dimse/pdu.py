@@ -433,6 +433,12 @@ def c_store_rq(
     return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
 
 
+def sub_operation_count(value: int) -> int:
+    """A sub-operation count as its US element can carry it: 0-65535 (a retrieve of more
+    instances, or a server's count that large, reports 65535 until fewer remain)."""
+    return max(0, min(value, 0xFFFF))
+
+
 def c_move_pending_rsp(
     message_id_responded_to: int,
     sop_class_uid: str,
@@ -453,10 +459,10 @@ def c_move_pending_rsp(
             _element(0x0000, 0x0120, _us(message_id_responded_to)),
             _element(0x0000, 0x0800, _us(NO_DATASET)),
             _element(0x0000, 0x0900, _us(status)),
-            _element(0x0000, 0x1020, _us(remaining)),
-            _element(0x0000, 0x1021, _us(completed)),
-            _element(0x0000, 0x1022, _us(failed)),
-            _element(0x0000, 0x1023, _us(warning)),
+            _element(0x0000, 0x1020, _us(sub_operation_count(remaining))),
+            _element(0x0000, 0x1021, _us(sub_operation_count(completed))),
+            _element(0x0000, 0x1022, _us(sub_operation_count(failed))),
+            _element(0x0000, 0x1023, _us(sub_operation_count(warning))),
         ]
     )
     return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest

@@ -158,13 +158,13 @@ class MoveRequest:
         rsp.AffectedSOPClassUID = self.sop_class_uid
         rsp.Status = status
         if remaining is not None:
-            rsp.NumberOfRemainingSuboperations = remaining
+            rsp.NumberOfRemainingSuboperations = pdu.sub_operation_count(remaining)
         if completed is not None:
-            rsp.NumberOfCompletedSuboperations = completed
+            rsp.NumberOfCompletedSuboperations = pdu.sub_operation_count(completed)
         if failed is not None:
-            rsp.NumberOfFailedSuboperations = failed
+            rsp.NumberOfFailedSuboperations = pdu.sub_operation_count(failed)
         if warning is not None:
-            rsp.NumberOfWarningSuboperations = warning
+            rsp.NumberOfWarningSuboperations = pdu.sub_operation_count(warning)
         if error_comment:
             rsp.ErrorComment = error_comment[:64]
         if failed_uids:
