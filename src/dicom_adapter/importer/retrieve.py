@@ -1,8 +1,10 @@
 """C-MOVE and C-GET → QIDO-RS + WADO-RS + C-STORE (SPEC §1.6): ONE retrieve pipeline.
 
-QIDO-RS lists the instances; WADO-RS fetches them (a study or series per request, started
-with the listing) into a bounded queue; one sub-operation loop sends each in a syntax the
-receiver accepted (one rule: refetch uncompressed what it refused) and counts the outcome.
+QIDO-RS counts the instances (STUDY and SERIES level: the series' instance counts, WADO-RS
+naming the instances) or lists them; WADO-RS fetches them (a study or series per request,
+started with the QIDO-RS query) into a bounded queue; one sub-operation loop sends each in a
+syntax the receiver accepted (one rule: refetch uncompressed what it refused) and counts the
+outcome.
 Two senders: C-MOVE's our asyncio C-STORE SCU on one association to the destination; C-GET's
 the requesting association (dimse/get_sender.py). The caller answers the requester.
 """
@@ -139,7 +141,7 @@ def _first(item: dict[str, object], tag: str) -> str:
 
 
 class RetrieveService:
-    """Lists the instances of a C-MOVE or C-GET request (QIDO-RS)."""
+    """Lists or counts the instances of a C-MOVE or C-GET request (QIDO-RS)."""
 
     def __init__(self, client: DicomwebClient, dicomweb_root: str) -> None:
         self._client = client
@@ -497,8 +499,9 @@ class InstanceMover:
         """Yield the progress after listing (remaining = total), then after each sub-operation
         (batched: every update that is ready, so a slow consumer costs one hop per batch).
 
-        A study or series is fetched in one WADO-RS request, started together with the QIDO
-        listing (Orthanc takes ~130 ms to list 200 instances). Stopping early (closing the
+        A study or series is fetched in one WADO-RS request, started together with the QIDO-RS
+        query, which there only counts the instances (see `_list`: listing 200 instances costs
+        Orthanc ~110 ms of CPU, counting a series 1.5 ms). Stopping early (closing the
         generator) cancels the fetches and closes the sender. `is_cancelled` (polled on the
         loop) ends the retrieve with a `cancelled` update; with `interrupt`, a sub-operation
         that does not finish within CANCEL_GRACE is aborted with its association, never
