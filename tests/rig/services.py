@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
@@ -36,7 +36,7 @@ def importer_binary() -> Path:
     return Path(sys.executable).with_name("dicom-import")
 
 
-class Importer:
+class Importer(Service):
     """`dicom-import` as a subprocess on a free port, ready once it answers C-ECHO."""
 
     def __init__(
@@ -85,16 +85,13 @@ class Importer:
         """Root of the metrics and health endpoints (`/metrics`, `/healthz`, `/readyz`)."""
         return f"http://127.0.0.1:{self.metrics_port}"
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Unlike `stop` (the log stays readable), leaving also removes the own log folder."""
         if self.proc is not None and self.proc.poll() is None:
             stop_process(self.proc, 30.0)
         if self._own_dir is not None:
