@@ -20,7 +20,6 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom import config as pydicom_config
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import (
@@ -48,7 +47,7 @@ from dicom_adapter.dimse.server import STUDY_ROOT_MOVE
 from dicom_adapter.importer import retrieve
 from dicom_adapter.importer.app import ImportService
 from dicom_adapter.status import Status
-from tests.rig import VERIFICATION, scrape_metrics
+from tests.rig import VERIFICATION, save_process_wide_settings, scrape_metrics
 from tests.rig.find import STUDY_ROOT_FIND
 
 # A coroutine is awaited by httpx.MockTransport: an answer that waits without blocking the loop.
@@ -130,39 +129,13 @@ def start_importer() -> Iterator[Callable[..., RunningImporter]]:
             port=port, aet="ADAPTER", upstream=upstream, service=service, loop=loop
         )
 
-    saved = _process_wide_settings()
+    saved = save_process_wide_settings()
     yield start
     for stop in stops:
         stop()
-    _restore_process_wide_settings(saved)
+    saved.restore()
     retrieve.PENDING_INTERVAL = interval
     pynetdicom_hooks.reset()  # every hook undone: the next test (or peer) sees pynetdicom
-
-
-# What configure_pynetdicom() sets for the whole process. Restored after each test, so the
-# in-process importer does not change how other tests' own pynetdicom peers behave.
-_PYNETDICOM_SETTINGS = (
-    "STORE_RECV_CHUNKED_DATASET",
-    "STORE_SEND_CHUNKED_DATASET",
-    "UNRESTRICTED_STORAGE_SERVICE",
-    "LOG_REQUEST_IDENTIFIERS",
-    "LOG_RESPONSE_IDENTIFIERS",
-    "LOG_HANDLER_LEVEL",
-)
-
-
-def _process_wide_settings() -> tuple[dict[str, object], int, int]:
-    pynetdicom_values = {name: getattr(_config, name) for name in _PYNETDICOM_SETTINGS}
-    validation = pydicom_config.settings
-    return pynetdicom_values, validation.reading_validation_mode, validation.writing_validation_mode
-
-
-def _restore_process_wide_settings(saved: tuple[dict[str, object], int, int]) -> None:
-    pynetdicom_values, reading, writing = saved
-    for name, value in pynetdicom_values.items():
-        setattr(_config, name, value)
-    pydicom_config.settings.reading_validation_mode = reading
-    pydicom_config.settings.writing_validation_mode = writing
 
 
 # --- C-MOVE harness: upstream archive, destination SCP, move SCU (test_move, retrieve faults)

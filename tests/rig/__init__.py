@@ -29,6 +29,7 @@ from tests.rig.dcmtk import (
 )
 from tests.rig.dimse import (
     VERIFICATION,
+    ProcessWideSettings,
     c_find,
     echo,
     interrupt_c_store,
@@ -36,6 +37,7 @@ from tests.rig.dimse import (
     raw_associate,
     read_pdu,
     recv_exactly,
+    save_process_wide_settings,
     send_file,
 )
 from tests.rig.orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc, store_jpeg_instance
@@ -74,6 +76,7 @@ __all__ = [
     "Pki",
     "PollTimeout",
     "ProcStatus",
+    "ProcessWideSettings",
     "StoreSCP",
     "c_find",
     "dcmsend",
@@ -99,6 +102,7 @@ __all__ = [
     "recv_exactly",
     "refused_port",
     "run_dcmtk",
+    "save_process_wide_settings",
     "scrape_metrics",
     "send_file",
     "store_jpeg_instance",

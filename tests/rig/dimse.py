@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
@@ -14,6 +16,42 @@ from pynetdicom.dsutils import split_dataset
 from dicom_adapter.dimse import pdu
 
 VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
+
+# What configure_pynetdicom() sets for the whole process. Restored after each test that runs
+# it, so an in-process importer does not change how other tests' own pynetdicom peers behave.
+_PYNETDICOM_SETTINGS = (
+    "STORE_RECV_CHUNKED_DATASET",
+    "STORE_SEND_CHUNKED_DATASET",
+    "UNRESTRICTED_STORAGE_SERVICE",
+    "LOG_REQUEST_IDENTIFIERS",
+    "LOG_RESPONSE_IDENTIFIERS",
+    "LOG_HANDLER_LEVEL",
+)
+
+
+@dataclass(frozen=True)
+class ProcessWideSettings:
+    """pynetdicom's and pydicom's settings as they were; restore() puts them back."""
+
+    pynetdicom: dict[str, object]
+    reading: int
+    writing: int
+
+    def restore(self) -> None:
+        for name, value in self.pynetdicom.items():
+            setattr(_config, name, value)
+        pydicom_config.settings.reading_validation_mode = self.reading
+        pydicom_config.settings.writing_validation_mode = self.writing
+
+
+def save_process_wide_settings() -> ProcessWideSettings:
+    """What configure_pynetdicom() would change, as it is now."""
+    validation = pydicom_config.settings
+    return ProcessWideSettings(
+        {name: getattr(_config, name) for name in _PYNETDICOM_SETTINGS},
+        validation.reading_validation_mode,
+        validation.writing_validation_mode,
+    )
 
 
 def echo(

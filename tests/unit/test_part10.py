@@ -28,7 +28,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom.dsutils import split_dataset
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+from pynetdicom.dsutils import create_file_meta, split_dataset
 
 from dicom_adapter.dicom.part10 import (
     MAX_META_BYTES,
@@ -37,6 +38,7 @@ from dicom_adapter.dicom.part10 import (
     FileMeta,
     NeedMoreData,
     NotPart10Error,
+    file_meta_group,
     read_file_meta,
     read_path_meta,
 )
@@ -315,3 +317,45 @@ def test_a_short_file_is_not_part10(tmp_path: Path) -> None:
     path.write_bytes(_hand_made(SOP_CLASS, SOP_INSTANCE))
     with pytest.raises(NotPart10Error):
         read_path_meta(path)
+
+
+def _pydicom_meta(sop_class: str, sop_instance: str, syntax: str, version: str | None) -> bytes:
+    buffer = DicomBytesIO()
+    write_file_meta_info(
+        buffer,
+        create_file_meta(
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(syntax),
+            implementation_version=version,  # type: ignore[arg-type]
+        ),
+    )
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "syntax", "version"),
+    [
+        ("1.2.826.0.1.3680043.8.498.1", "1.2.840.10008.1.2.1", "PYNETDICOM_300"),
+        ("1.2.826.0.1.3680043.8.498.12", "1.2.840.10008.1.2", "ODD"),  # even UID, odd name
+        ("1." + "9" * 62, "1.2.840.10008.1.2.4.90", "X" * 16),  # longest UI and SH
+        ("1.2.3", "1.2.840.10008.1.2.1.99", None),  # no name: an empty (0002,0013)
+    ],
+)
+def test_file_meta_group_is_what_pydicom_writes(
+    sop_instance: str, syntax: str, version: str | None
+) -> None:
+    ct = str(CTImageStorage)
+    ours = file_meta_group(ct, sop_instance, syntax, PYNETDICOM_IMPLEMENTATION_UID, version)
+    assert ours == _pydicom_meta(ct, sop_instance, syntax, version)
+    meta = read_file_meta(b"\0" * 128 + b"DICM" + ours, complete=True)
+    assert (meta.sop_instance_uid, meta.transfer_syntax) == (sop_instance, syntax)
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "version"),
+    [("1.2.3\u00e9", "X"), ("1." + "9" * 63, "X"), ("1.2.3", "X" * 17), ("1.2.3", "\u00e9")],
+)
+def test_file_meta_group_refuses_what_it_does_not_carry(sop_instance: str, version: str) -> None:
+    with pytest.raises(ValueError):
+        file_meta_group(CTImageStorage, sop_instance, ExplicitVRLittleEndian, "1.2", version)

@@ -550,3 +550,55 @@ def test_parse_command_tolerates_odd_value_lengths() -> None:
 def test_parse_command_malformed(raw: bytes, match: str) -> None:
     with pytest.raises(pdu.PduError, match=match):
         pdu.parse_command(raw)
+
+
+def _pynetdicom_store_rsp(primitive: Any) -> bytes:
+    """The command set pynetdicom encodes for a C-STORE-RSP primitive (one fragment)."""
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    [p_data] = list(message.encode_msg(1, 0))
+    [(_, fragment)] = p_data.presentation_data_value_list
+    assert fragment[0] == 0x03  # command, last fragment
+    return bytes(fragment[1:])
+
+
+@pytest.mark.parametrize(
+    ("status", "comment", "sop_class", "sop_instance"),
+    [
+        (0x0000, None, CT, "1.2.826.0.1.3680043.8.498.1"),  # odd UID: padded with a NUL
+        (0x0000, None, CT, "1.2.826.0.1.3680043.8.498.12"),  # even UID
+        (0xB000, "Coercion of data elements", CT, "1.2.3"),
+        (0xA700, "adapter disk full", CT, "1.2.3.4"),  # odd text: padded with a space
+        (0xC000, "", CT, "1.2.3"),  # an empty comment is still an element
+        (0xA900, None, None, None),  # the request named no UIDs: none in the response
+        (0xFFFF, "x" * 64, "1." + "2" * 62, "1." + "9" * 62),  # the longest values
+    ],
+)
+def test_c_store_rsp_is_the_command_pynetdicom_encodes(
+    status: int, comment: str | None, sop_class: str | None, sop_instance: str | None
+) -> None:
+    primitive: Any = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 0x1234
+    primitive.MessageID = 0x1234  # a C-STORE-RSP carries no MessageID: not encoded
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = status
+    primitive.ErrorComment = comment
+    ours = pdu.c_store_rsp(0x1234, sop_class, sop_instance, status, error_comment=comment)
+    assert ours == _pynetdicom_store_rsp(primitive)
+    assert pdu.parse_command(ours) == pdu.CommandSet(pdu.C_STORE_RSP, 0x1234, status, comment or "")
+
+
+@pytest.mark.parametrize(
+    ("uid", "comment"),
+    [
+        ("1.2.3", "é"),  # pynetdicom would encode it in the default character set
+        ("1.2.3", "x" * 65),  # longer than LO allows
+        ("1.2.3", "two\nlines"),  # control characters are not LO text
+        ("1." + "2" * 63, None),  # a 65-character UID from a peer
+        ("1.2.3\u00e9", None),
+    ],
+)
+def test_c_store_rsp_refuses_what_it_does_not_carry(uid: str, comment: str | None) -> None:
+    with pytest.raises(pdu.PduError):
+        pdu.c_store_rsp(1, CT, uid, 0, error_comment=comment)

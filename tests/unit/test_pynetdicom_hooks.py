@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 from pynetdicom.service_class import QueryRetrieveServiceClass
+from tests.rig import save_process_wide_settings
 
+from dicom_adapter.dimse import pdu
 from dicom_adapter.dimse import pynetdicom_hooks as hooks
 from dicom_adapter.dimse.server import (
     STUDY_ROOT_MOVE,
@@ -25,9 +27,13 @@ HOOK_WARNING = "pynetdicom internal"
 
 @pytest.fixture(autouse=True)
 def fresh_hooks() -> Iterator[None]:
+    """No hook, and pynetdicom's settings as they were, before and after (configure_pynetdicom
+    changes them for the whole process: later tests' pynetdicom peers would see them)."""
+    saved = save_process_wide_settings()
     hooks.reset()
     yield
     hooks.reset()
+    saved.restore()
 
 
 def hook_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -155,3 +161,97 @@ def test_changed_reactor_loop_gives_one_warning_and_pynetdicoms_poll(
     (warning,) = hook_warnings(caplog)
     assert "reactor_wake" in warning and "_run_reactor" in warning
     assert isinstance(association.time, SimpleNamespace)  # type: ignore[attr-defined]
+
+
+class _Dimse:
+    """What answer_stores_directly uses of pynetdicom's DIMSE provider."""
+
+    def __init__(self, max_pdu: int) -> None:
+        self.maximum_pdu_size = max_pdu
+        self.through_pynetdicom: list[Any] = []
+        self.queued: list[Any] = []
+        self.dul = SimpleNamespace(send_pdu=self.queued.append)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        self.through_pynetdicom.append(primitive)
+
+
+def _store_rsp(status: int = 0, **fields: Any) -> Any:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp: Any = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 5
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = "1.2.3.4.5"
+    rsp.Status = status
+    for name, value in fields.items():
+        setattr(rsp, name, value)
+    return rsp
+
+
+def test_store_responses_are_encoded_by_us_and_anything_else_by_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    dimse = _Dimse(max_pdu=16384)
+    assert hooks.answer_stores_directly(SimpleNamespace(dimse=dimse))
+    plain = _store_rsp(0xA700, ErrorComment="adapter disk full")
+    dimse.send_msg(plain, 3)
+    [p_data] = dimse.queued
+    message = C_STORE_RSP()
+    message.primitive_to_message(plain)
+    [by_pynetdicom] = message.encode_msg(3, 0)
+    assert p_data.presentation_data_value_list == by_pynetdicom.presentation_data_value_list
+    echo: Any = C_ECHO()
+    echo.MessageIDBeingRespondedTo = 1
+    echo.Status = 0
+    request: Any = C_STORE()  # a request (a C-GET's sub-operation) is not a response
+    request.MessageID = 2
+    with_offending = _store_rsp(0xC000, OffendingElement=[0x00100010])
+    non_ascii = _store_rsp(0xC000, ErrorComment="\u00e9chec")
+    for primitive in (echo, request, with_offending, non_ascii):
+        dimse.send_msg(primitive, 3)
+    assert dimse.through_pynetdicom == [echo, request, with_offending, non_ascii]
+    assert len(dimse.queued) == 1
+
+
+def test_a_store_response_longer_than_the_peers_pdu_goes_through_pynetdicom() -> None:
+    rsp = _store_rsp(0)
+    command = pdu.c_store_rsp(5, rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID, 0)
+    fits = _Dimse(max_pdu=len(command) + 6)
+    too_small = _Dimse(max_pdu=len(command) + 5)  # pynetdicom fragments it
+    for dimse in (fits, too_small):
+        hooks.answer_stores_directly(SimpleNamespace(dimse=dimse))
+        dimse.send_msg(rsp, 1)
+    assert (len(fits.queued), fits.through_pynetdicom) == (1, [])
+    assert (too_small.queued, too_small.through_pynetdicom) == ([], [rsp])
+
+
+def test_received_meta_groups_are_what_pydicom_writes_and_reset_restores_its_writer() -> None:
+    from pydicom import filewriter
+    from pydicom.filebase import DicomBytesIO
+    from pynetdicom import dimse_messages, dsutils
+
+    def written() -> bytes:
+        buffer = DicomBytesIO()
+        create = getattr(dimse_messages, "create_file_meta")  # noqa: B009
+        getattr(dimse_messages, "write_file_meta_info")(  # noqa: B009
+            buffer,
+            create(
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                sop_instance_uid=uid,
+                transfer_syntax="1.2.840.10008.1.2.1",
+            ),
+        )
+        return bytes(buffer.getvalue())
+
+    by_pydicom = {}
+    for uid in ("1.2.3.4", "1.2.3.\u00e9"):  # a peer's non-ASCII UID: pydicom writes it
+        by_pydicom[uid] = written()
+    assert hooks.fast_file_meta()
+    assert getattr(dimse_messages, "create_file_meta") is not dsutils.create_file_meta  # noqa: B009
+    for uid in by_pydicom:
+        assert written() == by_pydicom[uid]
+    hooks.reset()
+    assert getattr(dimse_messages, "create_file_meta") is dsutils.create_file_meta  # noqa: B009
+    assert getattr(dimse_messages, "write_file_meta_info") is filewriter.write_file_meta_info  # noqa: B009

@@ -1,4 +1,5 @@
-"""Pure reader of a Part-10 file's meta group: the UIDs that route it and where its data set starts.
+"""A Part-10 file's meta group: read (the UIDs that route it and where its data set starts)
+and, for the C-STORE receive path, written.
 
 PS3.10 §7.1: 128-byte preamble, "DICM", then group 0002 in Explicit VR Little Endian. The
 data set after it is sent over DIMSE byte for byte, so nothing else of the file is parsed.
@@ -13,7 +14,7 @@ from pathlib import Path
 PREAMBLE = 128
 META_READ = 64 << 10  # one read: a meta group a DICOM toolkit writes is far shorter
 MAX_META_BYTES = 1 << 20  # a meta group not ended by then is refused (memory stays bounded)
-_LONG_VRS = frozenset(
+LONG_VRS = frozenset(  # explicit VR: 2 reserved bytes and a 4-byte length
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
 _TAGS = {
@@ -79,7 +80,7 @@ def read_file_meta(head: bytes | bytearray | memoryview, *, complete: bool = Fal
         if group != 0x0002:
             break
         vr = bytes(data[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > len(data):
                 raise short()
             (length,) = struct.unpack_from("<I", data, pos + 8)
@@ -127,3 +128,40 @@ def read_path_meta(path: Path) -> FileMeta:
                     raise NotPart10Error(
                         f"the file meta group does not end within {MAX_META_BYTES} bytes"
                     ) from None
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in LONG_VRS:
+        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _meta_text(text: str, pad: bytes, limit: int) -> bytes:
+    raw = text.encode("ascii")  # UnicodeEncodeError is a ValueError
+    if len(raw) > limit:
+        raise ValueError(f"meta value longer than {limit} characters")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_group(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_class_uid: str,
+    implementation_version: str | None,
+) -> bytes:
+    """Group 0002 (without preamble and "DICM"): the bytes pydicom's write_file_meta_info gives
+    for these values. Hot path (every received C-STORE): pydicom builds a Dataset and encodes
+    it element by element, about 0.25 ms per file here. ValueError for a value this writer does
+    not carry (non-ASCII, longer than its VR allows): write it with pydicom then."""
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _meta_text(sop_class_uid, b"\0", 64)),
+        _meta_element(0x0003, b"UI", _meta_text(sop_instance_uid, b"\0", 64)),
+        _meta_element(0x0010, b"UI", _meta_text(transfer_syntax, b"\0", 64)),
+        _meta_element(0x0012, b"UI", _meta_text(implementation_class_uid, b"\0", 64)),
+        # pynetdicom always sets the name; None is written as an empty element, as pydicom does
+        _meta_element(0x0013, b"SH", _meta_text(implementation_version or "", b" ", 16)),
+    ]
+    rest = b"".join(elements)
+    return _meta_element(0x0000, b"UL", struct.pack("<I", len(rest))) + rest

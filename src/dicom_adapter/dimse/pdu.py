@@ -433,6 +433,37 @@ def c_store_rq(
     return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
 
 
+def c_store_rsp(
+    message_id_responded_to: int,
+    sop_class_uid: str | None,
+    sop_instance_uid: str | None,
+    status: int,
+    *,
+    error_comment: str | None = None,
+) -> bytes:
+    """The C-STORE-RSP command set, the bytes pynetdicom's encoder gives for the same fields
+    (tag order; absent UIDs left out; ErrorComment LO padded with a space). PduError for what
+    this encoder does not carry (non-ASCII or over-long text): use pynetdicom's then."""
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_element(0x0000, 0x0002, _ui(sop_class_uid)))
+    elements += [
+        _element(0x0000, 0x0100, _us(C_STORE_RSP)),
+        _element(0x0000, 0x0120, _us(message_id_responded_to)),
+        _element(0x0000, 0x0800, _us(NO_DATASET)),
+        _element(0x0000, 0x0900, _us(status)),
+    ]
+    if error_comment is not None:
+        text = _ascii(error_comment, "ErrorComment")
+        if len(text) > 64 or any(byte < 0x20 for byte in text):
+            raise PduError("ErrorComment is not plain LO text")
+        elements.append(_element(0x0000, 0x0902, text + b" " if len(text) % 2 else text))
+    if sop_instance_uid is not None:
+        elements.append(_element(0x0000, 0x1000, _ui(sop_instance_uid)))
+    rest = b"".join(elements)
+    return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
+
+
 def sub_operation_count(value: int) -> int:
     """A sub-operation count as its US element can carry it: 0-65535 (a retrieve of more
     instances, or a server's count that large, reports 65535 until fewer remain)."""

@@ -67,6 +67,7 @@ def configure_pynetdicom() -> None:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     hooks.check()  # one WARNING per private internal that is not as expected
     hooks.wake_reactors()
+    hooks.fast_file_meta()
     # We forward datasets untouched; pydicom's per-value regex checks only cost time.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -343,8 +344,9 @@ class _QuietShortPdu(logging.Filter):
 class ConnectionTuner:
     """EVT_CONN_OPEN / EVT_CONN_CLOSE handlers of the SCP's accepted connections.
 
-    On open: TCP_NODELAY (else ~40 ms per DIMSE round trip), the waking DUL poll, the PDU
-    bound, and the A-ASSOCIATE-RQ bytes the pre-negotiation stage read (`replays`).
+    On open: TCP_NODELAY (else ~40 ms per DIMSE round trip), C-STORE-RSPs encoded by us, the
+    waking DUL poll, the PDU bound, and the A-ASSOCIATE-RQ bytes the pre-negotiation stage
+    read (`replays`).
     """
 
     def __init__(self, max_pdu_size: int) -> None:
@@ -360,6 +362,7 @@ class ConnectionTuner:
         try:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hooks.answer_stores_directly(event.assoc)
             if not hooks.swap_socket_class(assoc_socket, _WaitingAssociationSocket):
                 return
             wake_reader, wake_writer = socket.socketpair()
