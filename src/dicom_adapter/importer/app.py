@@ -264,7 +264,7 @@ class ImportService:
             incoming = intake.spool.incoming if intake is not None else None
             counter = intake.spool.add_incoming if intake is not None else None
             self._spool = spool = await asyncio.to_thread(
-                lambda: CStoreSpool(incoming, on_bytes=counter)
+                lambda: CStoreSpool(incoming, on_bytes=counter, writeback=incoming is not None)
             )
         spool.install()
         handlers: list[tuple[Any, Callable[..., Any]]] = [

@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from dicom_adapter.dimse import pynetdicom_hooks as hooks
+from dicom_adapter.spool.local import start_writeback
 
 logger = logging.getLogger(__name__)
 
 ROOT_NAME = "dicom-import-spool"
 FILE_PREFIX = "cstore-"
 FILE_SUFFIX = ".dcm"
+WRITEBACK_STEP = 64 << 10  # start writing a durable spool file to disk every 64 KB received
 
 
 def _try_lock(path: Path) -> int | None:
@@ -94,7 +96,13 @@ class ReceivingFile:
     partial file is closed and truncated at once, so a full volume gets its space back.
     """
 
-    def __init__(self, stream: IO[bytes], on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        stream: IO[bytes],
+        on_bytes: Callable[[int], None] | None = None,
+        *,
+        writeback: bool = False,
+    ) -> None:
         self._stream = stream
         self.name = str(stream.name)
         self.error: OSError | None = None
@@ -103,6 +111,8 @@ class ReceivingFile:
         self._closed = False
         self._on_bytes = on_bytes  # told the bytes this file holds while it is open
         self._counted = 0
+        self._writeback = writeback  # a durable spool's file: fsynced before it is answered
+        self._written_back = 0  # bytes whose writeback to disk has been started
 
     def _count(self, delta: int) -> None:
         if self._on_bytes is not None and delta:
@@ -125,11 +135,22 @@ class ReceivingFile:
         return len(data)
 
     def flush(self) -> None:
+        """After every fragment (pynetdicom): to the kernel and, for a durable spool, on its
+        way to disk at once, so the fsync before the answer waits for the last part only."""
         if self.error is None:
             try:
                 self._stream.flush()
             except OSError as exc:
                 self._failed(exc)
+                return
+            if self._writeback and self.received - self._written_back >= WRITEBACK_STEP:
+                with contextlib.suppress(OSError, ValueError):
+                    start_writeback(
+                        self._stream.fileno(),
+                        self._written_back,
+                        self.received - self._written_back,
+                    )
+                self._written_back = self.received
 
     def close(self) -> None:
         """Closed: renamed into queue/ (counted there) or about to be deleted."""
@@ -155,9 +176,14 @@ class CStoreSpool:
     """This run's spool directory for pynetdicom's C-STORE files, and their cleanup."""
 
     def __init__(
-        self, root: Path | None = None, *, on_bytes: Callable[[int], None] | None = None
+        self,
+        root: Path | None = None,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+        writeback: bool = False,
     ) -> None:
         self._on_bytes = on_bytes  # told the bytes of data sets being written (the spool's cap)
+        self._writeback = writeback  # files are fsynced when complete: write back as they come
         self.root = root or Path(tempfile.gettempdir()) / ROOT_NAME
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         swept = sweep(self.root)
@@ -187,6 +213,7 @@ class CStoreSpool:
         stream = ReceivingFile(
             tempfile.NamedTemporaryFile(*args, **kwargs),  # noqa: SIM115
             self._on_bytes,
+            writeback=self._writeback,
         )
         thread = threading.current_thread()
         with self._lock:
