@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+import queue
+import socket
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -255,3 +258,95 @@ def test_received_meta_groups_are_what_pydicom_writes_and_reset_restores_its_wri
     hooks.reset()
     assert getattr(dimse_messages, "create_file_meta") is dsutils.create_file_meta  # noqa: B009
     assert getattr(dimse_messages, "write_file_meta_info") is filewriter.write_file_meta_info  # noqa: B009
+
+
+def _socket_assoc(dimse: _Dimse, sock: socket.socket) -> Any:
+    """An association whose DUL has this socket and an empty queue of PDUs to send."""
+    dimse.dul = SimpleNamespace(
+        send_pdu=dimse.queued.append,
+        to_provider_queue=queue.Queue(),
+        socket=SimpleNamespace(socket=sock),
+    )
+    return SimpleNamespace(dimse=dimse, dul=dimse.dul)
+
+
+def test_a_store_response_is_written_by_the_associations_own_thread() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        dimse = _Dimse(max_pdu=16384)
+        hooks.answer_stores_directly(_socket_assoc(dimse, ours))
+        dimse.send_msg(_store_rsp(0), 1)
+        command = pdu.c_store_rsp(5, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", 0)
+        expected = pdu.pdv_header(1, len(command), command=True, last=True) + command
+        peer.settimeout(5)
+        assert peer.recv(4096) == expected
+        assert dimse.queued == []  # the DUL thread was not involved
+
+
+def test_a_store_response_waits_behind_what_the_dul_has_queued() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        dimse = _Dimse(max_pdu=16384)
+        assoc = _socket_assoc(dimse, ours)
+        hooks.answer_stores_directly(assoc)
+        assoc.dul.to_provider_queue.put("an earlier PDU")
+        dimse.send_msg(_store_rsp(0), 1)
+        [queued] = dimse.queued  # behind the earlier one, in order
+        assert queued.presentation_data_value_list[0][0] == 1
+        with pytest.raises(BlockingIOError):
+            peer.recv(4096, socket.MSG_DONTWAIT)
+
+
+def test_a_store_response_to_a_full_socket_goes_through_the_dul() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        with contextlib.suppress(BlockingIOError):
+            while True:  # the peer reads nothing: fill its buffer
+                ours.send(b"x" * 65536, socket.MSG_DONTWAIT)
+        dimse = _Dimse(max_pdu=16384)
+        hooks.answer_stores_directly(_socket_assoc(dimse, ours))
+        dimse.send_msg(_store_rsp(0), 1)
+        assert len(dimse.queued) == 1  # nothing half-written: the DUL sends it when it can
+
+
+def test_a_peer_that_stops_reading_mid_response_loses_its_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                ours.send(b"x" * 65536, socket.MSG_DONTWAIT)
+        monkeypatch.setattr(hooks, "STALLED_SEND", 0.2)
+        dimse = _Dimse(max_pdu=16384)
+        hooks.answer_stores_directly(_socket_assoc(dimse, ours))
+        sends: list[int] = []
+
+        def partial_send(data: Any, flags: int = 0) -> int:  # the kernel took 10 bytes, once
+            sends.append(len(data))
+            if len(sends) == 1:
+                return 10
+            raise BlockingIOError
+
+        monkeypatch.setattr(hooks, "raw_socket", lambda assoc: _Partial(ours, partial_send))
+        with caplog.at_level(logging.WARNING):
+            dimse.send_msg(_store_rsp(0), 1)
+        assert dimse.queued == []
+        assert "closing the connection" in caplog.text
+        peer.settimeout(5)  # what was buffered, then the end of the stream (no hang)
+        while peer.recv(1 << 20):
+            pass
+
+
+class _Partial:
+    """A socket whose sends go through `send` (to make one partial)."""
+
+    def __init__(self, sock: socket.socket, send: Callable[[Any, int], int]) -> None:
+        self._sock = sock
+        self.send = send
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
