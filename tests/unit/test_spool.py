@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -297,3 +298,31 @@ def test_a_failed_rescan_does_not_stop_adopting_requeued_files(
 
     asyncio.run(scenario())
     assert not real_queued() and len(store.calls) == 1
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_local_spools_files_are_used_in_place_without_thread_hops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
+    """materialize()/release() of a local spool are no-ops: they run on the event loop's own
+    thread; a spool that copies (gs://) runs them in a worker thread."""
+    spool = spool_with(tmp_path, 2)
+    monkeypatch.setattr(spool, "files_in_place", in_place)
+    threads: dict[str, set[str]] = {"materialize": set(), "release": set()}
+    for name in threads:
+        original = getattr(spool, name)
+
+        def recorded(*args: object, _name: str = name, _original: object = original) -> object:
+            threads[_name].add(threading.current_thread().name)
+            return _original(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(spool, name, recorded)
+    store = ScriptedStore([StoreOutcome(Status.SUCCESS)] * 2)
+    asyncio.run(run_until(spool, store, retries=0))
+    assert len(store.calls) == 2 and not spool.queued()
+    loop = threading.main_thread().name
+    if in_place:
+        assert threads == {"materialize": {loop}, "release": set()}
+    else:
+        assert threads["materialize"] and threads["release"]
+        assert loop not in threads["materialize"] | threads["release"]

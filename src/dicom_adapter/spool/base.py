@@ -45,6 +45,12 @@ class Spool(Protocol):
         ...
 
     @property
+    def files_in_place(self) -> bool:
+        """True when materialize() returns the queued file itself and release() does nothing
+        (then neither is worth a thread hop)."""
+        ...
+
+    @property
     def rescan_seconds(self) -> float:
         """How often the uploader looks for items it was not told about (operator requeues)."""
         ...

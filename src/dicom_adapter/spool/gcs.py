@@ -248,6 +248,7 @@ class GcsSpool:
 
     incoming: Path | None = None  # received in the temp directory (importer/cstore_spool.py)
     rescan_seconds = RESCAN_SECONDS
+    files_in_place = False  # materialize() downloads a scratch copy
 
     def __init__(
         self,

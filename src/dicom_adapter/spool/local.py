@@ -174,6 +174,7 @@ class LocalSpool:
     """The three areas of a local spool directory and the moves between them."""
 
     rescan_seconds = 1.0  # queue/ is checked this often for items `dicom-spool requeue` put there
+    files_in_place = True  # materialize() returns the queued file, release() does nothing
 
     def __init__(
         self,

@@ -259,12 +259,17 @@ class SpoolUploader:
             item.attempts += 1
             item.waiting = item.settled = False
         files: list[tuple[_Item, Path]] = []
+        in_place = self._spool.files_in_place  # nothing to fetch or clean up: no thread hops
         try:
-            # one thread hop for the batch (each hop costs the loop and the GIL)
-            await asyncio.to_thread(self._materialize, batch, files)
+            # one thread hop for the batch (each hop costs the loop and the GIL; with uploads
+            # beside a C-STORE stream, the receiving threads wait for it)
+            if in_place:
+                self._materialize(batch, files)
+            else:
+                await asyncio.to_thread(self._materialize, batch, files)
             await self._upload(files)
         finally:
-            if files:
+            if files and not in_place:
                 await asyncio.to_thread(self._release, files)
 
     def _materialize(self, batch: list[_Item], files: list[tuple[_Item, Path]]) -> None:
