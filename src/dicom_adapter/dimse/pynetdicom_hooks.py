@@ -37,7 +37,6 @@ Hooks (name: internal -> what it buys; without it):
   this run's directory, so an association's unanswered files can be removed when it ends
   (importer/cstore_spool.py); without it, pynetdicom's files in $TMPDIR (an aborted transfer
   may leave its file behind).
-
 - store_rsp: `Association.dimse.send_msg` (per association) -> a C-STORE-RSP is encoded by
   us and written to the socket from the association's thread (with raw_p_data; else queued on
   the DUL as one P-DATA); pynetdicom builds two pydicom Datasets per response (~16 % of
