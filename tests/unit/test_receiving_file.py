@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from dicom_adapter.importer import cstore_spool
 from dicom_adapter.importer.cstore_spool import WRITEBACK_STEP, CStoreSpool
+from dicom_adapter.spool import local
 from dicom_adapter.spool.local import start_writeback
 
 
@@ -45,13 +47,28 @@ def test_a_durable_spools_files_are_written_back_every_step(
     assert started == [(0, 3 * third), (3 * third, third + 2 * WRITEBACK_STEP)]
 
 
-def test_start_writeback_leaves_the_file_as_written(tmp_path: Path) -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_is_really_asked_of_the_kernel_and_never_fails_a_receive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # found in libc: without it the writeback would silently do nothing
+    assert local._SYNC_FILE_RANGE is not None
     path = tmp_path / "f"
     data = os.urandom(3 * WRITEBACK_STEP)
     with path.open("wb") as stream:
         stream.write(data)
         stream.flush()
-        start_writeback(stream.fileno(), 0, len(data))
-        start_writeback(stream.fileno(), 0, 0)  # nothing to do
+        start_writeback(stream.fileno(), 0, len(data))  # the real call
         os.fsync(stream.fileno())
     assert path.read_bytes() == data
+    start_writeback(-1, 0, 10)  # advisory: a failing call raises nothing (EBADF ignored)
+    calls: list[tuple[int, ...]] = []
+
+    def recorded(*args: int) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(local, "_SYNC_FILE_RANGE", recorded)
+    start_writeback(7, 4096, 65536)
+    start_writeback(7, 0, 0)  # nothing to write back: no call
+    assert calls == [(7, 4096, 65536, 2)]  # SYNC_FILE_RANGE_WRITE: start, do not wait
