@@ -921,7 +921,7 @@ def test_wado_response_closed_after_early_stop() -> None:
     # Bigger than the client's read chunk, so the body is still streaming after the first event.
     raw = multipart_body(
         [
-            ("Content-Type: application/dicom", b"a" * (3 * client_module.CHUNK_SIZE)),
+            ("Content-Type: application/dicom", b"a" * (3 << 20)),
             ("Content-Type: application/dicom", b"b"),
         ]
     )

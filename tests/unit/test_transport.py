@@ -31,6 +31,7 @@ from typing import Any, Self, TypeVar
 
 import httpx
 import pytest
+from tests.rig import wait_until_async
 
 from dicom_adapter.dicomweb import transport as transport_module
 from dicom_adapter.dicomweb.client import (
@@ -1415,3 +1416,237 @@ def test_wado_rs_trouble_after_the_close_delimiter_keeps_the_instances(
             assert time.monotonic() - started < 10.0
 
     run(main())
+
+
+# --- request bodies with files: sendfile -----------------------------------------------------
+
+
+def digest_handler() -> Handler:
+    """Answers each POST with the body's length and SHA-256 as the server received it."""
+
+    async def handler(request: Request, conn: ServerConn) -> None:
+        digest = hashlib.sha256(request.body).hexdigest()
+        conn.send(response(body=f"{len(request.body)} {digest}".encode()))
+
+    return handler
+
+
+def parts_body(tmp_path: Path, *sizes: int) -> tuple[transport_module.PartsBody, bytes]:
+    """A body of a head, files of `sizes` bytes (random content) separated by bytes and a
+    memoryview, and a tail; with the bytes the server must receive."""
+    rng = random.Random(sum(sizes))
+    parts: list[bytes | memoryview | transport_module.FilePart] = [b"--head--\r\n"]
+    for i, size in enumerate(sizes):
+        data = rng.randbytes(size)
+        path = tmp_path / f"part{i}.dcm"
+        path.write_bytes(data)
+        parts += [transport_module.FilePart(path, size), memoryview(b"\r\n--between--\r\n")]
+    parts.append(b"--tail--")
+    expected = b"".join(
+        p.path.read_bytes() if isinstance(p, transport_module.FilePart) else bytes(p) for p in parts
+    )
+    return transport_module.PartsBody(parts), expected
+
+
+async def post_parts(
+    client: httpx.AsyncClient, url: str, body: transport_module.PartsBody, length: int
+) -> httpx.Response:
+    """POST a PartsBody the way DicomwebClient.stow does (Content-Length, the body unwrapped)."""
+    request = client.build_request(
+        "POST", url, headers={"Content-Length": str(length)}, content=body
+    )
+    request.stream = body
+    return await client.send(request)
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """Wrap owner.name so each call is recorded (its result when an int, else 0)."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        calls.append(result if isinstance(result, int) else 0)
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+@BOTH_CLIENTS
+def test_files_in_a_body_arrive_byte_exact_by_sendfile(
+    make_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body, expected = parts_body(tmp_path, 300_000, 1, 700_000)
+    sendfile = count_calls(monkeypatch, os, "sendfile")
+
+    async def main() -> None:
+        async with Server(digest_handler()) as server, make_client() as client:
+            for _ in range(2):  # a body can be sent again (a retry); the connection is reused
+                r = await post_parts(client, server.url("/studies"), body, len(expected))
+                assert r.text == f"{len(expected)} {hashlib.sha256(expected).hexdigest()}"
+            assert server.connections == 1
+            assert all(req.header("Transfer-Encoding") is None for req in server.requests)
+
+    run(main())
+    assert sum(sendfile) == 2 * (300_000 + 1 + 700_000)  # every file byte went by sendfile
+
+
+def test_a_file_bigger_than_the_socket_takes_is_finished_from_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body, expected = parts_body(tmp_path, 40 * MIB)  # far beyond loopback's socket buffers
+    rests = count_calls(monkeypatch, transport_module, "_send_rest")
+
+    async def main() -> None:
+        async with Server(digest_handler()) as server, plain_client(timeout=10.0) as client:
+            r = await post_parts(client, server.url("/studies"), body, len(expected))
+            assert r.text == f"{len(expected)} {hashlib.sha256(expected).hexdigest()}"
+
+    run(main())
+    assert rests, "the socket took 40 MiB at once: the thread path was not exercised"
+
+
+def test_a_file_that_shrank_fails_the_request_at_once(tmp_path: Path) -> None:
+    body, expected = parts_body(tmp_path, 100_000)
+    file_part = body.parts[1]
+    assert isinstance(file_part, transport_module.FilePart)
+    file_part.path.write_bytes(file_part.path.read_bytes()[:50_000])
+
+    async def main() -> None:
+        async with Server(digest_handler()) as server, plain_client(timeout=10.0) as client:
+            started = time.monotonic()
+            with pytest.raises(httpx.LocalProtocolError, match="ended at byte 50000 of 100000"):
+                await post_parts(client, server.url("/studies"), body, len(expected))
+            assert time.monotonic() - started < 5.0  # not the read timeout (10 s)
+            await wait(server.conns[0].eof)  # the half-sent request's connection was closed
+            assert server.requests == []
+
+    run(main())
+
+
+class SilentServer:
+    """Accepts connections and never reads from them (a peer whose buffers are full)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.peers: list[socket.socket] = []
+        self._server: asyncio.Server | None = None
+        self._accepted = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for peer in self.peers:
+            peer.close()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        self.peers.append(socket.socket(fileno=os.dup(sock.fileno())))
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the kernel's buffers fill up, then the sender waits
+
+    def reset_seen(self) -> bool:
+        """True when the client shut its side: reading the peer's socket ends (EOF/reset)."""
+        peer = self.peers[0]
+        peer.setblocking(False)
+        try:
+            while peer.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            return False
+        except ConnectionError:
+            return True
+        return True
+
+
+def client_descriptors(server: SilentServer) -> int:
+    """Descriptors of this process on the client's end of the server's first connection."""
+    client_end = server.peers[0].getpeername()
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            probe = socket.socket(fileno=int(name))
+            try:
+                count += probe.getsockname() == client_end
+            finally:
+                probe.detach()
+    return count
+
+
+def test_a_file_upload_to_a_peer_that_stops_reading_is_a_write_timeout(tmp_path: Path) -> None:
+    body, expected = parts_body(tmp_path, 40 * MIB)
+
+    async def main() -> None:
+        async with SilentServer() as server, plain_client(timeout=0.5) as client:
+            with pytest.raises(httpx.WriteTimeout):
+                await post_parts(client, f"http://127.0.0.1:{server.port}/s", body, len(expected))
+            # the connection and the thread's duplicate of it are closed: the peer sees the end
+            await wait_until_async(
+                lambda: client_descriptors(server) == 0, 5.0, "the upload's descriptors closed"
+            )
+            assert server.reset_seen()
+
+    run(main())
+
+
+def test_cancelling_a_file_upload_ends_its_thread_and_closes_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body, expected = parts_body(tmp_path, 40 * MIB)
+    original = transport_module._send_rest
+
+    async def main() -> None:
+        parked = asyncio.Event()
+
+        async def send_rest(*args: Any) -> None:
+            parked.set()
+            await original(*args)
+
+        monkeypatch.setattr(transport_module, "_send_rest", send_rest)
+        async with SilentServer() as server, plain_client(timeout=60.0) as client:
+            upload = asyncio.create_task(
+                post_parts(client, f"http://127.0.0.1:{server.port}/s", body, len(expected))
+            )
+            await wait(parked)  # the socket is full: the rest is being sent from a thread
+            upload.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await upload
+            # the thread sees the shutdown at once and closes its duplicates
+            await wait_until_async(
+                lambda: client_descriptors(server) == 0, 5.0, "the upload's descriptors closed"
+            )
+            assert server.reset_seen()
+
+    run(main())
+
+
+def test_files_in_a_body_over_tls_are_read_and_encrypted(
+    tls_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    body, expected = parts_body(tmp_path, 3 * MIB + 5)
+    sendfile = count_calls(monkeypatch, os, "sendfile")
+
+    async def main() -> None:
+        async with (
+            Server(digest_handler(), ssl_context=server_context) as server,
+            httpx.AsyncClient(transport=AsyncioTransport(ssl_context=trusting)) as client,
+        ):
+            url = server.url("/studies", scheme="https")
+            r = await post_parts(client, url, body, len(expected))
+            assert r.text == f"{len(expected)} {hashlib.sha256(expected).hexdigest()}"
+
+    run(main())
+    assert sendfile == []  # sendfile would bypass TLS

@@ -37,13 +37,12 @@ from dicom_adapter.dicomweb.instances import (
 )
 from dicom_adapter.dicomweb.problem import http_error_comment
 from dicom_adapter.dicomweb.stow import StowResponse, parse_stow_response
-from dicom_adapter.dicomweb.transport import AsyncioTransport
+from dicom_adapter.dicomweb.transport import AsyncioTransport, FilePart, PartsBody
 from dicom_adapter.errors import UpstreamAuthError, UpstreamError, UpstreamUnavailableError
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1 << 20
 # The most of a non-WADO answer (QIDO page, STOW response, error body) we hold: far above any
 # real one (1000 QIDO results are a few MB), so a broken server or proxy cannot grow our memory.
 MAX_RESPONSE_BODY = 64 << 20
@@ -284,36 +283,27 @@ class DicomwebClient:
         Each instance is a file (streamed from disk, never read whole) or its bytes in memory.
         """
         boundary = multipart.new_boundary()
-        heads = [multipart.part_head(boundary, first=(i == 0)) for i in range(len(instances))]
-        tail = multipart.body_tail(boundary)
-        sizes = [
-            item.stat().st_size if isinstance(item, Path) else memoryview(item).nbytes
-            for item in instances
-        ]
-        length = sum(len(h) for h in heads) + sum(sizes) + len(tail)
+        parts: list[bytes | memoryview | FilePart] = []
+        for i, item in enumerate(instances):
+            parts.append(multipart.part_head(boundary, first=(i == 0)))
+            if isinstance(item, Path):
+                parts.append(FilePart(item, item.stat().st_size))
+            else:
+                parts.append(item if isinstance(item, bytes) else memoryview(item))
+        parts.append(multipart.body_tail(boundary))
+        length = sum(p.size if isinstance(p, FilePart) else memoryview(p).nbytes for p in parts)
         headers = {
             "Content-Type": multipart.related_content_type(boundary),
             "Content-Length": str(length),
             "Accept": DICOM_JSON,
         }
 
-        async def body() -> AsyncIterator[bytes]:
-            for head, item in zip(heads, instances, strict=True):
-                yield head
-                if isinstance(item, Path):
-                    with item.open("rb") as stream:
-                        while chunk := stream.read(CHUNK_SIZE):
-                            yield chunk
-                elif isinstance(item, bytes):
-                    yield item
-                else:
-                    view = memoryview(item).cast("B")
-                    for start in range(0, len(view), CHUNK_SIZE):
-                        yield bytes(view[start : start + CHUNK_SIZE])
-            yield tail
-
         async def attempt() -> httpx.Response:
-            request = self._http.build_request("POST", url, headers=headers, content=body())
+            body = PartsBody(parts)
+            request = self._http.build_request("POST", url, headers=headers, content=body)
+            # httpx wraps an async iterable; unwrapped, AsyncioTransport sees the files in it
+            # and hands them to sendfile (transport.PartsBody)
+            request.stream = body
             return await self._send_bounded(request, "STOW-RS")
 
         response, tries = await self._attempts("STOW-RS", attempt)

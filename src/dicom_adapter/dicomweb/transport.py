@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import select
 import socket
 import ssl
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,10 +56,68 @@ IDLE_SECONDS = 4.0  # below common server keep-alive timeouts (5 s), so reuse ra
 # Body reads take everything buffered (asyncio's StreamReader pauses the socket at 2x its
 # limit): a smaller read copies a piece out and then memmoves the rest of its buffer forward.
 READ_CHUNK = 16 << 20
+FILE_CHUNK = 1 << 20  # a file part read into memory for a transport that cannot sendfile
+SENDFILE_STEP = 8 << 20  # at most this per sendfile call, so a wait is never longer than one
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """A whole file inside a request body; `size` is what Content-Length counted."""
+
+    path: Path
+    size: int
+
+
+class PartsBody(httpx.AsyncByteStream):
+    """A request body of bytes and whole files, of a length known in advance.
+
+    Iterated (httpx's own transport does), it reads each file in FILE_CHUNK pieces.
+    AsyncioTransport instead hands the files to the kernel (`os.sendfile`): uvloop copies what
+    a transport writes into the socket while holding the GIL, and in a py-spy --gil profile of
+    the spool's uploads (P1) that copy was 13 % of dicom-import's GIL time, time taken from the
+    threads receiving C-STOREs. P1 (200 CT, 6 alternating reps, 2026-12-07): all stored after
+    1.789 -> 1.660 s, dicom-import CPU 6.55 -> 5.97 ms per instance, ratio 0.744 -> 0.802.
+    """
+
+    def __init__(self, parts: Sequence[bytes | memoryview | FilePart]) -> None:
+        self.parts = list(parts)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            if isinstance(part, FilePart):
+                for chunk in _read_file(part):
+                    yield chunk
+            else:
+                for chunk in _pieces(part):
+                    yield chunk
+
+
+def _pieces(part: bytes | memoryview) -> Iterator[bytes]:
+    if isinstance(part, bytes):
+        yield part
+        return
+    view = memoryview(part).cast("B")
+    for start in range(0, len(view), FILE_CHUNK):
+        yield bytes(view[start : start + FILE_CHUNK])
+
+
+def _read_file(part: FilePart) -> Iterator[bytes]:
+    """The file's bytes; OSError if it no longer has the size the body was framed with."""
+    done = 0
+    with part.path.open("rb") as stream:
+        while done < part.size and (chunk := stream.read(min(FILE_CHUNK, part.size - done))):
+            done += len(chunk)
+            yield chunk
+    if done != part.size:
+        raise FileChanged(f"{part.path} ended at byte {done} of {part.size}")
 
 
 class ResponseFramingError(Exception):
     """A response head or body that breaks HTTP/1.1 framing (mapped to RemoteProtocolError)."""
+
+
+class FileChanged(OSError):
+    """A file of a request body no longer has the size its Content-Length counted."""
 
 
 class ResponseTruncated(ResponseFramingError):
@@ -331,6 +393,10 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         try:
             writer.write(b"".join(head))
             stream: Any = request.stream
+            out = _plain_socket(writer)
+            if isinstance(stream, PartsBody) and not chunked and out is not None:
+                await _write_parts(writer, out, stream, write_timeout)
+                return
             async for chunk in stream:
                 if not chunk:
                     continue
@@ -348,6 +414,8 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
                 await writer.drain()
         except TimeoutError as exc:
             raise httpx.WriteTimeout("timed out sending the request", request=request) from exc
+        except FileChanged as exc:  # ours, not the connection's: no answer to wait for
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
         except OSError as exc:
             raise httpx.WriteError(f"sending the request: {exc}", request=request) from exc
 
@@ -370,6 +438,105 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             for conn in pool:
                 conn.close()
         self._idle.clear()
+
+
+def _plain_socket(writer: asyncio.StreamWriter) -> Any:
+    """The connection's socket when the kernel may write to it directly (not TLS), else None."""
+    if writer.get_extra_info("ssl_object") is not None:
+        return None
+    return writer.get_extra_info("socket")
+
+
+async def _write_parts(
+    writer: asyncio.StreamWriter, out: Any, body: PartsBody, timeout: float | None
+) -> None:
+    """Write a PartsBody: bytes through the stream, files by sendfile once the stream is empty."""
+    for part in body.parts:
+        if not isinstance(part, FilePart):
+            for chunk in _pieces(part):
+                writer.write(chunk)
+                async with asyncio.timeout(timeout):
+                    await writer.drain()
+            continue
+        if writer.transport.get_write_buffer_size():
+            # the file's bytes must follow what is buffered: wait until the buffer is empty
+            writer.transport.set_write_buffer_limits(high=0)
+            try:
+                async with asyncio.timeout(timeout):
+                    await writer.drain()
+            finally:
+                writer.transport.set_write_buffer_limits()
+            if writer.transport.get_write_buffer_size():
+                raise OSError("the connection's write buffer did not empty")
+        await _send_file(out.fileno(), part, timeout)
+    async with asyncio.timeout(timeout):
+        await writer.drain()
+
+
+async def _send_file(fd: int, part: FilePart, timeout: float | None) -> None:
+    """Send a whole file on the (non-blocking) socket `fd` with os.sendfile.
+
+    The first call is made right here: it releases the GIL, and on loopback or a fast network
+    it usually takes the whole file. What the socket cannot take at once is sent from a worker
+    thread that waits for room with poll(): no GIL held while the kernel copies or waits. That
+    thread works on duplicates of both descriptors, closed when it ends; if the request is
+    cancelled meanwhile, the socket is shut down, which ends the thread's wait at once.
+    """
+    with part.path.open("rb") as source:
+        sent = _sendfile_some(fd, source.fileno(), 0, part)
+        if sent is None or sent < part.size:
+            await _send_rest(fd, source.fileno(), sent or 0, part, timeout)
+
+
+def _sendfile_some(out: int, source: int, offset: int, part: FilePart) -> int | None:
+    """Bytes sent by one sendfile call from `offset` (None: the socket is full)."""
+    try:
+        sent = os.sendfile(out, source, offset, min(part.size - offset, SENDFILE_STEP))
+    except BlockingIOError:
+        return None
+    if sent == 0:
+        raise FileChanged(f"{part.path} ended at byte {offset} of {part.size}")
+    return offset + sent
+
+
+async def _send_rest(
+    fd: int, source: int, offset: int, part: FilePart, timeout: float | None
+) -> None:
+    duplicate = socket.socket(fileno=os.dup(fd))
+    try:
+        source = os.dup(source)  # the caller closes its own when a cancellation ends it
+    except OSError:
+        duplicate.close()
+        raise
+    lock = threading.Lock()
+    wait_ms = -1 if timeout is None else max(1, int(timeout * 1000))
+
+    def run() -> None:
+        try:
+            poller = select.poll()
+            poller.register(duplicate.fileno(), select.POLLOUT)
+            done = offset
+            while done < part.size:
+                sent = _sendfile_some(duplicate.fileno(), source, done, part)
+                if sent is not None:
+                    done = sent
+                elif not poller.poll(wait_ms):
+                    raise TimeoutError(f"no room to send {part.path} for {timeout} s")
+        finally:
+            os.close(source)
+            with lock:
+                duplicate.close()
+
+    # shielded: `run` always runs (so it always closes the duplicates), even if cancelled early
+    work = asyncio.get_running_loop().run_in_executor(None, run)
+    work.add_done_callback(lambda done: done.cancelled() or done.exception())
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with lock, contextlib.suppress(OSError):
+            if duplicate.fileno() != -1:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        raise
 
 
 async def read_head(
