@@ -100,9 +100,10 @@ def test_auto_ack_upstream_down_objects_then_all_delivered_and_prefix_empty(
         )
         assert all(orthanc.find_instance(uid) is None for uid in instances)
         local = [p.name for p in (tmp_path / "tmp-pod-a").rglob("*.dcm")]
-        # received files are removed once written; uploads hold one download per worker at most
+        # received files are removed once written; the downloads of the requests in flight
+        # are released after each attempt (retried all along: a leak would pile up copies)
         assert all(name.startswith("cstore-gcs-") for name in local), local
-        assert len(local) <= 4
+        assert len(local) <= len(instances)
         assert scrape_metrics(importer.metrics_url)["dicomadapter_import_spool_depth"] == 6
         proxy.clear()
         assert_all_in_orthanc(orthanc, instances)

@@ -110,7 +110,7 @@ def test_retry_delay_is_capped_after_a_thousand_attempts(tmp_path: Path) -> None
             spool, store, metrics, concurrency=1, retries=5000, min_delay=0.01, max_delay=0.02
         )
         await uploader.start()  # the workers have not run yet: the replayed item waits
-        for item in list(uploader._queue._queue):  # type: ignore[attr-defined]
+        for item in list(uploader._waiting):
             item.attempts = 1030  # as after a long outage
         try:
             await wait_until_async(lambda: len(store.calls) >= 4, 5.0, "4 uploads")

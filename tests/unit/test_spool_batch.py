@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 from tests.rig import generate_ct_series, wait_until_async
 from tests.spool_testing import part_uids
@@ -15,6 +16,7 @@ from tests.spool_testing import part_uids
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy
 from dicom_adapter.importer.store import StoreService
 from dicom_adapter.observability.metrics import ImportMetrics, MetricsRegistry
+from dicom_adapter.spool import uploader as uploader_module
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.spool.uploader import SpoolUploader
 from dicom_adapter.status import Status
@@ -244,3 +246,121 @@ def test_a_replayed_batch_counts_an_instance_already_upstream_as_delivered(
     assert queried == [there]  # only the instance the answer did not reference is checked
     assert not spool.queued() and not list(spool.failed.iterdir())
     assert metrics.cstore_backup_errors.value() == 0
+
+
+class GatedUpstream:
+    """Stores everything; the first STOW-RS is held until `gate` is set (a slow request)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.requests: list[list[str]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=[])
+        uids = part_uids(request)
+        self.requests.append(uids)
+        if len(self.requests) == 1:
+            await self.gate.wait()
+        return httpx.Response(
+            200, json=stow_body(uids, {}), headers={"Content-Type": "application/dicom+json"}
+        )
+
+
+async def streamed(
+    tmp_path: Path, upstream: GatedUpstream, *, batch: int, scenario: Callable[..., object]
+) -> None:
+    """Run `scenario(uploader, arrive)` against 4 workers; `arrive()` receives one instance
+    (committed to queue/ and announced, as a C-STORE does) and returns its UID."""
+    spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
+    files = iter(generate_ct_series(tmp_path / "in", 12, rows=4, cols=4))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    store = StoreService(
+        DicomwebClient(http, RetryPolicy(deadline=30.0)),
+        stow_url="http://x/dicom-web/studies",
+        dicomweb_root="",
+        overwrite=False,
+    )
+    metrics = ImportMetrics(MetricsRegistry())
+    uploader = SpoolUploader(
+        spool,
+        store,
+        metrics,
+        concurrency=4,
+        retries=0,
+        min_delay=0.01,
+        max_delay=0.02,
+        batch=batch,
+    )
+    await uploader.start()
+
+    async def arrive() -> str:
+        path = next(files)
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        uploader.enqueue_threadsafe(spool.commit(path, uid))
+        for _ in range(20):  # let idle workers run: before coalescing, one took it at once
+            await asyncio.sleep(0)
+        return uid
+
+    try:
+        result = scenario(uploader, arrive)
+        if asyncio.iscoroutine(result):
+            await result
+        upstream.gate.set()
+        await wait_until_async(lambda: not spool.queued(), 5.0, "every instance uploaded")
+    finally:
+        upstream.gate.set()
+        await uploader.stop()
+        await http.aclose()
+        spool.close()
+
+
+def test_instances_arriving_during_a_request_go_together_when_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uploader_module, "COALESCE_SECONDS", 60.0)  # only the request's end
+    upstream = GatedUpstream()
+
+    async def scenario(uploader: SpoolUploader, arrive: Callable[[], Awaitable[str]]) -> None:
+        first = await arrive()  # nothing in flight: it goes at once
+        await wait_until_async(lambda: upstream.requests == [[first]], 5.0, "the first request")
+        later = [await arrive() for _ in range(3)]
+        assert upstream.requests == [[first]]  # they wait for the request in flight
+        upstream.gate.set()
+        await wait_until_async(lambda: len(upstream.requests) == 2, 5.0, "the second request")
+        assert upstream.requests == [[first], later]  # one request for the three, in order
+
+    asyncio.run(streamed(tmp_path, upstream, batch=10, scenario=scenario))
+
+
+def test_a_full_batch_goes_while_another_request_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uploader_module, "COALESCE_SECONDS", 60.0)
+    upstream = GatedUpstream()
+
+    async def scenario(uploader: SpoolUploader, arrive: Callable[[], Awaitable[str]]) -> None:
+        first = await arrive()
+        await wait_until_async(lambda: upstream.requests == [[first]], 5.0, "the first request")
+        full = [await arrive() for _ in range(3)]
+        await wait_until_async(lambda: len(upstream.requests) == 2, 5.0, "the full batch")
+        assert upstream.requests == [[first], full]
+        assert not upstream.gate.is_set()  # the first is still in flight
+
+    asyncio.run(streamed(tmp_path, upstream, batch=3, scenario=scenario))
+
+
+def test_a_partial_batch_waits_no_longer_than_the_coalescing_bound(tmp_path: Path) -> None:
+    """A request that never ends (until the test lets it) delays the next instance by
+    COALESCE_SECONDS, not until it ends."""
+    upstream = GatedUpstream()
+
+    async def scenario(uploader: SpoolUploader, arrive: Callable[[], Awaitable[str]]) -> None:
+        first = await arrive()
+        await wait_until_async(lambda: upstream.requests == [[first]], 5.0, "the first request")
+        second = await arrive()
+        await wait_until_async(lambda: len(upstream.requests) == 2, 5.0, "the second request")
+        assert upstream.requests == [[first], [second]]
+        assert not upstream.gate.is_set()
+
+    asyncio.run(streamed(tmp_path, upstream, batch=10, scenario=scenario))
