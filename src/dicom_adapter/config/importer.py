@@ -190,8 +190,8 @@ class ImporterSettings(CommonSettings):
     spool_upload_concurrency: int = new_flag(4, "STOW-RS requests in flight for spooled instances.")
     spool_upload_batch: int = new_flag(
         10,
-        "Spooled instances per STOW-RS request, at most: a request takes those already waiting, "
-        "never waits for more (1: one per request).",
+        "Spooled instances per STOW-RS request, at most: a request takes those already waiting; "
+        "while another is in flight it waits up to 50 ms for more (1: one per request).",
     )
     spool_upload_batch_bytes: int = new_flag(
         16 << 20,

@@ -132,6 +132,7 @@ class SpoolUploader:
         self._waiting: collections.deque[_Item] = collections.deque()
         self._waiting_bytes = 0
         self._changed = asyncio.Event()  # set when an item is queued or a request ends
+        self._dispatch = asyncio.Lock()
         self._in_flight = 0
         self._workers: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
@@ -191,28 +192,32 @@ class SpoolUploader:
         self._waiting_bytes -= item.size
         return item
 
-    async def _batch_ready(self) -> None:
-        """Return when a request should start: see the class docstring."""
-        while True:
-            wait: float | None = None
-            if self._waiting:
-                if (
-                    self._in_flight == 0
-                    or len(self._waiting) >= self._batch
-                    or self._waiting_bytes >= self._batch_bytes
-                ):
-                    return
-                wait = (
-                    self._waiting[0].queued_at
-                    + COALESCE_SECONDS
-                    - asyncio.get_running_loop().time()
-                )
-                if wait <= 0:
-                    return
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
+    async def _next_batch(self) -> tuple[list[_Item], _Item | None]:
+        """The next request's batch, once it should start (see the class docstring).
+
+        One worker at a time waits here (the others wait for the lock), so an arrival wakes
+        one task, not every idle worker.
+        """
+        loop = asyncio.get_running_loop()
+        async with self._dispatch:
+            while True:
+                timer: asyncio.TimerHandle | None = None
+                if self._waiting:
+                    due = self._waiting[0].queued_at + COALESCE_SECONDS
+                    if (
+                        self._in_flight == 0
+                        or len(self._waiting) >= self._batch
+                        or self._waiting_bytes >= self._batch_bytes
+                        or due <= loop.time()
+                    ):
+                        return self._take_batch(self._pop())
+                    timer = loop.call_at(due, self._changed.set)
+                self._changed.clear()
+                try:
                     await self._changed.wait()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
 
     async def upload_now(self, path: PurePath, identity: InstanceIdentity) -> StoreOutcome:
         """Synchronous mode: one STOW for the waiting C-STORE; the file leaves queue/ after it.
@@ -278,9 +283,9 @@ class SpoolUploader:
         held: _Item | None = None
         while True:
             if held is None:
-                await self._batch_ready()
-                held = self._pop()
-            batch, held = self._take_batch(held)
+                batch, held = await self._next_batch()
+            else:
+                batch, held = self._take_batch(held)
             self._in_flight += 1
             try:
                 await self._attempt(batch)
