@@ -69,6 +69,37 @@ def spool_of(tmp_path: Path, n: int) -> tuple[LocalSpool, list[str]]:
     return spool, uids
 
 
+def uploader_for(
+    spool: LocalSpool,
+    http: httpx.AsyncClient,
+    metrics: ImportMetrics,
+    *,
+    deadline: float,
+    concurrency: int,
+    retries: int,
+    batch: int,
+    batch_bytes: int = 16 << 20,
+) -> SpoolUploader:
+    """The spool's uploader, as dicom-import builds it, over `http` (retries 10-20 ms apart)."""
+    store = StoreService(
+        DicomwebClient(http, RetryPolicy(deadline=deadline)),
+        stow_url="http://x/dicom-web/studies",
+        dicomweb_root="",
+        overwrite=False,
+    )
+    return SpoolUploader(
+        spool,
+        store,
+        metrics,
+        concurrency=concurrency,
+        retries=retries,
+        min_delay=0.01,
+        max_delay=0.02,
+        batch=batch,
+        batch_bytes=batch_bytes,
+    )
+
+
 def upload(
     spool: LocalSpool, upstream: Upstream, *, batch: int, batch_bytes: int = 16 << 20
 ) -> ImportMetrics:
@@ -76,19 +107,14 @@ def upload(
 
     async def run() -> ImportMetrics:
         http = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-        client = DicomwebClient(http, RetryPolicy(deadline=1.0))
-        store = StoreService(
-            client, stow_url="http://x/dicom-web/studies", dicomweb_root="", overwrite=False
-        )
         metrics = ImportMetrics(MetricsRegistry())
-        uploader = SpoolUploader(
+        uploader = uploader_for(
             spool,
-            store,
+            http,
             metrics,
+            deadline=1.0,
             concurrency=1,
             retries=3,
-            min_delay=0.01,
-            max_delay=0.02,
             batch=batch,
             batch_bytes=batch_bytes,
         )
@@ -275,22 +301,9 @@ async def streamed(
     spool = LocalSpool(tmp_path / "spool", headroom_bytes=0)
     files = iter(generate_ct_series(tmp_path / "in", 12, rows=4, cols=4))
     http = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-    store = StoreService(
-        DicomwebClient(http, RetryPolicy(deadline=30.0)),
-        stow_url="http://x/dicom-web/studies",
-        dicomweb_root="",
-        overwrite=False,
-    )
     metrics = ImportMetrics(MetricsRegistry())
-    uploader = SpoolUploader(
-        spool,
-        store,
-        metrics,
-        concurrency=4,
-        retries=0,
-        min_delay=0.01,
-        max_delay=0.02,
-        batch=batch,
+    uploader = uploader_for(
+        spool, http, metrics, deadline=30.0, concurrency=4, retries=0, batch=batch
     )
     await uploader.start()
 
