@@ -1650,3 +1650,29 @@ def test_files_in_a_body_over_tls_are_read_and_encrypted(
 
     run(main())
     assert sendfile == []  # sendfile would bypass TLS
+
+
+def test_a_send_that_cannot_start_leaves_no_descriptor_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The duplicate of the connection's descriptor is closed when it cannot be used."""
+    body, _ = parts_body(tmp_path, 1000)
+    part = body.parts[1]
+    assert isinstance(part, transport_module.FilePart)
+
+    def not_a_socket(*args: Any, **kwargs: Any) -> socket.socket:
+        raise OSError("not a socket")
+
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        with ours, peer, part.path.open("rb") as source:
+            before = sorted(os.listdir("/proc/self/fd"))
+            monkeypatch.setattr(socket, "socket", not_a_socket)
+            try:
+                with pytest.raises(OSError, match="not a socket"):
+                    await transport_module._send_rest(ours.fileno(), source.fileno(), 0, part, 1.0)
+            finally:
+                monkeypatch.undo()
+            assert sorted(os.listdir("/proc/self/fd")) == before
+
+    run(main())

@@ -502,7 +502,12 @@ def _sendfile_some(out: int, source: int, offset: int, part: FilePart) -> int | 
 async def _send_rest(
     fd: int, source: int, offset: int, part: FilePart, timeout: float | None
 ) -> None:
-    duplicate = socket.socket(fileno=os.dup(fd))
+    copy = os.dup(fd)
+    try:
+        duplicate = socket.socket(fileno=copy)
+    except OSError:  # not a socket any more: nothing to send on
+        os.close(copy)
+        raise
     try:
         source = os.dup(source)  # the caller closes its own when a cancellation ends it
     except OSError:
