@@ -142,6 +142,7 @@ class PubSubServer(Service):
         self._ack_ids = itertools.count(1)
         self._stopping = False
         self._stopped = False
+        self._streams: set[_Stream] = set()
         self._server: Any = grpc.server(ThreadPoolExecutor(max_workers=max_workers))
         self._server.add_generic_rpc_handlers(
             (self._publisher_handler(), self._subscriber_handler())
@@ -221,6 +222,11 @@ class PubSubServer(Service):
             sub = self._sub(subscription)
             self._expire_locked(sub, time.monotonic())
             return len(sub.leases)
+
+    def open_streams(self, subscription: str) -> int:
+        """StreamingPull calls on `subscription` that have not ended."""
+        with self._cond:
+            return sum(1 for s in self._streams if s.subscription == subscription)
 
     def deliveries(self, message_id: str) -> int:
         """How often `message_id` was delivered, summed over all subscriptions."""
@@ -543,6 +549,7 @@ class PubSubServer(Service):
         with self._cond:
             self._sub_or_abort(stream.subscription, context)
             self._apply_stream_request_locked(stream, first)
+            self._streams.add(stream)
         context.add_callback(lambda: self._end_stream(stream))
         reader = threading.Thread(
             target=self._read_stream, args=(requests, stream), name="pubsub-stream", daemon=True
@@ -595,6 +602,7 @@ class PubSubServer(Service):
     def _end_stream(self, stream: _Stream) -> None:
         with self._cond:
             stream.done = True
+            self._streams.discard(stream)
             self._cond.notify_all()
 
 

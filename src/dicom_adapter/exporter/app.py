@@ -97,7 +97,7 @@ class ExportService:
             force_google=settings.use_gcp_application_default_credentials,
             scopes=settings.oauth_scopes,
         )
-        # Only Pub/Sub callbacks cross into the loop; no sink call blocks a worker thread.
+        # Only Pub/Sub messages cross into the loop (started there, never waited on by a thread).
         self._bridge = bridge = Bridge(loop, blocking_workers=1)
         source_client = self._client(settings.source_root, google_credentials)
         if settings.stow_sink:
@@ -178,7 +178,7 @@ class ExportService:
             self.worker.stop_holding()  # messages waiting out a backoff are nacked now
         if self._source is not None:
             logger.info("stopping: no new messages; waiting up to %.0f s for running ones", grace)
-            # Blocking, and the running callbacks need this loop: wait in a thread.
+            # Blocking, and the running exports need this loop: wait in a thread.
             await asyncio.to_thread(self._source.stop, grace)
             self._source = None
         if self.worker is not None:

@@ -32,7 +32,7 @@ MAX_TRACKED_MESSAGES = 10_000  # failed-delivery counts kept for messages withou
 
 
 class Outcome(enum.Enum):
-    """What the Pub/Sub callback does with the message."""
+    """What becomes of the message: acked or nacked."""
 
     ACK = "ack"
     NACK = "nack"
@@ -43,9 +43,9 @@ class ExportWorker:
 
     Retries, and why they look like this: google-cloud-pubsub has no public "nack after a
     delay". `Message.modify_ack_deadline(s)` is overridden by the client's leaser, which keeps
-    extending every message whose callback has not returned (up to FlowControl's
+    extending every message not yet acked or nacked (up to FlowControl's
     max_lease_duration, 1 h), and `nack()` is a deadline of 0 (immediate redelivery: the retry
-    storm of issue 8). So a failed message is held: its callback waits out the backoff while
+    storm of issue 8). So a failed message is held: its export waits out the backoff while
     the client keeps leasing it, then nacks, and Pub/Sub redelivers it at once with
     delivery_attempt + 1. Each delivery is one attempt, so the subscription's dead-letter
     policy counts real attempts, spaced 1, 2, 4 ... up to `backoff.maximum` seconds apart.
