@@ -52,8 +52,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydicom import dcmread
-from tests.faults.fault_proxy import FaultProxy, _Request
 from tests.rig import (
+    FaultProxy,
     Importer,
     Orthanc,
     dcmsend,
@@ -63,6 +63,7 @@ from tests.rig import (
     tree_cpu_seconds,
 )
 from tests.rig.delay_proxy import DelayProxy, thread_cpu_seconds
+from tests.rig.fault_proxy import _Request
 
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.dicomweb.client import DicomwebClient, RetryPolicy, make_http_client

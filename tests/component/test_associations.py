@@ -22,8 +22,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse import server as dimse_server
 from dicom_adapter.status import Status
-from tests.component.conftest import JSON, RunningImporter, c_store, make_ct, stow_json
 from tests.rig import wait_until
+from tests.rig.component import JSON, RunningImporter, c_store, make_ct, stow_json
 
 
 def associate(importer: RunningImporter) -> object:

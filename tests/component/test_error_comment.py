@@ -15,7 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from dicom_adapter.status import Status
-from tests.component.conftest import (
+from tests.rig import free_port, refused_port
+from tests.rig.component import (
     Archive,
     RunningImporter,
     c_move,
@@ -25,7 +26,6 @@ from tests.component.conftest import (
     study_level,
     write_without,
 )
-from tests.rig import free_port, refused_port
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"

@@ -13,7 +13,7 @@ from pydicom import Dataset
 from dicom_adapter.importer import find as find_module
 from dicom_adapter.status import Status
 from tests import rig
-from tests.component.conftest import RunningImporter, find, paged_studies
+from tests.rig.component import RunningImporter, find, paged_studies
 from tests.rig.find import STUDY_ROOT_FIND
 
 

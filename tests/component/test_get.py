@@ -12,7 +12,7 @@ from pynetdicom.association import Association
 from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.importer import retrieve
 from dicom_adapter.status import Status
-from tests.component.conftest import (
+from tests.rig.component import (
     GET_MSG_ID,
     STUDY_ROOT_GET,
     Archive,

@@ -13,7 +13,8 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 
 from dicom_adapter.status import Status
-from tests.component.conftest import (
+from tests.rig import VERIFICATION, http_get, scrape_metrics, wait_until
+from tests.rig.component import (
     CT_BOTH,
     JSON,
     Archive,
@@ -30,7 +31,6 @@ from tests.component.conftest import (
     stow_json,
     study_level,
 )
-from tests.rig import VERIFICATION, http_get, scrape_metrics, wait_until
 
 PREFIX = "dicomadapter_import_"
 

@@ -28,7 +28,8 @@ from pydicom.uid import (
 
 from dicom_adapter.importer import retrieve
 from dicom_adapter.status import Status
-from tests.component.conftest import (
+from tests.rig import refused_port
+from tests.rig.component import (
     DEST_AET,
     MOVE_MODEL,
     MSG_ID,
@@ -54,7 +55,6 @@ from tests.component.conftest import (
     study_level,
     wado_requests,
 )
-from tests.rig import refused_port
 
 # --- the cases ---------------------------------------------------------------------------
 

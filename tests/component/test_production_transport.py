@@ -15,7 +15,7 @@ from pydicom import Dataset
 from dicom_adapter.dicomweb.client import TRANSPORT_ENV
 from dicom_adapter.dicomweb.transport import AsyncioTransport
 from dicom_adapter.status import Status
-from tests.component.conftest import RunningImporter, c_store, make_ct, stow_json
+from tests.rig.component import RunningImporter, c_store, make_ct, stow_json
 from tests.rig.stow_server import Framing, StowRequest, StowServer
 
 PROXY_VARIABLES = (

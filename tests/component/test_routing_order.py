@@ -14,7 +14,7 @@ from pydicom import dcmread
 from dicom_adapter.importer import app
 from dicom_adapter.importer.prepare import Preparation
 from dicom_adapter.status import Status
-from tests.component.conftest import JSON, RunningImporter, c_store, make_ct, stow_json
+from tests.rig.component import JSON, RunningImporter, c_store, make_ct, stow_json
 
 MODALITY_CT = b"\x08\x00\x60\x00CS\x02\x00CT"  # (0008,0060) CS "CT", explicit VR LE
 

@@ -15,8 +15,8 @@ from dicom_adapter.importer.destinations import DestinationQueue, DestinationSpo
 from dicom_adapter.importer.routing import Destination
 from dicom_adapter.spool.local import LocalSpool
 from dicom_adapter.status import Status
-from tests.component.conftest import JSON, RunningImporter, c_store, make_ct, stow_json
 from tests.rig import wait_until
+from tests.rig.component import JSON, RunningImporter, c_store, make_ct, stow_json
 from tests.spool_testing import part_uids
 
 FAST = ["--http_timeout=0.5", "--upstream_retry_deadline=1", "--cstore_answer_deadline=5"]

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_adapter.config.importer import ImporterSettings
 from dicom_adapter.config.parse import parse_settings
 from dicom_adapter.errors import ConfigError
-from tests.component.conftest import RunningImporter
+from tests.rig.component import RunningImporter
 
 SERVICES = {
     "cfind": [

@@ -32,7 +32,8 @@ from dicom_adapter.dicomweb.multipart import (
 )
 from dicom_adapter.dimse import pdu
 from dicom_adapter.status import Status
-from tests.component.conftest import (
+from tests.rig import p_data, raw_associate, wait_until
+from tests.rig.component import (
     JSON,
     Responder,
     RunningImporter,
@@ -41,7 +42,6 @@ from tests.component.conftest import (
     stow_json,
     write_without,
 )
-from tests.rig import p_data, raw_associate, wait_until
 
 Script = Callable[[str], Callable[[httpx.Request], httpx.Response]]
 

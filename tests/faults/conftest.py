@@ -1,4 +1,8 @@
-"""Fixtures for the fault suite: real Orthanc, DCMTK and the console scripts, never skipped."""
+"""Fixtures for the fault suite: real Orthanc, DCMTK and the console scripts, never skipped.
+
+`start_importer` and `setup` are the in-process importer harness of tests/component
+(tests/rig/component_fixtures.py), for the retrieve faults.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.rig import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc, importer_binary
+from tests.rig.component_fixtures import setup, start_importer  # noqa: F401
 
 
 @pytest.fixture(scope="session")

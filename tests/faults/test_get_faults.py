@@ -16,8 +16,8 @@ from typing import Any
 from pynetdicom.association import Association
 
 from dicom_adapter.status import Status
-from tests.component import conftest as component
-from tests.component.conftest import (
+from tests.rig import wait_until
+from tests.rig.component import (
     GET_MSG_ID,
     STUDY_ROOT_GET,
     Archive,
@@ -29,9 +29,6 @@ from tests.component.conftest import (
     make_study,
     study_level,
 )
-from tests.rig import wait_until
-
-start_importer = component.start_importer  # the fixtures of the component harness
 
 
 def test_requester_vanishing_mid_get_ends_it_promptly_and_the_next_get_is_served(

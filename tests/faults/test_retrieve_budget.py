@@ -1,7 +1,7 @@
 """Fetched instances share one memory budget, and every ending of a C-MOVE gives it back.
 
 In-process importer (tests/component harness) with a scripted DICOMweb upstream; the move
-destination is the pynetdicom storage SCP of the C-MOVE harness in tests/component/conftest.py.
+destination is the pynetdicom storage SCP of the C-MOVE harness in tests/rig/component.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from dicom_adapter.dicomweb import multipart
 from dicom_adapter.dicomweb.instances import MemoryBudget, collect_instances
 from dicom_adapter.status import Status
-from tests.component import conftest as component
-from tests.component.conftest import (
+from tests.rig import refused_port, wait_until
+from tests.rig.component import (
     Archive,
     RunningImporter,
     Setup,
@@ -27,10 +27,6 @@ from tests.component.conftest import (
     make_study,
     study_level,
 )
-from tests.rig import refused_port, wait_until
-
-start_importer = component.start_importer  # the fixtures of the component harness
-setup = component.setup
 
 
 def wait_until_returned(importer: RunningImporter, timeout: float = 5.0) -> None:

@@ -16,8 +16,7 @@ import pytest
 from pynetdicom import AE, _config
 
 from dicom_adapter.status import Status
-from tests.component import conftest as component
-from tests.component.conftest import (
+from tests.rig.component import (
     JSON,
     Archive,
     RunningImporter,
@@ -28,9 +27,6 @@ from tests.component.conftest import (
     stow_json,
     study_level,
 )
-
-start_importer = component.start_importer  # the fixtures of the component harness
-setup = component.setup
 
 SLOW = 0.1  # seconds a callback may hold the loop
 

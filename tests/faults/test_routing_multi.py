@@ -18,9 +18,18 @@ from pydicom import dcmread
 
 from dicom_adapter.spool import command
 from dicom_adapter.status import Status
-from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import DELIVERY_TIMEOUT, new_instances, send, spool_args
-from tests.rig import Importer, Orthanc, StoreSCP, free_port
+from tests.rig import (
+    DELIVERY_TIMEOUT,
+    Fault,
+    FaultProxy,
+    Importer,
+    Orthanc,
+    StoreSCP,
+    free_port,
+    new_instances,
+    send,
+    spool_args,
+)
 from tests.rig.poll import wait_until
 
 N_CT = 4

@@ -16,25 +16,24 @@ import pytest
 from pydicom import dcmread
 
 from dicom_adapter.status import Status
-from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import (
+from tests.rig import (
+    Fault,
+    FaultProxy,
+    Importer,
+    Orthanc,
     RestartableOrthanc,
     assert_all_in_orthanc,
     assert_identical_in_orthanc,
-    new_instances,
-    queued,
-    send,
-    spool_args,
-)
-from tests.rig import (
-    Importer,
-    Orthanc,
     dcmtk_env,
     dcmtk_tool,
     free_port,
     http_get,
+    new_instances,
     parse_dcmsend_debug,
+    queued,
     scrape_metrics,
+    send,
+    spool_args,
 )
 from tests.rig.poll import wait_until
 

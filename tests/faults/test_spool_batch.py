@@ -8,15 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_adapter.status import Status
-from tests.faults.fault_proxy import FaultProxy
-from tests.faults.spool_rig import (
+from tests.rig import (
+    FaultProxy,
+    Importer,
+    Orthanc,
     assert_all_in_orthanc,
+    free_port,
     new_instances,
     queued,
     send,
     spool_args,
 )
-from tests.rig import Importer, Orthanc, free_port
 from tests.rig.poll import wait_until
 
 

@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 
 from dicom_adapter.status import Status
-from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import (
+from tests.rig import (
+    Fault,
+    FaultProxy,
+    Importer,
+    Orthanc,
     assert_all_in_orthanc,
     new_instances,
     queued,
     send,
     spool_args,
 )
-from tests.rig import Importer, Orthanc
 from tests.rig.poll import wait_until
 
 

@@ -13,15 +13,21 @@ from pathlib import Path
 import pytest
 
 from dicom_adapter.status import Status
-from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import (
+from tests.rig import (
+    Fault,
+    FaultProxy,
+    Importer,
+    Orthanc,
     assert_identical_in_orthanc,
+    dcmsend,
+    echo,
+    http_get,
     new_instances,
+    parse_dcmsend_debug,
     queued,
     send,
     spool_args,
 )
-from tests.rig import Importer, Orthanc, dcmsend, echo, http_get, parse_dcmsend_debug
 from tests.rig.poll import wait_until
 
 VOLUME = "8m"

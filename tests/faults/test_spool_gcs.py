@@ -23,10 +23,20 @@ from pydicom import dcmread
 from dicom_adapter.spool import command
 from dicom_adapter.spool.gcs import RESCAN_SECONDS
 from dicom_adapter.status import Status
-from tests.faults.fault_proxy import Fault, FaultProxy
-from tests.faults.spool_rig import assert_all_in_orthanc, new_instances, send, spool_args
 from tests.gcs_emulator import StorageEmulator
-from tests.rig import Importer, Orthanc, StoreSCP, free_port, scrape_metrics
+from tests.rig import (
+    Fault,
+    FaultProxy,
+    Importer,
+    Orthanc,
+    StoreSCP,
+    assert_all_in_orthanc,
+    free_port,
+    new_instances,
+    scrape_metrics,
+    send,
+    spool_args,
+)
 from tests.rig.poll import wait_until
 
 PREFIX = "spool/import"

@@ -20,8 +20,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_adapter.status import Status, is_failure_code, is_stored
-from tests.faults.fault_proxy import FORWARDED, Fault, FaultProxy
 from tests.rig import (
+    FORWARDED,
+    Fault,
+    FaultProxy,
     Importer,
     Orthanc,
     ProcStatus,

@@ -5,7 +5,7 @@ Missing Orthanc, its DICOMweb plugin or DCMTK is a failure, never a skip: CI ins
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,11 +17,10 @@ from tests.rig import (
     ORTHANC_BINARY,
     Importer,
     Orthanc,
+    StartImporter,
     dcmtk_tool,
     importer_binary,
 )
-
-StartImporter = Callable[..., Importer]
 
 LOG_TAIL_ON_TEARDOWN = 6000
 

@@ -13,8 +13,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicom_adapter.dicom.redact import chc_basic_tags, java_uid
-from tests.integration.conftest import StartImporter
-from tests.rig import Orthanc, dcmsend, free_port, generate_ct_series, send_file, wait_until
+from tests.rig import (
+    Orthanc,
+    StartImporter,
+    dcmsend,
+    free_port,
+    generate_ct_series,
+    send_file,
+    wait_until,
+)
 
 CHC_BASIC_FLAG = "--redact_filter_profile=CHC_BASIC"
 CANNOT_UNDERSTAND = 0xC000

@@ -14,7 +14,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE
 
 from dicom_adapter.status import Status
-from tests.component.conftest import DEST_AET, Destination, dataset_bytes, dictionary_flag
 from tests.rig import (
     Importer,
     Orthanc,
@@ -24,6 +23,7 @@ from tests.rig import (
     run_dcmtk,
     store_jpeg_instance,
 )
+from tests.rig.component import DEST_AET, Destination, dataset_bytes, dictionary_flag
 from tests.rig.find import identifier, write_dataset
 
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"

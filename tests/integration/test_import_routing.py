@@ -14,8 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_adapter.status import Status
-from tests.integration.conftest import StartImporter
-from tests.rig import Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
+from tests.rig import Orthanc, StartImporter, dcmsend, generate_ct_series, parse_dcmsend_debug
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from tests.integration.conftest import StartImporter
 from tests.rig import (
     VERIFICATION,
     Importer,
     Orthanc,
+    StartImporter,
     dcmsend,
     dcmtk_env,
     dcmtk_tool,

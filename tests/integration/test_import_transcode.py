@@ -16,8 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from tests.integration.conftest import StartImporter
-from tests.rig import Orthanc, dcmsend, generate_ct_series, parse_dcmsend_debug
+from tests.rig import Orthanc, StartImporter, dcmsend, generate_ct_series, parse_dcmsend_debug
 
 HOST = "127.0.0.1"
 SUCCESS = 0x0000

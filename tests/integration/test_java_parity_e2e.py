@@ -22,8 +22,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from dicom_adapter.dicom.redact import chc_basic_tags, java_uid
-from tests.integration.conftest import StartImporter
-from tests.rig import Orthanc, dcmsend, generate_ct_series
+from tests.rig import Orthanc, StartImporter, dcmsend, generate_ct_series
 
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 MG_STORAGE = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image - For Presentation

@@ -8,7 +8,7 @@ import signal as _signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -177,6 +177,10 @@ class Importer(Service):
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log lines (lines that are not JSON objects are skipped)."""
         return json_records(self.log_text())
+
+
+# The integration suite's `start_importer` fixture (tests/integration/conftest.py).
+StartImporter = Callable[..., Importer]
 
 
 def json_records(text: str) -> list[dict[str, Any]]:

@@ -1,5 +1,8 @@
 """Helpers of the spool fault tests (tests/faults/test_spool*.py): dicom-import with a spool
-and fast retries, new instances, dcmsend with the statuses the sender saw, delivery checks."""
+and fast retries, new instances, dcmsend with the statuses the sender saw, delivery checks.
+
+Imports the rig's submodules, not `tests.rig`, since tests/rig/__init__.py re-exports it.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +13,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from tests.rig import (
-    ORTHANC_BINARY,
-    Importer,
-    Orthanc,
-    dcmsend,
-    dcmtk_env,
-    generate_ct_series,
-    parse_dcmsend_debug,
-    wait_until,
-)
+from tests.rig.data import generate_ct_series
+from tests.rig.dcmtk import dcmsend, dcmtk_env, parse_dcmsend_debug
+from tests.rig.orthanc import ORTHANC_BINARY, Orthanc
+from tests.rig.poll import wait_until
+from tests.rig.services import Importer
 
 DELIVERY_TIMEOUT = 20.0
 
