@@ -1,5 +1,6 @@
 """House rules of the test tree, checked on its source (issue 12 point 3): helpers come from
-the rig or a helper module, waits go through tests/rig/poll.py, raw PDUs from dimse/pdu.py."""
+the rig (never from a test suite's modules or conftest files), waits go through
+tests/rig/poll.py, raw PDUs from dimse/pdu.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_MODULE = re.compile(r"^tests\.(unit|component|integration|faults)\.test_")
+# anything inside a suite: its test modules, its conftest.py (fixtures come from the rig's
+# component_fixtures module), or a helper module that belongs in tests/rig/
+TEST_MODULE = re.compile(r"^tests\.(unit|component|integration|faults)\.")
 # split so that the issue's own grep for hand-written loops does not find this line
 HAND_POLL = re.compile(r"while .*(mono" r"tonic\(\)|loop\.time\(\))|time\.sleep" r"\(POLL")
 POLL_HELPER = ROOT / "tests" / "rig" / "poll.py"
@@ -29,7 +32,7 @@ def test_no_module_imports_helpers_from_a_test_module() -> None:
             else:
                 continue
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if TEST_MODULE.match(n)]
-    assert offenders == [], "move the shared helpers to tests/rig/ or a conftest"
+    assert offenders == [], "move the shared helpers (and shared fixtures) to tests/rig/"
 
 
 def test_tests_wait_through_the_one_polling_helper() -> None:
