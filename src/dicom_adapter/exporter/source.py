@@ -2,9 +2,10 @@
 
 The client hands messages to `_LoopScheduler`, which starts `worker.handle` on the loop and
 returns at once; the ack or nack is queued from the loop when the export ends. No thread waits
-on an export: a thread per message in flight, each woken to ack, cost 0.3 ms of CPU per
-message and 15 % of the throughput of `bench/bench_export.py` (pool4, 4 alternating reps,
-2026-12-07: 283.9 -> 325.5 msg/s, dicom-export CPU 2.14 -> 1.81 ms per message). The
+on an export: a thread per message in flight, blocked on the loop and woken to ack, cost
+0.3-0.46 ms of CPU per message (`bench/bench_export.py`'s pool4 mode, 400 messages, 6
+alternating reps, the previous commit on PYTHONPATH, 2026-12-07: 244.7 -> 314.5 msg/s, CPU
+2.37 -> 1.91 ms per message; a second run 261.8 -> 270.8 msg/s, 2.31 -> 2.01 ms). The
 client's flow control still bounds the work: a message holds its slot (--max_messages,
 --max_bytes) until it is acked or nacked, which happens when its export ends.
 
