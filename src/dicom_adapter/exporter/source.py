@@ -88,12 +88,6 @@ class PubSubSource:
         self._running: dict[concurrent.futures.Future[None], Any] = {}
         self._idle = threading.Condition()
 
-    @property
-    def running(self) -> int:
-        """Exports started and not yet acked or nacked."""
-        with self._idle:
-            return len(self._running)
-
     def start(self) -> None:
         """Open the subscriber client and start the streaming pull (returns at once)."""
         from google.cloud import pubsub_v1  # type: ignore[import-untyped]
