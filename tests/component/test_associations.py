@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_adapter.dimse import pynetdicom_hooks
 from dicom_adapter.dimse import server as dimse_server
+from dicom_adapter.dimse.store_scp import StoreAssociation
 from dicom_adapter.status import Status
 from tests.rig import wait_until
 from tests.rig.component import JSON, RunningImporter, c_store, make_ct, stow_json
@@ -32,15 +33,19 @@ def associate(importer: RunningImporter) -> object:
     return ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
 
 
+@pytest.mark.parametrize(
+    "flags", [(), ("--pynetdicom_storage",)], ids=["adapter-scp", "pynetdicom"]
+)
 def test_accepted_sockets_have_tcp_nodelay(
-    start_importer: Callable[..., RunningImporter],
+    start_importer: Callable[..., RunningImporter], flags: tuple[str, ...]
 ) -> None:
-    importer = start_importer()
+    importer = start_importer(*flags)
     assoc = associate(importer)
     assert assoc.is_established  # type: ignore[attr-defined]
     try:
         (served,) = importer.service.active_associations
-        raw = served.dul.socket.socket
+        assert isinstance(served, StoreAssociation) == (not flags)
+        raw = served.socket if isinstance(served, StoreAssociation) else served.dul.socket.socket
         assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()  # type: ignore[attr-defined]

@@ -14,8 +14,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import (
     A_ABORT_RQ,
     A_ASSOCIATE_AC,
@@ -29,7 +29,9 @@ from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     P_DATA,
     ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
 
@@ -490,7 +492,16 @@ def test_c_store_rq_decoded_by_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_parse_command_of_own_c_store_rq() -> None:
     parsed = pdu.parse_command(pdu.c_store_rq(1, CT, "1.2.3"))
-    assert parsed == pdu.CommandSet(pdu.C_STORE_RQ, None, None, "")
+    assert parsed == pdu.CommandSet(
+        pdu.C_STORE_RQ,
+        None,
+        None,
+        "",
+        message_id=1,
+        data_set_present=True,
+        affected_sop_class_uid=CT,
+        affected_sop_instance_uid="1.2.3",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +523,14 @@ def test_parse_command_of_pynetdicom_c_store_rsp(status: int, comment: str | Non
     [pdv] = pdu.parse_p_data(_body(raw, pdu.P_DATA_TF))
     assert (pdv.context_id, pdv.command, pdv.last) == (7, True, True)
     parsed = pdu.parse_command(pdv.data)
-    assert parsed == pdu.CommandSet(pdu.C_STORE_RSP, 0xFFFF, status, comment or "")
+    assert parsed == pdu.CommandSet(
+        pdu.C_STORE_RSP,
+        0xFFFF,
+        status,
+        comment or "",
+        affected_sop_class_uid=CT,
+        affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.1",
+    )
 
 
 def test_parse_command_fragmented_across_pdus() -> None:
@@ -527,7 +545,12 @@ def test_parse_command_fragmented_across_pdus() -> None:
         assert len(pdv.data) <= pdu.max_fragment(16)
         command += pdv.data
     assert pdu.parse_command(command) == pdu.CommandSet(
-        pdu.C_STORE_RSP, 42, 0x0107, "elements discarded"
+        pdu.C_STORE_RSP,
+        42,
+        0x0107,
+        "elements discarded",
+        affected_sop_class_uid=CT,
+        affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.1",
     )
 
 
@@ -586,7 +609,14 @@ def test_c_store_rsp_is_the_command_pynetdicom_encodes(
     primitive.ErrorComment = comment
     ours = pdu.c_store_rsp(0x1234, sop_class, sop_instance, status, error_comment=comment)
     assert ours == _pynetdicom_store_rsp(primitive)
-    assert pdu.parse_command(ours) == pdu.CommandSet(pdu.C_STORE_RSP, 0x1234, status, comment or "")
+    assert pdu.parse_command(ours) == pdu.CommandSet(
+        pdu.C_STORE_RSP,
+        0x1234,
+        status,
+        comment or "",
+        affected_sop_class_uid=sop_class,
+        affected_sop_instance_uid=sop_instance,
+    )
 
 
 @pytest.mark.parametrize(
@@ -602,3 +632,112 @@ def test_c_store_rsp_is_the_command_pynetdicom_encodes(
 def test_c_store_rsp_refuses_what_it_does_not_carry(uid: str, comment: str | None) -> None:
     with pytest.raises(pdu.PduError):
         pdu.c_store_rsp(1, CT, uid, 0, error_comment=comment)
+
+
+# --------------------------------------------------------------------------------------------
+# the storage SCP's side: A-ASSOCIATE-RQ parsed, A-ASSOCIATE-AC and C-ECHO-RSP encoded
+
+
+def _pynetdicom_rq(*, role: bool = False, max_pdu: int = 32768) -> bytes:
+    """An A-ASSOCIATE-RQ as pynetdicom encodes it (optionally with SCP/SCU role selection)."""
+    primitive = A_ASSOCIATE()
+    primitive.calling_ae_title = "MODALITY"
+    primitive.called_ae_title = "IMPORTER"
+    primitive.application_context_name = pdu.APPLICATION_CONTEXT
+    for context in CONTEXTS:
+        cx = PresentationContext()
+        cx.context_id = context.context_id
+        cx.abstract_syntax = context.abstract_syntax
+        cx.transfer_syntax = list(context.transfer_syntaxes)
+        primitive.presentation_context_definition_list.append(cx)
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.3.4.5"
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = "PEER_1"
+    items: list[Any] = [length, implementation, version]
+    if role:
+        selection = SCP_SCU_RoleSelectionNegotiation()
+        selection.sop_class_uid = CT
+        selection.scu_role = False
+        selection.scp_role = True
+        items.append(selection)
+    primitive.user_information = items
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    raw: bytes = rq.encode()
+    return raw
+
+
+def test_parse_associate_rq_of_pynetdicom() -> None:
+    request = pdu.parse_associate_rq(_body(_pynetdicom_rq(), pdu.A_ASSOCIATE_RQ))
+    assert (request.called_aet, request.calling_aet) == ("IMPORTER", "MODALITY")
+    assert request.application_context == pdu.APPLICATION_CONTEXT
+    assert request.contexts == tuple(CONTEXTS)
+    assert request.max_pdu == 32768
+    assert request.user_items == (0x51, 0x52, 0x55)
+    assert request.raw_called == b"IMPORTER".ljust(16)
+
+
+def test_parse_associate_rq_lists_role_selection() -> None:
+    request = pdu.parse_associate_rq(_body(_pynetdicom_rq(role=True), pdu.A_ASSOCIATE_RQ))
+    assert 0x54 in request.user_items
+
+
+def test_parse_associate_rq_of_own_encoder_without_limit() -> None:
+    raw = pdu.associate_rq("A", "B", CONTEXTS[:1], 0)
+    request = pdu.parse_associate_rq(_body(raw, pdu.A_ASSOCIATE_RQ))
+    assert (request.called_aet, request.calling_aet, request.max_pdu) == ("B", "A", 0)
+
+
+def test_parse_associate_rq_malformed() -> None:
+    raw = _body(pdu.associate_rq("A", "B", CONTEXTS[:1], 0), pdu.A_ASSOCIATE_RQ)
+    with pytest.raises(pdu.PduError):
+        pdu.parse_associate_rq(raw[:60])
+    with pytest.raises(pdu.PduError):
+        pdu.parse_associate_rq(raw[:-3])  # the last item runs past the end
+
+
+def test_associate_ac_decoded_by_pynetdicom() -> None:
+    request = pdu.parse_associate_rq(_body(_pynetdicom_rq(), pdu.A_ASSOCIATE_RQ))
+    results = [
+        pdu.ContextResult(1, 0, EXPLICIT),
+        pdu.ContextResult(3, 0, JPEG_LOSSLESS),
+        pdu.ContextResult(255, 0, IMPLICIT),
+    ]
+    raw = pdu.associate_ac(
+        request, results, 262144, implementation_class_uid="1.2.3", implementation_version="V1"
+    )
+    ac = A_ASSOCIATE_AC()
+    ac.decode(raw)
+    assert ac.encode() == raw  # every length and padding agrees
+    primitive = ac.to_primitive()
+    assert primitive.called_ae_title == "IMPORTER"
+    assert primitive.calling_ae_title == "MODALITY"
+    assert primitive.application_context_name == pdu.APPLICATION_CONTEXT
+    assert primitive.maximum_length_received == 262144
+    assert primitive.implementation_class_uid == "1.2.3"
+    user_information = ac.user_information
+    assert user_information is not None
+    assert user_information.implementation_version_name == "V1"
+    answered = [
+        (cx.context_id, cx.result, [str(ts) for ts in cx.transfer_syntax])
+        for cx in primitive.presentation_context_definition_results_list
+    ]
+    assert answered == [(1, 0, [EXPLICIT]), (3, 0, [JPEG_LOSSLESS]), (255, 0, [IMPLICIT])]
+    # and our own SCU's parser reads it back
+    assert pdu.parse_associate_ac(raw[6:]).contexts == tuple(results)
+
+
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.1.1", None])
+def test_c_echo_rsp_is_the_command_pynetdicom_encodes(sop_class: str | None) -> None:
+    primitive: Any = C_ECHO()
+    primitive.MessageIDBeingRespondedTo = 7
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.Status = 0
+    message = C_ECHO_RSP()
+    message.primitive_to_message(primitive)
+    [p_data] = list(message.encode_msg(1, 0))
+    [(_, fragment)] = p_data.presentation_data_value_list
+    assert pdu.c_echo_rsp(7, sop_class, 0) == bytes(fragment[1:])

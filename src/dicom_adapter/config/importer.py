@@ -166,6 +166,11 @@ class ImporterSettings(CommonSettings):
         "--max_associations); past it the oldest is closed. Each is closed after --acse_timeout.",
     )
     max_pdu_size: int = new_flag(262144, "Maximum PDU size we receive (bytes; 0 = unlimited).")
+    pynetdicom_storage: bool = new_flag(
+        False,
+        "Serve storage-only associations (C-STORE, C-ECHO) with pynetdicom, as every other "
+        "association is, instead of the adapter's own storage SCP (a fallback; slower).",
+    )
     acse_timeout: float = new_flag(30.0, "Seconds to wait for association messages.")
     dimse_timeout: float = new_flag(120.0, "Seconds to wait for DIMSE messages from the peer.")
     network_timeout: float = new_flag(

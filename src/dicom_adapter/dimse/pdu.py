@@ -1,4 +1,5 @@
-"""Pure codec for the few DICOM upper-layer PDUs and DIMSE commands a C-STORE SCU needs.
+"""Pure codec for the few DICOM upper-layer PDUs and DIMSE commands a C-STORE SCU, and the
+storage-only SCP (`store_scp.py`), need.
 
 PS3.8 §9.3 (PDU layouts) and PS3.7 §9.3.1 / annex E (C-STORE command set, Implicit VR
 Little Endian). No I/O: `store_scu.py` moves these bytes over asyncio streams. Why our own
@@ -27,6 +28,8 @@ A_ABORT = 0x07
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
 C_MOVE_RSP = 0x8021
 C_GET_RSP = 0x8010
 NO_DATASET = 0x0101
@@ -197,6 +200,94 @@ def describe_reject(body: bytes) -> str:
     }
     words = reasons.get((source, reason), f"source {source}, reason {reason}")
     return f"rejected {kind}: {words}"
+
+
+@dataclass(frozen=True)
+class AssociateRequest:
+    """What an A-ASSOCIATE-RQ proposes (after `check_associate_rq` passed)."""
+
+    called_aet: str  # trailing (and leading) spaces and NULs removed
+    calling_aet: str
+    application_context: str
+    contexts: tuple[ProposedContext, ...]
+    max_pdu: int  # the requestor's maximum PDU length; 0: no limit
+    user_items: tuple[int, ...]  # types of the user information sub-items, in order
+    raw_called: bytes  # the 16-byte fields, echoed in the A-ASSOCIATE-AC
+    raw_calling: bytes
+
+
+def parse_associate_rq(body: bytes) -> AssociateRequest:
+    """Parse the body (after the 6-byte header) of an A-ASSOCIATE-RQ."""
+    if len(body) < 68:
+        raise PduError("A-ASSOCIATE-RQ is shorter than its fixed fields")
+    contexts: list[ProposedContext] = []
+    application_context = ""
+    max_pdu = 0
+    user_items: list[int] = []
+    for item_type, value in _items(body, 68):
+        if item_type == 0x10:
+            application_context = _uid(value)
+        elif item_type == 0x20:
+            if len(value) < 4:
+                raise PduError("truncated presentation context item")
+            abstract = ""
+            syntaxes: list[str] = []
+            for sub_type, sub_value in _items(value, 4):
+                if sub_type == 0x30:
+                    abstract = _uid(sub_value)
+                elif sub_type == 0x40:
+                    syntaxes.append(_uid(sub_value))
+            contexts.append(ProposedContext(value[0], abstract, tuple(syntaxes)))
+        elif item_type == 0x50:
+            for sub_type, sub_value in _items(value, 0):
+                user_items.append(sub_type)
+                if sub_type == 0x51 and len(sub_value) == 4:
+                    (max_pdu,) = struct.unpack(">I", sub_value)
+
+    def aet(raw: bytes) -> str:
+        return raw.decode("ascii", "replace").strip("\x00 ")
+
+    return AssociateRequest(
+        called_aet=aet(body[4:20]),
+        calling_aet=aet(body[20:36]),
+        application_context=application_context,
+        contexts=tuple(contexts),
+        max_pdu=max_pdu,
+        user_items=tuple(user_items),
+        raw_called=bytes(body[4:20]),
+        raw_calling=bytes(body[20:36]),
+    )
+
+
+def associate_ac(
+    request: AssociateRequest,
+    results: Sequence[ContextResult],
+    max_pdu: int,
+    *,
+    implementation_class_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version: str = IMPLEMENTATION_VERSION,
+) -> bytes:
+    """A whole A-ASSOCIATE-AC PDU answering `request` (PS3.8 9.3.3): one item per proposed
+    context, in `results`' order; `max_pdu` is the longest P-DATA we accept (0: no limit)."""
+    items = [_item(0x10, _ascii(request.application_context, "application context"))]
+    for result in results:
+        syntax = _item(0x40, _ascii(result.transfer_syntax, "transfer syntax"))
+        items.append(_item(0x21, bytes([result.context_id, 0, result.result, 0]) + syntax))
+    user = [
+        _item(0x51, struct.pack(">I", max_pdu)),
+        _item(0x52, _ascii(implementation_class_uid, "implementation class UID")),
+    ]
+    if implementation_version:
+        user.append(_item(0x55, _ascii(implementation_version, "implementation version")))
+    items.append(_item(0x50, b"".join(user)))
+    body = (
+        struct.pack(">HH", 1, 0)
+        + request.raw_called
+        + request.raw_calling
+        + bytes(32)
+        + b"".join(items)
+    )
+    return pdu_header(A_ASSOCIATE_AC, len(body)) + body
 
 
 def release_rq() -> bytes:
@@ -433,6 +524,27 @@ def c_store_rq(
     return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
 
 
+def _response(
+    command_field: int, message_id_responded_to: int, sop_class_uid: str | None, status: int
+) -> list[bytes]:
+    """The leading elements of a response without data set, in tag order."""
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_element(0x0000, 0x0002, _ui(sop_class_uid)))
+    elements += [
+        _element(0x0000, 0x0100, _us(command_field)),
+        _element(0x0000, 0x0120, _us(message_id_responded_to)),
+        _element(0x0000, 0x0800, _us(NO_DATASET)),
+        _element(0x0000, 0x0900, _us(status)),
+    ]
+    return elements
+
+
+def _command(elements: list[bytes]) -> bytes:
+    rest = b"".join(elements)
+    return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
+
+
 def c_store_rsp(
     message_id_responded_to: int,
     sop_class_uid: str | None,
@@ -444,15 +556,7 @@ def c_store_rsp(
     """The C-STORE-RSP command set, the bytes pynetdicom's encoder gives for the same fields
     (tag order; absent UIDs left out; ErrorComment LO padded with a space). PduError for what
     this encoder does not carry (non-ASCII or over-long text): use pynetdicom's then."""
-    elements = []
-    if sop_class_uid is not None:
-        elements.append(_element(0x0000, 0x0002, _ui(sop_class_uid)))
-    elements += [
-        _element(0x0000, 0x0100, _us(C_STORE_RSP)),
-        _element(0x0000, 0x0120, _us(message_id_responded_to)),
-        _element(0x0000, 0x0800, _us(NO_DATASET)),
-        _element(0x0000, 0x0900, _us(status)),
-    ]
+    elements = _response(C_STORE_RSP, message_id_responded_to, sop_class_uid, status)
     if error_comment is not None:
         text = _ascii(error_comment, "ErrorComment")
         if len(text) > 64 or any(byte < 0x20 for byte in text):
@@ -460,8 +564,12 @@ def c_store_rsp(
         elements.append(_element(0x0000, 0x0902, text + b" " if len(text) % 2 else text))
     if sop_instance_uid is not None:
         elements.append(_element(0x0000, 0x1000, _ui(sop_instance_uid)))
-    rest = b"".join(elements)
-    return _element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
+    return _command(elements)
+
+
+def c_echo_rsp(message_id_responded_to: int, sop_class_uid: str | None, status: int) -> bytes:
+    """The C-ECHO-RSP command set (PS3.7 9.3.5.2), the bytes pynetdicom's encoder gives."""
+    return _command(_response(C_ECHO_RSP, message_id_responded_to, sop_class_uid, status))
 
 
 def sub_operation_count(value: int) -> int:
@@ -501,12 +609,16 @@ def c_move_pending_rsp(
 
 @dataclass(frozen=True)
 class CommandSet:
-    """The fields of a received command set that a C-STORE SCU looks at."""
+    """The fields of a received command set that a C-STORE SCU or the storage SCP look at."""
 
     command_field: int
     message_id_responded_to: int | None
     status: int | None
     error_comment: str
+    message_id: int | None = None
+    data_set_present: bool = False  # CommandDataSetType other than 0x0101
+    affected_sop_class_uid: str | None = None  # None: absent
+    affected_sop_instance_uid: str | None = None
 
 
 def parse_command(raw: bytes) -> CommandSet:
@@ -529,5 +641,20 @@ def parse_command(raw: bytes) -> CommandSet:
     command_field = us(0x0100)
     if command_field is None:
         raise PduError("command set has no CommandField")
+
+    def uid(elem: int) -> str | None:
+        value = values.get(elem)
+        return None if value is None else _uid(value)
+
     comment = values.get(0x0902, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-    return CommandSet(command_field, us(0x0120), us(0x0900), comment)
+    data_set_type = us(0x0800)
+    return CommandSet(
+        command_field,
+        us(0x0120),
+        us(0x0900),
+        comment,
+        message_id=us(0x0110),
+        data_set_present=data_set_type is not None and data_set_type != NO_DATASET,
+        affected_sop_class_uid=uid(0x0002),
+        affected_sop_instance_uid=uid(0x1000),
+    )

@@ -27,6 +27,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicom_adapter.dimse import admission, pdu
 from dicom_adapter.dimse import pynetdicom_hooks as hooks
+from dicom_adapter.dimse.store_scp import FileFactory, StorageScp
 from dicom_adapter.errors import ConfigError
 from dicom_adapter.status import Status
 
@@ -399,6 +400,19 @@ tune_connection = _SCU_TUNER.open  # for our SCU associations (scu.py): nothing 
 release_connection = ConnectionTuner.close
 
 
+class AdapterAE(AE):
+    """pynetdicom's AE, counting the associations our storage SCP serves (store_scp.py) as
+    its own: pynetdicom's --max_associations check and shutdown see them too."""
+
+    store_scp: StorageScp | None = None
+
+    @property
+    def active_associations(self) -> list[Any]:
+        running: list[Any] = list(super().active_associations)
+        scp = self.store_scp
+        return running if scp is None else [*running, *scp.associations()]
+
+
 def build_ae(
     *,
     aet: str,
@@ -413,7 +427,7 @@ def build_ae(
     allowed_calling_aets: Sequence[str] = (),
 ) -> Any:
     """An AE for Verification; storage contexts come from the unrestricted storage service."""
-    ae = AE(ae_title=aet)
+    ae = AdapterAE(ae_title=aet)
     ae.require_called_aet = True
     # pynetdicom rejects other calling AE titles: A-ASSOCIATE-RJ permanent, reason 3
     ae.require_calling_aet = list(allowed_calling_aets)
@@ -476,7 +490,14 @@ class _AssociationServer(ThreadedAssociationServer):
     handshake_timeout = 30.0
     pending: admission.PendingAssociations | None = None
     tuner: ConnectionTuner | None = None
+    store_scp: StorageScp | None = None  # storage-only associations, served without pynetdicom
     accept_heartbeat = 0.0
+
+    @property
+    def active_associations(self) -> list[Any]:
+        running: list[Any] = list(super().active_associations)
+        scp = self.store_scp
+        return running if scp is None else [*running, *scp.associations()]
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
@@ -492,7 +513,10 @@ class _AssociationServer(ThreadedAssociationServer):
         self.pending.admit(request, client_address)
 
     def _start_association(self, sock: socket.socket, address: Any, associate_rq: bytes) -> None:
-        """Handoff from the pending stage: pynetdicom's thread, replaying the A-ASSOCIATE-RQ."""
+        """Handoff from the pending stage: our storage SCP's thread, or pynetdicom's,
+        replaying the A-ASSOCIATE-RQ."""
+        if self.store_scp is not None and self.store_scp.take(sock, address, associate_rq):
+            return
         assert self.tuner is not None
         self.tuner.replays[sock] = associate_rq
         try:
@@ -522,6 +546,8 @@ class _AssociationServer(ThreadedAssociationServer):
         super().service_actions()
 
     def shutdown(self) -> None:
+        if self.store_scp is not None:
+            self.store_scp.close()
         hooks.unregistered_shutdown(super().shutdown)
 
     def server_close(self) -> None:
@@ -554,11 +580,14 @@ def start_server(
     ssl_context: ssl.SSLContext | None = None,
     max_pending: int = 64,
     on_pending_drop: Callable[[], None] = lambda: None,
+    spool_file: FileFactory | None = None,
 ) -> Any:
     """Start listening in its own thread (as pynetdicom's non-blocking start_server does).
 
     Connections wait in the pre-negotiation stage (at most `max_pending` of them, each at most
-    ae.acse_timeout) until they have sent a whole A-ASSOCIATE-RQ.
+    ae.acse_timeout) until they have sent a whole A-ASSOCIATE-RQ. With `spool_file` (where a
+    C-STORE data set is written as it arrives), storage-only associations are served by our
+    own SCP (store_scp.py), the rest by pynetdicom.
     """
     tuner = ConnectionTuner(int(ae.maximum_pdu_size))
     all_handlers = [
@@ -583,6 +612,10 @@ def start_server(
             on_drop=on_pending_drop,
         )
         server.pending.start()
+        if spool_file is not None and isinstance(ae, AdapterAE):
+            scp = StorageScp(ae, handlers, spool_file, pdu_bound=tuner.max_pdu)
+            if scp.usable:
+                server.store_scp = ae.store_scp = scp
     server.accept_heartbeat = time.monotonic()
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
     thread.start()

@@ -344,6 +344,7 @@ class ImportService:
                 ssl_context=tls,
                 max_pending=settings.max_pending_associations,
                 on_pending_drop=metrics.pending_dropped.inc,
+                spool_file=None if settings.pynetdicom_storage else spool.open_file,
             )
         except OSError as exc:
             await self._stop_uploader()

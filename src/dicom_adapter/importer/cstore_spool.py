@@ -225,6 +225,11 @@ class CStoreSpool:
         discard(leftovers)  # associations that ended without telling us
         return stream
 
+    def open_file(self, **kwargs: Any) -> ReceivingFile:
+        """A data set's file for the adapter's own storage SCP (dimse/store_scp.py), owned
+        and cleaned up like pynetdicom's (per receiving thread)."""
+        return self._create(**kwargs)
+
     def unwritten(self, path: Path) -> ReceivingFile | None:
         """This data set's file if writing it failed (its `error`), None if it is whole."""
         name = str(path)
