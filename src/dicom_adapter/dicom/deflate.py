@@ -61,9 +61,18 @@ def is_deflated(path: Path) -> bool:
         return False
 
 
-def check_inflated_size(path: Path, limit: int | None = None) -> None:
-    """Refuse (InvalidDatasetError, 0xC000) a Deflated file inflating past `limit` or corrupt."""
-    if not is_deflated(path):
+def check_inflated_size(
+    path: Path, limit: int | None = None, *, transfer_syntax: str | None = None
+) -> None:
+    """Refuse (InvalidDatasetError, 0xC000) a Deflated file inflating past `limit` or corrupt.
+
+    `transfer_syntax`: the file's, when the caller knows it (the negotiated one of a received
+    data set), so a file that is not Deflated is not opened here.
+    """
+    deflated = (
+        UID(transfer_syntax).is_deflated if transfer_syntax is not None else is_deflated(path)
+    )
+    if not deflated:
         return
     limit = MAX_INFLATED_BYTES if limit is None else limit
     try:

@@ -131,6 +131,15 @@ class StoreRequest:
 
 
 @dataclass(frozen=True)
+class StoreContext:
+    """The presentation context of a request (pynetdicom's PresentationContextTuple's names)."""
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
 class StoreEvent:
     """What EVT_C_STORE and EVT_CONN_CLOSE handlers read of pynetdicom's Event."""
 
@@ -138,6 +147,7 @@ class StoreEvent:
     request: StoreRequest | None = None
     dataset_path: Path | None = None
     address: Any = None
+    context: StoreContext | None = None
 
 
 class StorageScp:
@@ -253,7 +263,11 @@ class StoreAssociation(threading.Thread):
         self.address = address
         self._request = request
         self._results = results
-        self._contexts = {r.context_id: r.transfer_syntax for r in results}
+        abstract = {cx.context_id: cx.abstract_syntax for cx in request.contexts}
+        self._contexts = {
+            r.context_id: StoreContext(r.context_id, abstract[r.context_id], r.transfer_syntax)
+            for r in results
+        }
         self.requestor = _Requestor(request.calling_aet)
         self.is_established = False
         self._send_lock = threading.Lock()
@@ -481,7 +495,7 @@ class StoreAssociation(threading.Thread):
             str(command.affected_sop_instance_uid),
         )
         self._store_context = context_id
-        self._open_file(self._store, self._contexts[context_id])
+        self._open_file(self._store, self._contexts[context_id].transfer_syntax)
 
     def _open_file(self, request: StoreRequest, transfer_syntax: str) -> None:
         """The data set's spool file, its file meta written (as pynetdicom writes it)."""
@@ -540,7 +554,8 @@ class StoreAssociation(threading.Thread):
         handler = self._scp.store_handler
         assert handler is not None
         try:
-            return handler(StoreEvent(self, request, path, self.address))
+            context = self._contexts[self._store_context]
+            return handler(StoreEvent(self, request, path, self.address, context))
         except Exception:  # the handlers never raise; pynetdicom answers 0xC211 if one did
             logger.exception("C-STORE handler failed")
             return 0xC211

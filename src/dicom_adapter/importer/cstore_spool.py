@@ -102,9 +102,10 @@ class ReceivingFile:
         on_bytes: Callable[[int], None] | None = None,
         *,
         writeback: bool = False,
+        name: str = "",
     ) -> None:
         self._stream = stream
-        self.name = str(stream.name)
+        self.name = name or str(stream.name)
         self.error: OSError | None = None
         self.received = 0  # bytes of the data set received so far (written or not)
         self.file = self  # pynetdicom flushes `.file` after every fragment
@@ -123,11 +124,13 @@ class ReceivingFile:
     def closed(self) -> bool:
         return self._closed
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.received += len(data)
         if self.error is None:
             try:
-                self._stream.write(data)
+                view = memoryview(data)
+                while view:  # an unbuffered file may take part of it (a short write)
+                    view = view[self._stream.write(view) or 0 :]
             except OSError as exc:
                 self._failed(exc)
             else:
@@ -208,13 +211,20 @@ class CStoreSpool:
         return self._installed
 
     def _create(self, *args: Any, **kwargs: Any) -> ReceivingFile:
-        """pynetdicom's DUL thread opens a data set's file: here, and remembered per thread."""
-        kwargs.update(dir=self.dir, prefix=FILE_PREFIX, suffix=FILE_SUFFIX)
-        stream = ReceivingFile(
-            tempfile.NamedTemporaryFile(*args, **kwargs),  # noqa: SIM115
-            self._on_bytes,
-            writeback=self._writeback,
-        )
+        """pynetdicom's DUL thread opens a data set's file: here, and remembered per thread.
+
+        It takes NamedTemporaryFile's arguments (pynetdicom's call: delete=False, mode="wb")
+        and makes the file as NamedTemporaryFile does (mkstemp: a new name, mode 0600), but
+        writes it unbuffered, without NamedTemporaryFile's wrapper: measured, the wrapper's
+        attribute look-ups and its buffered writer's copies were ~12 % of the GIL time of an
+        association receiving 512 KB instances (py-spy, P1)."""
+        fd, name = tempfile.mkstemp(suffix=FILE_SUFFIX, prefix=FILE_PREFIX, dir=self.dir)
+        try:
+            raw = open(fd, "wb", buffering=0)  # noqa: SIM115 - ReceivingFile closes it
+        except BaseException:
+            os.close(fd)
+            raise
+        stream = ReceivingFile(raw, self._on_bytes, writeback=self._writeback, name=name)
         thread = threading.current_thread()
         with self._lock:
             ended = [t for t in self._open if t is not thread and not t.is_alive()]

@@ -185,7 +185,7 @@ class CStoreHandler:
                     self._intake.spool.refused(unwritten.received)
                 return int(Status.OUT_OF_RESOURCES), "adapter disk full"
             # every reader after this inflates a Deflated data set whole: bound it once here
-            check_inflated_size(path)
+            check_inflated_size(path, transfer_syntax=_transfer_syntax(event))
             # routing reads the attributes as received: before redaction and transcoding
             chosen = (
                 self._router.destinations(path, fields["calling_aet"])
@@ -287,6 +287,12 @@ class CStoreHandler:
         if outcome.status == Status.SUCCESS:
             logger.debug("stored instance", extra=fields)
         return outcome.status, outcome.comment
+
+
+def _transfer_syntax(event: Any) -> str | None:
+    """The negotiated transfer syntax of a C-STORE's context (what its file meta says)."""
+    syntax = getattr(getattr(event, "context", None), "transfer_syntax", None)
+    return str(syntax) if syntax else None
 
 
 def _cleaned_up(path: Path | None) -> bool:
