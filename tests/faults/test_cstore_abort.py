@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
+import pytest
+
 from tests.rig import (
     Importer,
     echo,
@@ -23,13 +25,21 @@ def spooled_files(tmpdir: Path) -> list[Path]:
     return sorted(p for p in tmpdir.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
-def test_aborted_transfers_leave_no_file_and_no_descriptor(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags", [(), ("--pynetdicom_storage",)], ids=["adapter-scp", "pynetdicom"]
+)
+def test_aborted_transfers_leave_no_file_and_no_descriptor(
+    tmp_path: Path, flags: tuple[str, ...]
+) -> None:
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     (instance,) = generate_ct_series(tmp_path / "in", 1, rows=256, cols=256)  # 128 KiB pixels
     # nothing listens upstream: an interrupted transfer never gets as far as an upload
     with Importer(
-        f"http://{HOST}:1/dicom-web", log_dir=tmp_path / "log", env={"TMPDIR": str(tmpdir)}
+        f"http://{HOST}:1/dicom-web",
+        *flags,
+        log_dir=tmp_path / "log",
+        env={"TMPDIR": str(tmpdir)},
     ) as importer:
         assert importer.proc is not None
         pid = importer.proc.pid
