@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
+from typing import IO, Any, cast
 
 import pytest
 
 from dicom_adapter.importer import cstore_spool
-from dicom_adapter.importer.cstore_spool import WRITEBACK_STEP, CStoreSpool
+from dicom_adapter.importer.cstore_spool import WRITEBACK_STEP, CStoreSpool, ReceivingFile
 from dicom_adapter.spool import local
 from dicom_adapter.spool.local import start_writeback
 
@@ -72,3 +74,36 @@ def test_writeback_is_really_asked_of_the_kernel_and_never_fails_a_receive(
     start_writeback(7, 4096, 65536)
     start_writeback(7, 0, 0)  # nothing to write back: no call
     assert calls == [(7, 4096, 65536, 2)]  # SYNC_FILE_RANGE_WRITE: start, do not wait
+
+
+class _Trickle(io.RawIOBase):
+    """An unbuffered file that takes at most `step` bytes per write (0: takes nothing)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.data = bytearray()
+        self.name = "trickle"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        taken = bytes(data[: self.step])
+        self.data += taken
+        return len(taken)
+
+
+def test_short_writes_are_completed() -> None:
+    raw = _Trickle(7)
+    stream = ReceivingFile(cast(IO[bytes], raw))
+    payload = os.urandom(100)
+    assert stream.write(memoryview(payload)) == 100
+    assert bytes(raw.data) == payload
+    assert stream.error is None
+
+
+def test_a_file_taking_no_bytes_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    raw = _Trickle(0)
+    stream = ReceivingFile(cast(IO[bytes], raw), name=str(tmp_path / "f"))
+    stream.write(b"abc")
+    assert isinstance(stream.error, OSError)  # the C-STORE is answered 0xA700

@@ -5,6 +5,9 @@ pynetdicom (STORE_RECV_CHUNKED_DATASET) writes each data set to a NamedTemporary
 only after the C-STORE handler returns. A transfer aborted mid-data-set, or completed but never
 dispatched, would leave the file (and its open descriptor) behind for good.
 
+The adapter's own storage SCP (dimse/store_scp.py) opens its files here too (`open_file`),
+keyed by its association's thread as pynetdicom's are by their DUL thread.
+
 So the files go to `$TMPDIR/dicom-import-spool/run-<id>/cstore-*.dcm`, one directory per
 running process, each owned through an flock on `run-<id>.lock`. When an association ends the
 files it opened are closed and removed; at startup the directories of runs whose lock is free
@@ -22,6 +25,7 @@ Hazard: this needs a private pynetdicom name, hook spool_files in dimse/pynetdic
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -130,7 +134,10 @@ class ReceivingFile:
             try:
                 view = memoryview(data)
                 while view:  # an unbuffered file may take part of it (a short write)
-                    view = view[self._stream.write(view) or 0 :]
+                    written = self._stream.write(view)
+                    if not written:
+                        raise OSError(errno.EIO, "the spool file took no bytes")
+                    view = view[written:]
             except OSError as exc:
                 self._failed(exc)
             else:
