@@ -25,8 +25,9 @@ proposed, Verification by our order: both as pynetdicom does), C-ECHO (0x0000), 
 data set written to the spool file as it arrives, with the file meta pynetdicom would write;
 the status from the same EVT_C_STORE handler pynetdicom calls), A-RELEASE, A-ABORT. A PDU
 longer than negotiated, a PDV outside its PDU, an unknown context, a command other than
-C-ECHO/C-STORE, or a PDU out of turn: A-ABORT, logged once. Nothing read from the peer
-sizes an allocation before the bytes arrived (buffers grow by at most READ_CHUNK per read).
+C-ECHO/C-STORE, or a PDU out of turn: A-ABORT, logged once. A PDU's length is checked
+against the negotiated bound before anything is allocated for it, and its buffer is never
+more than READ_CHUNK (1 MiB) ahead of the bytes that arrived.
 Whatever ends the association, the EVT_CONN_CLOSE handlers run (the spool's cleanup).
 `--pynetdicom_storage` turns this off.
 """
