@@ -162,7 +162,7 @@ class PendingAssociations:
                 logger.info(
                     "closing connection from %s: %d connections have not finished "
                     "association negotiation (--max_pending_associations); oldest dropped",
-                    _peer(oldest.address),
+                    peer_text(oldest.address),
                     self.limit,
                 )
                 self._forget(oldest)
@@ -184,7 +184,7 @@ class PendingAssociations:
             if not entry.closing:
                 logger.info(
                     "closing connection from %s: no A-ASSOCIATE-RQ within %.0f s (--acse_timeout)",
-                    _peer(entry.address),
+                    peer_text(entry.address),
                     self.timeout,
                 )
             self._forget(entry)
@@ -214,7 +214,7 @@ class PendingAssociations:
                 self._want(entry, selectors.EVENT_WRITE)
                 return
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                logger.warning("TLS handshake with %s failed: %s", _peer(entry.address), exc)
+                logger.warning("TLS handshake with %s failed: %s", peer_text(entry.address), exc)
                 self._forget(entry)
                 return
             entry.handshaken = True
@@ -231,12 +231,14 @@ class PendingAssociations:
                 return
             except OSError as exc:
                 logger.info(
-                    "connection from %s lost before association: %s", _peer(entry.address), exc
+                    "connection from %s lost before association: %s", peer_text(entry.address), exc
                 )
                 self._forget(entry)
                 return
             if not chunk:
-                logger.info("connection from %s closed before association", _peer(entry.address))
+                logger.info(
+                    "connection from %s closed before association", peer_text(entry.address)
+                )
                 self._forget(entry)
                 return
             buffer += chunk
@@ -278,12 +280,12 @@ class PendingAssociations:
             entry.sock.setblocking(True)
             self._handoff(entry.sock, entry.address, data)
         except Exception:
-            logger.exception("could not start the association with %s", _peer(entry.address))
+            logger.exception("could not start the association with %s", peer_text(entry.address))
             _close(entry.sock)
 
     def _refuse(self, entry: _Pending, reason: str, answer: bytes) -> None:
         """Answer A-ABORT or A-ASSOCIATE-RJ, half-close, and drop what still arrives."""
-        logger.warning("refused connection from %s: %s", _peer(entry.address), reason)
+        logger.warning("refused connection from %s: %s", peer_text(entry.address), reason)
         entry.buffer = bytearray()
         entry.closing = True
         entry.deadline = time.monotonic() + LINGER
@@ -308,7 +310,8 @@ class PendingAssociations:
             self._forget(entry)
 
 
-def _peer(address: Any) -> str:
+def peer_text(address: Any) -> str:
+    """host:port of a peer's address, for log lines."""
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)

@@ -375,7 +375,7 @@ class ConnectionTuner:
             tuned._replay = replay
             tuned._max_pdu = self.max_pdu
             address = getattr(event, "address", None)
-            tuned._peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else ""
+            tuned._peer = admission.peer_text(address) if address is not None else ""
 
             def wake() -> None:
                 with contextlib.suppress(OSError):  # full or closed: the poll wakes up anyway

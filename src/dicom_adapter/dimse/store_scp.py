@@ -52,6 +52,7 @@ from pynetdicom.service_class import StorageServiceClass
 
 from dicom_adapter.dicom.part10 import file_meta_group
 from dicom_adapter.dimse import pdu
+from dicom_adapter.dimse.admission import peer_text
 from dicom_adapter.status import Status
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,6 @@ class StoreEvent:
     assoc: StoreAssociation
     request: StoreRequest | None = None
     dataset_path: Path | None = None
-    address: Any = None
     context: StoreContext | None = None
 
 
@@ -296,10 +296,7 @@ class StoreAssociation(threading.Thread):
 
     @property
     def peer(self) -> str:
-        address = self.address
-        if isinstance(address, tuple) and len(address) >= 2:
-            return f"{address[0]}:{address[1]}"
-        return str(address)
+        return peer_text(self.address)
 
     def abort(self) -> None:
         """A-ABORT to the peer and close; waits (briefly) for the thread to end."""
@@ -370,7 +367,7 @@ class StoreAssociation(threading.Thread):
 
     def _finish(self) -> None:
         stream, self._file = self._file, None
-        event = StoreEvent(self, address=self.address)
+        event = StoreEvent(self)
         for handler in self._scp.close_handlers:  # the spool's cleanup deletes open files
             try:
                 handler(event)
@@ -556,7 +553,7 @@ class StoreAssociation(threading.Thread):
         assert handler is not None
         try:
             context = self._contexts[self._store_context]
-            return handler(StoreEvent(self, request, path, self.address, context))
+            return handler(StoreEvent(self, request, path, context))
         except Exception:  # the handlers never raise; pynetdicom answers 0xC211 if one did
             logger.exception("C-STORE handler failed")
             return 0xC211
