@@ -23,6 +23,7 @@ from tests.rig.component import (
     dictionary_flag,
     make_ct,
     make_study,
+    query,
     study_level,
     write_without,
 )
@@ -128,14 +129,6 @@ def test_c_store_400_does_not_echo_the_upstream_message(
     assert rsp.ErrorComment == "Http_400, INVALID_ARGUMENT"
 
 
-def study_query() -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    ds.PatientName = "Doe^*"
-    ds.StudyInstanceUID = ""
-    return ds
-
-
 def test_c_find_refused_by_google_shows_the_comment(
     start_importer: Callable[..., RunningImporter],
 ) -> None:
@@ -147,7 +140,7 @@ def test_c_find_refused_by_google_shows_the_comment(
     assoc = ae.associate("127.0.0.1", importer.port, ae_title=importer.aet)
     assert assoc.is_established
     try:
-        responses = [status for status, _ in assoc.send_c_find(study_query(), STUDY_ROOT_FIND)]
+        responses = [status for status, _ in assoc.send_c_find(query(), STUDY_ROOT_FIND)]
     finally:
         assoc.release()
 

@@ -126,10 +126,8 @@ class Instance:
     sop_class: str = CTImageStorage
 
 
-def make_instance(
-    study: str, series: str, number: int, pixel_bytes: int = 512, sop_class: str = CTImageStorage
-) -> Instance:
-    uid = generate_uid()
+def _ct_image(sop_class: str, uid: str, study: str, series: str, *, size: int) -> Dataset:
+    """A CT image's identity, patient and size x size 16-bit pixel module (no pixels yet)."""
     ds = Dataset()
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = uid
@@ -138,15 +136,23 @@ def make_instance(
     ds.PatientName = "Doe^Jane"
     ds.PatientID = "P1"
     ds.Modality = "CT"
-    ds.InstanceNumber = number
-    ds.Rows = 16
-    ds.Columns = 16
+    ds.Rows = size
+    ds.Columns = size
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
+    return ds
+
+
+def make_instance(
+    study: str, series: str, number: int, pixel_bytes: int = 512, sop_class: str = CTImageStorage
+) -> Instance:
+    uid = generate_uid()
+    ds = _ct_image(sop_class, uid, study, series, size=16)
+    ds.InstanceNumber = number
     unique = hashlib.sha256(uid.encode()).digest()  # pixels unique per instance
     ds.PixelData = (unique * (pixel_bytes // len(unique) + 1))[:pixel_bytes]
     ds.file_meta = FileMetaDataset()
@@ -557,22 +563,7 @@ JSON = {"Content-Type": "application/dicom+json"}
 
 
 def make_ct(transfer_syntax: UID = ExplicitVRLittleEndian) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "P1"
-    ds.Modality = "CT"
-    ds.Rows = 4
-    ds.Columns = 4
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds = _ct_image(CTImageStorage, generate_uid(), generate_uid(), generate_uid(), size=4)
     ds.PixelData = bytes(range(32))
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = transfer_syntax

@@ -110,21 +110,25 @@ class Orthanc(Service):
         self.config_path = self.workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         self.log_path = self.workdir / "orthanc.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [str(ORTHANC_BINARY), str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=local_env(),
-                cwd=self.workdir,
-            )
+        self._launch("wb")
         self._client = httpx.Client(base_url=self.http_url, timeout=60.0, trust_env=False)
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    def _launch(self, log_mode: str) -> None:
+        """Start the Orthanc process on this configuration, its output into the log."""
+        with self.log_path.open(log_mode) as log:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC_BINARY), str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=local_env(),  # TCP_NODELAY=1, loopback never proxied
+                cwd=self.workdir,
+            )
 
     def _wait_ready(self) -> None:
         proc = self.proc

@@ -7,15 +7,14 @@ Imports the rig's submodules, not `tests.rig`, since tests/rig/__init__.py re-ex
 from __future__ import annotations
 
 import io
-import subprocess
 from itertools import count
 from pathlib import Path
 
 from pydicom import dcmread
 
 from tests.rig.data import generate_ct_series
-from tests.rig.dcmtk import dcmsend, dcmtk_env, parse_dcmsend_debug
-from tests.rig.orthanc import ORTHANC_BINARY, Orthanc
+from tests.rig.dcmtk import dcmsend, parse_dcmsend_debug
+from tests.rig.orthanc import Orthanc
 from tests.rig.poll import wait_until
 from tests.rig.services import Importer
 
@@ -119,13 +118,5 @@ class RestartableOrthanc(Orthanc):
     def resume(self) -> None:
         """Start Orthanc again with the same configuration (ports, storage, index)."""
         assert self.proc is None, "already running"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(ORTHANC_BINARY), str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dcmtk_env(),  # the rig's local environment (TCP_NODELAY=1, no proxies)
-                cwd=self.workdir,
-            )
+        self._launch("ab")
         self._wait_ready()
