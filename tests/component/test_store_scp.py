@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -238,3 +239,30 @@ def test_spool_file_that_cannot_be_created_is_answered_0xa700(
     scp.file_factory = full
     assert c_store(importer, ds) == Status.OUT_OF_RESOURCES
     assert importer.upstream.requests == []
+
+
+def test_unexpected_failure_aborts_one_association_cleanly(
+    start_importer: Callable[..., RunningImporter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    importer = start_importer()
+    ds = accepting(importer)
+    scp = importer.service._server.store_scp
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+
+    def broken(**kwargs: Any) -> Any:
+        raise RuntimeError("a bug of ours")
+
+    original, scp.file_factory = scp.file_factory, broken
+    with socket.create_connection(("127.0.0.1", importer.port), timeout=5) as sock:
+        raw_associate(sock, importer.aet, "MODALITY", [(CTImageStorage, ExplicitVRLittleEndian)])
+        sock.sendall(p_data(1, c_store_rq(), command=True, last=True))
+        pdu_type, _ = read_pdu(sock)
+        assert pdu_type == pdu.A_ABORT
+    wait_until(lambda: not importer.service.active_associations, 5.0, "the association gone")
+    assert escaped == []  # nothing escaped the association's thread
+    assert "storage association with" in caplog.text  # the bug is logged, with its traceback
+    scp.file_factory = original
+    assert c_store(importer, ds) == Status.SUCCESS  # everyone else is still served

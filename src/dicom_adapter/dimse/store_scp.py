@@ -280,7 +280,6 @@ class StoreAssociation(threading.Thread):
         self._file: Any = None  # the data set's spool file while it arrives
         self._store: StoreRequest | None = None  # the C-STORE-RQ awaiting its data set
         self._store_context = 0
-        self._unwritable: OSError | None = None  # the spool file could not be created
         timeout = scp._ae.network_timeout
         self._timeout = float(timeout) if timeout else None
 
@@ -324,7 +323,8 @@ class StoreAssociation(threading.Thread):
             pass
         except Exception:
             logger.exception("storage association with %s failed", self.peer)
-            self._abort_with(pdu.abort(2, 0))
+            with contextlib.suppress(_Ended):  # it always ends the association: here, quietly
+                self._abort_with(pdu.abort(2, 0))
         finally:
             self.is_established = False
             self._finish()
@@ -496,13 +496,12 @@ class StoreAssociation(threading.Thread):
         self._open_file(self._store, self._contexts[context_id].transfer_syntax)
 
     def _open_file(self, request: StoreRequest, transfer_syntax: str) -> None:
-        """The data set's spool file, its file meta written (as pynetdicom writes it)."""
-        self._unwritable = None
+        """The data set's spool file, its file meta written (as pynetdicom writes it); none
+        when it cannot be created (the C-STORE is then answered 0xA700)."""
         try:
             stream = self._scp.file_factory(delete=False, mode="wb", suffix=".dcm")
         except OSError as exc:
             logger.warning("C-STORE data set not written (%s): it will be refused", exc)
-            self._unwritable = exc
             return
         self._file = stream
         ae = self._scp._ae
