@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.rig import generate_ct_series, wait_until_async
@@ -326,3 +327,26 @@ def test_a_local_spools_files_are_used_in_place_without_thread_hops(
     else:
         assert threads["materialize"] and threads["release"]
         assert loop not in threads["materialize"] | threads["release"]
+
+
+def test_depth_stays_true_when_uploads_finish_while_queue_is_listed(tmp_path: Path) -> None:
+    """The uploader lists queue/ in a worker thread while uploads end on others: an instance
+    delivered (or queued) during the listing must not leave the gauge off for good."""
+    spool = spool_with(tmp_path, 3)
+    (extra,) = generate_ct_series(spool.incoming, 1, rows=4, cols=4)
+    real_queue = spool.queue
+
+    class Busy(type(real_queue)):  # type: ignore[misc]
+        def glob(self, pattern: str) -> Any:
+            listed = list(super().glob(pattern))  # the listing has all three
+            spool.delivered(listed[0])  # an upload ends meanwhile...
+            spool.commit(extra, extra.stem)  # ...and a C-STORE is queued after the listing
+            return iter(listed)
+
+    spool.queue = Busy(real_queue)
+    queued = spool.queued()
+    spool.queue = real_queue
+    on_disk = sorted(p.name for p in real_queue.glob("*.dcm"))
+    assert len(on_disk) == 3
+    assert sorted(p.name for p in queued) == on_disk
+    assert spool.depth() == 3  # from memory (fresh scan), equal to what is on disk

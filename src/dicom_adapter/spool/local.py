@@ -218,6 +218,8 @@ class LocalSpool:
         self._serial = itertools.count()
         # what the last queued() listed, kept current by this process's own moves
         self._scan_lock = threading.Lock()
+        self._scan_serial = threading.Lock()  # one listing of queue/ at a time
+        self._scan_moves: dict[str, bool] | None = None  # during a listing: name -> entered
         self._scanned_at = -SCAN_FRESH_SECONDS
         self._depth = 0
         self._arrivals: list[int] = []  # min-heap of queued arrival ns
@@ -350,6 +352,8 @@ class LocalSpool:
         """An instance entered queue/ (kept in what depth() and oldest_age() say)."""
         arrival = arrival_ns(path)
         with self._scan_lock:
+            if self._scan_moves is not None:
+                self._scan_moves[path.name] = True
             self._depth += 1
             if arrival is not None:
                 heapq.heappush(self._arrivals, arrival)
@@ -357,6 +361,8 @@ class LocalSpool:
     def _note_left(self, path: Path) -> None:
         arrival = arrival_ns(path)
         with self._scan_lock:
+            if self._scan_moves is not None:
+                self._scan_moves[path.name] = False
             self._depth = max(0, self._depth - 1)
             if arrival is not None:
                 self._gone[arrival] = self._gone.get(arrival, 0) + 1
@@ -365,14 +371,35 @@ class LocalSpool:
         return time.monotonic() - self._scanned_at < SCAN_FRESH_SECONDS
 
     def queued(self) -> list[Path]:
-        """The queue in arrival order; also refreshes what depth() and oldest_age() say."""
-        found = [(arrival_ns(p), p) for p in self.queue.glob("*" + SUFFIX)]
-        found.sort(key=lambda pair: (pair[0] or 0, pair[1].name))
-        with self._scan_lock:
-            self._depth = len(found)
-            self._arrivals = [a for a, _ in found if a is not None]  # sorted: a heap
-            self._gone = {}
-            self._scanned_at = time.monotonic()
+        """The queue in arrival order; also refreshes what depth() and oldest_age() say.
+
+        Instances that enter or leave queue/ while the directory is listed (uploads finish
+        on other threads) may or may not be in the listing: their moves, recorded meanwhile,
+        decide (a delivered one counted by the listing left the gauge too high for good)."""
+        with self._scan_serial:
+            with self._scan_lock:
+                self._scan_moves = {}
+            try:
+                listed = list(self.queue.glob("*" + SUFFIX))
+            except BaseException:
+                with self._scan_lock:
+                    self._scan_moves = None
+                raise
+            with self._scan_lock:
+                moves, self._scan_moves = self._scan_moves or {}, None
+                names = {p.name for p in listed}
+                listed = [p for p in listed if moves.get(p.name, True)]
+                listed += [
+                    self.queue / name
+                    for name, entered in moves.items()
+                    if entered and name not in names
+                ]
+                found = [(arrival_ns(p), p) for p in listed]
+                found.sort(key=lambda pair: (pair[0] or 0, pair[1].name))
+                self._depth = len(found)
+                self._arrivals = [a for a, _ in found if a is not None]  # sorted: a heap
+                self._gone = {}
+                self._scanned_at = time.monotonic()
         return [p for _, p in found]
 
     def depth(self) -> int:
