@@ -121,8 +121,10 @@ def upload(
         await uploader.start()
 
         def settled() -> bool:  # a move to failed/ is counted once it is complete
+            if spool.queued():  # listed first: failed/ is counted after the last move
+                return False
             failed = len(list(spool.failed.glob("*.dcm")))
-            return not spool.queued() and metrics.cstore_backup_errors.value() == failed
+            return metrics.cstore_backup_errors.value() == failed
 
         try:
             await wait_until_async(settled, 5.0, "every instance uploaded or counted in failed/")
